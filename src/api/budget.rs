@@ -1,0 +1,269 @@
+//! CreditBudget: a namespace's Clay credit cap per period.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::Duration;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::table::CreditCost;
+
+/// Length of a budget period.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum Period {
+    /// Midnight to midnight in the budget's time zone.
+    Daily,
+    /// Monday 00:00 to the next Monday 00:00 in the budget's time zone.
+    Weekly,
+    /// The first of the month 00:00 to the first of the next month.
+    #[default]
+    Monthly,
+}
+
+/// What tables drawing on an exhausted budget do.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum OnExhausted {
+    /// Stop consuming; the source keeps the rows until the budget allows more.
+    #[default]
+    Pause,
+    /// Send rows to the dead-letter destination with reason BudgetExhausted (replayable).
+    DeadLetter,
+    /// Refuse synchronous callers with a 402-style error.
+    Reject,
+}
+
+/// Desired state of a CreditBudget.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kiln.dev",
+    version = "v1alpha1",
+    kind = "CreditBudget",
+    namespaced,
+    status = "CreditBudgetStatus",
+    shortname = "cb",
+    shortname = "budget",
+    category = "kiln",
+    printcolumn = r#"{"name":"Limit","type":"number","jsonPath":".spec.limits.dataCredits"}"#,
+    printcolumn = r#"{"name":"Used","type":"number","jsonPath":".status.used.dataCredits"}"#,
+    printcolumn = r#"{"name":"Remaining","type":"number","jsonPath":".status.remaining.dataCredits"}"#,
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditBudgetSpec {
+    /// Length of a period; usage resets at each period start.
+    #[serde(default)]
+    pub period: Period,
+    /// IANA time zone the period boundaries are computed in, e.g. `Europe/Berlin`.
+    #[serde(default = "default_time_zone")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: String,
+    /// Caps per Clay meter; at least one must be set.
+    pub limits: BudgetLimits,
+    /// Percentages of a limit at which a Warning event and condition are raised once a period.
+    #[serde(default = "default_warning_thresholds")]
+    #[schemars(length(max = 10))]
+    #[x_kube(
+        validation = Rule::new("self.all(t, t >= 1 && t <= 100)").message("warning thresholds must be percentages between 1 and 100"),
+        validation = Rule::new("self.isSorted()").message("warning thresholds must be in ascending order"),
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub warning_thresholds: Vec<u32>,
+    /// What tables do when the budget is exhausted.
+    #[serde(default)]
+    pub on_exhausted: OnExhausted,
+    /// Stops all spend immediately while true.
+    #[serde(default)]
+    pub paused: bool,
+    /// Opens when Clay keeps failing, so errors do not burn credits or quota.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerSpec,
+    /// How many past periods to keep in status.history.
+    #[serde(default = "default_history_limit")]
+    #[schemars(range(min = 0, max = 24))]
+    pub history_limit: u32,
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_string()
+}
+fn default_warning_thresholds() -> Vec<u32> {
+    vec![75, 90]
+}
+fn default_history_limit() -> u32 {
+    6
+}
+
+/// Caps per Clay meter.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.dataCredits) || has(self.actions)").message("set limits.dataCredits, limits.actions, or both"))]
+pub struct BudgetLimits {
+    /// Data credits per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("limits.dataCredits must be positive"))]
+    pub data_credits: Option<f64>,
+    /// Actions per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0").message("limits.actions must be positive"))]
+    pub actions: Option<u64>,
+}
+
+/// The failure circuit breaker.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    /// Percentage of failed Clay calls within the window that opens the breaker.
+    #[serde(default = "default_error_ratio")]
+    #[schemars(range(min = 1, max = 100))]
+    pub error_percent: u32,
+    /// Calls within the window before the ratio is considered.
+    #[serde(default = "default_min_calls")]
+    #[schemars(range(min = 1))]
+    pub min_calls: u32,
+    /// Sliding window the ratio is computed over.
+    #[serde(default = "default_window")]
+    #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("window must be a positive duration such as 60s"))]
+    #[schemars(with = "String")]
+    pub window: Duration,
+    /// How long the breaker stays Open before probing (HalfOpen).
+    #[serde(default = "default_cooldown")]
+    #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("cooldown must be a positive duration such as 30s"))]
+    #[schemars(with = "String")]
+    pub cooldown: Duration,
+    /// Calls allowed while HalfOpen; all must succeed to close the breaker.
+    #[serde(default = "default_half_open_probes")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub half_open_probes: u32,
+}
+
+impl Default for CircuitBreakerSpec {
+    fn default() -> Self {
+        Self {
+            error_percent: default_error_ratio(),
+            min_calls: default_min_calls(),
+            window: default_window(),
+            cooldown: default_cooldown(),
+            half_open_probes: default_half_open_probes(),
+        }
+    }
+}
+fn default_error_ratio() -> u32 {
+    50
+}
+fn default_min_calls() -> u32 {
+    20
+}
+fn default_window() -> Duration {
+    std::time::Duration::from_secs(60).into()
+}
+fn default_cooldown() -> Duration {
+    std::time::Duration::from_secs(30).into()
+}
+fn default_half_open_probes() -> u32 {
+    5
+}
+
+/// One-word summary for `kubectl get`.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum BudgetState {
+    /// Spending normally.
+    #[default]
+    Active,
+    /// A warning threshold was crossed this period.
+    Warning,
+    /// A limit was reached; tables behave per onExhausted.
+    Exhausted,
+    /// spec.paused is true.
+    Paused,
+    /// The circuit breaker is open.
+    BreakerOpen,
+    /// The spec cannot be acted on (see conditions).
+    Invalid,
+}
+
+/// Circuit breaker states.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum BreakerState {
+    #[default]
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+/// Observed state of a CreditBudget.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditBudgetStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Exhausted, Warning, BreakerOpen.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// One-word summary.
+    #[serde(default)]
+    pub state: BudgetState,
+    /// Start of the current period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_start: Option<Time>,
+    /// End of the current period (exclusive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_end: Option<Time>,
+    /// Settled spend this period.
+    #[serde(default)]
+    pub used: CreditCost,
+    /// Credits held by outstanding reservations.
+    #[serde(default)]
+    pub reserved: CreditCost,
+    /// Limit minus used minus reserved, per limited meter.
+    #[serde(default)]
+    pub remaining: CreditCost,
+    /// Highest percentage of a limit used or reserved.
+    #[serde(default)]
+    pub percent_used: u32,
+    /// Circuit breaker state.
+    #[serde(default)]
+    pub breaker: BreakerStatus,
+    /// Spend per table this period.
+    #[serde(default)]
+    pub tables: Vec<TableUsage>,
+    /// Totals of past periods, newest first.
+    #[serde(default)]
+    pub history: Vec<PeriodUsage>,
+}
+
+/// Breaker state with when and why it last changed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerStatus {
+    pub state: BreakerState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Spend by one table in the current period.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TableUsage {
+    pub table: String,
+    pub used: CreditCost,
+}
+
+/// Totals of one past period.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeriodUsage {
+    pub period_start: Time,
+    pub period_end: Time,
+    pub used: CreditCost,
+}

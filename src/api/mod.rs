@@ -1,0 +1,32 @@
+//! The custom resources of group `kiln.dev`, version `v1alpha1`.
+
+pub mod budget;
+pub mod common;
+pub mod refresh;
+pub mod table;
+
+pub use budget::{CreditBudget, CreditBudgetSpec, CreditBudgetStatus};
+pub use refresh::{RefreshSchedule, RefreshScheduleSpec, RefreshScheduleStatus};
+pub use table::{EnrichmentTable, EnrichmentTableSpec, EnrichmentTableStatus};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// The CRDs of every kind, in a stable order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![
+        EnrichmentTable::crd(),
+        CreditBudget::crd(),
+        RefreshSchedule::crd(),
+    ]
+}
+
+/// The CRDs as one multi-document YAML stream: what `kiln crds` prints and
+/// what `crds/kiln.dev.yaml` holds.
+pub fn crds_yaml() -> String {
+    crds()
+        .iter()
+        .map(|crd| serde_yaml::to_string(crd).expect("a CRD serializes to YAML"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}

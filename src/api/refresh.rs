@@ -1,0 +1,131 @@
+//! RefreshSchedule: cron-driven re-enrichment of stale rows of one table.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::Duration;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::LocalObjectRef;
+
+/// What to do when a run is due while the previous one is still going.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum ConcurrencyPolicy {
+    /// Run concurrently (rows are never enqueued twice).
+    Allow,
+    /// Skip the new run.
+    #[default]
+    Forbid,
+    /// Cancel the running one and start the new run.
+    Replace,
+}
+
+impl ConcurrencyPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "Allow",
+            Self::Forbid => "Forbid",
+            Self::Replace => "Replace",
+        }
+    }
+}
+
+/// Desired state of a RefreshSchedule.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kiln.dev",
+    version = "v1alpha1",
+    kind = "RefreshSchedule",
+    namespaced,
+    status = "RefreshScheduleStatus",
+    shortname = "rs",
+    shortname = "refresh",
+    category = "kiln",
+    printcolumn = r#"{"name":"Table","type":"string","jsonPath":".spec.tableRef.name"}"#,
+    printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
+    printcolumn = r#"{"name":"Suspend","type":"boolean","jsonPath":".spec.suspend"}"#,
+    printcolumn = r#"{"name":"Last Run","type":"date","jsonPath":".status.lastScheduleTime"}"#,
+    printcolumn = r#"{"name":"Next Run","type":"string","jsonPath":".status.nextScheduleTime"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RefreshScheduleSpec {
+    /// The EnrichmentTable (same namespace) whose rows are refreshed.
+    pub table_ref: LocalObjectRef,
+    /// Cron expression (5 fields), e.g. `0 3 * * 1` for Mondays at 03:00.
+    #[x_kube(validation = Rule::new("self.split(' ').filter(f, f != '').size() == 5 || self.startsWith('@')").message("schedule must be a 5-field cron expression such as '0 3 * * *' or a macro such as @daily"))]
+    #[schemars(length(min = 1, max = 128))]
+    pub schedule: String,
+    /// IANA time zone for the schedule; the controller manager's zone when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Suspends future runs.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Overlapping runs policy.
+    #[serde(default)]
+    pub concurrency_policy: ConcurrencyPolicy,
+    /// Deadline in seconds for starting a run that missed its time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub starting_deadline_seconds: Option<i64>,
+    /// Finished runs to keep.
+    #[serde(default = "default_successful_history")]
+    #[schemars(range(min = 0, max = 100))]
+    pub successful_jobs_history_limit: i32,
+    /// Failed runs to keep.
+    #[serde(default = "default_failed_history")]
+    #[schemars(range(min = 0, max = 100))]
+    pub failed_jobs_history_limit: i32,
+    /// Rows last enriched longer ago than this are stale. Go duration, e.g. `2160h` (90 days).
+    #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("maxAge must be a positive duration such as 2160h"))]
+    #[schemars(with = "String")]
+    pub max_age: Duration,
+    /// Rows re-enriched per run at most.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_rows: u32,
+    /// Data credits one run may reserve at most.
+    #[x_kube(validation = Rule::new("self > 0.0").message("maxCredits must be positive"))]
+    pub max_credits: f64,
+}
+
+fn default_successful_history() -> i32 {
+    3
+}
+fn default_failed_history() -> i32 {
+    1
+}
+
+/// Observed state of a RefreshSchedule.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RefreshScheduleStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Provisioned, TableResolved, Suspended.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// When a run was last started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<Time>,
+    /// When a run last succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_time: Option<Time>,
+    /// When the next run is due (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<String>,
+    /// Counts of the last completed run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<RefreshRunCounts>,
+}
+
+/// What one refresh run did.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RefreshRunCounts {
+    pub selected: u64,
+    pub requeued: u64,
+    pub skipped_for_budget: u64,
+}

@@ -1,0 +1,577 @@
+//! EnrichmentTable: one Clay table and the pipeline around it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::Duration;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{LocalObjectRef, Resources, SecretKeyRef};
+
+/// How much traffic the table is built for; selects defaults and which
+/// sources and sinks are valid.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum Tier {
+    /// Synchronous HTTP enrichment, under about 1K rows a day, embedded state store.
+    Direct,
+    /// Redis Stream workers, about 1K-50K rows a day, CRM webhook in and CRM update out.
+    #[default]
+    Queue,
+    /// Kafka in and out with a dead-letter topic, 50K+ rows a day.
+    Event,
+}
+
+/// Desired state of an EnrichmentTable.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kiln.dev",
+    version = "v1alpha1",
+    kind = "EnrichmentTable",
+    namespaced,
+    status = "EnrichmentTableStatus",
+    shortname = "et",
+    shortname = "etable",
+    category = "kiln",
+    printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Enriched","type":"integer","jsonPath":".status.rows.enriched"}"#,
+    printcolumn = r#"{"name":"Credits","type":"number","jsonPath":".status.creditsThisPeriod.dataCredits"}"#,
+    printcolumn = r#"{"name":"Budget","type":"string","jsonPath":".spec.budgetRef.name"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("self.tier != 'Event' || has(self.source.kafka)").message("tier Event reads rows from Kafka: set source.kafka"),
+    validation = Rule::new("self.tier != 'Direct' || has(self.source.http)").message("tier Direct takes rows over HTTP: set source.http"),
+    validation = Rule::new("self.tier != 'Queue' || has(self.source.http) || has(self.source.redisStream)").message("tier Queue takes rows from source.http or source.redisStream"),
+    validation = Rule::new("!has(self.sink) || self.tier != 'Event' || has(self.sink.kafka)").message("tier Event delivers results to Kafka: use sink.kafka"),
+    validation = Rule::new("!has(self.sink) || self.tier == 'Event' || !has(self.sink.kafka)").message("sink.kafka is only valid for tier Event"),
+    validation = Rule::new("!has(self.sink) || self.tier != 'Direct' || has(self.sink.http)").message("tier Direct can only deliver to sink.http (results also go to the waiting caller)"),
+    validation = Rule::new("self.tier == 'Direct' || has(self.sink)").message("tiers Queue and Event need a sink for results"),
+    validation = Rule::new("self.tier != 'Direct' || !has(self.deadLetter)").message("tier Direct keeps dead letters in its embedded store: remove deadLetter"),
+    validation = Rule::new("self.tier == 'Direct' || has(self.deadLetter)").message("tiers Queue and Event need a deadLetter destination"),
+    validation = Rule::new("!has(self.deadLetter) || self.tier != 'Event' || has(self.deadLetter.kafka)").message("tier Event dead-letters to Kafka: use deadLetter.kafka"),
+    validation = Rule::new("!has(self.deadLetter) || self.tier != 'Queue' || has(self.deadLetter.redisStream)").message("tier Queue dead-letters to a Redis Stream: use deadLetter.redisStream"),
+    validation = Rule::new("self.tier == 'Direct' || has(self.redis)").message("tiers Queue and Event keep state in Redis: set redis.urlSecretRef"),
+    validation = Rule::new("self.tier != 'Direct' || !has(self.redis)").message("tier Direct uses an embedded store: remove redis"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrichmentTableSpec {
+    /// Scale tier: Direct (< 1K rows/day), Queue (1K-50K/day) or Event (50K+/day).
+    #[serde(default)]
+    pub tier: Tier,
+    /// How rows reach Clay and how results come back.
+    pub clay: ClaySpec,
+    /// Where rows come from. Exactly one kind must be set.
+    pub source: SourceSpec,
+    /// Where enriched rows are delivered. Required for Queue and Event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<SinkSpec>,
+    /// Where rows that cannot be enriched go, with the reason. Required for Queue and Event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterSpec>,
+    /// State store connection for Queue and Event (pending rows, de-dupe index, counters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
+    /// Name of the row field that identifies a record (e.g. `email` or `domain`);
+    /// used for de-duplication and refresh.
+    #[schemars(length(min = 1, max = 256))]
+    pub key: String,
+    /// A key enriched within this window is served from the store at zero credits.
+    /// Go duration syntax, e.g. `720h`.
+    #[serde(default = "default_dedupe_window")]
+    #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("dedupeWindow must be a positive duration such as 720h or 30m"))]
+    #[schemars(with = "String")]
+    pub dedupe_window: Duration,
+    /// The CreditBudget (same namespace) this table draws credits from.
+    pub budget_ref: LocalObjectRef,
+    /// Worker sizing.
+    #[serde(default)]
+    pub workers: WorkerSpec,
+    /// Receiver sizing.
+    #[serde(default)]
+    pub receiver: ReceiverSpec,
+    /// Container image for this table's pods; defaults to the operator's configured image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+fn default_dedupe_window() -> Duration {
+    std::time::Duration::from_secs(30 * 24 * 3600).into()
+}
+
+/// The Clay side of the table.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaySpec {
+    /// The table's inbound webhook sources, used in order: each accepts 50,000
+    /// submissions in its lifetime, so Kiln moves to the next one before the cap.
+    #[schemars(length(min = 1, max = 32))]
+    pub webhook_sources: Vec<WebhookSource>,
+    /// Rows per webhook request (Clay accepts arrays of up to 10 objects).
+    #[serde(default = "default_rows_per_request")]
+    #[schemars(range(min = 1, max = 10))]
+    pub rows_per_request: u32,
+    /// Client-side rate limit for submissions to Clay.
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+    /// Worst-case credits one row can cost; reserved before a row is submitted.
+    pub credits_per_row: CreditCost,
+    /// How long to wait for a row's callback before retrying it or dead-lettering
+    /// it with reason ResultTimeout.
+    #[serde(default = "default_result_timeout")]
+    #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("resultTimeout must be a positive duration such as 10m"))]
+    #[schemars(with = "String")]
+    pub result_timeout: Duration,
+    /// Submissions of a row before it is dead-lettered after result timeouts.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 20))]
+    pub max_attempts: u32,
+    /// The static header value Clay's HTTP API column sends with each callback.
+    pub callback_token_secret_ref: SecretKeyRef,
+    /// JSON pointer into the callback body where the row's actual data-credit
+    /// cost is reported; when absent the reservation is settled as spent.
+    #[serde(default = "default_cost_pointer")]
+    #[x_kube(validation = Rule::new("self == '' || self.startsWith('/')").message("costPointer must be a JSON pointer starting with '/'"))]
+    pub cost_pointer: String,
+}
+
+fn default_rows_per_request() -> u32 {
+    1
+}
+fn default_result_timeout() -> Duration {
+    std::time::Duration::from_secs(600).into()
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_cost_pointer() -> String {
+    "/kiln_credits".to_string()
+}
+
+/// One Clay inbound webhook source of the table.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSource {
+    /// A short name for logs and status (the URL itself is secret).
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Secret key holding the webhook URL (treated as a secret: it authorizes writes).
+    pub url_secret_ref: SecretKeyRef,
+    /// Secret key holding the `x-clay-webhook-auth` token, when the source has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_token_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A token bucket for submissions.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Sustained rows per second (Clay allows about 10 per workspace).
+    #[serde(default = "default_rows_per_second")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub rows_per_second: u32,
+    /// Burst size.
+    #[serde(default = "default_burst")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub burst: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            rows_per_second: default_rows_per_second(),
+            burst: default_burst(),
+        }
+    }
+}
+fn default_rows_per_second() -> u32 {
+    10
+}
+fn default_burst() -> u32 {
+    20
+}
+
+/// A cost on Clay's two meters.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditCost {
+    /// Data credits (0.5-25 per data point found, depending on the provider).
+    #[serde(default)]
+    #[schemars(range(min = 0.0))]
+    pub data_credits: f64,
+    /// Actions (1 per enrichment, AI run or HTTP call).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub actions: u64,
+}
+
+/// Where rows come from. Exactly one must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.http), has(self.redisStream), has(self.kafka)].filter(x, x).size() == 1").message("set exactly one of source.http, source.redisStream, source.kafka"))]
+pub struct SourceSpec {
+    /// Rows are posted to the receiver (`POST /v1/rows`, and `POST /v1/enrich` for Direct).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSource>,
+    /// Rows are read from a Redis Stream with a consumer group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_stream: Option<RedisStreamSource>,
+    /// Rows are read from a Kafka topic with a consumer group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaSource>,
+}
+
+/// Rows posted over HTTP to the receiver.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSource {
+    /// Secret key holding the bearer token callers must present.
+    pub auth_token_secret_ref: SecretKeyRef,
+    /// Largest accepted request body in bytes.
+    #[serde(default = "default_max_body_bytes")]
+    #[schemars(range(min = 1024, max = 10485760))]
+    pub max_body_bytes: u32,
+}
+
+fn default_max_body_bytes() -> u32 {
+    1024 * 1024
+}
+
+/// A Redis Stream read through a consumer group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisStreamSource {
+    /// Stream key.
+    #[schemars(length(min = 1, max = 512))]
+    pub stream: String,
+    /// Consumer group; defaults to `kiln-<table>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_group: Option<String>,
+}
+
+/// Kafka connection settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaConnection {
+    /// Bootstrap brokers as `host:port`.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("self.all(b, b.matches('^[^:/\\\\s]+:[0-9]{1,5}$'))").message("each broker must be host:port"))]
+    pub brokers: Vec<String>,
+    /// Use TLS to the brokers.
+    #[serde(default)]
+    pub tls: bool,
+    /// SASL credentials, when the cluster requires them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<KafkaSasl>,
+}
+
+/// SASL credentials for Kafka.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSasl {
+    /// SASL mechanism.
+    #[serde(default)]
+    pub mechanism: SaslMechanism,
+    /// Secret key holding the user name.
+    pub username_secret_ref: SecretKeyRef,
+    /// Secret key holding the password.
+    pub password_secret_ref: SecretKeyRef,
+}
+
+/// SASL mechanisms Kiln supports.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum SaslMechanism {
+    #[default]
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "PLAIN")]
+    Plain,
+}
+
+/// A Kafka topic read through a consumer group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSource {
+    /// Connection settings.
+    #[serde(flatten)]
+    pub connection: KafkaConnection,
+    /// Topic to consume.
+    #[schemars(length(min = 1, max = 249))]
+    pub topic: String,
+    /// Consumer group; defaults to `kiln-<table>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_group: Option<String>,
+}
+
+/// Where enriched rows go. Exactly one must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.http), has(self.redisStream), has(self.kafka)].filter(x, x).size() == 1").message("set exactly one of sink.http, sink.redisStream, sink.kafka"))]
+pub struct SinkSpec {
+    /// An HTTP call per enriched row (e.g. a CRM update).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSink>,
+    /// Append enriched rows to a Redis Stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_stream: Option<RedisStreamTarget>,
+    /// Publish enriched rows to a Kafka topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaTarget>,
+}
+
+/// HTTP methods a sink may use.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    #[default]
+    Post,
+    Put,
+    Patch,
+}
+
+/// An HTTP call per enriched row.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSink {
+    /// HTTP method.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// URL template; `{field}` is replaced by the row's URL-encoded field value,
+    /// e.g. `https://crm.example.com/leads/{email}`.
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("urlTemplate must be an http(s) URL"))]
+    pub url_template: String,
+    /// Secret whose keys are sent as request headers (e.g. `Authorization`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret_name: Option<String>,
+    /// Delivery attempts before the row is dead-lettered with reason SinkFailed.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 20))]
+    pub max_attempts: u32,
+}
+
+/// A Redis Stream to append to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisStreamTarget {
+    /// Stream key.
+    #[schemars(length(min = 1, max = 512))]
+    pub stream: String,
+    /// Approximate maximum stream length (XADD MAXLEN ~); unbounded when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_len: Option<u64>,
+}
+
+/// A Kafka topic to publish to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaTarget {
+    /// Connection settings; defaults to the source's when the source is Kafka.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<KafkaConnection>,
+    /// Topic to publish to.
+    #[schemars(length(min = 1, max = 249))]
+    pub topic: String,
+    /// Row field used as the record key; defaults to the table's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_field: Option<String>,
+}
+
+/// Where rows that cannot be enriched go. Exactly one must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.redisStream), has(self.kafka)].filter(x, x).size() == 1").message("set exactly one of deadLetter.redisStream, deadLetter.kafka"))]
+pub struct DeadLetterSpec {
+    /// A Redis Stream holding the original row and the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_stream: Option<RedisStreamTarget>,
+    /// A Kafka topic; the reason and attempt count travel in headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<KafkaTarget>,
+}
+
+/// Redis connection for the state store.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// Secret key holding the Redis URL (`redis://[:password@]host:port/db`).
+    pub url_secret_ref: SecretKeyRef,
+}
+
+/// Worker Deployment sizing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Worker replicas (Direct tables run none: the receiver enriches in-line).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+    /// Rows in flight per worker.
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub concurrency: u32,
+    /// Rows read from the source per poll.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub batch_size: u32,
+    /// Container resources.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_replicas(),
+            concurrency: default_concurrency(),
+            batch_size: default_batch_size(),
+            resources: Resources::default(),
+        }
+    }
+}
+
+/// Receiver Deployment sizing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReceiverSpec {
+    /// Receiver replicas (Direct tables always run exactly one: the store is embedded).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    /// Container resources.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Size of the embedded store's volume (Direct tier).
+    #[serde(default = "default_storage_size")]
+    pub storage_size: k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+}
+
+impl Default for ReceiverSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_replicas(),
+            resources: Resources::default(),
+            storage_size: default_storage_size(),
+        }
+    }
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+fn default_concurrency() -> u32 {
+    16
+}
+fn default_batch_size() -> u32 {
+    50
+}
+fn default_storage_size() -> k8s_openapi::apimachinery::pkg::api::resource::Quantity {
+    k8s_openapi::apimachinery::pkg::api::resource::Quantity("1Gi".to_string())
+}
+
+/// Observed state of an EnrichmentTable.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrichmentTableStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Provisioned, BudgetResolved, SecretsResolved, WorkersAvailable.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// In-cluster URL of the receiver's Clay callback endpoint: paste it into
+    /// the table's HTTP API column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    /// In-cluster URL of the receiver's ingest endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest_url: Option<String>,
+    /// Row counters since the table was created.
+    #[serde(default)]
+    pub rows: RowCounters,
+    /// Credits this table used in the budget's current period.
+    #[serde(default)]
+    pub credits_this_period: CreditCost,
+    /// When a row was last enriched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_enriched_at: Option<Time>,
+}
+
+/// Rows by lifecycle stage.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RowCounters {
+    pub received: u64,
+    pub deduplicated: u64,
+    pub submitted: u64,
+    pub enriched: u64,
+    pub delivered: u64,
+    pub dead_lettered: u64,
+    pub pending: u64,
+}
+
+impl EnrichmentTableSpec {
+    /// Every Secret key the table's pods read, for RBAC and reference checks.
+    pub fn secret_refs(&self) -> Vec<&SecretKeyRef> {
+        let mut refs = vec![&self.clay.callback_token_secret_ref];
+        for source in &self.clay.webhook_sources {
+            refs.push(&source.url_secret_ref);
+            refs.extend(source.auth_token_secret_ref.as_ref());
+        }
+        if let Some(http) = &self.source.http {
+            refs.push(&http.auth_token_secret_ref);
+        }
+        if let Some(redis) = &self.redis {
+            refs.push(&redis.url_secret_ref);
+        }
+        for kafka in self.kafka_connections() {
+            if let Some(sasl) = &kafka.sasl {
+                refs.push(&sasl.username_secret_ref);
+                refs.push(&sasl.password_secret_ref);
+            }
+        }
+        refs
+    }
+
+    /// Names of every Secret the table's pods read, sorted and de-duplicated.
+    pub fn secret_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .secret_refs()
+            .into_iter()
+            .map(|r| r.name.clone())
+            .collect();
+        if let Some(name) = self
+            .sink
+            .as_ref()
+            .and_then(|s| s.http.as_ref())
+            .and_then(|h| h.headers_secret_name.clone())
+        {
+            names.push(name);
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn kafka_connections(&self) -> impl Iterator<Item = &KafkaConnection> {
+        let source = self.source.kafka.as_ref().map(|k| &k.connection);
+        let sink = self
+            .sink
+            .as_ref()
+            .and_then(|s| s.kafka.as_ref())
+            .and_then(|k| k.connection.as_ref());
+        let dead_letter = self
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.kafka.as_ref())
+            .and_then(|k| k.connection.as_ref());
+        source.into_iter().chain(sink).chain(dead_letter)
+    }
+}

@@ -1,0 +1,5 @@
+//! Kiln: a Kubernetes operator that runs Clay data enrichment.
+
+pub mod api;
+pub mod devenv;
+pub mod telemetry;

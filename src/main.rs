@@ -1,0 +1,31 @@
+use clap::{Parser, Subcommand};
+
+use kiln::telemetry::{self, LogFormat};
+
+/// Kiln runs Clay data enrichment on Kubernetes.
+#[derive(Parser)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json, env = "KILN_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML.
+    Crds,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds => {
+            print!("{}", kiln::api::crds_yaml());
+            Ok(())
+        }
+    }
+    .inspect_err(|_| telemetry::init(cli.log_format))
+}
