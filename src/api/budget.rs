@@ -127,12 +127,12 @@ pub struct CircuitBreakerSpec {
     /// Sliding window the ratio is computed over.
     #[serde(default = "default_window")]
     #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("window must be a positive duration such as 60s"))]
-    #[schemars(with = "String")]
+    #[schemars(with = "String", length(min = 2, max = 32))]
     pub window: Duration,
     /// How long the breaker stays Open before probing (HalfOpen).
     #[serde(default = "default_cooldown")]
     #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("cooldown must be a positive duration such as 30s"))]
-    #[schemars(with = "String")]
+    #[schemars(with = "String", length(min = 2, max = 32))]
     pub cooldown: Duration,
     /// Calls allowed while HalfOpen; all must succeed to close the breaker.
     #[serde(default = "default_half_open_probes")]

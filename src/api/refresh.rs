@@ -80,7 +80,7 @@ pub struct RefreshScheduleSpec {
     pub failed_jobs_history_limit: i32,
     /// Rows last enriched longer ago than this are stale. Go duration, e.g. `2160h` (90 days).
     #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("maxAge must be a positive duration such as 2160h"))]
-    #[schemars(with = "String")]
+    #[schemars(with = "String", length(min = 2, max = 32))]
     pub max_age: Duration,
     /// Rows re-enriched per run at most.
     #[schemars(range(min = 1, max = 1000000))]

@@ -81,7 +81,7 @@ pub struct EnrichmentTableSpec {
     /// Go duration syntax, e.g. `720h`.
     #[serde(default = "default_dedupe_window")]
     #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("dedupeWindow must be a positive duration such as 720h or 30m"))]
-    #[schemars(with = "String")]
+    #[schemars(with = "String", length(min = 2, max = 32))]
     pub dedupe_window: Duration,
     /// The CreditBudget (same namespace) this table draws credits from.
     pub budget_ref: LocalObjectRef,
@@ -121,7 +121,7 @@ pub struct ClaySpec {
     /// it with reason ResultTimeout.
     #[serde(default = "default_result_timeout")]
     #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("resultTimeout must be a positive duration such as 10m"))]
-    #[schemars(with = "String")]
+    #[schemars(with = "String", length(min = 2, max = 32))]
     pub result_timeout: Duration,
     /// Submissions of a row before it is dead-lettered after result timeouts.
     #[serde(default = "default_max_attempts")]
@@ -255,8 +255,7 @@ pub struct RedisStreamSource {
 #[serde(rename_all = "camelCase")]
 pub struct KafkaConnection {
     /// Bootstrap brokers as `host:port`.
-    #[schemars(length(min = 1, max = 32))]
-    #[x_kube(validation = Rule::new("self.all(b, b.matches('^[^:/\\\\s]+:[0-9]{1,5}$'))").message("each broker must be host:port"))]
+    #[schemars(length(min = 1, max = 32), inner(regex(pattern = r"^[^:/\s]+:[0-9]{1,5}$"), length(max = 255)))]
     pub brokers: Vec<String>,
     /// Use TLS to the brokers.
     #[serde(default)]

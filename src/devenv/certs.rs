@@ -14,6 +14,8 @@ pub struct ControlPlanePki {
     /// ECDSA P-256 key the API server signs service-account tokens with and
     /// the controller manager uses for the token controller.
     pub service_account_key: String,
+    /// The public half, which the API server verifies tokens with.
+    pub service_account_public_key: String,
 }
 
 impl ControlPlanePki {
@@ -50,11 +52,13 @@ impl ControlPlanePki {
         ];
         let serving_cert = serving_params.signed_by(&serving_key, &ca)?;
 
+        let service_account = KeyPair::generate()?;
         Ok(Self {
             ca_cert: ca_cert.pem(),
             serving_cert: serving_cert.pem(),
             serving_key: serving_key.serialize_pem(),
-            service_account_key: KeyPair::generate()?.serialize_pem(),
+            service_account_key: service_account.serialize_pem(),
+            service_account_public_key: service_account.public_key_pem(),
         })
     }
 }

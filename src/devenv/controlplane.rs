@@ -51,8 +51,8 @@ impl ControlPlane {
 
     /// Starts etcd, the API server and the controller manager in `workdir`
     /// and waits until the API server reports ready.
-    pub fn start(workdir: &Path) -> Result<Self> {
-        let kcp = Self::binary()?;
+    pub async fn start(workdir: &Path) -> Result<Self> {
+        let kcp = tokio::task::spawn_blocking(Self::binary).await??;
         std::fs::create_dir_all(workdir)?;
         let pki = ControlPlanePki::generate()?;
         let file = |name: &str, content: &str| -> Result<PathBuf> {
@@ -64,6 +64,7 @@ impl ControlPlane {
         let serving_cert = file("apiserver.crt", &pki.serving_cert)?;
         let serving_key = file("apiserver.key", &pki.serving_key)?;
         let sa_key = file("service-account.key", &pki.service_account_key)?;
+        let sa_public_key = file("service-account.pub", &pki.service_account_public_key)?;
         let token = uuid::Uuid::new_v4().simple().to_string();
         let tokens = file(
             "tokens.csv",
@@ -108,7 +109,7 @@ impl ControlPlane {
             &format!("--token-auth-file={}", tokens.display()),
             "--authorization-mode=Node,RBAC",
             "--service-cluster-ip-range=10.96.0.0/16",
-            &format!("--service-account-key-file={}", sa_key.display()),
+            &format!("--service-account-key-file={}", sa_public_key.display()),
             &format!("--service-account-signing-key-file={}", sa_key.display()),
             "--service-account-issuer=https://kubernetes.default.svc",
             "--allow-privileged=true",
@@ -133,7 +134,8 @@ impl ControlPlane {
             &mut apiserver,
             &kubeconfig_path,
             Duration::from_secs(120),
-        )?;
+        )
+        .await?;
         // The controller manager needs a serving API server, so it starts last.
         let controller_manager = ManagedProcess::spawn("kube-controller-manager", cm_cmd, workdir)?;
         Ok(Self {
@@ -178,31 +180,29 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-fn wait_ready(
+async fn wait_ready(
     etcd: &mut ManagedProcess,
     apiserver: &mut ManagedProcess,
     kubeconfig: &Path,
     timeout: Duration,
 ) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let deadline = Instant::now() + timeout;
     let mut last_error = String::new();
     while Instant::now() < deadline {
         etcd.ensure_running()?;
         apiserver.ensure_running()?;
-        let probe = runtime.block_on(async {
+        let probe = async {
             let client = client_from_kubeconfig(kubeconfig).await?;
             let request = http::Request::get("/readyz").body(Vec::new())?;
             anyhow::Ok(client.request_text(request).await?)
-        });
+        }
+        .await;
         match probe {
             Ok(body) if body.trim() == "ok" => return Ok(()),
             Ok(body) => last_error = body,
             Err(e) => last_error = format!("{e:#}"),
         }
-        std::thread::sleep(Duration::from_millis(250));
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     bail!(
         "kube-apiserver not ready after {timeout:?}: {last_error}\n{}",

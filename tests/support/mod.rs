@@ -1,0 +1,130 @@
+//! Test support: one real control plane per test binary, a client and a
+//! fresh namespace per test, and cleanup of every process started, even when
+//! tests panic. Control-plane logs are kept when any test failed.
+
+#![allow(dead_code)] // each test binary uses a different subset of helpers
+
+pub mod wait;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use tokio::sync::OnceCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kiln::devenv::controlplane::ControlPlane;
+use kiln::devenv::process;
+
+static CONTROL_PLANE: OnceCell<ControlPlane> = OnceCell::const_new();
+static WORKDIR: OnceLock<PathBuf> = OnceLock::new();
+static ANY_TEST_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// The shared control plane, started on first use. Its processes outlive the
+/// runtime of the test that started them; the exit hook stops them.
+pub async fn control_plane() -> &'static ControlPlane {
+    CONTROL_PLANE
+        .get_or_init(|| async {
+            let workdir = work_dir();
+            ControlPlane::start(workdir).await.unwrap_or_else(|e| {
+                ANY_TEST_FAILED.store(true, Ordering::SeqCst);
+                panic!("starting the control plane in {}: {e:#}", workdir.display())
+            })
+        })
+        .await
+}
+
+/// This test binary's scratch directory (removed at exit unless a test failed).
+pub fn work_dir() -> &'static PathBuf {
+    WORKDIR.get_or_init(|| {
+        install_exit_hooks();
+        tempfile::Builder::new()
+            .prefix("kiln-test-")
+            .tempdir()
+            .expect("creating a temp dir")
+            .keep()
+    })
+}
+
+/// What each test gets: its own client (bound to the test's runtime) and namespace.
+pub struct TestEnv {
+    pub client: kube::Client,
+    pub namespace: String,
+}
+
+impl TestEnv {
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+}
+
+/// A client and a new namespace named after the test.
+pub async fn test_env(test_name: &str) -> TestEnv {
+    let plane = control_plane().await;
+    let client = plane.client().await.expect("building a client");
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let namespace = format!("{}-{suffix}", test_name.replace('_', "-"));
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(namespace.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("creating the test namespace");
+    TestEnv { client, namespace }
+}
+
+/// Applies Kiln's CRDs (server-side) and waits until each is Established.
+pub async fn install_kiln_crds(client: &kube::Client) {
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    let params = PatchParams::apply("kiln-tests").force();
+    for crd in kiln::api::crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        api.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        wait::until(&format!("CRD {name} established"), || async {
+            let crd = api.get(&name).await.ok()?;
+            let established = crd.status?.conditions?.into_iter().any(|c| {
+                c.type_ == "Established" && c.status == "True"
+            });
+            established.then_some(())
+        })
+        .await;
+    }
+}
+
+fn install_exit_hooks() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        ANY_TEST_FAILED.store(true, Ordering::SeqCst);
+        previous(info);
+    }));
+    // SAFETY: registering a plain extern "C" fn with no captured state.
+    unsafe {
+        libc::atexit(stop_everything);
+    }
+}
+
+extern "C" fn stop_everything() {
+    process::kill_all_registered();
+    let Some(workdir) = WORKDIR.get() else { return };
+    if ANY_TEST_FAILED.load(Ordering::SeqCst) {
+        eprintln!(
+            "a test failed: control-plane logs kept in {}",
+            workdir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(workdir);
+    }
+}
