@@ -30,3 +30,17 @@ pub fn crds_yaml() -> String {
         .collect::<Vec<_>>()
         .join("---\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crds_match_the_types() {
+        let committed = include_str!("../../crds/kiln.dev.yaml");
+        assert!(
+            committed == crds_yaml(),
+            "crds/kiln.dev.yaml is stale: run `cargo run -- crds > crds/kiln.dev.yaml`"
+        );
+    }
+}
