@@ -2,4 +2,5 @@
 
 pub mod api;
 pub mod devenv;
+pub mod operator;
 pub mod telemetry;

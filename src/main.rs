@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
 
+use kiln::operator::OperatorArgs;
 use kiln::telemetry::{self, LogFormat};
 
 /// Kiln runs Clay data enrichment on Kubernetes.
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
+    /// Run the controllers (with leader election), health and metrics.
+    Operator(OperatorArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,6 +29,13 @@ fn main() -> anyhow::Result<()> {
             print!("{}", kiln::api::crds_yaml());
             Ok(())
         }
+        Command::Operator(args) => {
+            telemetry::init(cli.log_format);
+            runtime()?.block_on(kiln::operator::run(args))
+        }
     }
-    .inspect_err(|_| telemetry::init(cli.log_format))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

@@ -1,0 +1,70 @@
+//! The thin layer that writes children: server-side apply under one field
+//! manager, and deletion of children that are no longer desired.
+
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::error::{Error, Result};
+use super::labels::FIELD_MANAGER;
+
+/// Server-side applies `object` (forcing ownership of the fields we set).
+pub async fn apply<K>(client: &Client, object: &K) -> Result<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let namespace = object
+        .namespace()
+        .ok_or_else(|| Error::NotNamespaced(object.name_any()))?;
+    let api = Api::<K>::namespaced(client.clone(), &namespace);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Ok(api.patch(&object.name_any(), &params, &Patch::Apply(object)).await?)
+}
+
+/// Deletes objects of kind `K` matching `selector` whose names are not in `keep`.
+pub async fn delete_unwanted<K>(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    keep: &[String],
+) -> Result<Vec<String>>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), namespace);
+    let mut deleted = Vec::new();
+    for object in api.list(&ListParams::default().labels(selector)).await? {
+        let name = object.name_any();
+        if !keep.contains(&name) {
+            api.delete(&name, &DeleteParams::background()).await?;
+            deleted.push(name);
+        }
+    }
+    Ok(deleted)
+}
+
+/// Replaces an object's status with a merge patch. Callers only call this
+/// when the status changed, so unchanged objects cause no writes.
+pub async fn patch_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<K>
+where
+    K: Resource + DeserializeOwned + Clone + Debug,
+    S: Serialize,
+{
+    let patch = serde_json::json!({ "status": status });
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    Ok(api.patch_status(name, &params, &Patch::Merge(&patch)).await?)
+}

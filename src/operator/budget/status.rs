@@ -1,0 +1,116 @@
+//! Pure status computation for a CreditBudget: period bounds, rollover into
+//! history, remaining credits and the one-word state.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::period;
+use crate::api::budget::{BudgetState, BreakerState, PeriodUsage};
+use crate::api::common::{FALSE, TRUE, condition};
+use crate::api::table::CreditCost;
+use crate::api::{CreditBudget, CreditBudgetStatus};
+
+pub const READY: &str = "Ready";
+pub const EXHAUSTED: &str = "Exhausted";
+pub const WARNING: &str = "Warning";
+
+/// Computes the budget's status at `now`. Usage (`used`, `reserved`, per-table)
+/// is carried over from the current status, which the ledger maintains; when
+/// `now` is past the recorded period, usage moves into history and resets.
+pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
+    let mut status = budget.status.clone().unwrap_or_default();
+    let spec = &budget.spec;
+    let generation = budget.metadata.generation;
+    let previous = status.conditions.clone();
+    let now_time = Time::from(now);
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        condition(&previous, type_, if ok { TRUE } else { FALSE }, reason, message, generation, now_time.clone())
+    };
+    status.observed_generation = generation;
+
+    let (start, end) = match period::bounds(spec.period, &spec.time_zone, now) {
+        Ok(bounds) => bounds,
+        Err(message) => {
+            status.state = BudgetState::Invalid;
+            status.conditions = vec![cond(READY, false, "InvalidTimeZone", message)];
+            return status;
+        }
+    };
+    let recorded_start = status.period_start.as_ref().map(|t| t.0);
+    if recorded_start.is_some_and(|s| s != start) {
+        // Rollover: archive the finished period, newest first.
+        if let (Some(old_start), Some(old_end)) = (status.period_start.clone(), status.period_end.clone()) {
+            status.history.insert(
+                0,
+                PeriodUsage {
+                    period_start: old_start,
+                    period_end: old_end,
+                    used: status.used.clone(),
+                },
+            );
+        }
+        status.used = CreditCost::default();
+        status.tables.clear();
+    }
+    status.history.truncate(spec.history_limit as usize);
+    status.period_start = Some(Time::from(start));
+    status.period_end = Some(Time::from(end));
+
+    let committed = |used: f64, reserved: f64| used + reserved;
+    let data_limit = spec.limits.data_credits;
+    let action_limit = spec.limits.actions;
+    status.remaining = CreditCost {
+        data_credits: data_limit
+            .map(|l| (l - committed(status.used.data_credits, status.reserved.data_credits)).max(0.0))
+            .unwrap_or(0.0),
+        actions: action_limit
+            .map(|l| l.saturating_sub(status.used.actions + status.reserved.actions))
+            .unwrap_or(0),
+    };
+    let data_percent = data_limit
+        .map(|l| committed(status.used.data_credits, status.reserved.data_credits) / l * 100.0)
+        .unwrap_or(0.0);
+    let action_percent = action_limit
+        .map(|l| (status.used.actions + status.reserved.actions) as f64 / l as f64 * 100.0)
+        .unwrap_or(0.0);
+    let percent = data_percent.max(action_percent);
+    status.percent_used = percent.floor().clamp(0.0, 100.0) as u32;
+
+    let exhausted = percent >= 100.0;
+    let crossed: Option<u32> = spec
+        .warning_thresholds
+        .iter()
+        .copied()
+        .filter(|t| f64::from(*t) <= percent)
+        .max();
+    status.state = if spec.paused {
+        BudgetState::Paused
+    } else if status.breaker.state == BreakerState::Open {
+        BudgetState::BreakerOpen
+    } else if exhausted {
+        BudgetState::Exhausted
+    } else if crossed.is_some() {
+        BudgetState::Warning
+    } else {
+        BudgetState::Active
+    };
+
+    let ready = if spec.paused {
+        cond(READY, false, "Paused", "spec.paused is true: no credits are granted".into())
+    } else if exhausted {
+        cond(READY, false, "Exhausted", format!("the limit is reached until the period ends at {end}"))
+    } else {
+        cond(READY, true, "Active", format!("{}% used this period", status.percent_used))
+    };
+    let exhausted_condition = if exhausted {
+        cond(EXHAUSTED, true, "LimitReached", format!("tables behave per onExhausted={:?} until {end}", spec.on_exhausted))
+    } else {
+        cond(EXHAUSTED, false, "WithinLimit", "credits remain this period".into())
+    };
+    let warning = match crossed {
+        Some(threshold) => cond(WARNING, true, "ThresholdCrossed", format!("{threshold}% warning threshold crossed this period")),
+        None => cond(WARNING, false, "BelowThresholds", "no warning threshold crossed this period".into()),
+    };
+    status.conditions = vec![ready, exhausted_condition, warning];
+    status
+}

@@ -1,0 +1,105 @@
+//! State shared by the controllers: the client, configuration, metrics,
+//! the event recorder and per-object retry backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource};
+
+use super::error::{Error, Result};
+use super::metrics::OperatorMetrics;
+use super::table::build::BuildConfig;
+
+pub struct Context {
+    pub client: Client,
+    pub build: BuildConfig,
+    pub metrics: Arc<OperatorMetrics>,
+    recorder: Recorder,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// First retry delay after a failed reconciliation; doubles per failure.
+const BACKOFF_BASE: Duration = Duration::from_secs(2);
+/// Retry delay ceiling.
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+impl Context {
+    pub fn new(client: Client, build: BuildConfig, metrics: Arc<OperatorMetrics>, instance: String) -> Self {
+        let reporter = Reporter {
+            controller: "kiln-operator".into(),
+            instance: Some(instance),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            build,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Publishes an Event about `object`; failures are logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(%error, reason, "publishing an event failed");
+        }
+    }
+
+    /// The delay before retrying `key` after its latest failure (exponential, capped).
+    pub fn next_backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap();
+        let count = failures.entry(key.to_string()).or_insert(0);
+        *count = count.saturating_add(1);
+        let factor = 2u32.saturating_pow((*count - 1).min(16));
+        BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+    }
+
+    /// Forgets `key`'s failures after a successful reconciliation.
+    pub fn reset_backoff(&self, key: &str) {
+        self.failures.lock().unwrap().remove(key);
+    }
+}
+
+/// Runs one reconciliation with metrics and backoff bookkeeping.
+pub async fn instrumented<K, F>(ctx: &Context, controller: &'static str, object: &K, reconcile: F) -> Result<Action>
+where
+    K: Resource<DynamicType = ()> + kube::runtime::reflector::Lookup<DynamicType = ()>,
+    F: std::future::Future<Output = Result<Action>>,
+{
+    let started = std::time::Instant::now();
+    let result = reconcile.await;
+    ctx.metrics.observe(controller, started.elapsed(), result.is_err());
+    if result.is_ok() {
+        ctx.reset_backoff(&ObjectRef::from_obj(object).to_string());
+    }
+    result
+}
+
+/// The error policy of every controller: retry with per-object exponential backoff.
+pub fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: kube::runtime::reflector::Lookup<DynamicType = ()>,
+{
+    let key = ObjectRef::from_obj(&*object).to_string();
+    let delay = ctx.next_backoff(&key);
+    tracing::warn!(object = %key, %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}

@@ -1,0 +1,37 @@
+//! Labels and names shared by every child object the operator creates.
+
+use std::collections::BTreeMap;
+
+/// The field manager for every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "kiln-operator";
+/// Value of `app.kubernetes.io/managed-by` on children.
+pub const MANAGED_BY: &str = "kiln-operator";
+/// Label naming the EnrichmentTable a child belongs to.
+pub const TABLE_LABEL: &str = "kiln.dev/table";
+/// Label naming the RefreshSchedule a child belongs to.
+pub const SCHEDULE_LABEL: &str = "kiln.dev/refresh-schedule";
+
+/// Port every Kiln process serves /healthz, /readyz and /metrics on.
+pub const METRICS_PORT: i32 = 9090;
+/// Port the receiver serves its API on.
+pub const RECEIVER_PORT: i32 = 8080;
+
+/// Standard `app.kubernetes.io/*` labels plus the owner label.
+pub fn standard(instance: &str, component: &str, owner_label: (&str, &str)) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "kiln".to_string()),
+        ("app.kubernetes.io/instance".to_string(), instance.to_string()),
+        ("app.kubernetes.io/component".to_string(), component.to_string()),
+        ("app.kubernetes.io/part-of".to_string(), "kiln".to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
+        (owner_label.0.to_string(), owner_label.1.to_string()),
+    ])
+}
+
+/// The subset of [`standard`] used as a Deployment selector (immutable once created).
+pub fn selector(instance: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/instance".to_string(), instance.to_string()),
+        ("app.kubernetes.io/component".to_string(), component.to_string()),
+    ])
+}

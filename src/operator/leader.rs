@@ -1,0 +1,199 @@
+//! Leader election on a coordination.k8s.io Lease, as client-go does it:
+//! the holder renews the lease; a candidate takes it over only once the
+//! holder's renewal is older than the lease duration. Every write is a
+//! compare-and-swap on resourceVersion, so two candidates cannot both win.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::Client;
+
+/// Timing of the election.
+#[derive(Clone, Debug)]
+pub struct LeaseTiming {
+    /// How long a lease is valid after its last renewal.
+    pub lease_duration: Duration,
+    /// How often the holder renews and candidates retry.
+    pub retry_period: Duration,
+    /// The holder steps down when it could not renew for this long
+    /// (shorter than the lease duration, so it stops before anyone else starts).
+    pub renew_deadline: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        Self {
+            lease_duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(2),
+            renew_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+pub struct LeaderElector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    timing: LeaseTiming,
+}
+
+impl LeaderElector {
+    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, timing: LeaseTiming) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            identity: identity.to_string(),
+            timing,
+        }
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Waits until this candidate holds the lease.
+    pub async fn acquire(&self) {
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => {
+                    tracing::info!(identity = %self.identity, lease = %self.name, "acquired leadership");
+                    return;
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "leader election attempt failed"),
+            }
+            tokio::time::sleep(self.timing.retry_period).await;
+        }
+    }
+
+    /// Renews the lease until a renewal has failed for longer than the renew
+    /// deadline; returns when leadership is lost.
+    pub async fn hold(&self) {
+        let mut last_renewal = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.timing.retry_period).await;
+            match self.try_acquire_or_renew().await {
+                Ok(true) => last_renewal = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::error!(identity = %self.identity, "another replica took the lease");
+                    return;
+                }
+                Err(error) => tracing::warn!(%error, "renewing the lease failed"),
+            }
+            if last_renewal.elapsed() > self.timing.renew_deadline {
+                tracing::error!(identity = %self.identity, "could not renew the lease in time; stepping down");
+                return;
+            }
+        }
+    }
+
+    /// Gives the lease up so a standby can take over at once (on graceful shutdown).
+    pub async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else { return };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(_) => tracing::info!(identity = %self.identity, "released leadership"),
+            Err(error) => tracing::warn!(%error, "releasing the lease failed"),
+        }
+    }
+
+    /// One election round: Ok(true) when this candidate holds the lease afterwards.
+    pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+        let now = jiff::Timestamp::now();
+        let duration_secs = self.timing.lease_duration.as_secs() as i32;
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(duration_secs),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Err(error) => Err(error),
+            };
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        let held_by_me = spec.holder_identity.as_deref() == Some(self.identity.as_str());
+        if !held_by_me && !expired(spec, now) {
+            return Ok(false);
+        }
+        if !held_by_me {
+            spec.holder_identity = Some(self.identity.clone());
+            spec.acquire_time = Some(MicroTime(now));
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.lease_duration_seconds = Some(duration_secs);
+        spec.renew_time = Some(MicroTime(now));
+        // `replace` carries the resourceVersion we read: a concurrent writer makes this a 409.
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// True when nobody holds the lease or its holder stopped renewing it.
+fn expired(spec: &LeaseSpec, now: jiff::Timestamp) -> bool {
+    if spec.holder_identity.as_deref().is_none_or(str::is_empty) {
+        return true;
+    }
+    let Some(renewed) = spec.renew_time.as_ref() else { return true };
+    let duration = jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
+    renewed.0 + duration < now
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(holder: Option<&str>, renewed_secs_ago: i64, duration: i32) -> (LeaseSpec, jiff::Timestamp) {
+        let now: jiff::Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
+        let renewed = now - jiff::SignedDuration::from_secs(renewed_secs_ago);
+        (
+            LeaseSpec {
+                holder_identity: holder.map(str::to_string),
+                renew_time: Some(MicroTime(renewed)),
+                lease_duration_seconds: Some(duration),
+                ..Default::default()
+            },
+            now,
+        )
+    }
+
+    #[test]
+    fn a_fresh_lease_is_not_expired() {
+        let (spec, now) = spec(Some("a"), 5, 15);
+        assert!(!expired(&spec, now));
+    }
+
+    #[test]
+    fn a_lease_not_renewed_within_its_duration_is_expired() {
+        let (spec, now) = spec(Some("a"), 16, 15);
+        assert!(expired(&spec, now));
+    }
+
+    #[test]
+    fn a_released_lease_is_expired() {
+        let (spec, now) = spec(None, 0, 15);
+        assert!(expired(&spec, now));
+    }
+}

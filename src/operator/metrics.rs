@@ -1,0 +1,147 @@
+//! Prometheus metrics and the health server every Kiln process runs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::Mutex;
+
+/// Labels of per-controller metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: &'static str,
+}
+
+/// The operator's own metrics.
+pub struct OperatorMetrics {
+    pub reconciles: Family<ControllerLabels, Counter>,
+    pub reconcile_errors: Family<ControllerLabels, Counter>,
+    pub reconcile_duration: Family<ControllerLabels, Histogram>,
+    pub is_leader: Gauge,
+}
+
+impl OperatorMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 12))
+            }),
+            is_leader: Gauge::default(),
+        };
+        registry.register(
+            "kiln_reconciles",
+            "Reconciliations by controller",
+            metrics.reconciles.clone(),
+        );
+        registry.register(
+            "kiln_reconcile_errors",
+            "Failed reconciliations by controller",
+            metrics.reconcile_errors.clone(),
+        );
+        registry.register(
+            "kiln_reconcile_duration_seconds",
+            "Reconciliation duration by controller",
+            metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "kiln_operator_leader",
+            "1 while this replica holds the leader lease",
+            metrics.is_leader.clone(),
+        );
+        metrics
+    }
+
+    /// Records one reconciliation.
+    pub fn observe(&self, controller: &'static str, elapsed: Duration, failed: bool) {
+        let labels = ControllerLabels { controller };
+        self.reconciles.get_or_create(&labels).inc();
+        if failed {
+            self.reconcile_errors.get_or_create(&labels).inc();
+        }
+        self.reconcile_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Readiness, flipped by the process when it can do its work.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct HealthState {
+    registry: Arc<Mutex<Registry>>,
+    readiness: Readiness,
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown` resolves.
+pub async fn serve_health(
+    addr: SocketAddr,
+    registry: Registry,
+    readiness: Readiness,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = HealthState {
+        registry: Arc::new(Mutex::new(registry)),
+        readiness,
+    };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving health and metrics");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {
+    if state.readiness.get() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics(State(state): State<HealthState>) -> impl IntoResponse {
+    let mut body = String::new();
+    let registry = state.registry.lock().await;
+    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}

@@ -1,0 +1,117 @@
+//! `kiln operator`: the controllers, leader election, health and metrics.
+
+pub mod apply;
+pub mod budget;
+pub mod context;
+pub mod error;
+pub mod labels;
+pub mod leader;
+pub mod metrics;
+pub mod pod;
+pub mod refresh;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures::FutureExt;
+use prometheus_client::registry::Registry;
+
+use self::context::Context;
+use self::leader::{LeaderElector, LeaseTiming};
+use self::metrics::{OperatorMetrics, Readiness, serve_health};
+use self::table::build::BuildConfig;
+
+/// Settings of `kiln operator`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct OperatorArgs {
+    /// Image for data-plane pods (worker, receiver, refresh) unless a table overrides it.
+    #[arg(long, env = "KILN_IMAGE", default_value = "ghcr.io/kiln-dev/kiln:latest")]
+    pub image: String,
+    /// URL of this operator's reservation API as data-plane pods reach it.
+    #[arg(long, env = "KILN_OPERATOR_URL", default_value = "http://kiln-operator.kiln-system.svc:8443")]
+    pub operator_url: String,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kiln-system")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "kiln-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the election; the pod name in a cluster.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub health_addr: SocketAddr,
+}
+
+/// Runs the operator until SIGTERM/SIGINT, or until leadership is lost
+/// (then it exits with an error so the pod restarts as a standby).
+pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("kiln-operator-{}", uuid::Uuid::new_v4().simple()));
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(OperatorMetrics::register(&mut registry));
+    let readiness = Readiness::default();
+    let shutdown = shutdown_signal().shared();
+    let health = tokio::spawn(serve_health(args.health_addr, registry, readiness.clone(), shutdown.clone()));
+
+    let elector = Arc::new(LeaderElector::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+        LeaseTiming::default(),
+    ));
+    tokio::select! {
+        _ = elector.acquire() => {}
+        _ = shutdown.clone() => {
+            tracing::info!("shutting down before becoming leader");
+            return Ok(());
+        }
+    }
+    metrics.is_leader.set(1);
+    // Only the leader is ready: the operator Service routes to the leader alone.
+    readiness.set(true);
+
+    let build = BuildConfig {
+        default_image: args.image.clone(),
+        operator_url: args.operator_url.clone(),
+    };
+    let ctx = Arc::new(Context::new(client, build, metrics.clone(), identity.clone()));
+    let holder = elector.clone();
+    let lost = async move { holder.hold().await }.boxed().shared();
+    let stop = futures::future::select(shutdown.clone(), lost.clone()).map(|_| ()).shared();
+    tokio::join!(
+        table::run(ctx.clone(), stop.clone()),
+        budget::run(ctx.clone(), stop.clone()),
+        refresh::run(ctx, stop.clone()),
+    );
+    readiness.set(false);
+    metrics.is_leader.set(0);
+
+    if lost.now_or_never().is_some() {
+        anyhow::bail!("lost leadership of lease {}/{}", args.lease_namespace, args.lease_name);
+    }
+    elector.release().await;
+    health.await??;
+    tracing::info!("operator stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,312 @@
+//! Pure builders: the children an EnrichmentTable should have. No API calls.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    ContainerPort, EnvVar, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, PodTemplateSpec, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::api::table::Tier;
+use crate::api::EnrichmentTable;
+use crate::operator::labels::{self, RECEIVER_PORT, TABLE_LABEL};
+use crate::operator::pod::{KilnContainer, kiln_container, restricted_pod_spec};
+
+/// Operator-wide settings the builders need.
+#[derive(Clone, Debug)]
+pub struct BuildConfig {
+    /// Image for data-plane pods unless a table overrides it.
+    pub default_image: String,
+    /// URL of the operator's reservation API, handed to data-plane pods.
+    pub operator_url: String,
+}
+
+/// Where the Direct tier's embedded store lives inside the receiver.
+pub const STORE_MOUNT_PATH: &str = "/var/lib/kiln";
+
+/// Every child of one EnrichmentTable.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableChildren {
+    pub service_account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+    /// None for Direct: the receiver enriches in-line.
+    pub worker: Option<Deployment>,
+    pub receiver: Deployment,
+    pub service: Service,
+    /// Only for Direct: the embedded store's volume.
+    pub store: Option<PersistentVolumeClaim>,
+}
+
+pub fn service_account_name(table: &str) -> String {
+    format!("kiln-{table}")
+}
+pub fn worker_name(table: &str) -> String {
+    format!("{table}-worker")
+}
+pub fn receiver_name(table: &str) -> String {
+    format!("{table}-receiver")
+}
+pub fn store_name(table: &str) -> String {
+    format!("{table}-store")
+}
+
+/// In-cluster base URL of a table's receiver.
+pub fn receiver_url(table: &str, namespace: &str) -> String {
+    format!(
+        "http://{}.{namespace}.svc:{RECEIVER_PORT}",
+        receiver_name(table)
+    )
+}
+
+/// Builds the desired children. `run_workloads` is false while the table's
+/// references (budget, Secrets) are unresolved: the Deployments then exist
+/// with zero replicas, so nothing spends credits it cannot account for.
+pub fn desired_children(
+    table: &EnrichmentTable,
+    config: &BuildConfig,
+    run_workloads: bool,
+) -> TableChildren {
+    let name = table.name_any();
+    let namespace = table.namespace().unwrap_or_default();
+    let owner = table
+        .controller_owner_ref(&())
+        .expect("an EnrichmentTable from the API server has a name and uid");
+    let meta = |child_name: String, component: &str| ObjectMeta {
+        name: Some(child_name),
+        namespace: Some(namespace.clone()),
+        labels: Some(labels::standard(&name, component, (TABLE_LABEL, &name))),
+        owner_references: Some(vec![owner.clone()]),
+        ..Default::default()
+    };
+    let sa_name = service_account_name(&name);
+
+    let service_account = ServiceAccount {
+        metadata: meta(sa_name.clone(), "rbac"),
+        automount_service_account_token: Some(true),
+        ..Default::default()
+    };
+    let role = Role {
+        metadata: meta(sa_name.clone(), "rbac"),
+        rules: Some(pod_rules(table)),
+    };
+    let role_binding = RoleBinding {
+        metadata: meta(sa_name.clone(), "rbac"),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: sa_name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: sa_name.clone(),
+            namespace: Some(namespace.clone()),
+            ..Default::default()
+        }]),
+    };
+
+    let direct = table.spec.tier == Tier::Direct;
+    let image = table.spec.image.as_deref().unwrap_or(&config.default_image);
+    let table_arg = format!("{namespace}/{name}");
+    let env = vec![EnvVar {
+        name: "KILN_OPERATOR_URL".into(),
+        value: Some(config.operator_url.clone()),
+        ..Default::default()
+    }];
+
+    let worker = (!direct).then(|| {
+        let container = kiln_container(KilnContainer {
+            name: "worker",
+            image,
+            args: vec!["worker".into(), "--table".into(), table_arg.clone()],
+            resources: &table.spec.workers.resources,
+            extra_env: env.clone(),
+            extra_ports: vec![],
+            extra_mounts: vec![],
+            probes: true,
+        });
+        deployment(
+            meta(worker_name(&name), "worker"),
+            &name,
+            "worker",
+            if run_workloads { table.spec.workers.replicas } else { 0 },
+            restricted_pod_spec(&sa_name, vec![container], vec![], None),
+            None,
+        )
+    });
+
+    let (store_mounts, store_volumes) = if direct {
+        (
+            vec![VolumeMount {
+                name: "store".into(),
+                mount_path: STORE_MOUNT_PATH.into(),
+                ..Default::default()
+            }],
+            vec![Volume {
+                name: "store".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: store_name(&name),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+        )
+    } else {
+        (vec![], vec![])
+    };
+    let receiver_container = kiln_container(KilnContainer {
+        name: "receiver",
+        image,
+        args: vec!["receiver".into(), "--table".into(), table_arg],
+        resources: &table.spec.receiver.resources,
+        extra_env: env,
+        extra_ports: vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: RECEIVER_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }],
+        extra_mounts: store_mounts,
+        probes: true,
+    });
+    // The embedded store is single-writer: one replica, never two at once.
+    let (receiver_replicas, strategy) = if direct {
+        (
+            1,
+            Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
+        )
+    } else {
+        (table.spec.receiver.replicas, None)
+    };
+    let receiver = deployment(
+        meta(receiver_name(&name), "receiver"),
+        &name,
+        "receiver",
+        if run_workloads { receiver_replicas } else { 0 },
+        restricted_pod_spec(&sa_name, vec![receiver_container], store_volumes, None),
+        strategy,
+    );
+
+    let service = Service {
+        metadata: meta(receiver_name(&name), "receiver"),
+        spec: Some(ServiceSpec {
+            selector: Some(labels::selector(&name, "receiver")),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("http".into()),
+                    port: RECEIVER_PORT,
+                    target_port: Some(IntOrString::String("http".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("metrics".into()),
+                    port: labels::METRICS_PORT,
+                    target_port: Some(IntOrString::String("metrics".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let store = direct.then(|| PersistentVolumeClaim {
+        metadata: meta(store_name(&name), "store"),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    table.spec.receiver.storage_size.clone(),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+
+    TableChildren {
+        service_account,
+        role,
+        role_binding,
+        worker,
+        receiver,
+        service,
+        store,
+    }
+}
+
+/// What the table's pods may do: read their own table and the schedules that
+/// refresh it, read exactly the Secrets the table names. Nothing else.
+fn pod_rules(table: &EnrichmentTable) -> Vec<PolicyRule> {
+    let mut rules = vec![
+        PolicyRule {
+            api_groups: Some(vec!["kiln.dev".into()]),
+            resources: Some(vec!["enrichmenttables".into()]),
+            resource_names: Some(vec![table.name_any()]),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..Default::default()
+        },
+        PolicyRule {
+            api_groups: Some(vec!["kiln.dev".into()]),
+            resources: Some(vec!["refreshschedules".into()]),
+            verbs: vec!["get".into()],
+            ..Default::default()
+        },
+    ];
+    let secrets = table.spec.secret_names();
+    if !secrets.is_empty() {
+        rules.push(PolicyRule {
+            api_groups: Some(vec!["".into()]),
+            resources: Some(vec!["secrets".into()]),
+            resource_names: Some(secrets),
+            verbs: vec!["get".into()],
+            ..Default::default()
+        });
+    }
+    rules
+}
+
+fn deployment(
+    metadata: ObjectMeta,
+    instance: &str,
+    component: &str,
+    replicas: i32,
+    pod_spec: k8s_openapi::api::core::v1::PodSpec,
+    strategy: Option<DeploymentStrategy>,
+) -> Deployment {
+    let template_labels = metadata.labels.clone();
+    Deployment {
+        metadata,
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(labels::selector(instance, component)),
+                ..Default::default()
+            },
+            strategy,
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: template_labels,
+                    ..Default::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+

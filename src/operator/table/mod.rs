@@ -1,0 +1,212 @@
+//! The EnrichmentTable controller: dereference → build → apply → status.
+
+pub mod build;
+pub mod status;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+
+use self::build::TableChildren;
+use self::status::{Provisioning, References};
+use super::apply::{apply, delete_unwanted, patch_status};
+use super::context::{Context, error_policy, instrumented};
+use super::error::{Error, Result};
+use super::labels::{MANAGED_BY, TABLE_LABEL};
+use crate::api::common::{FALSE, TRUE, find_condition};
+use crate::api::{CreditBudget, EnrichmentTable};
+
+const CONTROLLER: &str = "enrichmenttable";
+/// Re-check a healthy table this often even without events.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Re-check a table that is waiting on references or pods this often.
+const WAITING_RESYNC: Duration = Duration::from_secs(30);
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let tables = Api::<EnrichmentTable>::all(client.clone());
+    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY},{TABLE_LABEL}"));
+    let controller = Controller::new(tables, watcher::Config::default());
+    let store = controller.store();
+    let budget_store = store.clone();
+    controller
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
+        .owns(Api::<Role>::all(client.clone()), owned.clone())
+        .owns(Api::<RoleBinding>::all(client.clone()), owned.clone())
+        .owns(Api::<PersistentVolumeClaim>::all(client.clone()), owned)
+        .watches(
+            Api::<CreditBudget>::all(client.clone()),
+            watcher::Config::default(),
+            move |budget| {
+                let namespace = budget.namespace();
+                let name = budget.name_any();
+                budget_store
+                    .state()
+                    .into_iter()
+                    .filter(|t| t.namespace() == namespace && t.spec.budget_ref.name == name)
+                    .map(|t| ObjectRef::from_obj(&*t))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<Secret>::all(client),
+            watcher::Config::default(),
+            move |secret| {
+                let namespace = secret.namespace();
+                let name = secret.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|t| t.namespace() == namespace && t.spec.secret_names().contains(&name))
+                    .map(|t| ObjectRef::from_obj(&*t))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "enrichmenttable reconcile loop");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(table: Arc<EnrichmentTable>, ctx: Arc<Context>) -> Result<Action> {
+    instrumented(&ctx, CONTROLLER, &*table, reconcile_inner(&table, &ctx)).await
+}
+
+async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Action> {
+    let namespace = table
+        .namespace()
+        .ok_or_else(|| Error::NotNamespaced(table.name_any()))?;
+    let references = dereference(&ctx.client, table, &namespace).await?;
+
+    let children = build::desired_children(table, &ctx.build, references.resolved());
+    let applied = apply_children(&ctx.client, &namespace, &table.name_any(), &children).await;
+    let provisioning = match &applied {
+        Ok(deployments) => Provisioning::Applied {
+            deployments: deployments.iter().collect(),
+        },
+        Err(error) => Provisioning::Failed(error.to_string()),
+    };
+
+    let new_status = status::compute(table, &references, &provisioning, Time::from(jiff::Timestamp::now()));
+    let old_conditions = table.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    if table.status.as_ref() != Some(&new_status) {
+        let api = Api::<EnrichmentTable>::namespaced(ctx.client.clone(), &namespace);
+        patch_status(&api, &table.name_any(), &new_status).await?;
+        publish_transitions(ctx, table, &old_conditions, &new_status.conditions).await;
+    }
+    // Status says why provisioning failed; the error itself drives the backoff.
+    applied?;
+    let ready = find_condition(&new_status.conditions, status::READY).is_some_and(|c| c.status == TRUE);
+    Ok(Action::requeue(if ready { RESYNC } else { WAITING_RESYNC }))
+}
+
+/// Looks up the budget and Secrets the table names. Secret values are never
+/// read into memory beyond the key names.
+async fn dereference(client: &Client, table: &EnrichmentTable, namespace: &str) -> Result<References> {
+    let budget_name = &table.spec.budget_ref.name;
+    let budget = Api::<CreditBudget>::namespaced(client.clone(), namespace)
+        .get_opt(budget_name)
+        .await?;
+    let budget_problem = budget.is_none().then(|| {
+        format!(
+            "CreditBudget {budget_name:?} not found in namespace {namespace:?}; create it or fix spec.budgetRef.name (workloads stay scaled to zero until then)"
+        )
+    });
+
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    let mut existing = BTreeMap::new();
+    for name in table.spec.secret_names() {
+        if let Some(secret) = secrets.get_opt(&name).await? {
+            let keys: BTreeSet<String> = secret
+                .data
+                .unwrap_or_default()
+                .into_keys()
+                .chain(secret.string_data.unwrap_or_default().into_keys())
+                .collect();
+            existing.insert(name, keys);
+        }
+    }
+    Ok(References {
+        budget_problem,
+        secret_problems: status::secret_problems(table, &existing),
+    })
+}
+
+/// Applies every desired child and deletes the ones no longer desired.
+/// Returns the applied Deployments (with their status) for availability.
+async fn apply_children(
+    client: &Client,
+    namespace: &str,
+    table_name: &str,
+    children: &TableChildren,
+) -> Result<Vec<Deployment>> {
+    apply(client, &children.service_account).await?;
+    apply(client, &children.role).await?;
+    apply(client, &children.role_binding).await?;
+    if let Some(store) = &children.store {
+        apply(client, store).await?;
+    }
+    let mut deployments = vec![apply(client, &children.receiver).await?];
+    if let Some(worker) = &children.worker {
+        deployments.push(apply(client, worker).await?);
+    }
+    apply(client, &children.service).await?;
+
+    let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{TABLE_LABEL}={table_name}");
+    let keep_deployments: Vec<String> = deployments.iter().map(|d| d.name_any()).collect();
+    delete_unwanted::<Deployment>(client, namespace, &selector, &keep_deployments).await?;
+    let keep_stores: Vec<String> = children.store.iter().map(|s| s.name_any()).collect();
+    delete_unwanted::<PersistentVolumeClaim>(client, namespace, &selector, &keep_stores).await?;
+    Ok(deployments)
+}
+
+/// Emits Events when readiness or a reference condition changes.
+async fn publish_transitions(
+    ctx: &Context,
+    table: &EnrichmentTable,
+    old: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    new: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) {
+    for condition in new {
+        let before = find_condition(old, &condition.type_);
+        let changed = before.is_none_or(|b| b.status != condition.status || b.reason != condition.reason);
+        if !changed {
+            continue;
+        }
+        let was_false = before.is_some_and(|b| b.status == FALSE);
+        match (condition.type_.as_str(), condition.status.as_str()) {
+            (status::PROVISIONED, TRUE) if before.is_none_or(|b| b.status != TRUE) => {
+                ctx.event(table, EventType::Normal, "Provisioned", "Provision", condition.message.clone()).await;
+            }
+            (status::READY, TRUE) if was_false => {
+                ctx.event(table, EventType::Normal, "Recovered", "Reconcile", "the table is Ready again".into()).await;
+            }
+            (status::SECRETS_RESOLVED | status::BUDGET_RESOLVED, FALSE) => {
+                ctx.event(table, EventType::Warning, "ReferenceMissing", "Resolve", condition.message.clone()).await;
+            }
+            (status::PROVISIONED, FALSE) => {
+                ctx.event(table, EventType::Warning, "ApplyFailed", "Provision", condition.message.clone()).await;
+            }
+            _ => {}
+        }
+    }
+}

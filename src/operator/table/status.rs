@@ -1,0 +1,184 @@
+//! Pure status computation for an EnrichmentTable.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::common::{FALSE, TRUE, condition};
+use crate::api::{EnrichmentTable, EnrichmentTableStatus};
+
+pub const READY: &str = "Ready";
+pub const SECRETS_RESOLVED: &str = "SecretsResolved";
+pub const BUDGET_RESOLVED: &str = "BudgetResolved";
+pub const PROVISIONED: &str = "Provisioned";
+pub const WORKERS_AVAILABLE: &str = "WorkersAvailable";
+
+/// The path of the receiver endpoint Clay's HTTP API column calls.
+pub const CALLBACK_PATH: &str = "/v1/clay/callback";
+/// The path of the receiver's ingest endpoint.
+pub const INGEST_PATH: &str = "/v1/rows";
+
+/// What dereferencing the table's references found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct References {
+    /// None when the budget exists; otherwise why it is unusable.
+    pub budget_problem: Option<String>,
+    /// Human-readable problems with Secret references, empty when all resolve.
+    pub secret_problems: Vec<String>,
+}
+
+impl References {
+    pub fn resolved(&self) -> bool {
+        self.budget_problem.is_none() && self.secret_problems.is_empty()
+    }
+}
+
+/// Checks every Secret reference against the Secrets that exist, given as
+/// name → set of keys. Values are never looked at.
+pub fn secret_problems(
+    table: &EnrichmentTable,
+    existing: &BTreeMap<String, BTreeSet<String>>,
+) -> Vec<String> {
+    let mut problems = BTreeSet::new();
+    for reference in table.spec.secret_refs() {
+        match existing.get(&reference.name) {
+            None => {
+                problems.insert(format!("Secret {:?} not found", reference.name));
+            }
+            Some(keys) if !keys.contains(&reference.key) => {
+                problems.insert(format!(
+                    "Secret {:?} has no key {:?}",
+                    reference.name, reference.key
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    problems.into_iter().collect()
+}
+
+/// Desired and available replicas of a Deployment as applied.
+fn availability(deployment: &Deployment) -> (i32, i32) {
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let available = deployment
+        .status
+        .as_ref()
+        .and_then(|s| s.available_replicas)
+        .unwrap_or(0);
+    (desired, available)
+}
+
+/// The outcome of applying the children.
+pub enum Provisioning<'a> {
+    Applied { deployments: Vec<&'a Deployment> },
+    Failed(String),
+}
+
+/// Computes the table's status. Counters and credits are carried over from
+/// the current status: the data plane reports them, not this controller.
+pub fn compute(
+    table: &EnrichmentTable,
+    references: &References,
+    provisioning: &Provisioning<'_>,
+    now: Time,
+) -> EnrichmentTableStatus {
+    let current = table.status.clone().unwrap_or_default();
+    let generation = table.metadata.generation;
+    let namespace = table.metadata.namespace.clone().unwrap_or_default();
+    let name = table.metadata.name.clone().unwrap_or_default();
+    let previous = &current.conditions;
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        condition(
+            previous,
+            type_,
+            if ok { TRUE } else { FALSE },
+            reason,
+            message,
+            generation,
+            now.clone(),
+        )
+    };
+
+    let secrets = if references.secret_problems.is_empty() {
+        cond(SECRETS_RESOLVED, true, "SecretsFound", "every referenced Secret key exists".into())
+    } else {
+        cond(
+            SECRETS_RESOLVED,
+            false,
+            "SecretNotFound",
+            format!(
+                "{}; create them in namespace {namespace:?} (workloads stay scaled to zero until then)",
+                references.secret_problems.join("; ")
+            ),
+        )
+    };
+    let budget = match &references.budget_problem {
+        None => cond(
+            BUDGET_RESOLVED,
+            true,
+            "BudgetFound",
+            format!("drawing on CreditBudget {:?}", table.spec.budget_ref.name),
+        ),
+        Some(problem) => cond(BUDGET_RESOLVED, false, "BudgetNotFound", problem.clone()),
+    };
+    let (provisioned, workers) = match provisioning {
+        Provisioning::Failed(message) => (
+            cond(PROVISIONED, false, "ApplyFailed", message.clone()),
+            cond(WORKERS_AVAILABLE, false, "NotProvisioned", "children could not be applied".into()),
+        ),
+        Provisioning::Applied { deployments } => {
+            let provisioned = cond(
+                PROVISIONED,
+                true,
+                "ChildrenApplied",
+                "ServiceAccount, RBAC, Deployments and Service are applied".into(),
+            );
+            let short: Vec<String> = deployments
+                .iter()
+                .filter_map(|d| {
+                    let (desired, available) = availability(d);
+                    (available < desired).then(|| {
+                        format!(
+                            "{}: {available}/{desired} available",
+                            d.metadata.name.as_deref().unwrap_or_default()
+                        )
+                    })
+                })
+                .collect();
+            let scaled_down = !references.resolved();
+            let workers = if scaled_down {
+                cond(
+                    WORKERS_AVAILABLE,
+                    false,
+                    "ScaledToZero",
+                    "workloads are scaled to zero until references resolve".into(),
+                )
+            } else if short.is_empty() {
+                cond(WORKERS_AVAILABLE, true, "Available", "all worker and receiver replicas are available".into())
+            } else {
+                cond(WORKERS_AVAILABLE, false, "WaitingForPods", short.join(", "))
+            };
+            (provisioned, workers)
+        }
+    };
+
+    let parts = [&secrets, &budget, &provisioned, &workers];
+    let ready = match parts.iter().find(|c| c.status != TRUE) {
+        None => cond(READY, true, "Ready", "the pipeline is provisioned and available".into()),
+        Some(blocking) => cond(READY, false, &blocking.reason, blocking.message.clone()),
+    };
+    let receiver = super::build::receiver_url(&name, &namespace);
+    EnrichmentTableStatus {
+        observed_generation: generation,
+        conditions: vec![ready, secrets, budget, provisioned, workers],
+        callback_url: Some(format!("{receiver}{CALLBACK_PATH}")),
+        ingest_url: Some(format!("{receiver}{INGEST_PATH}")),
+        ..current
+    }
+}
+
