@@ -26,12 +26,18 @@ async fn custom_objects_round_trip_through_the_api_server() {
         "spec": {"limits": {"dataCredits": 2500.0}, "timeZone": "Europe/Berlin"}
     }))
     .unwrap();
-    budgets.create(&PostParams::default(), &budget).await.unwrap();
+    budgets
+        .create(&PostParams::default(), &budget)
+        .await
+        .unwrap();
 
     let stored = budgets.get("team-a").await.unwrap();
     assert_eq!(stored.spec.limits.data_credits, Some(2500.0));
     assert_eq!(stored.spec.time_zone, "Europe/Berlin");
-    assert!(stored.metadata.uid.is_some(), "the API server assigned a uid");
+    assert!(
+        stored.metadata.uid.is_some(),
+        "the API server assigned a uid"
+    );
 
     // Defaults are filled in by the API server from the CRD schema: read the
     // raw object so serde's own defaults cannot stand in for them.
@@ -89,30 +95,45 @@ async fn controller_manager_creates_replica_sets_and_collects_garbage() {
     let owned = ConfigMap {
         metadata: ObjectMeta {
             name: Some("owned-by-web".into()),
-            owner_references: Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-                api_version: "apps/v1".into(),
-                kind: "Deployment".into(),
-                name: "web".into(),
-                uid: owner_uid.clone(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            }]),
+            owner_references: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "apps/v1".into(),
+                    kind: "Deployment".into(),
+                    name: "web".into(),
+                    uid: owner_uid.clone(),
+                    controller: Some(true),
+                    block_owner_deletion: Some(true),
+                },
+            ]),
             ..Default::default()
         },
         ..Default::default()
     };
-    config_maps.create(&PostParams::default(), &owned).await.unwrap();
+    config_maps
+        .create(&PostParams::default(), &owned)
+        .await
+        .unwrap();
 
     deployments
         .delete("web", &DeleteParams::background())
         .await
         .unwrap();
     wait::until("garbage collection of the owned ConfigMap", || async {
-        config_maps.get_opt("owned-by-web").await.ok()?.is_none().then_some(())
+        config_maps
+            .get_opt("owned-by-web")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     wait::until("garbage collection of the ReplicaSet", || async {
-        replica_sets.get_opt(&rs_name).await.ok()?.is_none().then_some(())
+        replica_sets
+            .get_opt(&rs_name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
 }

@@ -255,7 +255,10 @@ pub struct RedisStreamSource {
 #[serde(rename_all = "camelCase")]
 pub struct KafkaConnection {
     /// Bootstrap brokers as `host:port`.
-    #[schemars(length(min = 1, max = 32), inner(regex(pattern = r"^[^:/\s]+:[0-9]{1,5}$"), length(max = 255)))]
+    #[schemars(
+        length(min = 1, max = 32),
+        inner(regex(pattern = r"^[^:/\s]+:[0-9]{1,5}$"), length(max = 255))
+    )]
     pub brokers: Vec<String>,
     /// Use TLS to the brokers.
     #[serde(default)]

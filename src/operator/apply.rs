@@ -26,7 +26,9 @@ where
         .ok_or_else(|| Error::NotNamespaced(object.name_any()))?;
     let api = Api::<K>::namespaced(client.clone(), &namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    Ok(api.patch(&object.name_any(), &params, &Patch::Apply(object)).await?)
+    Ok(api
+        .patch(&object.name_any(), &params, &Patch::Apply(object))
+        .await?)
 }
 
 /// Deletes objects of kind `K` matching `selector` whose names are not in `keep`.
@@ -66,5 +68,7 @@ where
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..Default::default()
     };
-    Ok(api.patch_status(name, &params, &Patch::Merge(&patch)).await?)
+    Ok(api
+        .patch_status(name, &params, &Patch::Merge(&patch))
+        .await?)
 }

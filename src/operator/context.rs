@@ -16,6 +16,8 @@ use super::table::build::BuildConfig;
 
 pub struct Context {
     pub client: Client,
+    /// Only objects in this namespace are watched; all namespaces when None.
+    pub watch_namespace: Option<String>,
     pub build: BuildConfig,
     pub metrics: Arc<OperatorMetrics>,
     recorder: Recorder,
@@ -28,7 +30,13 @@ const BACKOFF_BASE: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 impl Context {
-    pub fn new(client: Client, build: BuildConfig, metrics: Arc<OperatorMetrics>, instance: String) -> Self {
+    pub fn new(
+        client: Client,
+        watch_namespace: Option<String>,
+        build: BuildConfig,
+        metrics: Arc<OperatorMetrics>,
+        instance: String,
+    ) -> Self {
         let reporter = Reporter {
             controller: "kiln-operator".into(),
             instance: Some(instance),
@@ -36,9 +44,21 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            watch_namespace,
             build,
             metrics,
             failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// An Api over the watched namespace(s), for controllers and their watches.
+    pub fn watched<K>(&self) -> kube::Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.watch_namespace {
+            Some(namespace) => kube::Api::namespaced(self.client.clone(), namespace),
+            None => kube::Api::all(self.client.clone()),
         }
     }
 
@@ -79,14 +99,20 @@ impl Context {
 }
 
 /// Runs one reconciliation with metrics and backoff bookkeeping.
-pub async fn instrumented<K, F>(ctx: &Context, controller: &'static str, object: &K, reconcile: F) -> Result<Action>
+pub async fn instrumented<K, F>(
+    ctx: &Context,
+    controller: &'static str,
+    object: &K,
+    reconcile: F,
+) -> Result<Action>
 where
     K: Resource<DynamicType = ()> + kube::runtime::reflector::Lookup<DynamicType = ()>,
     F: std::future::Future<Output = Result<Action>>,
 {
     let started = std::time::Instant::now();
     let result = reconcile.await;
-    ctx.metrics.observe(controller, started.elapsed(), result.is_err());
+    ctx.metrics
+        .observe(controller, started.elapsed(), result.is_err());
     if result.is_ok() {
         ctx.reset_backoff(&ObjectRef::from_obj(object).to_string());
     }

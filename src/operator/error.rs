@@ -10,3 +10,14 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A one-line message for status conditions and events: the API server's
+    /// own message, without the debug dump of the response.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => status.message.clone(),
+            other => other.to_string(),
+        }
+    }
+}

@@ -17,13 +17,26 @@ pub const METRICS_PORT: i32 = 9090;
 pub const RECEIVER_PORT: i32 = 8080;
 
 /// Standard `app.kubernetes.io/*` labels plus the owner label.
-pub fn standard(instance: &str, component: &str, owner_label: (&str, &str)) -> BTreeMap<String, String> {
+pub fn standard(
+    instance: &str,
+    component: &str,
+    owner_label: (&str, &str),
+) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "kiln".to_string()),
-        ("app.kubernetes.io/instance".to_string(), instance.to_string()),
-        ("app.kubernetes.io/component".to_string(), component.to_string()),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            instance.to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            component.to_string(),
+        ),
         ("app.kubernetes.io/part-of".to_string(), "kiln".to_string()),
-        ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGED_BY.to_string(),
+        ),
         (owner_label.0.to_string(), owner_label.1.to_string()),
     ])
 }
@@ -31,7 +44,13 @@ pub fn standard(instance: &str, component: &str, owner_label: (&str, &str)) -> B
 /// The subset of [`standard`] used as a Deployment selector (immutable once created).
 pub fn selector(instance: &str, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/instance".to_string(), instance.to_string()),
-        ("app.kubernetes.io/component".to_string(), component.to_string()),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            instance.to_string(),
+        ),
+        (
+            "app.kubernetes.io/component".to_string(),
+            component.to_string(),
+        ),
     ])
 }

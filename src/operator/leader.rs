@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
+use kube::api::{Api, ObjectMeta, PostParams};
 
 /// Timing of the election.
 #[derive(Clone, Debug)]
@@ -40,7 +40,13 @@ pub struct LeaderElector {
 }
 
 impl LeaderElector {
-    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, timing: LeaseTiming) -> Self {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        timing: LeaseTiming,
+    ) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             name: name.to_string(),
@@ -91,7 +97,9 @@ impl LeaderElector {
 
     /// Gives the lease up so a standby can take over at once (on graceful shutdown).
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else { return };
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
         let spec = lease.spec.get_or_insert_with(Default::default);
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return;
@@ -99,7 +107,11 @@ impl LeaderElector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => tracing::info!(identity = %self.identity, "released leadership"),
             Err(error) => tracing::warn!(%error, "releasing the lease failed"),
         }
@@ -143,7 +155,11 @@ impl LeaderElector {
         spec.lease_duration_seconds = Some(duration_secs);
         spec.renew_time = Some(MicroTime(now));
         // `replace` carries the resourceVersion we read: a concurrent writer makes this a 409.
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(error) => Err(error),
@@ -156,8 +172,11 @@ fn expired(spec: &LeaseSpec, now: jiff::Timestamp) -> bool {
     if spec.holder_identity.as_deref().is_none_or(str::is_empty) {
         return true;
     }
-    let Some(renewed) = spec.renew_time.as_ref() else { return true };
-    let duration = jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
+    let Some(renewed) = spec.renew_time.as_ref() else {
+        return true;
+    };
+    let duration =
+        jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
     renewed.0 + duration < now
 }
 
@@ -165,7 +184,11 @@ fn expired(spec: &LeaseSpec, now: jiff::Timestamp) -> bool {
 mod tests {
     use super::*;
 
-    fn spec(holder: Option<&str>, renewed_secs_ago: i64, duration: i32) -> (LeaseSpec, jiff::Timestamp) {
+    fn spec(
+        holder: Option<&str>,
+        renewed_secs_ago: i64,
+        duration: i32,
+    ) -> (LeaseSpec, jiff::Timestamp) {
         let now: jiff::Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
         let renewed = now - jiff::SignedDuration::from_secs(renewed_secs_ago);
         (

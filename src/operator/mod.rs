@@ -27,10 +27,18 @@ use self::table::build::BuildConfig;
 #[derive(clap::Args, Clone, Debug)]
 pub struct OperatorArgs {
     /// Image for data-plane pods (worker, receiver, refresh) unless a table overrides it.
-    #[arg(long, env = "KILN_IMAGE", default_value = "ghcr.io/kiln-dev/kiln:latest")]
+    #[arg(
+        long,
+        env = "KILN_IMAGE",
+        default_value = "ghcr.io/kiln-dev/kiln:latest"
+    )]
     pub image: String,
     /// URL of this operator's reservation API as data-plane pods reach it.
-    #[arg(long, env = "KILN_OPERATOR_URL", default_value = "http://kiln-operator.kiln-system.svc:8443")]
+    #[arg(
+        long,
+        env = "KILN_OPERATOR_URL",
+        default_value = "http://kiln-operator.kiln-system.svc:8443"
+    )]
     pub operator_url: String,
     /// Namespace of the leader-election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "kiln-system")]
@@ -41,6 +49,9 @@ pub struct OperatorArgs {
     /// This replica's identity in the election; the pod name in a cluster.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Watch only this namespace (a namespace-scoped install); all namespaces when unset.
+    #[arg(long, env = "KILN_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub health_addr: SocketAddr,
@@ -61,7 +72,12 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(OperatorMetrics::register(&mut registry));
     let readiness = Readiness::default();
     let shutdown = shutdown_signal().shared();
-    let health = tokio::spawn(serve_health(args.health_addr, registry, readiness.clone(), shutdown.clone()));
+    let health = tokio::spawn(serve_health(
+        args.health_addr,
+        registry,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
 
     let elector = Arc::new(LeaderElector::new(
         client.clone(),
@@ -85,10 +101,18 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         default_image: args.image.clone(),
         operator_url: args.operator_url.clone(),
     };
-    let ctx = Arc::new(Context::new(client, build, metrics.clone(), identity.clone()));
+    let ctx = Arc::new(Context::new(
+        client,
+        args.watch_namespace.clone(),
+        build,
+        metrics.clone(),
+        identity.clone(),
+    ));
     let holder = elector.clone();
     let lost = async move { holder.hold().await }.boxed().shared();
-    let stop = futures::future::select(shutdown.clone(), lost.clone()).map(|_| ()).shared();
+    let stop = futures::future::select(shutdown.clone(), lost.clone())
+        .map(|_| ())
+        .shared();
     tokio::join!(
         table::run(ctx.clone(), stop.clone()),
         budget::run(ctx.clone(), stop.clone()),
@@ -98,7 +122,11 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     metrics.is_leader.set(0);
 
     if lost.now_or_never().is_some() {
-        anyhow::bail!("lost leadership of lease {}/{}", args.lease_namespace, args.lease_name);
+        anyhow::bail!(
+            "lost leadership of lease {}/{}",
+            args.lease_namespace,
+            args.lease_name
+        );
     }
     elector.release().await;
     health.await??;

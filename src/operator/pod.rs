@@ -80,7 +80,8 @@ pub fn kiln_container(spec: KilnContainer<'_>) -> Container {
         ports: Some(ports),
         volume_mounts: Some(mounts),
         resources: Some(ResourceRequirements {
-            requests: (!spec.resources.requests.is_empty()).then(|| spec.resources.requests.clone()),
+            requests: (!spec.resources.requests.is_empty())
+                .then(|| spec.resources.requests.clone()),
             limits: (!spec.resources.limits.is_empty()).then(|| spec.resources.limits.clone()),
             ..Default::default()
         }),

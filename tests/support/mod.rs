@@ -9,14 +9,14 @@ pub mod wait;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use tokio::sync::OnceCell;
 use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::OnceCell;
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kiln::devenv::controlplane::ControlPlane;
 use kiln::devenv::process;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 
 static CONTROL_PLANE: OnceCell<ControlPlane> = OnceCell::const_new();
 static WORKDIR: OnceLock<PathBuf> = OnceLock::new();
@@ -95,9 +95,11 @@ pub async fn install_kiln_crds(client: &kube::Client) {
             .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
         wait::until(&format!("CRD {name} established"), || async {
             let crd = api.get(&name).await.ok()?;
-            let established = crd.status?.conditions?.into_iter().any(|c| {
-                c.type_ == "Established" && c.status == "True"
-            });
+            let established = crd
+                .status?
+                .conditions?
+                .into_iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
             established.then_some(())
         })
         .await;
@@ -127,4 +129,67 @@ extern "C" fn stop_everything() {
     } else {
         let _ = std::fs::remove_dir_all(workdir);
     }
+}
+
+/// A `kiln` subprocess (operator, worker, ...) pointed at the test control plane.
+pub struct KilnProcess {
+    pub process: process::ManagedProcess,
+    pub health_port: u16,
+}
+
+impl KilnProcess {
+    /// GETs a path on the process's health server; None when unreachable.
+    pub async fn health_get(&self, path: &str) -> Option<(u16, String)> {
+        let url = format!("http://127.0.0.1:{}{path}", self.health_port);
+        let response = reqwest::get(url).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+}
+
+/// Starts `kiln operator` scoped to `namespace`, electing its leader on a Lease there.
+pub async fn start_operator(namespace: &str, identity: &str) -> KilnProcess {
+    let plane = control_plane().await;
+    let health_port = kiln::devenv::free_port().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .env("KUBECONFIG", plane.kubeconfig_path())
+        .env("RUST_LOG", "info,kiln=debug")
+        .args(["--log-format", "json", "operator"])
+        .args([
+            "--watch-namespace",
+            namespace,
+            "--lease-namespace",
+            namespace,
+        ])
+        .args(["--identity", identity, "--image", "kiln:test"])
+        .args([
+            "--operator-url",
+            "http://kiln-operator.kiln-system.svc:8443",
+        ])
+        .args(["--health-addr", &format!("127.0.0.1:{health_port}")]);
+    let process =
+        process::ManagedProcess::spawn(&format!("operator-{identity}"), command, work_dir())
+            .expect("starting kiln operator");
+    KilnProcess {
+        process,
+        health_port,
+    }
+}
+
+/// Waits until the object's condition of `type_` has `status`, returning the object.
+pub async fn wait_condition<K>(api: &Api<K>, name: &str, type_: &str, status: &str) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
+{
+    wait::until(&format!("{name} condition {type_}={status}"), || async {
+        let object = api.get(name).await.ok()?;
+        let value = serde_json::to_value(&object).ok()?;
+        let conditions = value["status"]["conditions"].as_array()?.clone();
+        conditions
+            .iter()
+            .any(|c| c["type"] == type_ && c["status"] == status)
+            .then_some(object)
+    })
+    .await
 }

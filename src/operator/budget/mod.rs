@@ -24,8 +24,11 @@ const CONTROLLER: &str = "creditbudget";
 const RESYNC: Duration = Duration::from_secs(300);
 
 /// Runs the controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let budgets = Api::<CreditBudget>::all(ctx.client.clone());
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let budgets = ctx.watched::<CreditBudget>();
     Controller::new(budgets, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -53,14 +56,33 @@ async fn reconcile_inner(budget: &CreditBudget, ctx: &Context) -> Result<Action>
         let old = budget.status.clone().unwrap_or_default();
         for type_ in [status::WARNING, status::EXHAUSTED] {
             let was = find_condition(&old.conditions, type_).is_some_and(|c| c.status == TRUE);
-            if let Some(now_true) = find_condition(&new_status.conditions, type_).filter(|c| c.status == TRUE && !was) {
-                ctx.event(budget, EventType::Warning, &now_true.reason, "Account", now_true.message.clone()).await;
+            if let Some(now_true) =
+                find_condition(&new_status.conditions, type_).filter(|c| c.status == TRUE && !was)
+            {
+                ctx.event(
+                    budget,
+                    EventType::Warning,
+                    &now_true.reason,
+                    "Account",
+                    now_true.message.clone(),
+                )
+                .await;
             }
         }
-        if let Some(ready) = find_condition(&new_status.conditions, status::READY).filter(|c| c.reason == "InvalidTimeZone") {
-            let was_invalid = find_condition(&old.conditions, status::READY).is_some_and(|c| c.reason == "InvalidTimeZone");
+        if let Some(ready) = find_condition(&new_status.conditions, status::READY)
+            .filter(|c| c.reason == "InvalidTimeZone")
+        {
+            let was_invalid = find_condition(&old.conditions, status::READY)
+                .is_some_and(|c| c.reason == "InvalidTimeZone");
             if !was_invalid {
-                ctx.event(budget, EventType::Warning, "InvalidTimeZone", "Validate", ready.message.clone()).await;
+                ctx.event(
+                    budget,
+                    EventType::Warning,
+                    "InvalidTimeZone",
+                    "Validate",
+                    ready.message.clone(),
+                )
+                .await;
             }
         }
     }
@@ -70,5 +92,7 @@ async fn reconcile_inner(budget: &CreditBudget, ctx: &Context) -> Result<Action>
         .as_ref()
         .and_then(|end| Duration::try_from(end.0.duration_since(now)).ok())
         .unwrap_or(RESYNC);
-    Ok(Action::requeue(until_end.clamp(Duration::from_secs(1), RESYNC)))
+    Ok(Action::requeue(
+        until_end.clamp(Duration::from_secs(1), RESYNC),
+    ))
 }

@@ -5,7 +5,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::period;
-use crate::api::budget::{BudgetState, BreakerState, PeriodUsage};
+use crate::api::budget::{BreakerState, BudgetState, PeriodUsage};
 use crate::api::common::{FALSE, TRUE, condition};
 use crate::api::table::CreditCost;
 use crate::api::{CreditBudget, CreditBudgetStatus};
@@ -24,7 +24,15 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
     let previous = status.conditions.clone();
     let now_time = Time::from(now);
     let cond = |type_: &str, ok: bool, reason: &str, message: String| {
-        condition(&previous, type_, if ok { TRUE } else { FALSE }, reason, message, generation, now_time.clone())
+        condition(
+            &previous,
+            type_,
+            if ok { TRUE } else { FALSE },
+            reason,
+            message,
+            generation,
+            now_time.clone(),
+        )
     };
     status.observed_generation = generation;
 
@@ -39,7 +47,9 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
     let recorded_start = status.period_start.as_ref().map(|t| t.0);
     if recorded_start.is_some_and(|s| s != start) {
         // Rollover: archive the finished period, newest first.
-        if let (Some(old_start), Some(old_end)) = (status.period_start.clone(), status.period_end.clone()) {
+        if let (Some(old_start), Some(old_end)) =
+            (status.period_start.clone(), status.period_end.clone())
+        {
             status.history.insert(
                 0,
                 PeriodUsage {
@@ -61,7 +71,9 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
     let action_limit = spec.limits.actions;
     status.remaining = CreditCost {
         data_credits: data_limit
-            .map(|l| (l - committed(status.used.data_credits, status.reserved.data_credits)).max(0.0))
+            .map(|l| {
+                (l - committed(status.used.data_credits, status.reserved.data_credits)).max(0.0)
+            })
             .unwrap_or(0.0),
         actions: action_limit
             .map(|l| l.saturating_sub(status.used.actions + status.reserved.actions))
@@ -96,20 +108,58 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
     };
 
     let ready = if spec.paused {
-        cond(READY, false, "Paused", "spec.paused is true: no credits are granted".into())
+        cond(
+            READY,
+            false,
+            "Paused",
+            "spec.paused is true: no credits are granted".into(),
+        )
     } else if exhausted {
-        cond(READY, false, "Exhausted", format!("the limit is reached until the period ends at {end}"))
+        cond(
+            READY,
+            false,
+            "Exhausted",
+            format!("the limit is reached until the period ends at {end}"),
+        )
     } else {
-        cond(READY, true, "Active", format!("{}% used this period", status.percent_used))
+        cond(
+            READY,
+            true,
+            "Active",
+            format!("{}% used this period", status.percent_used),
+        )
     };
     let exhausted_condition = if exhausted {
-        cond(EXHAUSTED, true, "LimitReached", format!("tables behave per onExhausted={:?} until {end}", spec.on_exhausted))
+        cond(
+            EXHAUSTED,
+            true,
+            "LimitReached",
+            format!(
+                "tables behave per onExhausted={:?} until {end}",
+                spec.on_exhausted
+            ),
+        )
     } else {
-        cond(EXHAUSTED, false, "WithinLimit", "credits remain this period".into())
+        cond(
+            EXHAUSTED,
+            false,
+            "WithinLimit",
+            "credits remain this period".into(),
+        )
     };
     let warning = match crossed {
-        Some(threshold) => cond(WARNING, true, "ThresholdCrossed", format!("{threshold}% warning threshold crossed this period")),
-        None => cond(WARNING, false, "BelowThresholds", "no warning threshold crossed this period".into()),
+        Some(threshold) => cond(
+            WARNING,
+            true,
+            "ThresholdCrossed",
+            format!("{threshold}% warning threshold crossed this period"),
+        ),
+        None => cond(
+            WARNING,
+            false,
+            "BelowThresholds",
+            "no warning threshold crossed this period".into(),
+        ),
     };
     status.conditions = vec![ready, exhausted_condition, warning];
     status

@@ -16,15 +16,20 @@ pub fn cronjob_name(schedule: &str) -> String {
 
 /// Parses the schedule and time zone and returns the next run after `now`,
 /// or a message a human can act on.
-pub fn next_run(schedule: &RefreshSchedule, now: jiff::Timestamp) -> Result<jiff::Timestamp, String> {
-    let cron: croner::Cron = schedule
-        .spec
-        .schedule
-        .parse()
-        .map_err(|e| format!("schedule {:?} is not a valid cron expression: {e}", schedule.spec.schedule))?;
+pub fn next_run(
+    schedule: &RefreshSchedule,
+    now: jiff::Timestamp,
+) -> Result<jiff::Timestamp, String> {
+    let cron: croner::Cron = schedule.spec.schedule.parse().map_err(|e| {
+        format!(
+            "schedule {:?} is not a valid cron expression: {e}",
+            schedule.spec.schedule
+        )
+    })?;
     let tz_name = schedule.spec.time_zone.as_deref().unwrap_or("UTC");
-    let tz = jiff::tz::TimeZone::get(tz_name)
-        .map_err(|_| format!("unknown time zone {tz_name:?}; use an IANA name such as Europe/Berlin"))?;
+    let tz = jiff::tz::TimeZone::get(tz_name).map_err(|_| {
+        format!("unknown time zone {tz_name:?}; use an IANA name such as Europe/Berlin")
+    })?;
     cron.find_next_occurrence(&now.to_zoned(tz), false)
         .map(|z| z.timestamp())
         .map_err(|e| format!("schedule {:?} never fires: {e}", schedule.spec.schedule))
@@ -33,7 +38,12 @@ pub fn next_run(schedule: &RefreshSchedule, now: jiff::Timestamp) -> Result<jiff
 /// The CronJob that runs `kiln refresh --schedule NS/NAME`. It runs as the
 /// table's ServiceAccount (which may read the table, its Secrets and its
 /// schedules) and is suspended while `run` is false (e.g. the table is missing).
-pub fn desired_cronjob(schedule: &RefreshSchedule, image: Option<&str>, config: &BuildConfig, run: bool) -> CronJob {
+pub fn desired_cronjob(
+    schedule: &RefreshSchedule,
+    image: Option<&str>,
+    config: &BuildConfig,
+    run: bool,
+) -> CronJob {
     let name = schedule.name_any();
     let namespace = schedule.namespace().unwrap_or_default();
     let owner = schedule
@@ -44,7 +54,11 @@ pub fn desired_cronjob(schedule: &RefreshSchedule, image: Option<&str>, config: 
     let container = kiln_container(KilnContainer {
         name: "refresh",
         image: image.unwrap_or(&config.default_image),
-        args: vec!["refresh".into(), "--schedule".into(), format!("{namespace}/{name}")],
+        args: vec![
+            "refresh".into(),
+            "--schedule".into(),
+            format!("{namespace}/{name}"),
+        ],
         resources: &Default::default(),
         extra_env: vec![k8s_openapi::api::core::v1::EnvVar {
             name: "KILN_OPERATOR_URL".into(),

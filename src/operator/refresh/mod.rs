@@ -32,25 +32,33 @@ pub const TABLE_RESOLVED: &str = "TableResolved";
 pub const PROVISIONED: &str = "Provisioned";
 
 /// Runs the controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let client = ctx.client.clone();
-    let controller = Controller::new(Api::<RefreshSchedule>::all(client.clone()), watcher::Config::default());
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let controller = Controller::new(ctx.watched::<RefreshSchedule>(), watcher::Config::default());
     let store = controller.store();
     controller
         .owns(
-            Api::<CronJob>::all(client.clone()),
-            watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY},{SCHEDULE_LABEL}")),
+            ctx.watched::<CronJob>(),
+            watcher::Config::default().labels(&format!(
+                "app.kubernetes.io/managed-by={MANAGED_BY},{SCHEDULE_LABEL}"
+            )),
         )
-        .watches(Api::<EnrichmentTable>::all(client), watcher::Config::default(), move |table| {
-            let namespace = table.namespace();
-            let name = table.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|s| s.namespace() == namespace && s.spec.table_ref.name == name)
-                .map(|s| ObjectRef::from_obj(&*s))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            ctx.watched::<EnrichmentTable>(),
+            watcher::Config::default(),
+            move |table| {
+                let namespace = table.namespace();
+                let name = table.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|s| s.namespace() == namespace && s.spec.table_ref.name == name)
+                    .map(|s| ObjectRef::from_obj(&*s))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -62,7 +70,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 }
 
 async fn reconcile(schedule: Arc<RefreshSchedule>, ctx: Arc<Context>) -> Result<Action> {
-    instrumented(&ctx, CONTROLLER, &*schedule, reconcile_inner(&schedule, &ctx)).await
+    instrumented(
+        &ctx,
+        CONTROLLER,
+        &*schedule,
+        reconcile_inner(&schedule, &ctx),
+    )
+    .await
 }
 
 async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Action> {
@@ -75,7 +89,15 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
     let previous = current.conditions.clone();
     let generation = schedule.metadata.generation;
     let cond = |type_: &str, ok: bool, reason: &str, message: String| {
-        condition(&previous, type_, if ok { TRUE } else { FALSE }, reason, message, generation, now_time.clone())
+        condition(
+            &previous,
+            type_,
+            if ok { TRUE } else { FALSE },
+            reason,
+            message,
+            generation,
+            now_time.clone(),
+        )
     };
 
     let table_name = &schedule.spec.table_ref.name;
@@ -83,19 +105,31 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         .get_opt(table_name)
         .await?;
     let table_condition = match &table {
-        Some(_) => cond(TABLE_RESOLVED, true, "TableFound", format!("refreshing EnrichmentTable {table_name:?}")),
+        Some(_) => cond(
+            TABLE_RESOLVED,
+            true,
+            "TableFound",
+            format!("refreshing EnrichmentTable {table_name:?}"),
+        ),
         None => cond(
             TABLE_RESOLVED,
             false,
             "TableNotFound",
-            format!("EnrichmentTable {table_name:?} not found in namespace {namespace:?}; runs are suspended until it exists"),
+            format!(
+                "EnrichmentTable {table_name:?} not found in namespace {namespace:?}; runs are suspended until it exists"
+            ),
         ),
     };
     let next = build::next_run(schedule, now);
     let (schedule_condition, provisioned, cronjob) = match &next {
         Err(message) => (
             cond(SCHEDULE_VALID, false, "InvalidSchedule", message.clone()),
-            cond(PROVISIONED, false, "InvalidSchedule", "no CronJob is created for an invalid schedule".into()),
+            cond(
+                PROVISIONED,
+                false,
+                "InvalidSchedule",
+                "no CronJob is created for an invalid schedule".into(),
+            ),
             None,
         ),
         Ok(_) => {
@@ -103,8 +137,18 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
             let desired = build::desired_cronjob(schedule, image, &ctx.build, table.is_some());
             let applied = apply(&ctx.client, &desired).await?;
             (
-                cond(SCHEDULE_VALID, true, "Valid", "the schedule and time zone parse".into()),
-                cond(PROVISIONED, true, "CronJobApplied", format!("CronJob {:?} is applied", applied.name_any())),
+                cond(
+                    SCHEDULE_VALID,
+                    true,
+                    "Valid",
+                    "the schedule and time zone parse".into(),
+                ),
+                cond(
+                    PROVISIONED,
+                    true,
+                    "CronJobApplied",
+                    format!("CronJob {:?} is applied", applied.name_any()),
+                ),
                 Some(applied),
             )
         }
@@ -114,13 +158,20 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         None => cond(READY, true, "Ready", "runs on schedule".into()),
         Some(blocking) => cond(READY, false, &blocking.reason, blocking.message.clone()),
     };
-    let cron_status = cronjob.as_ref().and_then(|c| c.status.clone()).unwrap_or_default();
+    let cron_status = cronjob
+        .as_ref()
+        .and_then(|c| c.status.clone())
+        .unwrap_or_default();
     let suspended = schedule.spec.suspend || table.is_none();
     let new_status = RefreshScheduleStatus {
         observed_generation: generation,
         conditions: vec![ready, schedule_condition, table_condition, provisioned],
-        last_schedule_time: cron_status.last_schedule_time.or(current.last_schedule_time.clone()),
-        last_successful_time: cron_status.last_successful_time.or(current.last_successful_time.clone()),
+        last_schedule_time: cron_status
+            .last_schedule_time
+            .or(current.last_schedule_time.clone()),
+        last_successful_time: cron_status
+            .last_successful_time
+            .or(current.last_successful_time.clone()),
         next_schedule_time: match (&next, suspended) {
             (Ok(at), false) => Some(at.to_string()),
             _ => None,
@@ -133,8 +184,17 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         patch_status(&api, &schedule.name_any(), &new_status).await?;
         for type_ in [SCHEDULE_VALID, TABLE_RESOLVED] {
             let was_false = find_condition(&previous, type_).is_some_and(|c| c.status == FALSE);
-            if let Some(c) = find_condition(&new_status.conditions, type_).filter(|c| c.status == FALSE && !was_false) {
-                ctx.event(schedule, EventType::Warning, &c.reason, "Validate", c.message.clone()).await;
+            if let Some(c) = find_condition(&new_status.conditions, type_)
+                .filter(|c| c.status == FALSE && !was_false)
+            {
+                ctx.event(
+                    schedule,
+                    EventType::Warning,
+                    &c.reason,
+                    "Validate",
+                    c.message.clone(),
+                )
+                .await;
             }
         }
     }
@@ -144,5 +204,7 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         .and_then(|at| Duration::try_from(at.duration_since(now)).ok())
         .map(|d| d + Duration::from_secs(5))
         .unwrap_or(RESYNC);
-    Ok(Action::requeue(until_next.clamp(Duration::from_secs(5), RESYNC)))
+    Ok(Action::requeue(
+        until_next.clamp(Duration::from_secs(5), RESYNC),
+    ))
 }

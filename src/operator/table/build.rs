@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     ContainerPort, EnvVar, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, PodTemplateSpec, Service, ServiceAccount, ServicePort,
@@ -13,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::api::table::Tier;
 use crate::api::EnrichmentTable;
+use crate::api::table::Tier;
 use crate::operator::labels::{self, RECEIVER_PORT, TABLE_LABEL};
 use crate::operator::pod::{KilnContainer, kiln_container, restricted_pod_spec};
 
@@ -135,7 +137,11 @@ pub fn desired_children(
             meta(worker_name(&name), "worker"),
             &name,
             "worker",
-            if run_workloads { table.spec.workers.replicas } else { 0 },
+            if run_workloads {
+                table.spec.workers.replicas
+            } else {
+                0
+            },
             restricted_pod_spec(&sa_name, vec![container], vec![], None),
             None,
         )
@@ -185,7 +191,17 @@ pub fn desired_children(
             }),
         )
     } else {
-        (table.spec.receiver.replicas, None)
+        // Explicit, so that applying Recreate later also removes rollingUpdate.
+        (
+            table.spec.receiver.replicas,
+            Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+        )
     };
     let receiver = deployment(
         meta(receiver_name(&name), "receiver"),
@@ -309,4 +325,3 @@ fn deployment(
         ..Default::default()
     }
 }
-

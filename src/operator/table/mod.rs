@@ -35,22 +35,26 @@ const RESYNC: Duration = Duration::from_secs(300);
 const WAITING_RESYNC: Duration = Duration::from_secs(30);
 
 /// Runs the controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let client = ctx.client.clone();
-    let tables = Api::<EnrichmentTable>::all(client.clone());
-    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY},{TABLE_LABEL}"));
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let tables = ctx.watched::<EnrichmentTable>();
+    let owned = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={MANAGED_BY},{TABLE_LABEL}"
+    ));
     let controller = Controller::new(tables, watcher::Config::default());
     let store = controller.store();
     let budget_store = store.clone();
     controller
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
-        .owns(Api::<Role>::all(client.clone()), owned.clone())
-        .owns(Api::<RoleBinding>::all(client.clone()), owned.clone())
-        .owns(Api::<PersistentVolumeClaim>::all(client.clone()), owned)
+        .owns(ctx.watched::<Deployment>(), owned.clone())
+        .owns(ctx.watched::<Service>(), owned.clone())
+        .owns(ctx.watched::<ServiceAccount>(), owned.clone())
+        .owns(ctx.watched::<Role>(), owned.clone())
+        .owns(ctx.watched::<RoleBinding>(), owned.clone())
+        .owns(ctx.watched::<PersistentVolumeClaim>(), owned)
         .watches(
-            Api::<CreditBudget>::all(client.clone()),
+            ctx.watched::<CreditBudget>(),
             watcher::Config::default(),
             move |budget| {
                 let namespace = budget.namespace();
@@ -64,7 +68,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             },
         )
         .watches(
-            Api::<Secret>::all(client),
+            ctx.watched::<Secret>(),
             watcher::Config::default(),
             move |secret| {
                 let namespace = secret.namespace();
@@ -103,11 +107,20 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
         Ok(deployments) => Provisioning::Applied {
             deployments: deployments.iter().collect(),
         },
-        Err(error) => Provisioning::Failed(error.to_string()),
+        Err(error) => Provisioning::Failed(error.message()),
     };
 
-    let new_status = status::compute(table, &references, &provisioning, Time::from(jiff::Timestamp::now()));
-    let old_conditions = table.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    let new_status = status::compute(
+        table,
+        &references,
+        &provisioning,
+        Time::from(jiff::Timestamp::now()),
+    );
+    let old_conditions = table
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
     if table.status.as_ref() != Some(&new_status) {
         let api = Api::<EnrichmentTable>::namespaced(ctx.client.clone(), &namespace);
         patch_status(&api, &table.name_any(), &new_status).await?;
@@ -115,13 +128,18 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     }
     // Status says why provisioning failed; the error itself drives the backoff.
     applied?;
-    let ready = find_condition(&new_status.conditions, status::READY).is_some_and(|c| c.status == TRUE);
+    let ready =
+        find_condition(&new_status.conditions, status::READY).is_some_and(|c| c.status == TRUE);
     Ok(Action::requeue(if ready { RESYNC } else { WAITING_RESYNC }))
 }
 
 /// Looks up the budget and Secrets the table names. Secret values are never
 /// read into memory beyond the key names.
-async fn dereference(client: &Client, table: &EnrichmentTable, namespace: &str) -> Result<References> {
+async fn dereference(
+    client: &Client,
+    table: &EnrichmentTable,
+    namespace: &str,
+) -> Result<References> {
     let budget_name = &table.spec.budget_ref.name;
     let budget = Api::<CreditBudget>::namespaced(client.clone(), namespace)
         .get_opt(budget_name)
@@ -188,23 +206,52 @@ async fn publish_transitions(
 ) {
     for condition in new {
         let before = find_condition(old, &condition.type_);
-        let changed = before.is_none_or(|b| b.status != condition.status || b.reason != condition.reason);
+        let changed =
+            before.is_none_or(|b| b.status != condition.status || b.reason != condition.reason);
         if !changed {
             continue;
         }
         let was_false = before.is_some_and(|b| b.status == FALSE);
         match (condition.type_.as_str(), condition.status.as_str()) {
             (status::PROVISIONED, TRUE) if before.is_none_or(|b| b.status != TRUE) => {
-                ctx.event(table, EventType::Normal, "Provisioned", "Provision", condition.message.clone()).await;
+                ctx.event(
+                    table,
+                    EventType::Normal,
+                    "Provisioned",
+                    "Provision",
+                    condition.message.clone(),
+                )
+                .await;
             }
             (status::READY, TRUE) if was_false => {
-                ctx.event(table, EventType::Normal, "Recovered", "Reconcile", "the table is Ready again".into()).await;
+                ctx.event(
+                    table,
+                    EventType::Normal,
+                    "Recovered",
+                    "Reconcile",
+                    "the table is Ready again".into(),
+                )
+                .await;
             }
             (status::SECRETS_RESOLVED | status::BUDGET_RESOLVED, FALSE) => {
-                ctx.event(table, EventType::Warning, "ReferenceMissing", "Resolve", condition.message.clone()).await;
+                ctx.event(
+                    table,
+                    EventType::Warning,
+                    "ReferenceMissing",
+                    "Resolve",
+                    condition.message.clone(),
+                )
+                .await;
             }
             (status::PROVISIONED, FALSE) => {
-                ctx.event(table, EventType::Warning, "ApplyFailed", "Provision", condition.message.clone()).await;
+                ctx.event(
+                    table,
+                    EventType::Warning,
+                    "ApplyFailed",
+                    "Provision",
+                    condition.message.clone(),
+                )
+                .await;
             }
             _ => {}
         }

@@ -105,7 +105,12 @@ pub fn compute(
     };
 
     let secrets = if references.secret_problems.is_empty() {
-        cond(SECRETS_RESOLVED, true, "SecretsFound", "every referenced Secret key exists".into())
+        cond(
+            SECRETS_RESOLVED,
+            true,
+            "SecretsFound",
+            "every referenced Secret key exists".into(),
+        )
     } else {
         cond(
             SECRETS_RESOLVED,
@@ -129,7 +134,12 @@ pub fn compute(
     let (provisioned, workers) = match provisioning {
         Provisioning::Failed(message) => (
             cond(PROVISIONED, false, "ApplyFailed", message.clone()),
-            cond(WORKERS_AVAILABLE, false, "NotProvisioned", "children could not be applied".into()),
+            cond(
+                WORKERS_AVAILABLE,
+                false,
+                "NotProvisioned",
+                "children could not be applied".into(),
+            ),
         ),
         Provisioning::Applied { deployments } => {
             let provisioned = cond(
@@ -159,7 +169,12 @@ pub fn compute(
                     "workloads are scaled to zero until references resolve".into(),
                 )
             } else if short.is_empty() {
-                cond(WORKERS_AVAILABLE, true, "Available", "all worker and receiver replicas are available".into())
+                cond(
+                    WORKERS_AVAILABLE,
+                    true,
+                    "Available",
+                    "all worker and receiver replicas are available".into(),
+                )
             } else {
                 cond(WORKERS_AVAILABLE, false, "WaitingForPods", short.join(", "))
             };
@@ -169,7 +184,12 @@ pub fn compute(
 
     let parts = [&secrets, &budget, &provisioned, &workers];
     let ready = match parts.iter().find(|c| c.status != TRUE) {
-        None => cond(READY, true, "Ready", "the pipeline is provisioned and available".into()),
+        None => cond(
+            READY,
+            true,
+            "Ready",
+            "the pipeline is provisioned and available".into(),
+        ),
         Some(blocking) => cond(READY, false, &blocking.reason, blocking.message.clone()),
     };
     let receiver = super::build::receiver_url(&name, &namespace);
@@ -181,4 +201,3 @@ pub fn compute(
         ..current
     }
 }
-
