@@ -164,3 +164,88 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
     status.conditions = vec![ready, exhausted_condition, warning];
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::find_condition;
+    use serde_json::json;
+
+    fn budget(status: serde_json::Value) -> CreditBudget {
+        serde_json::from_value(json!({
+            "apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget",
+            "metadata": {"name": "b", "namespace": "sales", "generation": 1},
+            "spec": {"limits": {"dataCredits": 1000.0, "actions": 100}, "warningThresholds": [75, 90], "historyLimit": 2},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_tighter_meter_decides_the_state() {
+        // 40% of data credits but 92% of actions: Warning, from the actions meter.
+        let b = budget(json!({
+            "periodStart": "2026-11-01T00:00:00Z", "periodEnd": "2026-12-01T00:00:00Z",
+            "used": {"dataCredits": 300.0, "actions": 80}, "reserved": {"dataCredits": 100.0, "actions": 12}
+        }));
+        let status = compute(&b, at("2026-11-27T12:00:00Z"));
+        assert_eq!(status.percent_used, 92);
+        assert_eq!(status.state, BudgetState::Warning);
+        assert_eq!(status.remaining.data_credits, 600.0);
+        assert_eq!(status.remaining.actions, 8);
+        let warning = find_condition(&status.conditions, WARNING).unwrap();
+        assert!(warning.message.starts_with("90%"), "{}", warning.message);
+    }
+
+    #[test]
+    fn reaching_a_limit_exhausts_the_budget() {
+        let b = budget(json!({
+            "periodStart": "2026-11-01T00:00:00Z", "periodEnd": "2026-12-01T00:00:00Z",
+            "used": {"dataCredits": 1000.0, "actions": 10}
+        }));
+        let status = compute(&b, at("2026-11-27T12:00:00Z"));
+        assert_eq!(status.state, BudgetState::Exhausted);
+        assert_eq!(status.remaining.data_credits, 0.0);
+        assert_eq!(
+            find_condition(&status.conditions, READY).unwrap().reason,
+            "Exhausted"
+        );
+    }
+
+    #[test]
+    fn rollover_archives_the_period_and_resets_usage() {
+        let b = budget(json!({
+            "periodStart": "2026-10-01T00:00:00Z", "periodEnd": "2026-11-01T00:00:00Z",
+            "used": {"dataCredits": 1000.0, "actions": 100},
+            "tables": [{"table": "leads", "used": {"dataCredits": 1000.0, "actions": 100}}],
+            "history": [
+                {"periodStart": "2026-09-01T00:00:00Z", "periodEnd": "2026-10-01T00:00:00Z", "used": {"dataCredits": 5.0, "actions": 1}},
+                {"periodStart": "2026-08-01T00:00:00Z", "periodEnd": "2026-09-01T00:00:00Z", "used": {"dataCredits": 6.0, "actions": 1}}
+            ]
+        }));
+        let status = compute(&b, at("2026-11-01T00:00:01Z"));
+        assert_eq!(status.used, CreditCost::default());
+        assert!(status.tables.is_empty());
+        assert_eq!(status.state, BudgetState::Active);
+        assert_eq!(status.history.len(), 2, "historyLimit is honoured");
+        assert_eq!(status.history[0].used.data_credits, 1000.0);
+        assert_eq!(status.history[1].used.data_credits, 5.0);
+        assert_eq!(status.period_start.unwrap().0, at("2026-11-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn paused_wins_over_everything() {
+        let mut b = budget(json!({}));
+        b.spec.paused = true;
+        let status = compute(&b, at("2026-11-27T12:00:00Z"));
+        assert_eq!(status.state, BudgetState::Paused);
+        assert_eq!(
+            find_condition(&status.conditions, READY).unwrap().reason,
+            "Paused"
+        );
+    }
+}

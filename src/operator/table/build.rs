@@ -325,3 +325,127 @@ fn deployment(
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A Queue table as the API server would return it (name, namespace, uid, generation).
+    pub(crate) fn queue_table() -> EnrichmentTable {
+        serde_json::from_value(json!({
+            "apiVersion": "kiln.dev/v1alpha1",
+            "kind": "EnrichmentTable",
+            "metadata": {"name": "leads", "namespace": "sales", "uid": "u-1", "generation": 3},
+            "spec": {
+                "tier": "Queue",
+                "key": "email",
+                "budgetRef": {"name": "b"},
+                "clay": {
+                    "webhookSources": [
+                        {"name": "a", "urlSecretRef": {"name": "clay", "key": "url-a"}, "authTokenSecretRef": {"name": "clay", "key": "token"}},
+                        {"name": "b", "urlSecretRef": {"name": "clay-2", "key": "url"}}
+                    ],
+                    "creditsPerRow": {"dataCredits": 2.0},
+                    "callbackTokenSecretRef": {"name": "callback", "key": "token"}
+                },
+                "source": {"redisStream": {"stream": "in"}},
+                "sink": {"http": {"urlTemplate": "https://crm/{email}", "headersSecretName": "crm-headers"}},
+                "deadLetter": {"redisStream": {"stream": "dead"}},
+                "redis": {"urlSecretRef": {"name": "redis", "key": "url"}},
+                "workers": {"replicas": 4}
+            }
+        }))
+        .unwrap()
+    }
+
+    fn config() -> BuildConfig {
+        BuildConfig {
+            default_image: "kiln:1".into(),
+            operator_url: "http://op:8443".into(),
+        }
+    }
+
+    #[test]
+    fn queue_table_gets_worker_receiver_service_and_rbac() {
+        let children = desired_children(&queue_table(), &config(), true);
+        let worker = children.worker.expect("Queue tables have workers");
+        assert_eq!(worker.metadata.name.as_deref(), Some("leads-worker"));
+        assert_eq!(worker.spec.as_ref().unwrap().replicas, Some(4));
+        assert!(children.store.is_none());
+        let owner = &children.service.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.uid.as_str(), owner.controller), ("u-1", Some(true)));
+        let secret_rule = children
+            .role
+            .rules
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|r| r.resources == Some(vec!["secrets".into()]))
+            .unwrap();
+        assert_eq!(
+            secret_rule.resource_names.clone().unwrap(),
+            vec!["callback", "clay", "clay-2", "crm-headers", "redis"]
+        );
+        assert_eq!(
+            children.role_binding.subjects.unwrap()[0].name,
+            "kiln-leads"
+        );
+    }
+
+    #[test]
+    fn pods_meet_the_restricted_profile() {
+        let children = desired_children(&queue_table(), &config(), true);
+        for deployment in [children.worker.unwrap(), children.receiver] {
+            let pod = deployment.spec.unwrap().template.spec.unwrap();
+            let pod_security = pod.security_context.unwrap();
+            assert_eq!(pod_security.run_as_non_root, Some(true));
+            assert_eq!(
+                pod_security.seccomp_profile.unwrap().type_,
+                "RuntimeDefault"
+            );
+            for container in pod.containers {
+                let security = container.security_context.unwrap();
+                assert_eq!(security.allow_privilege_escalation, Some(false));
+                assert_eq!(security.read_only_root_filesystem, Some(true));
+                assert_eq!(
+                    security.capabilities.unwrap().drop,
+                    Some(vec!["ALL".into()])
+                );
+                let env = container.env.unwrap();
+                assert!(env.iter().any(|e| e.name == "KILN_OPERATOR_URL"
+                    && e.value.as_deref() == Some("http://op:8443")));
+            }
+        }
+    }
+
+    #[test]
+    fn unresolved_references_scale_workloads_to_zero() {
+        let children = desired_children(&queue_table(), &config(), false);
+        assert_eq!(children.worker.unwrap().spec.unwrap().replicas, Some(0));
+        assert_eq!(children.receiver.spec.unwrap().replicas, Some(0));
+    }
+
+    #[test]
+    fn direct_table_has_one_recreate_receiver_with_a_store_and_no_worker() {
+        let mut table = queue_table();
+        table.spec.tier = Tier::Direct;
+        table.spec.receiver.replicas = 3;
+        table.spec.image = Some("kiln:override".into());
+        let children = desired_children(&table, &config(), true);
+        assert!(children.worker.is_none());
+        let store = children.store.expect("Direct tables get a store");
+        assert_eq!(store.metadata.name.as_deref(), Some("leads-store"));
+        let spec = children.receiver.spec.unwrap();
+        assert_eq!(
+            spec.replicas,
+            Some(1),
+            "the embedded store allows one writer"
+        );
+        assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.containers[0].image.as_deref(), Some("kiln:override"));
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[1];
+        assert_eq!(mount.mount_path, STORE_MOUNT_PATH);
+    }
+}

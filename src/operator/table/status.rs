@@ -201,3 +201,98 @@ pub fn compute(
         ..current
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::find_condition;
+    use crate::operator::table::build::tests::queue_table;
+
+    fn keys(entries: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
+        entries
+            .iter()
+            .map(|(name, keys)| {
+                (
+                    name.to_string(),
+                    keys.iter().map(|k| k.to_string()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn now() -> Time {
+        Time::from("2026-11-27T12:00:00Z".parse::<jiff::Timestamp>().unwrap())
+    }
+
+    #[test]
+    fn missing_secrets_and_keys_are_named() {
+        let existing = keys(&[
+            ("clay", &["url-a"]),
+            ("callback", &["token"]),
+            ("redis", &["url"]),
+        ]);
+        let problems = secret_problems(&queue_table(), &existing);
+        assert_eq!(
+            problems,
+            vec![
+                "Secret \"clay\" has no key \"token\"".to_string(),
+                "Secret \"clay-2\" not found".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn ready_is_false_with_the_first_blocking_reason() {
+        let references = References {
+            budget_problem: Some("CreditBudget \"b\" not found".into()),
+            secret_problems: vec![],
+        };
+        let status = compute(
+            &queue_table(),
+            &references,
+            &Provisioning::Applied {
+                deployments: vec![],
+            },
+            now(),
+        );
+        let ready = find_condition(&status.conditions, READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "BudgetNotFound")
+        );
+        assert_eq!(ready.observed_generation, Some(3));
+        assert_eq!(
+            status.callback_url.as_deref(),
+            Some("http://leads-receiver.sales.svc:8080/v1/clay/callback")
+        );
+    }
+
+    #[test]
+    fn recomputing_an_unchanged_table_yields_an_identical_status() {
+        let references = References {
+            budget_problem: None,
+            secret_problems: vec![],
+        };
+        let mut table = queue_table();
+        let first = compute(
+            &table,
+            &references,
+            &Provisioning::Applied {
+                deployments: vec![],
+            },
+            now(),
+        );
+        table.status = Some(first.clone());
+        let later = Time::from("2026-11-27T13:00:00Z".parse::<jiff::Timestamp>().unwrap());
+        let second = compute(
+            &table,
+            &references,
+            &Provisioning::Applied {
+                deployments: vec![],
+            },
+            later,
+        );
+        assert_eq!(first, second, "no status churn: transition times are kept");
+        assert!(find_condition(&second.conditions, READY).unwrap().status == "True");
+    }
+}
