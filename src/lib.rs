@@ -1,6 +1,17 @@
 //! Kiln: a Kubernetes operator that runs Clay data enrichment.
 
 pub mod api;
+pub mod clay;
 pub mod devenv;
 pub mod operator;
 pub mod telemetry;
+
+/// Resolves on SIGTERM or SIGINT: every long-running process shuts down on it.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

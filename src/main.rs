@@ -20,6 +20,8 @@ enum Command {
     Crds,
     /// Run the controllers (with leader election), health and metrics.
     Operator(OperatorArgs),
+    /// Run a local stand-in for Clay (webhook sources, callbacks, routines API).
+    ClaySim(kiln::clay::sim::SimArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +34,10 @@ fn main() -> anyhow::Result<()> {
         Command::Operator(args) => {
             telemetry::init(cli.log_format);
             runtime()?.block_on(kiln::operator::run(args))
+        }
+        Command::ClaySim(args) => {
+            telemetry::init(cli.log_format);
+            runtime()?.block_on(kiln::clay::sim::run(args))
         }
     }
 }

@@ -71,7 +71,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Arc::new(OperatorMetrics::register(&mut registry));
     let readiness = Readiness::default();
-    let shutdown = shutdown_signal().shared();
+    let shutdown = crate::shutdown_signal().shared();
     let health = tokio::spawn(serve_health(
         args.health_addr,
         registry,
@@ -132,14 +132,4 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     health.await??;
     tracing::info!("operator stopped");
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
 }

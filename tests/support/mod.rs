@@ -123,7 +123,7 @@ extern "C" fn stop_everything() {
     let Some(workdir) = WORKDIR.get() else { return };
     if ANY_TEST_FAILED.load(Ordering::SeqCst) {
         eprintln!(
-            "a test failed: control-plane logs kept in {}",
+            "a test failed: process logs (control plane, operator, clay-sim) kept in {}",
             workdir.display()
         );
     } else {
@@ -192,4 +192,58 @@ where
             .then_some(object)
     })
     .await
+}
+
+/// A running `kiln clay-sim`.
+pub struct ClaySim {
+    pub process: process::ManagedProcess,
+    pub url: String,
+}
+
+impl ClaySim {
+    /// The sim's own accounting.
+    pub async fn stats(&self) -> kiln::clay::sim::SimStats {
+        reqwest::get(format!("{}/admin/stats", self.url))
+            .await
+            .expect("clay-sim stats")
+            .json()
+            .await
+            .expect("clay-sim stats JSON")
+    }
+
+    /// Configures a webhook source; returns its URL.
+    pub async fn add_source(&self, id: &str, config: serde_json::Value) -> String {
+        let response = reqwest::Client::new()
+            .put(format!("{}/admin/sources/{id}", self.url))
+            .json(&config)
+            .send()
+            .await
+            .expect("configuring a clay-sim source");
+        assert!(response.status().is_success());
+        format!("{}/v3/sources/webhook/{id}", self.url)
+    }
+}
+
+/// Starts `kiln clay-sim` with extra flags on a free port and waits for it.
+pub async fn start_clay_sim(name: &str, flags: &[&str]) -> ClaySim {
+    let port = kiln::devenv::free_port().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .args([
+            "--log-format",
+            "json",
+            "clay-sim",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(flags);
+    let process = process::ManagedProcess::spawn(&format!("clay-sim-{name}"), command, work_dir())
+        .expect("starting clay-sim");
+    let url = format!("http://127.0.0.1:{port}");
+    let health = format!("{url}/healthz");
+    wait::until("clay-sim to answer", || async {
+        reqwest::get(&health).await.ok().map(|_| ())
+    })
+    .await;
+    ClaySim { process, url }
 }

@@ -1,0 +1,196 @@
+//! Webhook source rotation. Each Clay webhook source accepts 50,000
+//! submissions in its lifetime and then silently drops rows, so Kiln counts
+//! submissions per source (durably, through [`SubmissionCounter`]) and moves
+//! to the next source before the cap.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+
+use super::error::ClayError;
+use super::secret::SecretString;
+
+/// Clay's lifetime submission cap per webhook source.
+pub const SOURCE_CAP: u64 = 50_000;
+
+/// One webhook source: the URL and token are secrets.
+#[derive(Clone, Debug)]
+pub struct WebhookTarget {
+    /// Name from the spec, safe to log.
+    pub name: String,
+    pub url: SecretString,
+    pub token: Option<SecretString>,
+}
+
+/// Durable per-source submission counts, shared by every worker of a table.
+pub trait SubmissionCounter: Send + Sync {
+    /// Adds `n` to `source`'s count if the result stays within `limit`;
+    /// returns the new count, or None (and changes nothing) if it would not.
+    fn try_add<'a>(
+        &'a self,
+        source: &'a str,
+        n: u64,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, ClayError>>;
+}
+
+/// A process-local counter, for tests and single-process use.
+#[derive(Default)]
+pub struct MemoryCounter(Mutex<HashMap<String, u64>>);
+
+impl SubmissionCounter for MemoryCounter {
+    fn try_add<'a>(
+        &'a self,
+        source: &'a str,
+        n: u64,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, ClayError>> {
+        Box::pin(async move {
+            let mut counts = self.0.lock().unwrap();
+            let count = counts.entry(source.to_string()).or_insert(0);
+            if *count + n > limit {
+                return Ok(None);
+            }
+            *count += n;
+            Ok(Some(*count))
+        })
+    }
+}
+
+/// Rotation settings.
+#[derive(Clone, Debug)]
+pub struct RotationPolicy {
+    /// Lifetime cap per source.
+    pub cap: u64,
+    /// Stop using a source at this count (below the cap, for safety margin).
+    pub rotate_at: u64,
+    /// Log a warning once a source passes this count.
+    pub warn_at: u64,
+}
+
+impl RotationPolicy {
+    /// Rotates at `rotate_fraction` and warns at `warn_fraction` of `cap`.
+    pub fn new(cap: u64, warn_fraction: f64, rotate_fraction: f64) -> Self {
+        Self {
+            cap,
+            rotate_at: ((cap as f64) * rotate_fraction).floor() as u64,
+            warn_at: ((cap as f64) * warn_fraction).floor() as u64,
+        }
+    }
+}
+
+impl Default for RotationPolicy {
+    fn default() -> Self {
+        Self::new(SOURCE_CAP, 0.8, 0.99)
+    }
+}
+
+/// Picks the source for each submission.
+pub struct SourceRotation {
+    sources: Vec<WebhookTarget>,
+    policy: RotationPolicy,
+    counter: Arc<dyn SubmissionCounter>,
+    /// Index of the first source not known to be full (a hint; the counter decides).
+    current: Mutex<usize>,
+}
+
+impl SourceRotation {
+    pub fn new(
+        sources: Vec<WebhookTarget>,
+        policy: RotationPolicy,
+        counter: Arc<dyn SubmissionCounter>,
+    ) -> Self {
+        Self {
+            sources,
+            policy,
+            counter,
+            current: Mutex::new(0),
+        }
+    }
+
+    /// Counts `rows` submissions against the first source with room and
+    /// returns it. Counting happens before sending: a failed or retried
+    /// request still counts, which errs towards rotating early.
+    pub async fn claim(&self, rows: u64) -> Result<&WebhookTarget, ClayError> {
+        let start = *self.current.lock().unwrap();
+        for index in start..self.sources.len() {
+            let source = &self.sources[index];
+            if let Some(count) = self
+                .counter
+                .try_add(&source.name, rows, self.policy.rotate_at)
+                .await?
+            {
+                if count >= self.policy.warn_at && count - rows < self.policy.warn_at {
+                    tracing::warn!(
+                        source = %source.name, count, cap = self.policy.cap,
+                        "webhook source is nearing Clay's lifetime submission cap; add another source"
+                    );
+                }
+                return Ok(source);
+            }
+            let mut current = self.current.lock().unwrap();
+            if *current <= index {
+                *current = index + 1;
+                tracing::warn!(source = %source.name, "webhook source is full; rotating to the next one");
+            }
+        }
+        Err(ClayError::SourcesExhausted {
+            sources: self.sources.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(name: &str) -> WebhookTarget {
+        WebhookTarget {
+            name: name.into(),
+            url: SecretString::new(format!("http://clay/{name}")),
+            token: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn rotates_before_the_cap_and_then_runs_out() {
+        let counter: Arc<dyn SubmissionCounter> = Arc::new(MemoryCounter::default());
+        let rotation = SourceRotation::new(
+            vec![target("a"), target("b")],
+            RotationPolicy::new(10, 0.5, 0.8),
+            counter.clone(),
+        );
+        let mut used = Vec::new();
+        for _ in 0..16 {
+            used.push(rotation.claim(1).await.unwrap().name.clone());
+        }
+        assert_eq!(
+            used.iter().filter(|n| *n == "a").count(),
+            8,
+            "rotates at 80% of the cap"
+        );
+        assert_eq!(used.iter().filter(|n| *n == "b").count(), 8);
+        let error = rotation.claim(1).await.unwrap_err();
+        assert_eq!(error, ClayError::SourcesExhausted { sources: 2 });
+
+        // A new rotation over the same durable counter (a restarted worker) knows the counts.
+        let restarted = SourceRotation::new(
+            vec![target("a"), target("b"), target("c")],
+            RotationPolicy::new(10, 0.5, 0.8),
+            counter,
+        );
+        assert_eq!(restarted.claim(1).await.unwrap().name, "c");
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_does_not_fit_moves_to_the_next_source() {
+        let rotation = SourceRotation::new(
+            vec![target("a"), target("b")],
+            RotationPolicy::new(10, 0.5, 1.0),
+            Arc::new(MemoryCounter::default()),
+        );
+        assert_eq!(rotation.claim(7).await.unwrap().name, "a");
+        assert_eq!(rotation.claim(4).await.unwrap().name, "b");
+    }
+}

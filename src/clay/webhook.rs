@@ -1,0 +1,201 @@
+//! Submitting rows to a Clay table through its inbound webhook sources.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::error::{ClayError, describe_transport};
+use super::limiter::RateLimiter;
+use super::retry::{RetryPolicy, is_retryable_status, retry_after};
+use super::rotation::{SourceRotation, WebhookTarget};
+
+/// Clay's request body limit for webhook sources (about 100 KB).
+pub const BODY_LIMIT_BYTES: usize = 100_000;
+/// Header carrying a webhook source's auth token.
+pub const AUTH_HEADER: &str = "x-clay-webhook-auth";
+
+/// Settings of the webhook client.
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    /// Rows per request: 1 sends an object, more send a JSON array (Clay takes up to 10).
+    pub rows_per_request: usize,
+    pub body_limit: usize,
+    pub retry: RetryPolicy,
+    pub request_timeout: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            rows_per_request: 1,
+            body_limit: BODY_LIMIT_BYTES,
+            retry: RetryPolicy::default(),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What happened to one row handed to [`WebhookClient::submit`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutcome {
+    /// Clay answered 2xx for the request carrying the row, through this source.
+    Accepted { source: String },
+    /// The row was not accepted; the error says whether it ever can be.
+    Failed(ClayError),
+}
+
+/// Sends rows to Clay's webhook sources with rate limiting, retries and rotation.
+pub struct WebhookClient {
+    http: reqwest::Client,
+    limiter: Arc<RateLimiter>,
+    rotation: Arc<SourceRotation>,
+    config: WebhookConfig,
+}
+
+impl WebhookClient {
+    pub fn new(
+        http: reqwest::Client,
+        limiter: Arc<RateLimiter>,
+        rotation: Arc<SourceRotation>,
+        config: WebhookConfig,
+    ) -> Self {
+        Self {
+            http,
+            limiter,
+            rotation,
+            config,
+        }
+    }
+
+    /// Submits `rows`, batching `rows_per_request` rows per request, and
+    /// returns one outcome per row, in order. A row over the body limit fails
+    /// alone; the others are still sent.
+    pub async fn submit(&self, rows: &[Value]) -> Vec<RowOutcome> {
+        let mut outcomes: Vec<Option<RowOutcome>> = vec![None; rows.len()];
+        let mut batch: Vec<usize> = Vec::new();
+        let mut batch_bytes = 2; // the array brackets
+        for (index, row) in rows.iter().enumerate() {
+            let size = serde_json::to_vec(row)
+                .map(|b| b.len())
+                .unwrap_or(usize::MAX);
+            if size > self.config.body_limit {
+                outcomes[index] = Some(RowOutcome::Failed(ClayError::TooLarge {
+                    bytes: size,
+                    limit: self.config.body_limit,
+                }));
+                continue;
+            }
+            let full = batch.len() >= self.config.rows_per_request.max(1)
+                || batch_bytes + size + 1 > self.config.body_limit;
+            if full {
+                self.send_batch(rows, &batch, &mut outcomes).await;
+                batch.clear();
+                batch_bytes = 2;
+            }
+            batch.push(index);
+            batch_bytes += size + 1;
+        }
+        if !batch.is_empty() {
+            self.send_batch(rows, &batch, &mut outcomes).await;
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every row has an outcome"))
+            .collect()
+    }
+
+    async fn send_batch(
+        &self,
+        rows: &[Value],
+        batch: &[usize],
+        outcomes: &mut [Option<RowOutcome>],
+    ) {
+        let body = if batch.len() == 1 {
+            rows[batch[0]].clone()
+        } else {
+            Value::Array(batch.iter().map(|i| rows[*i].clone()).collect())
+        };
+        let outcome = match self.rotation.claim(batch.len() as u64).await {
+            Ok(target) => match self
+                .send_with_retries(target, &body, batch.len() as u32)
+                .await
+            {
+                Ok(()) => RowOutcome::Accepted {
+                    source: target.name.clone(),
+                },
+                Err(error) => RowOutcome::Failed(error),
+            },
+            Err(error) => RowOutcome::Failed(error),
+        };
+        for index in batch {
+            outcomes[*index] = Some(outcome.clone());
+        }
+    }
+
+    async fn send_with_retries(
+        &self,
+        target: &WebhookTarget,
+        body: &Value,
+        rows: u32,
+    ) -> Result<(), ClayError> {
+        let policy = &self.config.retry;
+        let mut last = String::new();
+        for attempt in 1..=policy.max_attempts {
+            self.limiter.acquire(rows).await;
+            let mut request = self
+                .http
+                .post(target.url.expose())
+                .timeout(self.config.request_timeout)
+                .json(body);
+            if let Some(token) = &target.token {
+                request = request.header(AUTH_HEADER, token.expose());
+            }
+            let delay = match request.send().await {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let wait = retry_after(response.headers());
+                    let message = response.text().await.unwrap_or_default();
+                    let message = clay_message(&message);
+                    match status {
+                        402 => return Err(ClayError::QuotaExhausted { message }),
+                        401 | 403 => return Err(ClayError::Unauthorized { status, message }),
+                        s if !is_retryable_status(s) => {
+                            return Err(ClayError::Rejected { status, message });
+                        }
+                        _ => {}
+                    }
+                    last = format!("HTTP {status}: {message}");
+                    if status == 429 {
+                        // Everyone in the process slows down, not just this task.
+                        self.limiter
+                            .pause_for(wait.unwrap_or_else(|| policy.backoff(attempt)));
+                        Duration::ZERO
+                    } else {
+                        wait.unwrap_or_else(|| policy.backoff(attempt))
+                    }
+                }
+                Err(error) => {
+                    last = describe_transport(error);
+                    policy.backoff(attempt)
+                }
+            };
+            if attempt < policy.max_attempts {
+                tokio::time::sleep(delay).await;
+            }
+        }
+        Err(ClayError::RetriesExhausted {
+            attempts: policy.max_attempts,
+            last,
+        })
+    }
+}
+
+/// Clay's error bodies are `{"message": ...}`; anything else is shortened.
+pub(crate) fn clay_message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| body.chars().take(200).collect())
+}
