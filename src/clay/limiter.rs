@@ -52,7 +52,9 @@ impl RateLimiter {
                             state.tokens -= wanted;
                             return;
                         }
+                        // At least a millisecond: float rounding must not turn this into a spin.
                         Duration::from_secs_f64((wanted - state.tokens) / self.rate_per_sec)
+                            .max(Duration::from_millis(1))
                     }
                 }
             };
