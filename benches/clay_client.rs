@@ -25,7 +25,10 @@ fn cpu_time() -> Duration {
 }
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -36,7 +39,16 @@ async fn main() {
     let port = kiln::devenv::free_port().unwrap();
     let mut sim = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["clay-sim", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--latency-min-ms", "0", "--latency-max-ms", "0", "--rate", "1000000", "--burst", "1000000"])
+        .args([
+            "--latency-min-ms",
+            "0",
+            "--latency-max-ms",
+            "0",
+            "--rate",
+            "1000000",
+            "--burst",
+            "1000000",
+        ])
         .args(["--source-cap", "100000000"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -49,7 +61,11 @@ async fn main() {
         assert!(Instant::now() < deadline, "clay-sim did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    http.put(format!("{base}/admin/sources/bench")).json(&json!({})).send().await.unwrap();
+    http.put(format!("{base}/admin/sources/bench"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
 
     let client = Arc::new(WebhookClient::new(
         http.clone(),
@@ -92,6 +108,7 @@ async fn main() {
     let wall = wall.elapsed();
     let cpu = cpu_time() - cpu_before;
     let _ = sim.kill();
+    let _ = sim.wait();
     println!(
         "clay client: {accepted} rows (rows_per_request={rows_per_request}, concurrency={concurrency}) in {:.2}s wall, {:.1} rows/s; client CPU {:.1} µs/row",
         wall.as_secs_f64(),
