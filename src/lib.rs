@@ -3,6 +3,7 @@
 pub mod api;
 pub mod clay;
 pub mod devenv;
+pub mod ledger;
 pub mod operator;
 pub mod telemetry;
 

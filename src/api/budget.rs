@@ -238,6 +238,32 @@ pub struct CreditBudgetStatus {
     /// Totals of past periods, newest first.
     #[serde(default)]
     pub history: Vec<PeriodUsage>,
+    /// Outstanding reservations: the ledger's durable record of credits
+    /// granted to workers and not yet settled.
+    #[serde(default)]
+    pub reservations: Vec<Reservation>,
+    /// Reservation requests refused this period (budget exhausted, paused, breaker open).
+    #[serde(default)]
+    pub denials: u64,
+}
+
+/// Credits granted to one holder and not yet fully settled.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservation {
+    /// Reservation id, as returned to the holder.
+    pub id: String,
+    /// The EnrichmentTable drawing the credits.
+    pub table: String,
+    /// The process holding it (pod name), for troubleshooting.
+    pub holder: String,
+    /// Credits granted.
+    pub granted: CreditCost,
+    /// Credits settled against it so far.
+    pub settled: CreditCost,
+    /// When the holder must have renewed or settled it; afterwards the
+    /// unsettled remainder is forfeited and counted as spent.
+    pub expires_at: Time,
 }
 
 /// Breaker state with when and why it last changed.

@@ -1,6 +1,8 @@
 //! The CreditBudget controller: period bounds, rollover, remaining credits
 //! and state in status.
 
+pub mod book;
+pub mod breaker;
 pub mod period;
 pub mod status;
 
