@@ -261,6 +261,10 @@ pub struct Reservation {
     pub granted: CreditCost,
     /// Credits settled against it so far.
     pub settled: CreditCost,
+    /// Sequence number of the last settlement applied, so a retried
+    /// settlement is applied once.
+    #[serde(default)]
+    pub settled_seq: u64,
     /// When the holder must have renewed or settled it; afterwards the
     /// unsettled remainder is forfeited and counted as spent.
     pub expires_at: Time,

@@ -1,1 +1,159 @@
+//! The client the data plane uses to reserve and settle credits. It tries
+//! each configured operator endpoint in turn (in a cluster, one Service that
+//! routes to the leader), so a leader failover costs a retry, not a failure.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Denial, Grant, RenewRequest, ReserveRequest, SettleRequest};
+use crate::clay::SecretString;
+
+/// Where the caller's ServiceAccount token comes from.
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    /// A projected token file, re-read on every call (kubelet rotates it).
+    File(PathBuf),
+    Static(SecretString),
+}
+
+impl TokenSource {
+    /// The in-cluster default.
+    pub fn in_cluster() -> Self {
+        Self::File(PathBuf::from(
+            "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        ))
+    }
+
+    fn read(&self) -> Result<SecretString, LedgerClientError> {
+        match self {
+            Self::Static(token) => Ok(token.clone()),
+            Self::File(path) => std::fs::read_to_string(path)
+                .map(|t| SecretString::new(t.trim()))
+                .map_err(|e| {
+                    LedgerClientError::Unavailable(format!(
+                        "reading the ServiceAccount token {}: {e}",
+                        path.display()
+                    ))
+                }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LedgerClientError {
+    /// The budget refused: exhausted, paused, or breaker open.
+    #[error("credits denied: {}", .0.message)]
+    Denied(Denial),
+    /// The request itself was refused (401/403/404/409).
+    #[error("ledger refused the request ({status}): {message}")]
+    Rejected { status: u16, message: String },
+    /// No operator endpoint answered in time.
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub struct LedgerClient {
+    http: reqwest::Client,
+    endpoints: Vec<String>,
+    token: TokenSource,
+    /// How long to keep trying endpoints before giving up.
+    pub patience: Duration,
+}
+
+impl LedgerClient {
+    pub fn new(endpoints: Vec<String>, token: TokenSource) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("building the HTTP client"),
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| e.trim_end_matches('/').to_string())
+                .collect(),
+            token,
+            patience: Duration::from_secs(60),
+        }
+    }
+
+    /// Reserves credits. Retrying with the same request id is safe.
+    pub async fn reserve(&self, request: &ReserveRequest) -> Result<Grant, LedgerClientError> {
+        self.post("/v1/reserve", request).await?.ok_or_else(|| {
+            LedgerClientError::Unavailable(
+                "the ledger answered a reservation without a grant".into(),
+            )
+        })
+    }
+
+    pub async fn settle(&self, request: &SettleRequest) -> Result<(), LedgerClientError> {
+        self.post::<_, serde_json::Value>("/v1/settle", request)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn renew(&self, request: &RenewRequest) -> Result<(), LedgerClientError> {
+        self.post::<_, serde_json::Value>("/v1/renew", request)
+            .await
+            .map(|_| ())
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Option<T>, LedgerClientError> {
+        let deadline = tokio::time::Instant::now() + self.patience;
+        let mut last = String::from("no endpoint configured");
+        let mut delay = Duration::from_millis(100);
+        loop {
+            for endpoint in &self.endpoints {
+                let token = self.token.read()?;
+                let sent = self
+                    .http
+                    .post(format!("{endpoint}{path}"))
+                    .bearer_auth(token.expose())
+                    .json(body)
+                    .send()
+                    .await;
+                let response = match sent {
+                    Ok(response) => response,
+                    Err(error) => {
+                        last = crate::clay::error::describe_transport(error);
+                        continue;
+                    }
+                };
+                let status = response.status().as_u16();
+                let text = response.text().await.unwrap_or_default();
+                if (200..300).contains(&status) {
+                    return Ok(if text.is_empty() {
+                        None
+                    } else {
+                        Some(serde_json::from_str(&text).map_err(|e| {
+                            LedgerClientError::Unavailable(format!("bad ledger answer: {e}"))
+                        })?)
+                    });
+                }
+                if let Ok(denial) = serde_json::from_str::<Denial>(&text) {
+                    return Err(LedgerClientError::Denied(denial));
+                }
+                let message = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(str::to_string))
+                    .unwrap_or(text);
+                if status >= 500 {
+                    last = format!("HTTP {status}: {message}");
+                    continue;
+                }
+                return Err(LedgerClientError::Rejected { status, message });
+            }
+            if tokio::time::Instant::now() + delay > deadline {
+                return Err(LedgerClientError::Unavailable(last));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}

@@ -11,6 +11,9 @@ use crate::api::table::CreditCost;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ReserveRequest {
+    /// Chosen by the caller; repeating a request with the same id returns the
+    /// same grant, so a retry after a lost answer never reserves twice.
+    pub id: String,
     /// Namespace of the budget and the table (they must match the caller's).
     pub namespace: String,
     pub budget: String,
@@ -41,7 +44,11 @@ pub struct Grant {
 pub struct SettleRequest {
     pub namespace: String,
     pub budget: String,
+    pub table: String,
     pub reservation: String,
+    /// 1 for the first settlement of this reservation, then 2, 3, ...;
+    /// a settlement already applied is acknowledged without applying it again.
+    pub seq: u64,
     /// Spend since the last settlement of this reservation.
     pub used: CreditCost,
     /// True when the holder is done: the unspent remainder is released.
@@ -60,6 +67,7 @@ pub struct SettleRequest {
 pub struct RenewRequest {
     pub namespace: String,
     pub budget: String,
+    pub table: String,
     pub reservation: String,
     pub ttl_seconds: u64,
 }

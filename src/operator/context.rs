@@ -20,6 +20,8 @@ pub struct Context {
     pub watch_namespace: Option<String>,
     pub build: BuildConfig,
     pub metrics: Arc<OperatorMetrics>,
+    /// The credit ledger; the only writer of CreditBudget status.
+    pub ledger: super::budget::ledger::Ledger,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -35,6 +37,7 @@ impl Context {
         watch_namespace: Option<String>,
         build: BuildConfig,
         metrics: Arc<OperatorMetrics>,
+        ledger: super::budget::ledger::Ledger,
         instance: String,
     ) -> Self {
         let reporter = Reporter {
@@ -47,6 +50,7 @@ impl Context {
             watch_namespace,
             build,
             metrics,
+            ledger,
             failures: Mutex::new(HashMap::new()),
         }
     }

@@ -7,6 +7,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0} has no namespace")]
     NotNamespaced(String),
+    #[error("credit ledger: {0}")]
+    Ledger(#[from] super::budget::ledger::LedgerError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

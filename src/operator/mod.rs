@@ -18,6 +18,7 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use prometheus_client::registry::Registry;
 
+use self::budget::ledger::Ledger;
 use self::context::Context;
 use self::leader::{LeaderElector, LeaseTiming};
 use self::metrics::{OperatorMetrics, Readiness, serve_health};
@@ -55,6 +56,12 @@ pub struct OperatorArgs {
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub health_addr: SocketAddr,
+    /// Address of the reservation API (served by the leader only).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub api_addr: SocketAddr,
+    /// Shifts the ledger's clock, to exercise period rollover in tests.
+    #[arg(long, default_value_t = 0, hide = true, allow_negative_numbers = true)]
+    pub clock_skew_seconds: i64,
 }
 
 /// Runs the operator until SIGTERM/SIGINT, or until leadership is lost
@@ -101,11 +108,17 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         default_image: args.image.clone(),
         operator_url: args.operator_url.clone(),
     };
+    let skew = jiff::SignedDuration::from_secs(args.clock_skew_seconds);
+    let ledger = Ledger::new(
+        client.clone(),
+        Arc::new(move || jiff::Timestamp::now() + skew),
+    );
     let ctx = Arc::new(Context::new(
-        client,
+        client.clone(),
         args.watch_namespace.clone(),
         build,
         metrics.clone(),
+        ledger.clone(),
         identity.clone(),
     ));
     let holder = elector.clone();
@@ -113,6 +126,12 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let stop = futures::future::select(shutdown.clone(), lost.clone())
         .map(|_| ())
         .shared();
+    let reservations = tokio::spawn(budget::api::serve(
+        args.api_addr,
+        client,
+        ledger,
+        stop.clone(),
+    ));
     tokio::join!(
         table::run(ctx.clone(), stop.clone()),
         budget::run(ctx.clone(), stop.clone()),
@@ -120,6 +139,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     );
     readiness.set(false);
     metrics.is_leader.set(0);
+    reservations.await??;
 
     if lost.now_or_never().is_some() {
         anyhow::bail!(

@@ -135,6 +135,8 @@ extern "C" fn stop_everything() {
 pub struct KilnProcess {
     pub process: process::ManagedProcess,
     pub health_port: u16,
+    /// The operator's reservation API port.
+    pub api_port: u16,
 }
 
 impl KilnProcess {
@@ -149,8 +151,14 @@ impl KilnProcess {
 
 /// Starts `kiln operator` scoped to `namespace`, electing its leader on a Lease there.
 pub async fn start_operator(namespace: &str, identity: &str) -> KilnProcess {
+    start_operator_with(namespace, identity, &[]).await
+}
+
+/// [`start_operator`] with extra flags.
+pub async fn start_operator_with(namespace: &str, identity: &str, extra: &[&str]) -> KilnProcess {
     let plane = control_plane().await;
     let health_port = kiln::devenv::free_port().unwrap();
+    let api_port = kiln::devenv::free_port().unwrap();
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
         .env("KUBECONFIG", plane.kubeconfig_path())
@@ -167,13 +175,16 @@ pub async fn start_operator(namespace: &str, identity: &str) -> KilnProcess {
             "--operator-url",
             "http://kiln-operator.kiln-system.svc:8443",
         ])
-        .args(["--health-addr", &format!("127.0.0.1:{health_port}")]);
+        .args(["--health-addr", &format!("127.0.0.1:{health_port}")])
+        .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
+        .args(extra);
     let process =
         process::ManagedProcess::spawn(&format!("operator-{identity}"), command, work_dir())
             .expect("starting kiln operator");
     KilnProcess {
         process,
         health_port,
+        api_port,
     }
 }
 

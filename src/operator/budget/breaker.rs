@@ -52,13 +52,18 @@ impl Breaker {
     }
 
     fn cooldown(spec: &CircuitBreakerSpec) -> SignedDuration {
-        SignedDuration::try_from(std::time::Duration::from(spec.cooldown.clone())).unwrap_or(SignedDuration::from_secs(30))
+        SignedDuration::try_from(std::time::Duration::from(spec.cooldown.clone()))
+            .unwrap_or(SignedDuration::from_secs(30))
     }
 
     /// Moves Open → HalfOpen once the cooldown has passed.
     pub fn tick(&mut self, spec: &CircuitBreakerSpec, now: Timestamp) {
         if self.state == BreakerState::Open && now >= self.since + Self::cooldown(spec) {
-            self.transition(BreakerState::HalfOpen, now, "cooldown passed; probing Clay".into());
+            self.transition(
+                BreakerState::HalfOpen,
+                now,
+                "cooldown passed; probing Clay".into(),
+            );
         }
     }
 
@@ -80,7 +85,13 @@ impl Breaker {
     }
 
     /// Records Clay call outcomes reported by the data plane.
-    pub fn record(&mut self, spec: &CircuitBreakerSpec, successes: u64, failures: u64, now: Timestamp) {
+    pub fn record(
+        &mut self,
+        spec: &CircuitBreakerSpec,
+        successes: u64,
+        failures: u64,
+        now: Timestamp,
+    ) {
         if successes == 0 && failures == 0 {
             return;
         }
@@ -89,7 +100,11 @@ impl Breaker {
             BreakerState::Open => {}
             BreakerState::HalfOpen => {
                 if failures > 0 {
-                    self.transition(BreakerState::Open, now, format!("{failures} Clay failures while probing"));
+                    self.transition(
+                        BreakerState::Open,
+                        now,
+                        format!("{failures} Clay failures while probing"),
+                    );
                 } else {
                     self.probe_successes += successes;
                     if self.probe_successes >= u64::from(spec.half_open_probes) {
@@ -98,19 +113,32 @@ impl Breaker {
                 }
             }
             BreakerState::Closed => {
-                let window = SignedDuration::try_from(std::time::Duration::from(spec.window.clone()))
-                    .unwrap_or(SignedDuration::from_secs(60));
+                let window =
+                    SignedDuration::try_from(std::time::Duration::from(spec.window.clone()))
+                        .unwrap_or(SignedDuration::from_secs(60));
                 self.window.push_back((now, successes, failures));
-                while self.window.front().is_some_and(|(at, _, _)| *at + window < now) {
+                while self
+                    .window
+                    .front()
+                    .is_some_and(|(at, _, _)| *at + window < now)
+                {
                     self.window.pop_front();
                 }
-                let (ok, failed) = self.window.iter().fold((0, 0), |(s, f), (_, ws, wf)| (s + ws, f + wf));
+                let (ok, failed) = self
+                    .window
+                    .iter()
+                    .fold((0, 0), |(s, f), (_, ws, wf)| (s + ws, f + wf));
                 let calls = ok + failed;
-                if calls >= u64::from(spec.min_calls) && failed * 100 >= u64::from(spec.error_percent) * calls {
+                if calls >= u64::from(spec.min_calls)
+                    && failed * 100 >= u64::from(spec.error_percent) * calls
+                {
                     self.transition(
                         BreakerState::Open,
                         now,
-                        format!("{failed} of {calls} Clay calls failed within {}", spec.window),
+                        format!(
+                            "{failed} of {calls} Clay calls failed within {}",
+                            spec.window
+                        ),
                     );
                 }
             }
@@ -140,9 +168,17 @@ mod tests {
     fn opens_only_with_enough_volume_and_errors() {
         let mut breaker = Breaker::new(BreakerState::Closed, t(0));
         breaker.record(&spec(), 0, 5, t(1));
-        assert_eq!(breaker.state(), BreakerState::Closed, "5 calls are below minCalls");
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "5 calls are below minCalls"
+        );
         breaker.record(&spec(), 6, 0, t(2));
-        assert_eq!(breaker.state(), BreakerState::Closed, "5 of 11 failed: under 50%");
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "5 of 11 failed: under 50%"
+        );
         breaker.record(&spec(), 0, 1, t(3));
         assert_eq!(breaker.state(), BreakerState::Open, "6 of 12 failed: 50%");
     }
@@ -181,6 +217,10 @@ mod tests {
         let mut breaker = Breaker::new(BreakerState::Closed, t(0));
         breaker.record(&spec, 0, 4, t(0));
         breaker.record(&spec, 6, 1, t(100));
-        assert_eq!(breaker.state(), BreakerState::Closed, "the 4 early failures are outside the 60s window");
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "the 4 early failures are outside the 60s window"
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! The CreditBudget controller: period bounds, rollover, remaining credits
 //! and state in status.
 
+pub mod api;
 pub mod book;
 pub mod breaker;
+pub mod ledger;
 pub mod period;
 pub mod status;
 
@@ -11,12 +13,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::ResourceExt;
-use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 
-use super::apply::patch_status;
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use crate::api::CreditBudget;
@@ -50,45 +50,52 @@ async fn reconcile_inner(budget: &CreditBudget, ctx: &Context) -> Result<Action>
     let namespace = budget
         .namespace()
         .ok_or_else(|| Error::NotNamespaced(budget.name_any()))?;
-    let now = jiff::Timestamp::now();
-    let new_status = status::compute(budget, now);
-    if budget.status.as_ref() != Some(&new_status) {
-        let api = Api::<CreditBudget>::namespaced(ctx.client.clone(), &namespace);
-        patch_status(&api, &budget.name_any(), &new_status).await?;
-        let old = budget.status.clone().unwrap_or_default();
-        for type_ in [status::WARNING, status::EXHAUSTED] {
-            let was = find_condition(&old.conditions, type_).is_some_and(|c| c.status == TRUE);
-            if let Some(now_true) =
-                find_condition(&new_status.conditions, type_).filter(|c| c.status == TRUE && !was)
-            {
-                ctx.event(
-                    budget,
-                    EventType::Warning,
-                    &now_true.reason,
-                    "Account",
-                    now_true.message.clone(),
-                )
-                .await;
-            }
-        }
-        if let Some(ready) = find_condition(&new_status.conditions, status::READY)
-            .filter(|c| c.reason == "InvalidTimeZone")
+    // The ledger is the single writer of budget status: it recomputes the
+    // period, rollover and state together with any pending bookkeeping.
+    let (old, new_status) = ctx.ledger.refresh(&namespace, &budget.name_any()).await?;
+    for type_ in [status::WARNING, status::EXHAUSTED] {
+        let was = find_condition(&old.conditions, type_).is_some_and(|c| c.status == TRUE);
+        if let Some(now_true) =
+            find_condition(&new_status.conditions, type_).filter(|c| c.status == TRUE && !was)
         {
-            let was_invalid = find_condition(&old.conditions, status::READY)
-                .is_some_and(|c| c.reason == "InvalidTimeZone");
-            if !was_invalid {
-                ctx.event(
-                    budget,
-                    EventType::Warning,
-                    "InvalidTimeZone",
-                    "Validate",
-                    ready.message.clone(),
-                )
-                .await;
-            }
+            ctx.event(
+                budget,
+                EventType::Warning,
+                &now_true.reason,
+                "Account",
+                now_true.message.clone(),
+            )
+            .await;
         }
     }
+    let invalid = |s: &crate::api::CreditBudgetStatus| {
+        find_condition(&s.conditions, status::READY)
+            .filter(|c| c.reason == "InvalidTimeZone")
+            .cloned()
+    };
+    if let (Some(ready), None) = (invalid(&new_status), invalid(&old)) {
+        ctx.event(
+            budget,
+            EventType::Warning,
+            "InvalidTimeZone",
+            "Validate",
+            ready.message,
+        )
+        .await;
+    }
+    if old.breaker.state != new_status.breaker.state {
+        let reason = new_status.breaker.reason.clone().unwrap_or_default();
+        ctx.event(
+            budget,
+            EventType::Warning,
+            &format!("Breaker{:?}", new_status.breaker.state),
+            "Account",
+            reason,
+        )
+        .await;
+    }
     // Wake up at the period boundary so rollover is prompt.
+    let now = ctx.ledger.now();
     let until_end = new_status
         .period_end
         .as_ref()

@@ -66,6 +66,7 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
     status.period_start = Some(Time::from(start));
     status.period_end = Some(Time::from(end));
 
+    status.reserved = super::book::total_reserved(&status);
     let committed = |used: f64, reserved: f64| used + reserved;
     let data_limit = spec.limits.data_credits;
     let action_limit = spec.limits.actions;
@@ -190,7 +191,7 @@ mod tests {
         // 40% of data credits but 92% of actions: Warning, from the actions meter.
         let b = budget(json!({
             "periodStart": "2026-11-01T00:00:00Z", "periodEnd": "2026-12-01T00:00:00Z",
-            "used": {"dataCredits": 300.0, "actions": 80}, "reserved": {"dataCredits": 100.0, "actions": 12}
+            "used": {"dataCredits": 300.0, "actions": 80}, "reservations": [{"id": "r", "table": "t", "holder": "h", "granted": {"dataCredits": 100.0, "actions": 12}, "settled": {}, "settledSeq": 0, "expiresAt": "2026-11-27T13:00:00Z"}]
         }));
         let status = compute(&b, at("2026-11-27T12:00:00Z"));
         assert_eq!(status.percent_used, 92);

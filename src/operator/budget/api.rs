@@ -1,0 +1,244 @@
+//! The reservation API the leader serves to the data plane. Callers present
+//! their ServiceAccount token; a TokenReview authenticates it, and a table's
+//! ServiceAccount (`kiln-<table>` in the table's namespace) may only draw on
+//! the budget its table references.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::ledger::{Ledger, LedgerError};
+use crate::api::EnrichmentTable;
+use crate::ledger::{DenialReason, RenewRequest, ReserveRequest, SettleRequest};
+use crate::operator::table::build::service_account_name;
+
+/// How long a successful TokenReview is trusted.
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+struct ApiState {
+    client: kube::Client,
+    ledger: Ledger,
+    tokens: Arc<Mutex<HashMap<[u8; 32], (String, Instant)>>>,
+}
+
+/// Serves the reservation API until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    client: kube::Client,
+    ledger: Ledger,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = ApiState {
+        client,
+        ledger,
+        tokens: Arc::default(),
+    };
+    let app = Router::new()
+        .route("/v1/reserve", post(reserve))
+        .route("/v1/settle", post(settle))
+        .route("/v1/renew", post(renew))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving the reservation API");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "message": message.into() }))).into_response()
+}
+
+fn ledger_error(failure: LedgerError) -> Response {
+    match failure {
+        LedgerError::Denied(denial) => {
+            let status = match denial.reason {
+                DenialReason::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::PAYMENT_REQUIRED,
+            };
+            (status, Json(denial)).into_response()
+        }
+        other => {
+            let status = match other {
+                LedgerError::BudgetNotFound(_) => StatusCode::NOT_FOUND,
+                LedgerError::Book(_) => StatusCode::CONFLICT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            error(status, other.to_string())
+        }
+    }
+}
+
+/// Authenticates the bearer token; returns (namespace, service account).
+async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(String, String), Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "a ServiceAccount bearer token is required",
+            )
+        })?;
+    let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let cached = state
+        .tokens
+        .lock()
+        .unwrap()
+        .get(&key)
+        .filter(|(_, at)| at.elapsed() < TOKEN_CACHE_TTL)
+        .map(|(user, _)| user.clone());
+    let username = match cached {
+        Some(user) => user,
+        None => {
+            let review = TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(token.to_string()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let reviewed = Api::<TokenReview>::all(state.client.clone())
+                .create(&PostParams::default(), &review)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "TokenReview failed");
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "could not verify the token",
+                    )
+                })?;
+            let status = reviewed.status.unwrap_or_default();
+            let user = status
+                .user
+                .and_then(|u| u.username)
+                .filter(|_| status.authenticated == Some(true))
+                .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "the token is not valid"))?;
+            state
+                .tokens
+                .lock()
+                .unwrap()
+                .insert(key, (user.clone(), Instant::now()));
+            user
+        }
+    };
+    let mut parts = username
+        .strip_prefix("system:serviceaccount:")
+        .unwrap_or_default()
+        .splitn(2, ':');
+    match (parts.next(), parts.next()) {
+        (Some(namespace), Some(account)) if !namespace.is_empty() => {
+            Ok((namespace.to_string(), account.to_string()))
+        }
+        _ => Err(error(
+            StatusCode::FORBIDDEN,
+            format!("{username} is not a ServiceAccount"),
+        )),
+    }
+}
+
+/// Only the table's own ServiceAccount, in the table's namespace, may act for it.
+fn authorize(caller: &(String, String), namespace: &str, table: &str) -> Result<(), Response> {
+    if caller.0 != namespace || caller.1 != service_account_name(table) {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "ServiceAccount {}/{} may not act for table {namespace}/{table}",
+                caller.0, caller.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn reserve(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Json(request): Json<ReserveRequest>,
+) -> Response {
+    let who = match caller(&state, &headers).await {
+        Ok(who) => who,
+        Err(response) => return response,
+    };
+    if let Err(response) = authorize(&who, &request.namespace, &request.table) {
+        return response;
+    }
+    // The table must exist and reference this budget.
+    let table = Api::<EnrichmentTable>::namespaced(state.client.clone(), &request.namespace)
+        .get_opt(&request.table)
+        .await;
+    match table {
+        Ok(Some(table)) if table.spec.budget_ref.name == request.budget => {}
+        Ok(Some(_)) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "table {} does not draw on budget {}",
+                    request.table, request.budget
+                ),
+            );
+        }
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("table {} not found", request.table),
+            );
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+    match state.ledger.reserve(request).await {
+        Ok(grant) => Json(grant).into_response(),
+        Err(e) => ledger_error(e),
+    }
+}
+
+async fn settle(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Json(request): Json<SettleRequest>,
+) -> Response {
+    let who = match caller(&state, &headers).await {
+        Ok(who) => who,
+        Err(response) => return response,
+    };
+    if let Err(response) = authorize(&who, &request.namespace, &request.table) {
+        return response;
+    }
+    match state.ledger.settle(request).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => ledger_error(e),
+    }
+}
+
+async fn renew(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Json(request): Json<RenewRequest>,
+) -> Response {
+    let who = match caller(&state, &headers).await {
+        Ok(who) => who,
+        Err(response) => return response,
+    };
+    if let Err(response) = authorize(&who, &request.namespace, &request.table) {
+        return response;
+    }
+    match state.ledger.renew(request).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => ledger_error(e),
+    }
+}
