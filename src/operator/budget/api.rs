@@ -26,11 +26,23 @@ use crate::operator::table::build::service_account_name;
 /// How long a successful TokenReview is trusted.
 const TOKEN_CACHE_TTL: Duration = Duration::from_secs(60);
 
+/// Authenticated users by token hash, with when they were reviewed.
+type TokenCache = Arc<Mutex<HashMap<[u8; 32], (String, Instant)>>>;
+
 #[derive(Clone)]
 struct ApiState {
     client: kube::Client,
     ledger: Ledger,
-    tokens: Arc<Mutex<HashMap<[u8; 32], (String, Instant)>>>,
+    tokens: TokenCache,
+}
+
+/// A refusal with a JSON `{"message"}` body.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "message": self.1 }))).into_response()
+    }
 }
 
 /// Serves the reservation API until `shutdown` resolves.
@@ -59,32 +71,28 @@ pub async fn serve(
     Ok(())
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "message": message.into() }))).into_response()
+fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(status, message.into())
 }
 
 fn ledger_error(failure: LedgerError) -> Response {
-    match failure {
+    let status = match &failure {
         LedgerError::Denied(denial) => {
             let status = match denial.reason {
                 DenialReason::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::PAYMENT_REQUIRED,
             };
-            (status, Json(denial)).into_response()
+            return (status, Json(denial)).into_response();
         }
-        other => {
-            let status = match other {
-                LedgerError::BudgetNotFound(_) => StatusCode::NOT_FOUND,
-                LedgerError::Book(_) => StatusCode::CONFLICT,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            error(status, other.to_string())
-        }
-    }
+        LedgerError::BudgetNotFound(_) => StatusCode::NOT_FOUND,
+        LedgerError::Book(_) => StatusCode::CONFLICT,
+        LedgerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, failure.to_string()).into_response()
 }
 
 /// Authenticates the bearer token; returns (namespace, service account).
-async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(String, String), Response> {
+async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(String, String), ApiError> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -153,7 +161,7 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(String, String
 }
 
 /// Only the table's own ServiceAccount, in the table's namespace, may act for it.
-fn authorize(caller: &(String, String), namespace: &str, table: &str) -> Result<(), Response> {
+fn authorize(caller: &(String, String), namespace: &str, table: &str) -> Result<(), ApiError> {
     if caller.0 != namespace || caller.1 != service_account_name(table) {
         return Err(error(
             StatusCode::FORBIDDEN,
@@ -170,75 +178,66 @@ async fn reserve(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Json(request): Json<ReserveRequest>,
-) -> Response {
-    let who = match caller(&state, &headers).await {
-        Ok(who) => who,
-        Err(response) => return response,
-    };
-    if let Err(response) = authorize(&who, &request.namespace, &request.table) {
-        return response;
-    }
+) -> Result<Response, ApiError> {
+    authorize(
+        &caller(&state, &headers).await?,
+        &request.namespace,
+        &request.table,
+    )?;
     // The table must exist and reference this budget.
     let table = Api::<EnrichmentTable>::namespaced(state.client.clone(), &request.namespace)
         .get_opt(&request.table)
-        .await;
-    match table {
-        Ok(Some(table)) if table.spec.budget_ref.name == request.budget => {}
-        Ok(Some(_)) => {
-            return error(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "table {} does not draw on budget {}",
-                    request.table, request.budget
-                ),
-            );
-        }
-        Ok(None) => {
-            return error(
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .ok_or_else(|| {
+            error(
                 StatusCode::NOT_FOUND,
                 format!("table {} not found", request.table),
-            );
-        }
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            )
+        })?;
+    if table.spec.budget_ref.name != request.budget {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "table {} does not draw on budget {}",
+                request.table, request.budget
+            ),
+        ));
     }
-    match state.ledger.reserve(request).await {
+    Ok(match state.ledger.reserve(request).await {
         Ok(grant) => Json(grant).into_response(),
         Err(e) => ledger_error(e),
-    }
+    })
 }
 
 async fn settle(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Json(request): Json<SettleRequest>,
-) -> Response {
-    let who = match caller(&state, &headers).await {
-        Ok(who) => who,
-        Err(response) => return response,
-    };
-    if let Err(response) = authorize(&who, &request.namespace, &request.table) {
-        return response;
-    }
-    match state.ledger.settle(request).await {
+) -> Result<Response, ApiError> {
+    authorize(
+        &caller(&state, &headers).await?,
+        &request.namespace,
+        &request.table,
+    )?;
+    Ok(match state.ledger.settle(request).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => ledger_error(e),
-    }
+    })
 }
 
 async fn renew(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Json(request): Json<RenewRequest>,
-) -> Response {
-    let who = match caller(&state, &headers).await {
-        Ok(who) => who,
-        Err(response) => return response,
-    };
-    if let Err(response) = authorize(&who, &request.namespace, &request.table) {
-        return response;
-    }
-    match state.ledger.renew(request).await {
+) -> Result<Response, ApiError> {
+    authorize(
+        &caller(&state, &headers).await?,
+        &request.namespace,
+        &request.table,
+    )?;
+    Ok(match state.ledger.renew(request).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => ledger_error(e),
-    }
+    })
 }

@@ -52,7 +52,7 @@ impl Breaker {
     }
 
     fn cooldown(spec: &CircuitBreakerSpec) -> SignedDuration {
-        SignedDuration::try_from(std::time::Duration::from(spec.cooldown.clone()))
+        SignedDuration::try_from(std::time::Duration::from(spec.cooldown))
             .unwrap_or(SignedDuration::from_secs(30))
     }
 
@@ -113,9 +113,8 @@ impl Breaker {
                 }
             }
             BreakerState::Closed => {
-                let window =
-                    SignedDuration::try_from(std::time::Duration::from(spec.window.clone()))
-                        .unwrap_or(SignedDuration::from_secs(60));
+                let window = SignedDuration::try_from(std::time::Duration::from(spec.window))
+                    .unwrap_or(SignedDuration::from_secs(60));
                 self.window.push_back((now, successes, failures));
                 while self
                     .window

@@ -54,12 +54,15 @@ enum Command {
     Refresh(oneshot::Sender<Result<(CreditBudgetStatus, CreditBudgetStatus), LedgerError>>),
 }
 
+/// (namespace, name) of a budget.
+type BudgetKey = (String, String);
+
 /// Handle to every budget's book; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
     client: kube::Client,
     clock: Clock,
-    books: Arc<Mutex<HashMap<(String, String), mpsc::Sender<Command>>>>,
+    books: Arc<Mutex<HashMap<BudgetKey, mpsc::Sender<Command>>>>,
 }
 
 impl Ledger {
@@ -199,7 +202,7 @@ async fn run_book(
         // Reservation ids and replies are fixed before the write loop, so a
         // retried batch grants the same ids.
         let outcome = apply_batch(&api, &name, &clock, &mut breaker, &batch).await;
-        for (command, answer) in batch.into_iter().zip(outcome.into_iter()) {
+        for (command, answer) in batch.into_iter().zip(outcome) {
             send(command, answer);
         }
     }
