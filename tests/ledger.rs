@@ -218,6 +218,12 @@ async fn concurrent_over_asking_clients_never_exceed_the_limit() {
     assert_eq!(status.state, kiln::api::budget::BudgetState::Exhausted);
     assert_eq!(status.tables[0].table, "leads");
     assert_eq!(status.tables[0].used.data_credits, 100.0);
+    // The table reports its own spend this period.
+    wait::until("the table's credits this period", || async {
+        let table = env.api::<EnrichmentTable>().get("leads").await.ok()?;
+        (table.status?.credits_this_period.data_credits == 100.0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -163,9 +163,16 @@ async fn dereference(
             existing.insert(name, keys);
         }
     }
+    let table_name = table.name_any();
+    let credits_this_period = budget
+        .and_then(|b| b.status)
+        .and_then(|s| s.tables.into_iter().find(|t| t.table == table_name))
+        .map(|t| t.used)
+        .unwrap_or_default();
     Ok(References {
         budget_problem,
         secret_problems: status::secret_problems(table, &existing),
+        credits_this_period,
     })
 }
 

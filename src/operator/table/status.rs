@@ -6,6 +6,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::common::{FALSE, TRUE, condition};
+use crate::api::table::CreditCost;
 use crate::api::{EnrichmentTable, EnrichmentTableStatus};
 
 pub const READY: &str = "Ready";
@@ -26,6 +27,8 @@ pub struct References {
     pub budget_problem: Option<String>,
     /// Human-readable problems with Secret references, empty when all resolve.
     pub secret_problems: Vec<String>,
+    /// This table's spend in the budget's current period, from the ledger.
+    pub credits_this_period: CreditCost,
 }
 
 impl References {
@@ -198,6 +201,7 @@ pub fn compute(
         conditions: vec![ready, secrets, budget, provisioned, workers],
         callback_url: Some(format!("{receiver}{CALLBACK_PATH}")),
         ingest_url: Some(format!("{receiver}{INGEST_PATH}")),
+        credits_this_period: references.credits_this_period.clone(),
         ..current
     }
 }
@@ -246,6 +250,7 @@ mod tests {
         let references = References {
             budget_problem: Some("CreditBudget \"b\" not found".into()),
             secret_problems: vec![],
+            credits_this_period: CreditCost::default(),
         };
         let status = compute(
             &queue_table(),
@@ -272,6 +277,10 @@ mod tests {
         let references = References {
             budget_problem: None,
             secret_problems: vec![],
+            credits_this_period: CreditCost {
+                data_credits: 12.5,
+                actions: 3,
+            },
         };
         let mut table = queue_table();
         let first = compute(
@@ -294,5 +303,7 @@ mod tests {
         );
         assert_eq!(first, second, "no status churn: transition times are kept");
         assert!(find_condition(&second.conditions, READY).unwrap().status == "True");
+        assert_eq!(second.credits_this_period.data_credits, 12.5);
+        assert_eq!(second.credits_this_period.data_credits, 12.5);
     }
 }
