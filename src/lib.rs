@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod clay;
+pub mod dataplane;
 pub mod devenv;
 pub mod ledger;
 pub mod operator;

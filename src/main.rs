@@ -20,6 +20,10 @@ enum Command {
     Crds,
     /// Run the controllers (with leader election), health and metrics.
     Operator(OperatorArgs),
+    /// Run a table's worker: source → de-dupe → credits → Clay.
+    Worker(kiln::dataplane::worker::WorkerArgs),
+    /// Run a table's receiver: row ingest and Clay callbacks → sink.
+    Receiver(kiln::dataplane::receiver::ReceiverArgs),
     /// Run a local stand-in for Clay (webhook sources, callbacks, routines API).
     ClaySim(kiln::clay::sim::SimArgs),
 }
@@ -34,6 +38,14 @@ fn main() -> anyhow::Result<()> {
         Command::Operator(args) => {
             telemetry::init(cli.log_format);
             runtime()?.block_on(kiln::operator::run(args))
+        }
+        Command::Worker(args) => {
+            telemetry::init(cli.log_format);
+            runtime()?.block_on(kiln::dataplane::worker::run(args))
+        }
+        Command::Receiver(args) => {
+            telemetry::init(cli.log_format);
+            runtime()?.block_on(kiln::dataplane::receiver::run(args))
         }
         Command::ClaySim(args) => {
             telemetry::init(cli.log_format);

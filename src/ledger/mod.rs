@@ -91,4 +91,7 @@ pub enum DenialReason {
 pub struct Denial {
     pub reason: DenialReason,
     pub message: String,
+    /// What the budget wants tables to do while refused.
+    #[serde(default)]
+    pub on_exhausted: crate::api::budget::OnExhausted,
 }

@@ -258,3 +258,86 @@ pub async fn start_clay_sim(name: &str, flags: &[&str]) -> ClaySim {
     .await;
     ClaySim { process, url }
 }
+
+/// A running `redis-server` on a free loopback port.
+pub struct Redis {
+    pub process: process::ManagedProcess,
+    pub url: String,
+    pub port: u16,
+}
+
+/// Starts Redis (Debian's redis-server) without persistence.
+pub async fn start_redis(name: &str) -> Redis {
+    let port = kiln::devenv::free_port().unwrap();
+    let dir = work_dir().join(format!("redis-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut command = std::process::Command::new("redis-server");
+    command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+    command.current_dir(&dir);
+    let process = process::ManagedProcess::spawn(&format!("redis-{name}"), command, work_dir()).expect("starting redis-server (apt-get install redis-server)");
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    wait::until("redis to answer", || async {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+    })
+    .await;
+    Redis { process, url, port }
+}
+
+/// A kubeconfig for the test control plane that authenticates with `token`
+/// (e.g. a table's ServiceAccount), so processes run with exactly its RBAC.
+pub async fn kubeconfig_for_token(name: &str, token: &str) -> PathBuf {
+    let plane = control_plane().await;
+    let admin = std::fs::read_to_string(plane.kubeconfig_path()).unwrap();
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&admin).unwrap();
+    config["users"][0]["user"]["token"] = serde_yaml::Value::String(token.to_string());
+    let path = work_dir().join(format!("kubeconfig-{name}"));
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// Issues a token for a ServiceAccount (waiting until it exists).
+pub async fn service_account_token(client: &kube::Client, namespace: &str, account: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
+    wait::until(&format!("ServiceAccount {account}"), || async { accounts.get_opt(account).await.ok()? }).await;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .expect("issuing a ServiceAccount token")
+        .status
+        .expect("a token")
+        .token
+}
+
+/// Starts `kiln <role> --table ns/name` the way its pod template does, with
+/// the table's ServiceAccount credentials and the given operator endpoints.
+pub fn start_dataplane(role: &str, table: &str, kubeconfig: &std::path::Path, token_file: &std::path::Path, operator_urls: &str, extra: &[&str]) -> KilnProcess {
+    let health_port = kiln::devenv::free_port().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,kiln=debug")
+        .args(["--log-format", "json", role, "--table", table])
+        .args(["--operator-url", operator_urls])
+        .args(["--ledger-token-file", token_file.to_str().unwrap()])
+        .args(["--health-addr", &format!("127.0.0.1:{health_port}")])
+        .args(extra);
+    let name = format!("{role}-{}-{health_port}", table.replace('/', "-"));
+    let process = process::ManagedProcess::spawn(&name, command, work_dir()).expect("starting a data-plane process");
+    KilnProcess {
+        process,
+        health_port,
+        api_port: 0,
+    }
+}

@@ -81,7 +81,11 @@ pub fn reserve(
     }
     let deny = |status: &mut CreditBudgetStatus, reason, message: String| {
         status.denials += 1;
-        Err(Denial { reason, message })
+        Err(Denial {
+            reason,
+            message,
+            on_exhausted: spec.on_exhausted,
+        })
     };
     if spec.paused {
         return deny(

@@ -1,0 +1,239 @@
+//! `kiln receiver`: the ingest endpoint (`POST /v1/rows`) and the endpoint
+//! Clay's HTTP API column calls back (`POST /v1/clay/callback`). A callback
+//! claims its pending row and delivers it in one atomic step, so duplicate
+//! callbacks, or two receivers racing, deliver a row exactly once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures::FutureExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use super::store::{Keys, RedisStore};
+use super::{DataplaneArgs, TableRuntime};
+use crate::api::table::CreditCost;
+use crate::ledger::client::{LedgerClient, LedgerClientError};
+use crate::ledger::SettleRequest;
+use crate::operator::metrics::{Readiness, serve_health};
+
+/// The header Clay's HTTP API column must send, with the callback token.
+pub const CALLBACK_TOKEN_HEADER: &str = "x-kiln-token";
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ReceiverArgs {
+    #[command(flatten)]
+    pub common: DataplaneArgs,
+    /// Address of the ingest and callback API.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Print the HTTP API column settings to paste into Clay, then exit.
+    #[arg(long)]
+    pub print_clay_template: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    outcome: &'static str,
+}
+
+struct Receiver {
+    runtime: Arc<TableRuntime>,
+    store: RedisStore,
+    ledger: LedgerClient,
+    requests: Family<RequestLabels, Counter>,
+}
+
+/// What to paste into the Clay table's HTTP API column.
+pub fn clay_template(callback_url: &str, cost_pointer: &str) -> String {
+    let cost_field = cost_pointer.trim_start_matches('/');
+    format!(
+        "Method:  POST\nURL:     {callback_url}\nHeaders: {CALLBACK_TOKEN_HEADER}: <the value of spec.clay.callbackTokenSecretRef>\n         Content-Type: application/json\nBody (JSON; reference your enrichment columns with \"/Column Name\"):\n{{\n  \"kiln_row_id\": \"/kiln_row_id\",\n  \"{cost_field}\": \"/Credits Used\",\n  \"email\": \"/Email\",\n  \"company\": \"/Company\"\n}}\nRun the column when the row's enrichments finish; kiln_row_id must be echoed unchanged.\n"
+    )
+}
+
+pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let (namespace, name) = args.common.namespace_and_name()?;
+    let runtime = TableRuntime::load(&client, &namespace, &name).await?;
+    if args.print_clay_template {
+        let url = runtime
+            .table
+            .status
+            .as_ref()
+            .and_then(|s| s.callback_url.clone())
+            .unwrap_or_else(|| format!("{}/v1/clay/callback", crate::operator::table::build::receiver_url(&name, &namespace)));
+        print!("{}", clay_template(&url, &runtime.table.spec.clay.cost_pointer));
+        return Ok(());
+    }
+    let redis_url = runtime
+        .redis_url
+        .clone()
+        .context("this receiver needs spec.redis (tiers Queue and Event)")?;
+    let store = RedisStore::connect(redis_url.expose(), Keys::new(&namespace, &name))
+        .await
+        .context("connecting to Redis")?;
+    let mut registry = Registry::default();
+    let requests = Family::<RequestLabels, Counter>::default();
+    registry.register("kiln_receiver_requests", "Receiver requests by endpoint and outcome", requests.clone());
+    let receiver = Arc::new(Receiver {
+        ledger: args.common.ledger(),
+        runtime,
+        store,
+        requests,
+    });
+    let shutdown = crate::shutdown_signal().shared();
+    let readiness = Readiness::default();
+    let health = tokio::spawn(serve_health(args.common.health_addr, registry, readiness.clone(), shutdown.clone()));
+    let max_body = receiver
+        .runtime
+        .table
+        .spec
+        .source
+        .http
+        .as_ref()
+        .map_or(1024 * 1024, |h| h.max_body_bytes as usize);
+    let app = Router::new()
+        .route("/v1/rows", post(ingest))
+        .route("/v1/clay/callback", post(callback))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(receiver);
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tracing::info!(addr = %args.listen, table = %args.common.table, "receiver started");
+    readiness.set(true);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    health.await??;
+    tracing::info!("receiver stopped");
+    Ok(())
+}
+
+impl Receiver {
+    fn count(&self, endpoint: &'static str, outcome: &'static str) {
+        self.requests.get_or_create(&RequestLabels { endpoint, outcome }).inc();
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+async fn ingest(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(token) = &receiver.runtime.ingest_token else {
+        receiver.count("rows", "disabled");
+        return reply(StatusCode::NOT_FOUND, json!({"error": "this table does not take rows over HTTP (spec.source.http is not set)"}));
+    };
+    if !bearer_matches(&headers, token.expose()) {
+        receiver.count("rows", "unauthorized");
+        return reply(StatusCode::UNAUTHORIZED, json!({"error": "missing or wrong bearer token"}));
+    }
+    let rows = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(row)) => vec![Value::Object(row)],
+        Ok(Value::Array(rows)) if !rows.is_empty() && rows.iter().all(Value::is_object) => rows,
+        _ => {
+            receiver.count("rows", "invalid");
+            return reply(StatusCode::BAD_REQUEST, json!({"error": "body must be a JSON object or a non-empty array of objects"}));
+        }
+    };
+    let with_ids: Vec<(String, Value)> = rows
+        .into_iter()
+        .map(|row| (format!("{}-{}", receiver.runtime.name, uuid::Uuid::new_v4().simple()), row))
+        .collect();
+    let inbox = receiver.store.keys().inbox();
+    match receiver.store.enqueue(&inbox, &with_ids).await {
+        Ok(_) => {
+            receiver.count("rows", "accepted");
+            let ids: Vec<&str> = with_ids.iter().map(|(id, _)| id.as_str()).collect();
+            reply(StatusCode::ACCEPTED, json!({"accepted": ids.len(), "rowIds": ids}))
+        }
+        Err(error) => {
+            receiver.count("rows", "unavailable");
+            tracing::warn!(%error, "enqueueing rows failed");
+            reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "the row store is unavailable; retry"}))
+        }
+    }
+}
+
+async fn callback(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
+    let given = headers.get(CALLBACK_TOKEN_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if !bool::from(given.ct_eq(receiver.runtime.callback_token.expose().as_bytes())) {
+        receiver.count("callback", "unauthorized");
+        return reply(StatusCode::UNAUTHORIZED, json!({"error": format!("missing or wrong {CALLBACK_TOKEN_HEADER} header")}));
+    }
+    let result = match serde_json::from_slice::<Value>(&body) {
+        Ok(value @ Value::Object(_)) => value,
+        _ => {
+            receiver.count("callback", "invalid");
+            return reply(StatusCode::BAD_REQUEST, json!({"error": "body must be a JSON object"}));
+        }
+    };
+    let Some(row_id) = result.get("kiln_row_id").and_then(Value::as_str).map(str::to_string) else {
+        receiver.count("callback", "invalid");
+        return reply(StatusCode::BAD_REQUEST, json!({"error": "kiln_row_id is missing: the HTTP API column must echo it"}));
+    };
+    let spec = &receiver.runtime.table.spec;
+    let sink = spec.sink.as_ref().and_then(|s| s.redis_stream.as_ref());
+    let sink_stream = sink
+        .map(|s| s.stream.clone())
+        .unwrap_or_else(|| format!("kiln:{}/{}:results", receiver.runtime.namespace, receiver.runtime.name));
+    let claimed = receiver
+        .store
+        .claim_callback(&row_id, &result, jiff::Timestamp::now().as_millisecond(), &sink_stream, sink.and_then(|s| s.max_len).unwrap_or(0))
+        .await;
+    let pending = match claimed {
+        Ok(Some(pending)) => pending,
+        Ok(None) => {
+            // Already delivered (Clay called twice) or no longer pending: acknowledge so Clay stops.
+            receiver.count("callback", "duplicate");
+            return reply(StatusCode::OK, json!({"status": "duplicate"}));
+        }
+        Err(error) => {
+            receiver.count("callback", "unavailable");
+            tracing::warn!(%error, "claiming a callback failed");
+            return reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "the row store is unavailable; retry"}));
+        }
+    };
+    let reported = result.pointer(&spec.clay.cost_pointer).and_then(Value::as_f64);
+    let used = CreditCost {
+        data_credits: reported.unwrap_or(pending.reserved_credits),
+        actions: pending.reserved_actions,
+    };
+    let settle = SettleRequest {
+        namespace: receiver.runtime.namespace.clone(),
+        budget: spec.budget_ref.name.clone(),
+        table: receiver.runtime.name.clone(),
+        reservation: pending.reservation.clone(),
+        seq: 1,
+        used,
+        release: true,
+        successes: 1,
+        failures: 0,
+    };
+    match receiver.ledger.settle(&settle).await {
+        Ok(()) | Err(LedgerClientError::Rejected { status: 409, .. }) => {}
+        // The reservation will expire and count as spent: never under-counted.
+        Err(error) => tracing::warn!(%error, row = %row_id, "settling credits failed"),
+    }
+    receiver.count("callback", "delivered");
+    reply(StatusCode::OK, json!({"status": "delivered"}))
+}

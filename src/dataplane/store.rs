@@ -1,0 +1,423 @@
+//! Row state in Redis: pending rows with deadlines, the de-duplication index,
+//! counters and webhook-source submission counts. Every transition that must
+//! not half-happen (a row becoming pending and its source entry acknowledged;
+//! a callback claiming a row and delivering it) is one Lua script.
+
+use std::collections::HashMap;
+
+use futures::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clay::ClayError;
+use crate::clay::rotation::SubmissionCounter;
+
+/// A row that was handed to Clay and waits for its callback.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PendingRow {
+    pub row_id: String,
+    pub key: String,
+    pub row: Value,
+    pub attempt: u32,
+    /// The credit reservation covering this attempt.
+    pub reservation: String,
+    pub reserved_credits: f64,
+    pub reserved_actions: u64,
+}
+
+/// Redis keys of one table.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(namespace: &str, table: &str) -> Self {
+        Self {
+            prefix: format!("kiln:{namespace}/{table}"),
+        }
+    }
+    pub fn inbox(&self) -> String {
+        format!("{}:inbox", self.prefix)
+    }
+    fn pending(&self) -> String {
+        format!("{}:pending", self.prefix)
+    }
+    fn deadlines(&self) -> String {
+        format!("{}:deadlines", self.prefix)
+    }
+    fn dedupe(&self) -> String {
+        format!("{}:dedupe", self.prefix)
+    }
+    fn enriched_at(&self) -> String {
+        format!("{}:enriched-at", self.prefix)
+    }
+    fn counters(&self) -> String {
+        format!("{}:counters", self.prefix)
+    }
+    fn sources(&self) -> String {
+        format!("{}:sources", self.prefix)
+    }
+}
+
+/// Where a source entry came from, so scripts can acknowledge it atomically.
+#[derive(Clone, Debug)]
+pub struct SourceEntry {
+    pub stream: String,
+    pub group: String,
+    pub id: String,
+}
+
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    /// A second connection for blocking stream reads, so they never hold up
+    /// the short commands multiplexed on the first.
+    blocking: ConnectionManager,
+    keys: Keys,
+}
+
+/// Longest wait for a blocking read's answer (its BLOCK time plus slack).
+const BLOCKING_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+const MAKE_PENDING: &str = r#"
+-- KEYS: pending, deadlines, counters, source stream; ARGV: row_id, pending json, deadline ms, group, entry id
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('HINCRBY', KEYS[3], 'submitted', 1)
+end
+redis.call('XACK', KEYS[4], ARGV[4], ARGV[5])
+return 1
+"#;
+
+const CLAIM_CALLBACK: &str = r#"
+-- KEYS: pending, deadlines, dedupe, enriched-at, counters, sink; ARGV: row_id, result json, now ms, sink maxlen (0 = none)
+local pending = redis.call('HGET', KEYS[1], ARGV[1])
+if not pending then
+  redis.call('HINCRBY', KEYS[5], 'duplicateCallbacks', 1)
+  return false
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local key = cjson.decode(pending)['key']
+redis.call('HSET', KEYS[3], key, ARGV[3] .. '|' .. ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], key)
+if tonumber(ARGV[4]) > 0 then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[4], '*', 'row_id', ARGV[1], 'key', key, 'result', ARGV[2])
+else
+  redis.call('XADD', KEYS[6], '*', 'row_id', ARGV[1], 'key', key, 'result', ARGV[2])
+end
+redis.call('HINCRBY', KEYS[5], 'enriched', 1)
+redis.call('HINCRBY', KEYS[5], 'delivered', 1)
+redis.call('HSET', KEYS[5], 'lastEnrichedAtMs', ARGV[3])
+return pending
+"#;
+
+const DELIVER_STORED: &str = r#"
+-- KEYS: sink, counters, source stream; ARGV: row_id, key, result json, group, entry id, sink maxlen
+if tonumber(ARGV[6]) > 0 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'row_id', ARGV[1], 'key', ARGV[2], 'result', ARGV[3], 'deduplicated', '1')
+else
+  redis.call('XADD', KEYS[1], '*', 'row_id', ARGV[1], 'key', ARGV[2], 'result', ARGV[3], 'deduplicated', '1')
+end
+redis.call('HINCRBY', KEYS[2], 'deduplicated', 1)
+redis.call('HINCRBY', KEYS[2], 'delivered', 1)
+redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+return 1
+"#;
+
+const DEAD_LETTER_ENTRY: &str = r#"
+-- KEYS: dead-letter stream, counters, source stream; ARGV: row_id, reason, row json, attempts, group, entry id
+redis.call('XADD', KEYS[1], '*', 'row_id', ARGV[1], 'reason', ARGV[2], 'row', ARGV[3], 'attempts', ARGV[4])
+redis.call('HINCRBY', KEYS[2], 'deadLettered', 1)
+redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+return 1
+"#;
+
+const DEAD_LETTER_PENDING: &str = r#"
+-- KEYS: pending, deadlines, dead-letter stream, counters; ARGV: row_id, reason
+local pending = redis.call('HGET', KEYS[1], ARGV[1])
+if not pending then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local p = cjson.decode(pending)
+redis.call('XADD', KEYS[3], '*', 'row_id', ARGV[1], 'reason', ARGV[2], 'row', cjson.encode(p['row']), 'attempts', tostring(p['attempt']))
+redis.call('HINCRBY', KEYS[4], 'deadLettered', 1)
+return pending
+"#;
+
+const TAKE_EXPIRED: &str = r#"
+-- KEYS: deadlines, pending; ARGV: now ms, lease until ms, limit
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  local p = redis.call('HGET', KEYS[2], id)
+  if p then table.insert(out, p) end
+end
+return out
+"#;
+
+const REPLACE_PENDING: &str = r#"
+-- KEYS: pending, deadlines; ARGV: row_id, pending json, deadline ms, expected old reservation
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return 0 end
+if cjson.decode(current)['reservation'] ~= ARGV[4] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"#;
+
+const TRY_ADD: &str = r#"
+-- KEYS: sources; ARGV: source, n, limit
+local count = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if count + tonumber(ARGV[2]) > tonumber(ARGV[3]) then return -1 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+"#;
+
+impl RedisStore {
+    pub async fn connect(url: &str, keys: Keys) -> redis::RedisResult<Self> {
+        let client = redis::Client::open(url)?;
+        let connection = ConnectionManager::new(client.clone()).await?;
+        let blocking_config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(BLOCKING_READ_TIMEOUT));
+        let blocking = ConnectionManager::new_with_config(client, blocking_config).await?;
+        Ok(Self {
+            connection,
+            blocking,
+            keys,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
+    /// Creates the consumer group (and the stream) if missing.
+    pub async fn ensure_group(&self, stream: &str, group: &str) -> redis::RedisResult<()> {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Appends rows to a stream (the ingest endpoint); returns entry ids.
+    pub async fn enqueue(&self, stream: &str, rows: &[(String, Value)]) -> redis::RedisResult<Vec<String>> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (row_id, row) in rows {
+            pipe.cmd("XADD").arg(stream).arg("*").arg("row_id").arg(row_id).arg("row").arg(row.to_string());
+        }
+        pipe.cmd("HINCRBY").arg(self.keys.counters()).arg("received").arg(rows.len());
+        let mut ids: Vec<redis::Value> = pipe.query_async(&mut self.conn()).await?;
+        ids.pop();
+        ids.into_iter()
+            .map(|v| redis::from_redis_value(v).map_err(redis::RedisError::from))
+            .collect()
+    }
+
+    /// Reads entries for this consumer: first its own unacknowledged ones
+    /// (rows it paused on, or left by its previous incarnation), then
+    /// entries of consumers idle longer than `reclaim_idle_ms` (a crashed
+    /// worker's rows), then new entries, blocking up to `block_ms`.
+    pub async fn read(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block_ms: u64,
+        reclaim_idle_ms: u64,
+    ) -> redis::RedisResult<Vec<(String, HashMap<String, redis::Value>)>> {
+        let flatten = |reply: Option<redis::streams::StreamReadReply>| -> Vec<(String, HashMap<String, redis::Value>)> {
+            reply
+                .map(|r| r.keys.into_iter().flat_map(|k| k.ids).map(|e| (e.id, e.map)).collect())
+                .unwrap_or_default()
+        };
+        let own_options = redis::streams::StreamReadOptions::default().group(group, consumer).count(count);
+        let own: Option<redis::streams::StreamReadReply> = self.conn().xread_options(&[stream], &["0"], &own_options).await?;
+        let own = flatten(own);
+        if !own.is_empty() {
+            return Ok(own);
+        }
+        let claimed: (String, redis::streams::StreamClaimReply, Vec<String>) = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(reclaim_idle_ms)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn())
+            .await?;
+        if !claimed.1.ids.is_empty() {
+            return Ok(claimed.1.ids.into_iter().map(|e| (e.id, e.map)).collect());
+        }
+        let options = redis::streams::StreamReadOptions::default()
+            .group(group, consumer)
+            .count(count)
+            .block(block_ms as usize);
+        let new: Option<redis::streams::StreamReadReply> = self.blocking.clone().xread_options(&[stream], &[">"], &options).await?;
+        Ok(flatten(new))
+    }
+
+    /// The stored result for `key` and when it was enriched (ms), if any.
+    pub async fn dedupe_lookup(&self, key: &str) -> redis::RedisResult<Option<(i64, String)>> {
+        let stored: Option<String> = self.conn().hget(self.keys.dedupe(), key).await?;
+        Ok(stored.and_then(|s| {
+            let (at, result) = s.split_once('|')?;
+            Some((at.parse().ok()?, result.to_string()))
+        }))
+    }
+
+    /// Records the row as pending and acknowledges its source entry, atomically.
+    pub async fn make_pending(&self, pending: &PendingRow, deadline_ms: i64, entry: &SourceEntry) -> redis::RedisResult<()> {
+        let json = serde_json::to_string(pending).expect("a pending row serializes");
+        Script::new(MAKE_PENDING)
+            .key(self.keys.pending())
+            .key(self.keys.deadlines())
+            .key(self.keys.counters())
+            .key(&entry.stream)
+            .arg(&pending.row_id)
+            .arg(json)
+            .arg(deadline_ms)
+            .arg(&entry.group)
+            .arg(&entry.id)
+            .invoke_async(&mut self.conn())
+            .await
+    }
+
+    /// Claims a pending row for its callback and delivers the result to the
+    /// sink stream in one step. None when the row is not pending (a duplicate
+    /// or a late callback): nothing is delivered twice.
+    pub async fn claim_callback(&self, row_id: &str, result: &Value, now_ms: i64, sink: &str, sink_max_len: u64) -> redis::RedisResult<Option<PendingRow>> {
+        let claimed: Option<String> = Script::new(CLAIM_CALLBACK)
+            .key(self.keys.pending())
+            .key(self.keys.deadlines())
+            .key(self.keys.dedupe())
+            .key(self.keys.enriched_at())
+            .key(self.keys.counters())
+            .key(sink)
+            .arg(row_id)
+            .arg(result.to_string())
+            .arg(now_ms)
+            .arg(sink_max_len)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(claimed.and_then(|p| serde_json::from_str(&p).ok()))
+    }
+
+    /// Delivers a stored (de-duplicated) result and acknowledges the entry.
+    pub async fn deliver_stored(&self, row_id: &str, key: &str, result: &str, sink: &str, sink_max_len: u64, entry: &SourceEntry) -> redis::RedisResult<()> {
+        Script::new(DELIVER_STORED)
+            .key(sink)
+            .key(self.keys.counters())
+            .key(&entry.stream)
+            .arg(row_id)
+            .arg(key)
+            .arg(result)
+            .arg(&entry.group)
+            .arg(&entry.id)
+            .arg(sink_max_len)
+            .invoke_async(&mut self.conn())
+            .await
+    }
+
+    /// Dead-letters a source entry that never became pending, and acknowledges it.
+    pub async fn dead_letter_entry(&self, dead_letter: &str, row_id: &str, reason: &str, row: &Value, attempts: u32, entry: &SourceEntry) -> redis::RedisResult<()> {
+        Script::new(DEAD_LETTER_ENTRY)
+            .key(dead_letter)
+            .key(self.keys.counters())
+            .key(&entry.stream)
+            .arg(row_id)
+            .arg(reason)
+            .arg(row.to_string())
+            .arg(attempts)
+            .arg(&entry.group)
+            .arg(&entry.id)
+            .invoke_async(&mut self.conn())
+            .await
+    }
+
+    /// Dead-letters a pending row; None if it was no longer pending.
+    pub async fn dead_letter_pending(&self, dead_letter: &str, row_id: &str, reason: &str) -> redis::RedisResult<Option<PendingRow>> {
+        let removed: Option<String> = Script::new(DEAD_LETTER_PENDING)
+            .key(self.keys.pending())
+            .key(self.keys.deadlines())
+            .key(dead_letter)
+            .key(self.keys.counters())
+            .arg(row_id)
+            .arg(reason)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(removed.and_then(|p| serde_json::from_str(&p).ok()))
+    }
+
+    /// Takes pending rows past their deadline, leasing them to this caller
+    /// until `lease_until_ms` so other workers skip them meanwhile.
+    pub async fn take_expired(&self, now_ms: i64, lease_until_ms: i64, limit: usize) -> redis::RedisResult<Vec<PendingRow>> {
+        let rows: Vec<String> = Script::new(TAKE_EXPIRED)
+            .key(self.keys.deadlines())
+            .key(self.keys.pending())
+            .arg(now_ms)
+            .arg(lease_until_ms)
+            .arg(limit)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(rows.iter().filter_map(|p| serde_json::from_str(p).ok()).collect())
+    }
+
+    /// Replaces a pending row for its next attempt, unless a callback (or
+    /// another worker) changed it since `previous_reservation` was read.
+    pub async fn replace_pending(&self, pending: &PendingRow, deadline_ms: i64, previous_reservation: &str) -> redis::RedisResult<bool> {
+        let replaced: i64 = Script::new(REPLACE_PENDING)
+            .key(self.keys.pending())
+            .key(self.keys.deadlines())
+            .arg(&pending.row_id)
+            .arg(serde_json::to_string(pending).expect("a pending row serializes"))
+            .arg(deadline_ms)
+            .arg(previous_reservation)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(replaced == 1)
+    }
+
+    /// The table's counters.
+    pub async fn counters(&self) -> redis::RedisResult<HashMap<String, i64>> {
+        self.conn().hgetall(self.keys.counters()).await
+    }
+
+    /// Rows currently pending.
+    pub async fn pending_count(&self) -> redis::RedisResult<u64> {
+        self.conn().hlen(self.keys.pending()).await
+    }
+}
+
+impl SubmissionCounter for RedisStore {
+    fn try_add<'a>(&'a self, source: &'a str, n: u64, limit: u64) -> BoxFuture<'a, Result<Option<u64>, ClayError>> {
+        Box::pin(async move {
+            let count: i64 = Script::new(TRY_ADD)
+                .key(self.keys.sources())
+                .arg(source)
+                .arg(n)
+                .arg(limit)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(|e| ClayError::CounterUnavailable(e.to_string()))?;
+            Ok((count >= 0).then_some(count as u64))
+        })
+    }
+}
