@@ -36,12 +36,26 @@ impl Pipeline {
     }
 
     fn worker(&self) -> support::KilnProcess {
-        support::start_dataplane("worker", &self.table(), &self.kubeconfig, &self.token_file, &self.operator_url(), &["--identity", "worker-0"])
+        support::start_dataplane(
+            "worker",
+            &self.table(),
+            &self.kubeconfig,
+            &self.token_file,
+            &self.operator_url(),
+            &["--identity", "worker-0"],
+        )
     }
 
     fn receiver(&self) -> support::KilnProcess {
         let listen = format!("127.0.0.1:{}", self.receiver_port);
-        support::start_dataplane("receiver", &self.table(), &self.kubeconfig, &self.token_file, &self.operator_url(), &["--listen", &listen])
+        support::start_dataplane(
+            "receiver",
+            &self.table(),
+            &self.kubeconfig,
+            &self.token_file,
+            &self.operator_url(),
+            &["--listen", &listen],
+        )
     }
 
     async fn push(&self, rows: &[Value]) {
@@ -64,11 +78,22 @@ impl Pipeline {
     async fn stream(&self, name: &str) -> Vec<HashMap<String, String>> {
         let client = redis::Client::open(self.redis.url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE").arg(name).arg("-").arg("+").query_async(&mut conn).await.unwrap();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(name)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         reply
             .ids
             .into_iter()
-            .map(|e| e.map.into_iter().map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap())).collect())
+            .map(|e| {
+                e.map
+                    .into_iter()
+                    .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap()))
+                    .collect()
+            })
             .collect()
     }
 }
@@ -100,13 +125,19 @@ async fn pipeline(test: &str, sim_flags: &[&str], limit: f64) -> Pipeline {
         ])),
         ..Default::default()
     };
-    env.api::<Secret>().create(&PostParams::default(), &secret).await.unwrap();
+    env.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let budget: CreditBudget = serde_json::from_value(json!({
         "apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget", "metadata": {"name": "team"},
         "spec": {"limits": {"dataCredits": limit}, "onExhausted": "Pause"}
     }))
     .unwrap();
-    env.api::<CreditBudget>().create(&PostParams::default(), &budget).await.unwrap();
+    env.api::<CreditBudget>()
+        .create(&PostParams::default(), &budget)
+        .await
+        .unwrap();
     let table: EnrichmentTable = serde_json::from_value(json!({
         "apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable", "metadata": {"name": "leads"},
         "spec": {
@@ -126,10 +157,19 @@ async fn pipeline(test: &str, sim_flags: &[&str], limit: f64) -> Pipeline {
         }
     }))
     .unwrap();
-    env.api::<EnrichmentTable>().create(&PostParams::default(), &table).await.unwrap();
+    env.api::<EnrichmentTable>()
+        .create(&PostParams::default(), &table)
+        .await
+        .unwrap();
     let token = support::service_account_token(&env.client, &env.namespace, "kiln-leads").await;
     // The Role the operator provisioned must be enough for the data plane.
-    support::wait_condition(&env.api::<EnrichmentTable>(), "leads", "Provisioned", "True").await;
+    support::wait_condition(
+        &env.api::<EnrichmentTable>(),
+        "leads",
+        "Provisioned",
+        "True",
+    )
+    .await;
     let kubeconfig = support::kubeconfig_for_token(test, &token).await;
     let token_file = support::work_dir().join(format!("token-{test}"));
     std::fs::write(&token_file, &token).unwrap();
@@ -145,17 +185,59 @@ async fn pipeline(test: &str, sim_flags: &[&str], limit: f64) -> Pipeline {
 }
 
 fn leads(n: usize, offset: usize) -> Vec<Value> {
-    (offset..offset + n).map(|i| json!({"email": format!("lead{i}@example.com"), "company": format!("Company {i}")})).collect()
+    (offset..offset + n)
+        .map(
+            |i| json!({"email": format!("lead{i}@example.com"), "company": format!("Company {i}")}),
+        )
+        .collect()
 }
 
-/// Waits until every pushed row is delivered or dead-lettered and nothing is pending.
-async fn wait_terminal(p: &Pipeline, expected: usize) -> (Vec<HashMap<String, String>>, Vec<HashMap<String, String>>) {
-    wait::until_within("every row in a terminal state", Duration::from_secs(240), || async {
+/// Waits until every pushed row is delivered or dead-lettered and nothing is
+/// pending; on timeout, fails with the pipeline's state for diagnosis.
+async fn wait_terminal(
+    p: &Pipeline,
+    expected: usize,
+) -> (Vec<HashMap<String, String>>, Vec<HashMap<String, String>>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
         let delivered = p.stream("leads:enriched").await;
         let dead = p.stream("leads:dead").await;
-        (delivered.len() + dead.len() >= expected).then_some((delivered, dead))
-    })
-    .await
+        if delivered.len() + dead.len() >= expected {
+            return (delivered, dead);
+        }
+        if std::time::Instant::now() > deadline {
+            let client = redis::Client::open(p.redis.url.as_str()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let pending: i64 = redis::cmd("HLEN")
+                .arg(format!("kiln:{}/leads:pending", p.env.namespace))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let groups: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(format!("kiln:{}/leads:inbox", p.env.namespace))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let budget = p
+                .env
+                .api::<CreditBudget>()
+                .get("team")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            panic!(
+                "only {} delivered + {} dead of {expected}; {pending} pending; group {groups:?}; sim {:?}; open reservations {}; used {}",
+                delivered.len(),
+                dead.len(),
+                p.sim.stats().await,
+                budget.reservations.len(),
+                budget.used.data_credits
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[tokio::test]
@@ -163,9 +245,26 @@ async fn two_thousand_rows_through_faults_and_crashes_end_exactly_once_within_bu
     let p = pipeline(
         "queue-e2e",
         &[
-            "--latency-min-ms", "20", "--latency-max-ms", "300", "--rate", "1000", "--burst", "1000",
-            "--error-rate", "0.05", "--drop-rate", "0.03", "--duplicate-rate", "0.03",
-            "--provider", "email:1:0.9", "--provider", "phone:5:0.5", "--seed", "7",
+            "--latency-min-ms",
+            "20",
+            "--latency-max-ms",
+            "300",
+            "--rate",
+            "1000",
+            "--burst",
+            "1000",
+            "--error-rate",
+            "0.05",
+            "--drop-rate",
+            "0.03",
+            "--duplicate-rate",
+            "0.03",
+            "--provider",
+            "email:1:0.9",
+            "--provider",
+            "phone:5:0.5",
+            "--seed",
+            "7",
         ],
         1_000_000.0,
     )
@@ -193,11 +292,18 @@ async fn two_thousand_rows_through_faults_and_crashes_end_exactly_once_within_bu
         *seen.entry(entry["row_id"].clone()).or_default() += 1;
     }
     assert_eq!(seen.len(), 2000, "every row reached a terminal state");
-    assert!(seen.values().all(|n| *n == 1), "no row was delivered twice or both delivered and dead-lettered");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "no row was delivered twice or both delivered and dead-lettered"
+    );
     for entry in &dead {
-        assert!(!entry["reason"].is_empty(), "dead letters carry a reason: {entry:?}");
+        assert!(
+            !entry["reason"].is_empty(),
+            "dead letters carry a reason: {entry:?}"
+        );
     }
-    let delivered_keys: std::collections::HashSet<String> = delivered.iter().map(|e| e["key"].clone()).collect();
+    let delivered_keys: std::collections::HashSet<String> =
+        delivered.iter().map(|e| e["key"].clone()).collect();
     assert_eq!(delivered_keys.len(), delivered.len());
 
     // Nothing left pending, no reservation left open, spend accounted conservatively.
@@ -208,7 +314,10 @@ async fn two_thousand_rows_through_faults_and_crashes_end_exactly_once_within_bu
     })
     .await;
     let sim = p.sim.stats().await;
-    assert!(sim.callbacks_duplicated > 0 && sim.callbacks_dropped > 0 && sim.injected_errors > 0, "faults happened: {sim:?}");
+    assert!(
+        sim.callbacks_duplicated > 0 && sim.callbacks_dropped > 0 && sim.injected_errors > 0,
+        "faults happened: {sim:?}"
+    );
     assert!(
         sim.data_credits_charged <= status.used.data_credits + 1e-6,
         "the ledger never under-counts Clay: sim charged {} ledger {}",
@@ -219,20 +328,40 @@ async fn two_thousand_rows_through_faults_and_crashes_end_exactly_once_within_bu
     // Same keys again inside the de-dupe window: zero credits.
     let charged_before = sim.data_credits_charged;
     p.push(&rows[..500]).await;
-    wait::until_within("the repeated keys delivered from the store", Duration::from_secs(120), || async {
-        let delivered = p.stream("leads:enriched").await;
-        let deduped = delivered.iter().filter(|e| e.get("deduplicated").is_some()).count();
-        (deduped >= 500 - dead.iter().filter(|d| leads_index(&d["row"]) < 500).count()).then_some(())
-    })
+    wait::until_within(
+        "the repeated keys delivered from the store",
+        Duration::from_secs(120),
+        || async {
+            let delivered = p.stream("leads:enriched").await;
+            let deduped = delivered
+                .iter()
+                .filter(|e| e.get("deduplicated").is_some())
+                .count();
+            (deduped >= 500 - dead.iter().filter(|d| leads_index(&d["row"]) < 500).count())
+                .then_some(())
+        },
+    )
     .await;
-    assert_eq!(p.sim.stats().await.data_credits_charged, charged_before, "repeated keys cost nothing");
+    assert_eq!(
+        p.sim.stats().await.data_credits_charged,
+        charged_before,
+        "repeated keys cost nothing"
+    );
 }
 
 /// The lead number of a dead-lettered row's JSON (its email is leadN@...).
 fn leads_index(row: &str) -> usize {
     serde_json::from_str::<Value>(row)
         .ok()
-        .and_then(|r| r["email"].as_str()?.strip_prefix("lead")?.split('@').next()?.parse().ok())
+        .and_then(|r| {
+            r["email"]
+                .as_str()?
+                .strip_prefix("lead")?
+                .split('@')
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(usize::MAX)
 }
 
@@ -240,7 +369,20 @@ fn leads_index(row: &str) -> usize {
 async fn without_faults_the_ledger_matches_what_clay_charged_and_the_budget_holds() {
     let p = pipeline(
         "queue-budget",
-        &["--latency-min-ms", "10", "--latency-max-ms", "50", "--rate", "1000", "--burst", "1000", "--provider", "email:2:1.0", "--seed", "3"],
+        &[
+            "--latency-min-ms",
+            "10",
+            "--latency-max-ms",
+            "50",
+            "--rate",
+            "1000",
+            "--burst",
+            "1000",
+            "--provider",
+            "email:2:1.0",
+            "--seed",
+            "3",
+        ],
         200.0,
     )
     .await;
@@ -257,9 +399,15 @@ async fn without_faults_the_ledger_matches_what_clay_charged_and_the_budget_hold
     })
     .await;
     let sim = p.sim.stats().await;
-    assert_eq!(sim.data_credits_charged, status.used.data_credits, "ledger settled exactly what Clay charged");
+    assert_eq!(
+        sim.data_credits_charged, status.used.data_credits,
+        "ledger settled exactly what Clay charged"
+    );
     assert!(status.used.data_credits <= 200.0, "never over the limit");
-    assert!(delivered.len() <= 100, "at 2 credits a row at most 100 rows fit in 200 credits");
+    assert!(
+        delivered.len() <= 100,
+        "at 2 credits a row at most 100 rows fit in 200 credits"
+    );
     // The rest waits in the stream (Pause), not lost: unread or unacknowledged.
     let client = redis::Client::open(p.redis.url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

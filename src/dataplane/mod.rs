@@ -28,7 +28,11 @@ pub struct DataplaneArgs {
     #[arg(long, env = "KILN_OPERATOR_URL", value_delimiter = ',')]
     pub operator_url: Vec<String>,
     /// ServiceAccount token file presented to the reservation API.
-    #[arg(long, env = "KILN_LEDGER_TOKEN_FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
+    #[arg(
+        long,
+        env = "KILN_LEDGER_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
     pub ledger_token_file: PathBuf,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9090")]
@@ -41,7 +45,9 @@ pub struct DataplaneArgs {
 impl DataplaneArgs {
     pub fn namespace_and_name(&self) -> anyhow::Result<(String, String)> {
         match self.table.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok((ns.to_string(), name.to_string())),
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+                Ok((ns.to_string(), name.to_string()))
+            }
             _ => bail!("--table must be NAMESPACE/NAME, got {:?}", self.table),
         }
     }
@@ -53,7 +59,10 @@ impl DataplaneArgs {
     }
 
     pub fn ledger(&self) -> LedgerClient {
-        LedgerClient::new(self.operator_url.clone(), TokenSource::File(self.ledger_token_file.clone()))
+        LedgerClient::new(
+            self.operator_url.clone(),
+            TokenSource::File(self.ledger_token_file.clone()),
+        )
     }
 }
 
@@ -70,7 +79,11 @@ pub struct TableRuntime {
 
 impl TableRuntime {
     /// Reads the table and the Secret keys it names.
-    pub async fn load(client: &kube::Client, namespace: &str, name: &str) -> anyhow::Result<Arc<Self>> {
+    pub async fn load(
+        client: &kube::Client,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<Arc<Self>> {
         let table = Api::<EnrichmentTable>::namespaced(client.clone(), namespace)
             .get(name)
             .await
@@ -86,9 +99,15 @@ impl TableRuntime {
                 let bytes = secret
                     .data
                     .and_then(|d| d.get(&reference.key).cloned())
-                    .with_context(|| format!("Secret {} has no key {:?}", reference.name, reference.key))?;
-                let text = String::from_utf8(bytes.0)
-                    .with_context(|| format!("Secret {} key {:?} is not UTF-8", reference.name, reference.key))?;
+                    .with_context(|| {
+                        format!("Secret {} has no key {:?}", reference.name, reference.key)
+                    })?;
+                let text = String::from_utf8(bytes.0).with_context(|| {
+                    format!(
+                        "Secret {} key {:?} is not UTF-8",
+                        reference.name, reference.key
+                    )
+                })?;
                 anyhow::Ok(SecretString::new(text.trim()))
             }
         };

@@ -24,8 +24,8 @@ use subtle::ConstantTimeEq;
 use super::store::{Keys, RedisStore};
 use super::{DataplaneArgs, TableRuntime};
 use crate::api::table::CreditCost;
-use crate::ledger::client::{LedgerClient, LedgerClientError};
 use crate::ledger::SettleRequest;
+use crate::ledger::client::{LedgerClient, LedgerClientError};
 use crate::operator::metrics::{Readiness, serve_health};
 
 /// The header Clay's HTTP API column must send, with the callback token.
@@ -65,7 +65,9 @@ pub fn clay_template(callback_url: &str, cost_pointer: &str) -> String {
 }
 
 pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let (namespace, name) = args.common.namespace_and_name()?;
     let runtime = TableRuntime::load(&client, &namespace, &name).await?;
     if args.print_clay_template {
@@ -74,8 +76,16 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             .status
             .as_ref()
             .and_then(|s| s.callback_url.clone())
-            .unwrap_or_else(|| format!("{}/v1/clay/callback", crate::operator::table::build::receiver_url(&name, &namespace)));
-        print!("{}", clay_template(&url, &runtime.table.spec.clay.cost_pointer));
+            .unwrap_or_else(|| {
+                format!(
+                    "{}/v1/clay/callback",
+                    crate::operator::table::build::receiver_url(&name, &namespace)
+                )
+            });
+        print!(
+            "{}",
+            clay_template(&url, &runtime.table.spec.clay.cost_pointer)
+        );
         return Ok(());
     }
     let redis_url = runtime
@@ -87,7 +97,11 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         .context("connecting to Redis")?;
     let mut registry = Registry::default();
     let requests = Family::<RequestLabels, Counter>::default();
-    registry.register("kiln_receiver_requests", "Receiver requests by endpoint and outcome", requests.clone());
+    registry.register(
+        "kiln_receiver_requests",
+        "Receiver requests by endpoint and outcome",
+        requests.clone(),
+    );
     let receiver = Arc::new(Receiver {
         ledger: args.common.ledger(),
         runtime,
@@ -96,7 +110,12 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     });
     let shutdown = crate::shutdown_signal().shared();
     let readiness = Readiness::default();
-    let health = tokio::spawn(serve_health(args.common.health_addr, registry, readiness.clone(), shutdown.clone()));
+    let health = tokio::spawn(serve_health(
+        args.common.health_addr,
+        registry,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
     let max_body = receiver
         .runtime
         .table
@@ -113,7 +132,9 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %args.listen, table = %args.common.table, "receiver started");
     readiness.set(true);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     health.await??;
     tracing::info!("receiver stopped");
     Ok(())
@@ -121,7 +142,9 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
 
 impl Receiver {
     fn count(&self, endpoint: &'static str, outcome: &'static str) {
-        self.requests.get_or_create(&RequestLabels { endpoint, outcome }).inc();
+        self.requests
+            .get_or_create(&RequestLabels { endpoint, outcome })
+            .inc();
     }
 }
 
@@ -138,67 +161,124 @@ fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
     bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
-async fn ingest(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn ingest(
+    State(receiver): State<Arc<Receiver>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Some(token) = &receiver.runtime.ingest_token else {
         receiver.count("rows", "disabled");
-        return reply(StatusCode::NOT_FOUND, json!({"error": "this table does not take rows over HTTP (spec.source.http is not set)"}));
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "this table does not take rows over HTTP (spec.source.http is not set)"}),
+        );
     };
     if !bearer_matches(&headers, token.expose()) {
         receiver.count("rows", "unauthorized");
-        return reply(StatusCode::UNAUTHORIZED, json!({"error": "missing or wrong bearer token"}));
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong bearer token"}),
+        );
     }
     let rows = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(row)) => vec![Value::Object(row)],
         Ok(Value::Array(rows)) if !rows.is_empty() && rows.iter().all(Value::is_object) => rows,
         _ => {
             receiver.count("rows", "invalid");
-            return reply(StatusCode::BAD_REQUEST, json!({"error": "body must be a JSON object or a non-empty array of objects"}));
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "body must be a JSON object or a non-empty array of objects"}),
+            );
         }
     };
     let with_ids: Vec<(String, Value)> = rows
         .into_iter()
-        .map(|row| (format!("{}-{}", receiver.runtime.name, uuid::Uuid::new_v4().simple()), row))
+        .map(|row| {
+            (
+                format!(
+                    "{}-{}",
+                    receiver.runtime.name,
+                    uuid::Uuid::new_v4().simple()
+                ),
+                row,
+            )
+        })
         .collect();
     let inbox = receiver.store.keys().inbox();
     match receiver.store.enqueue(&inbox, &with_ids).await {
         Ok(_) => {
             receiver.count("rows", "accepted");
             let ids: Vec<&str> = with_ids.iter().map(|(id, _)| id.as_str()).collect();
-            reply(StatusCode::ACCEPTED, json!({"accepted": ids.len(), "rowIds": ids}))
+            reply(
+                StatusCode::ACCEPTED,
+                json!({"accepted": ids.len(), "rowIds": ids}),
+            )
         }
         Err(error) => {
             receiver.count("rows", "unavailable");
             tracing::warn!(%error, "enqueueing rows failed");
-            reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "the row store is unavailable; retry"}))
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "the row store is unavailable; retry"}),
+            )
         }
     }
 }
 
-async fn callback(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
-    let given = headers.get(CALLBACK_TOKEN_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+async fn callback(
+    State(receiver): State<Arc<Receiver>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let given = headers
+        .get(CALLBACK_TOKEN_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
     if !bool::from(given.ct_eq(receiver.runtime.callback_token.expose().as_bytes())) {
         receiver.count("callback", "unauthorized");
-        return reply(StatusCode::UNAUTHORIZED, json!({"error": format!("missing or wrong {CALLBACK_TOKEN_HEADER} header")}));
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": format!("missing or wrong {CALLBACK_TOKEN_HEADER} header")}),
+        );
     }
     let result = match serde_json::from_slice::<Value>(&body) {
         Ok(value @ Value::Object(_)) => value,
         _ => {
             receiver.count("callback", "invalid");
-            return reply(StatusCode::BAD_REQUEST, json!({"error": "body must be a JSON object"}));
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "body must be a JSON object"}),
+            );
         }
     };
-    let Some(row_id) = result.get("kiln_row_id").and_then(Value::as_str).map(str::to_string) else {
+    let Some(row_id) = result
+        .get("kiln_row_id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
         receiver.count("callback", "invalid");
-        return reply(StatusCode::BAD_REQUEST, json!({"error": "kiln_row_id is missing: the HTTP API column must echo it"}));
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "kiln_row_id is missing: the HTTP API column must echo it"}),
+        );
     };
     let spec = &receiver.runtime.table.spec;
     let sink = spec.sink.as_ref().and_then(|s| s.redis_stream.as_ref());
-    let sink_stream = sink
-        .map(|s| s.stream.clone())
-        .unwrap_or_else(|| format!("kiln:{}/{}:results", receiver.runtime.namespace, receiver.runtime.name));
+    let sink_stream = sink.map(|s| s.stream.clone()).unwrap_or_else(|| {
+        format!(
+            "kiln:{}/{}:results",
+            receiver.runtime.namespace, receiver.runtime.name
+        )
+    });
     let claimed = receiver
         .store
-        .claim_callback(&row_id, &result, jiff::Timestamp::now().as_millisecond(), &sink_stream, sink.and_then(|s| s.max_len).unwrap_or(0))
+        .claim_callback(
+            &row_id,
+            &result,
+            jiff::Timestamp::now().as_millisecond(),
+            &sink_stream,
+            sink.and_then(|s| s.max_len).unwrap_or(0),
+        )
         .await;
     let pending = match claimed {
         Ok(Some(pending)) => pending,
@@ -210,10 +290,15 @@ async fn callback(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, bod
         Err(error) => {
             receiver.count("callback", "unavailable");
             tracing::warn!(%error, "claiming a callback failed");
-            return reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "the row store is unavailable; retry"}));
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "the row store is unavailable; retry"}),
+            );
         }
     };
-    let reported = result.pointer(&spec.clay.cost_pointer).and_then(Value::as_f64);
+    let reported = result
+        .pointer(&spec.clay.cost_pointer)
+        .and_then(Value::as_f64);
     let used = CreditCost {
         data_credits: reported.unwrap_or(pending.reserved_credits),
         actions: pending.reserved_actions,

@@ -181,7 +181,8 @@ impl RedisStore {
     pub async fn connect(url: &str, keys: Keys) -> redis::RedisResult<Self> {
         let client = redis::Client::open(url)?;
         let connection = ConnectionManager::new(client.clone()).await?;
-        let blocking_config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(BLOCKING_READ_TIMEOUT));
+        let blocking_config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(BLOCKING_READ_TIMEOUT));
         let blocking = ConnectionManager::new_with_config(client, blocking_config).await?;
         Ok(Self {
             connection,
@@ -215,13 +216,26 @@ impl RedisStore {
     }
 
     /// Appends rows to a stream (the ingest endpoint); returns entry ids.
-    pub async fn enqueue(&self, stream: &str, rows: &[(String, Value)]) -> redis::RedisResult<Vec<String>> {
+    pub async fn enqueue(
+        &self,
+        stream: &str,
+        rows: &[(String, Value)],
+    ) -> redis::RedisResult<Vec<String>> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for (row_id, row) in rows {
-            pipe.cmd("XADD").arg(stream).arg("*").arg("row_id").arg(row_id).arg("row").arg(row.to_string());
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("row_id")
+                .arg(row_id)
+                .arg("row")
+                .arg(row.to_string());
         }
-        pipe.cmd("HINCRBY").arg(self.keys.counters()).arg("received").arg(rows.len());
+        pipe.cmd("HINCRBY")
+            .arg(self.keys.counters())
+            .arg("received")
+            .arg(rows.len());
         let mut ids: Vec<redis::Value> = pipe.query_async(&mut self.conn()).await?;
         ids.pop();
         ids.into_iter()
@@ -247,22 +261,28 @@ impl RedisStore {
                 .map(|r| r.keys.into_iter().flat_map(|k| k.ids).map(|e| (e.id, e.map)).collect())
                 .unwrap_or_default()
         };
-        let own_options = redis::streams::StreamReadOptions::default().group(group, consumer).count(count);
-        let own: Option<redis::streams::StreamReadReply> = self.conn().xread_options(&[stream], &["0"], &own_options).await?;
+        let own_options = redis::streams::StreamReadOptions::default()
+            .group(group, consumer)
+            .count(count);
+        let own: Option<redis::streams::StreamReadReply> = self
+            .conn()
+            .xread_options(&[stream], &["0"], &own_options)
+            .await?;
         let own = flatten(own);
         if !own.is_empty() {
             return Ok(own);
         }
-        let claimed: (String, redis::streams::StreamClaimReply, Vec<String>) = redis::cmd("XAUTOCLAIM")
-            .arg(stream)
-            .arg(group)
-            .arg(consumer)
-            .arg(reclaim_idle_ms)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut self.conn())
-            .await?;
+        let claimed: (String, redis::streams::StreamClaimReply, Vec<String>) =
+            redis::cmd("XAUTOCLAIM")
+                .arg(stream)
+                .arg(group)
+                .arg(consumer)
+                .arg(reclaim_idle_ms)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut self.conn())
+                .await?;
         if !claimed.1.ids.is_empty() {
             return Ok(claimed.1.ids.into_iter().map(|e| (e.id, e.map)).collect());
         }
@@ -270,7 +290,11 @@ impl RedisStore {
             .group(group, consumer)
             .count(count)
             .block(block_ms as usize);
-        let new: Option<redis::streams::StreamReadReply> = self.blocking.clone().xread_options(&[stream], &[">"], &options).await?;
+        let new: Option<redis::streams::StreamReadReply> = self
+            .blocking
+            .clone()
+            .xread_options(&[stream], &[">"], &options)
+            .await?;
         Ok(flatten(new))
     }
 
@@ -284,7 +308,12 @@ impl RedisStore {
     }
 
     /// Records the row as pending and acknowledges its source entry, atomically.
-    pub async fn make_pending(&self, pending: &PendingRow, deadline_ms: i64, entry: &SourceEntry) -> redis::RedisResult<()> {
+    pub async fn make_pending(
+        &self,
+        pending: &PendingRow,
+        deadline_ms: i64,
+        entry: &SourceEntry,
+    ) -> redis::RedisResult<()> {
         let json = serde_json::to_string(pending).expect("a pending row serializes");
         Script::new(MAKE_PENDING)
             .key(self.keys.pending())
@@ -303,7 +332,14 @@ impl RedisStore {
     /// Claims a pending row for its callback and delivers the result to the
     /// sink stream in one step. None when the row is not pending (a duplicate
     /// or a late callback): nothing is delivered twice.
-    pub async fn claim_callback(&self, row_id: &str, result: &Value, now_ms: i64, sink: &str, sink_max_len: u64) -> redis::RedisResult<Option<PendingRow>> {
+    pub async fn claim_callback(
+        &self,
+        row_id: &str,
+        result: &Value,
+        now_ms: i64,
+        sink: &str,
+        sink_max_len: u64,
+    ) -> redis::RedisResult<Option<PendingRow>> {
         let claimed: Option<String> = Script::new(CLAIM_CALLBACK)
             .key(self.keys.pending())
             .key(self.keys.deadlines())
@@ -321,7 +357,15 @@ impl RedisStore {
     }
 
     /// Delivers a stored (de-duplicated) result and acknowledges the entry.
-    pub async fn deliver_stored(&self, row_id: &str, key: &str, result: &str, sink: &str, sink_max_len: u64, entry: &SourceEntry) -> redis::RedisResult<()> {
+    pub async fn deliver_stored(
+        &self,
+        row_id: &str,
+        key: &str,
+        result: &str,
+        sink: &str,
+        sink_max_len: u64,
+        entry: &SourceEntry,
+    ) -> redis::RedisResult<()> {
         Script::new(DELIVER_STORED)
             .key(sink)
             .key(self.keys.counters())
@@ -337,7 +381,15 @@ impl RedisStore {
     }
 
     /// Dead-letters a source entry that never became pending, and acknowledges it.
-    pub async fn dead_letter_entry(&self, dead_letter: &str, row_id: &str, reason: &str, row: &Value, attempts: u32, entry: &SourceEntry) -> redis::RedisResult<()> {
+    pub async fn dead_letter_entry(
+        &self,
+        dead_letter: &str,
+        row_id: &str,
+        reason: &str,
+        row: &Value,
+        attempts: u32,
+        entry: &SourceEntry,
+    ) -> redis::RedisResult<()> {
         Script::new(DEAD_LETTER_ENTRY)
             .key(dead_letter)
             .key(self.keys.counters())
@@ -353,7 +405,12 @@ impl RedisStore {
     }
 
     /// Dead-letters a pending row; None if it was no longer pending.
-    pub async fn dead_letter_pending(&self, dead_letter: &str, row_id: &str, reason: &str) -> redis::RedisResult<Option<PendingRow>> {
+    pub async fn dead_letter_pending(
+        &self,
+        dead_letter: &str,
+        row_id: &str,
+        reason: &str,
+    ) -> redis::RedisResult<Option<PendingRow>> {
         let removed: Option<String> = Script::new(DEAD_LETTER_PENDING)
             .key(self.keys.pending())
             .key(self.keys.deadlines())
@@ -368,7 +425,12 @@ impl RedisStore {
 
     /// Takes pending rows past their deadline, leasing them to this caller
     /// until `lease_until_ms` so other workers skip them meanwhile.
-    pub async fn take_expired(&self, now_ms: i64, lease_until_ms: i64, limit: usize) -> redis::RedisResult<Vec<PendingRow>> {
+    pub async fn take_expired(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+    ) -> redis::RedisResult<Vec<PendingRow>> {
         let rows: Vec<String> = Script::new(TAKE_EXPIRED)
             .key(self.keys.deadlines())
             .key(self.keys.pending())
@@ -377,12 +439,20 @@ impl RedisStore {
             .arg(limit)
             .invoke_async(&mut self.conn())
             .await?;
-        Ok(rows.iter().filter_map(|p| serde_json::from_str(p).ok()).collect())
+        Ok(rows
+            .iter()
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect())
     }
 
     /// Replaces a pending row for its next attempt, unless a callback (or
     /// another worker) changed it since `previous_reservation` was read.
-    pub async fn replace_pending(&self, pending: &PendingRow, deadline_ms: i64, previous_reservation: &str) -> redis::RedisResult<bool> {
+    pub async fn replace_pending(
+        &self,
+        pending: &PendingRow,
+        deadline_ms: i64,
+        previous_reservation: &str,
+    ) -> redis::RedisResult<bool> {
         let replaced: i64 = Script::new(REPLACE_PENDING)
             .key(self.keys.pending())
             .key(self.keys.deadlines())
@@ -407,7 +477,12 @@ impl RedisStore {
 }
 
 impl SubmissionCounter for RedisStore {
-    fn try_add<'a>(&'a self, source: &'a str, n: u64, limit: u64) -> BoxFuture<'a, Result<Option<u64>, ClayError>> {
+    fn try_add<'a>(
+        &'a self,
+        source: &'a str,
+        n: u64,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<Option<u64>, ClayError>> {
         Box::pin(async move {
             let count: i64 = Script::new(TRY_ADD)
                 .key(self.keys.sources())

@@ -30,6 +30,8 @@ use crate::operator::metrics::{Readiness, serve_health};
 const RESERVATION_MARGIN_SECS: u64 = 300;
 /// How long a crashed consumer's entries wait before another worker takes them.
 const RECLAIM_IDLE_MS: u64 = 30_000;
+/// How long a sweeper owns the expired rows it took (other workers skip them).
+const SWEEP_LEASE_MS: i64 = 30_000;
 /// Pause after the budget refuses credits (rows stay in the stream).
 const PAUSE_ON_DENIAL: Duration = Duration::from_secs(5);
 
@@ -61,7 +63,9 @@ enum Handled {
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let (namespace, name) = args.common.namespace_and_name()?;
     let runtime = TableRuntime::load(&client, &namespace, &name).await?;
     let redis_url = runtime
@@ -84,11 +88,21 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .as_ref()
         .and_then(|s| s.consumer_group.clone())
         .unwrap_or_else(|| format!("kiln-{name}"));
-    store.ensure_group(&stream, &group).await.context("creating the consumer group")?;
+    store
+        .ensure_group(&stream, &group)
+        .await
+        .context("creating the consumer group")?;
     let clay = WebhookClient::new(
         reqwest::Client::new(),
-        Arc::new(RateLimiter::new(spec.clay.rate_limit.rows_per_second, spec.clay.rate_limit.burst)),
-        Arc::new(SourceRotation::new(runtime.webhook_targets.clone(), RotationPolicy::default(), Arc::new(store.clone()))),
+        Arc::new(RateLimiter::new(
+            spec.clay.rate_limit.rows_per_second,
+            spec.clay.rate_limit.burst,
+        )),
+        Arc::new(SourceRotation::new(
+            runtime.webhook_targets.clone(),
+            RotationPolicy::default(),
+            Arc::new(store.clone()),
+        )),
         WebhookConfig {
             rows_per_request: 1,
             ..Default::default()
@@ -106,7 +120,12 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
     let shutdown = crate::shutdown_signal().shared();
     let readiness = Readiness::default();
-    let health = tokio::spawn(serve_health(args.common.health_addr, Registry::default(), readiness.clone(), shutdown.clone()));
+    let health = tokio::spawn(serve_health(
+        args.common.health_addr,
+        Registry::default(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
     readiness.set(true);
     tracing::info!(table = %args.common.table, stream = %worker.stream, identity = %worker.identity, "worker started");
 
@@ -143,7 +162,11 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         };
         let mut tasks = Vec::new();
         for (id, fields) in entries {
-            let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
             let worker = worker.clone();
             tasks.push(tokio::spawn(async move {
                 let _permit = permit;
@@ -155,12 +178,16 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             match task.await {
                 Ok(Ok(Handled::Paused)) => paused = true,
                 Ok(Ok(Handled::Done)) => {}
-                Ok(Err(error)) => tracing::warn!(error = %format!("{error:#}"), "handling a row failed; it will be retried"),
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %format!("{error:#}"), "handling a row failed; it will be retried")
+                }
                 Err(error) => tracing::error!(%error, "a row task panicked"),
             }
         }
         if paused {
-            tracing::info!("the budget refused credits; pausing consumption (rows stay in the stream)");
+            tracing::info!(
+                "the budget refused credits; pausing consumption (rows stay in the stream)"
+            );
             tokio::select! {
                 _ = shutdown.clone() => break,
                 _ = tokio::time::sleep(PAUSE_ON_DENIAL) => {}
@@ -187,15 +214,27 @@ impl Worker {
             .as_ref()
             .and_then(|d| d.redis_stream.as_ref())
             .map(|s| s.stream.clone())
-            .unwrap_or_else(|| format!("kiln:{}/{}:dead-letter", self.runtime.namespace, self.runtime.name))
+            .unwrap_or_else(|| {
+                format!(
+                    "kiln:{}/{}:dead-letter",
+                    self.runtime.namespace, self.runtime.name
+                )
+            })
     }
 
     fn sink(&self) -> (String, u64) {
-        let target = self.spec().sink.as_ref().and_then(|s| s.redis_stream.as_ref());
+        let target = self
+            .spec()
+            .sink
+            .as_ref()
+            .and_then(|s| s.redis_stream.as_ref());
         (
-            target
-                .map(|s| s.stream.clone())
-                .unwrap_or_else(|| format!("kiln:{}/{}:results", self.runtime.namespace, self.runtime.name)),
+            target.map(|s| s.stream.clone()).unwrap_or_else(|| {
+                format!(
+                    "kiln:{}/{}:results",
+                    self.runtime.namespace, self.runtime.name
+                )
+            }),
             target.and_then(|s| s.max_len).unwrap_or(0),
         )
     }
@@ -204,20 +243,30 @@ impl Worker {
         self.spec().clay.result_timeout.into()
     }
 
-    async fn handle(&self, entry_id: String, fields: HashMap<String, redis::Value>) -> anyhow::Result<Handled> {
+    async fn handle(
+        &self,
+        entry_id: String,
+        fields: HashMap<String, redis::Value>,
+    ) -> anyhow::Result<Handled> {
         let entry = SourceEntry {
             stream: self.stream.clone(),
             group: self.group.clone(),
             id: entry_id.clone(),
         };
-        let field = |name: &str| fields.get(name).and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
+        let field = |name: &str| {
+            fields
+                .get(name)
+                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+        };
         let row_id = field("row_id").unwrap_or_else(|| format!("{}-{entry_id}", self.runtime.name));
         let dead_letter = self.dead_letter_stream();
         let row = match field("row").map(|r| serde_json::from_str::<Value>(&r)) {
             Some(Ok(row @ Value::Object(_))) => row,
             _ => {
                 let raw = Value::String(field("row").unwrap_or_default());
-                self.store.dead_letter_entry(&dead_letter, &row_id, "InvalidRow", &raw, 0, &entry).await?;
+                self.store
+                    .dead_letter_entry(&dead_letter, &row_id, "InvalidRow", &raw, 0, &entry)
+                    .await?;
                 return Ok(Handled::Done);
             }
         };
@@ -225,16 +274,23 @@ impl Worker {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             _ => {
-                self.store.dead_letter_entry(&dead_letter, &row_id, "MissingKey", &row, 0, &entry).await?;
+                self.store
+                    .dead_letter_entry(&dead_letter, &row_id, "MissingKey", &row, 0, &entry)
+                    .await?;
                 return Ok(Handled::Done);
             }
         };
-        let refresh = row.get("kiln_refresh").and_then(Value::as_bool).unwrap_or(false);
+        let refresh = row
+            .get("kiln_refresh")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         if !refresh && let Some((at_ms, result)) = self.store.dedupe_lookup(&key).await? {
             let window: Duration = self.spec().dedupe_window.into();
             if now_ms() - at_ms < window.as_millis() as i64 {
                 let (sink, max_len) = self.sink();
-                self.store.deliver_stored(&row_id, &key, &result, &sink, max_len, &entry).await?;
+                self.store
+                    .deliver_stored(&row_id, &key, &result, &sink, max_len, &entry)
+                    .await?;
                 return Ok(Handled::Done);
             }
         }
@@ -244,8 +300,19 @@ impl Worker {
         match self.reserve(&reservation, &cost).await {
             Ok(()) => {}
             Err(LedgerClientError::Denied(denial)) => {
-                if denial.reason == DenialReason::Exhausted && denial.on_exhausted == OnExhausted::DeadLetter {
-                    self.store.dead_letter_entry(&dead_letter, &row_id, "BudgetExhausted", &row, 0, &entry).await?;
+                if denial.reason == DenialReason::Exhausted
+                    && denial.on_exhausted == OnExhausted::DeadLetter
+                {
+                    self.store
+                        .dead_letter_entry(
+                            &dead_letter,
+                            &row_id,
+                            "BudgetExhausted",
+                            &row,
+                            0,
+                            &entry,
+                        )
+                        .await?;
                     return Ok(Handled::Done);
                 }
                 return Ok(Handled::Paused);
@@ -297,7 +364,9 @@ impl Worker {
         match self.ledger.settle(&request).await {
             // Already settled by the receiver, or already forfeited: either way it is closed.
             Ok(()) | Err(LedgerClientError::Rejected { status: 409, .. }) => {}
-            Err(error) => tracing::warn!(%error, reservation = id, "closing a reservation failed; it will expire and count as spent"),
+            Err(error) => {
+                tracing::warn!(%error, reservation = id, "closing a reservation failed; it will expire and count as spent")
+            }
         }
     }
 
@@ -311,62 +380,103 @@ impl Worker {
             RowOutcome::Failed(error) => {
                 let permanent = matches!(
                     error,
-                    ClayError::TooLarge { .. } | ClayError::Rejected { .. } | ClayError::Unauthorized { .. } | ClayError::SourcesExhausted { .. }
+                    ClayError::TooLarge { .. }
+                        | ClayError::Rejected { .. }
+                        | ClayError::Unauthorized { .. }
+                        | ClayError::SourcesExhausted { .. }
                 );
                 // Nothing was accepted, so nothing was charged.
-                self.close_reservation(&pending.reservation, CreditCost::default(), 1).await;
+                self.close_reservation(&pending.reservation, CreditCost::default(), 1)
+                    .await;
                 if permanent {
                     tracing::warn!(row = %pending.row_id, reason = error.reason(), %error, "dead-lettering a row Clay will not accept");
-                    self.store.dead_letter_pending(&self.dead_letter_stream(), &pending.row_id, error.reason()).await?;
+                    self.store
+                        .dead_letter_pending(
+                            &self.dead_letter_stream(),
+                            &pending.row_id,
+                            error.reason(),
+                        )
+                        .await?;
                 } else {
                     // Due now: the sweeper retries it (or dead-letters it after maxAttempts).
-                    self.store.replace_pending(pending, now_ms(), &pending.reservation).await?;
+                    self.store
+                        .replace_pending(pending, now_ms(), &pending.reservation)
+                        .await?;
                 }
                 Ok(())
             }
         }
     }
 
-    /// Retries or dead-letters rows whose callback did not arrive in time.
-    async fn sweep(&self) -> anyhow::Result<()> {
-        let lease = now_ms() + 60_000;
-        for pending in self.store.take_expired(now_ms(), lease, 50).await? {
-            // The result is unknown, never "no charge": the attempt counts as spent.
-            let spent = CreditCost {
-                data_credits: pending.reserved_credits,
-                actions: pending.reserved_actions,
-            };
-            self.close_reservation(&pending.reservation, spent, 1).await;
-            if pending.attempt >= self.spec().clay.max_attempts {
-                tracing::warn!(row = %pending.row_id, attempts = pending.attempt, "dead-lettering a row whose result never came");
-                self.store.dead_letter_pending(&self.dead_letter_stream(), &pending.row_id, "ResultTimeout").await?;
-                continue;
+    /// Retries or dead-letters rows whose callback did not arrive in time,
+    /// several at once.
+    async fn sweep(self: &Arc<Self>) -> anyhow::Result<()> {
+        let lease = now_ms() + SWEEP_LEASE_MS;
+        let expired = self.store.take_expired(now_ms(), lease, 100).await?;
+        let retries = expired.into_iter().map(|pending| {
+            let worker = self.clone();
+            async move { worker.retry_or_dead_letter(pending).await }
+        });
+        for result in futures::future::join_all(retries).await {
+            if let Err(error) = result {
+                tracing::warn!(error = %format!("{error:#}"), "retrying a pending row failed; it stays pending");
             }
-            let next = PendingRow {
-                attempt: pending.attempt + 1,
-                reservation: format!("{}-a{}", pending.row_id, pending.attempt + 1),
-                ..pending.clone()
-            };
-            let cost = CreditCost {
-                data_credits: next.reserved_credits,
-                actions: next.reserved_actions,
-            };
-            match self.reserve(&next.reservation, &cost).await {
-                Ok(()) => {}
-                Err(LedgerClientError::Denied(denial)) if denial.on_exhausted == OnExhausted::DeadLetter && denial.reason == DenialReason::Exhausted => {
-                    self.store.dead_letter_pending(&self.dead_letter_stream(), &pending.row_id, "BudgetExhausted").await?;
-                    continue;
-                }
-                // Paused or unavailable: try again after the lease.
-                Err(_) => continue,
+        }
+        Ok(())
+    }
+
+    async fn retry_or_dead_letter(&self, pending: PendingRow) -> anyhow::Result<()> {
+        // The result is unknown, never "no charge": the attempt counts as spent.
+        let spent = CreditCost {
+            data_credits: pending.reserved_credits,
+            actions: pending.reserved_actions,
+        };
+        self.close_reservation(&pending.reservation, spent, 1).await;
+        if pending.attempt >= self.spec().clay.max_attempts {
+            tracing::warn!(row = %pending.row_id, attempts = pending.attempt, "dead-lettering a row whose result never came");
+            self.store
+                .dead_letter_pending(&self.dead_letter_stream(), &pending.row_id, "ResultTimeout")
+                .await?;
+            return Ok(());
+        }
+        let next = PendingRow {
+            attempt: pending.attempt + 1,
+            reservation: format!("{}-a{}", pending.row_id, pending.attempt + 1),
+            ..pending.clone()
+        };
+        let cost = CreditCost {
+            data_credits: next.reserved_credits,
+            actions: next.reserved_actions,
+        };
+        match self.reserve(&next.reservation, &cost).await {
+            Ok(()) => {}
+            Err(LedgerClientError::Denied(denial))
+                if denial.on_exhausted == OnExhausted::DeadLetter
+                    && denial.reason == DenialReason::Exhausted =>
+            {
+                self.store
+                    .dead_letter_pending(
+                        &self.dead_letter_stream(),
+                        &pending.row_id,
+                        "BudgetExhausted",
+                    )
+                    .await?;
+                return Ok(());
             }
-            let deadline = now_ms() + self.result_timeout().as_millis() as i64;
-            if self.store.replace_pending(&next, deadline, &pending.reservation).await? {
-                self.submit(&next).await?;
-            } else {
-                // The callback won the race: the new reservation is not needed.
-                self.close_reservation(&next.reservation, CreditCost::default(), 0).await;
-            }
+            // Paused or unavailable: the row is retried when its lease ends.
+            Err(_) => return Ok(()),
+        }
+        let deadline = now_ms() + self.result_timeout().as_millis() as i64;
+        if self
+            .store
+            .replace_pending(&next, deadline, &pending.reservation)
+            .await?
+        {
+            self.submit(&next).await?;
+        } else {
+            // The callback won the race: the new reservation is not needed.
+            self.close_reservation(&next.reservation, CreditCost::default(), 0)
+                .await;
         }
         Ok(())
     }

@@ -272,14 +272,27 @@ pub async fn start_redis(name: &str) -> Redis {
     let dir = work_dir().join(format!("redis-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut command = std::process::Command::new("redis-server");
-    command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+    command.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
     command.current_dir(&dir);
-    let process = process::ManagedProcess::spawn(&format!("redis-{name}"), command, work_dir()).expect("starting redis-server (apt-get install redis-server)");
+    let process = process::ManagedProcess::spawn(&format!("redis-{name}"), command, work_dir())
+        .expect("starting redis-server (apt-get install redis-server)");
     let url = format!("redis://127.0.0.1:{port}/0");
     let client = redis::Client::open(url.as_str()).unwrap();
     wait::until("redis to answer", || async {
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
     })
     .await;
     Redis { process, url, port }
@@ -298,11 +311,18 @@ pub async fn kubeconfig_for_token(name: &str, token: &str) -> PathBuf {
 }
 
 /// Issues a token for a ServiceAccount (waiting until it exists).
-pub async fn service_account_token(client: &kube::Client, namespace: &str, account: &str) -> String {
+pub async fn service_account_token(
+    client: &kube::Client,
+    namespace: &str,
+    account: &str,
+) -> String {
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
     let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
-    wait::until(&format!("ServiceAccount {account}"), || async { accounts.get_opt(account).await.ok()? }).await;
+    wait::until(&format!("ServiceAccount {account}"), || async {
+        accounts.get_opt(account).await.ok()?
+    })
+    .await;
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences: vec![],
@@ -322,7 +342,14 @@ pub async fn service_account_token(client: &kube::Client, namespace: &str, accou
 
 /// Starts `kiln <role> --table ns/name` the way its pod template does, with
 /// the table's ServiceAccount credentials and the given operator endpoints.
-pub fn start_dataplane(role: &str, table: &str, kubeconfig: &std::path::Path, token_file: &std::path::Path, operator_urls: &str, extra: &[&str]) -> KilnProcess {
+pub fn start_dataplane(
+    role: &str,
+    table: &str,
+    kubeconfig: &std::path::Path,
+    token_file: &std::path::Path,
+    operator_urls: &str,
+    extra: &[&str],
+) -> KilnProcess {
     let health_port = kiln::devenv::free_port().unwrap();
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
@@ -334,7 +361,8 @@ pub fn start_dataplane(role: &str, table: &str, kubeconfig: &std::path::Path, to
         .args(["--health-addr", &format!("127.0.0.1:{health_port}")])
         .args(extra);
     let name = format!("{role}-{}-{health_port}", table.replace('/', "-"));
-    let process = process::ManagedProcess::spawn(&name, command, work_dir()).expect("starting a data-plane process");
+    let process = process::ManagedProcess::spawn(&name, command, work_dir())
+        .expect("starting a data-plane process");
     KilnProcess {
         process,
         health_port,

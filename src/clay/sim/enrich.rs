@@ -82,11 +82,15 @@ pub fn row_key(row: &Value) -> String {
         .unwrap_or_else(|| row.to_string())
 }
 
-pub fn enrich(plan: &EnrichPlan, row: &Value) -> Enrichment {
+/// Enriches `row` on its `attempt`-th submission (1 for the first). What is
+/// found, and its cost, depends only on the row; latency and delivery
+/// faults are drawn afresh per attempt, as a retry meets a new roll of the dice.
+pub fn enrich(plan: &EnrichPlan, row: &Value, attempt: u32) -> Enrichment {
     let key = row_key(row);
     let mut rng = rng_for(plan.seed, &key);
+    let mut attempt_rng = rng_for(plan.seed, &format!("{key}#{attempt}"));
     let latency = if plan.latency_max > plan.latency_min {
-        rng.random_range(plan.latency_min..=plan.latency_max)
+        attempt_rng.random_range(plan.latency_min..=plan.latency_max)
     } else {
         plan.latency_min
     };
@@ -108,8 +112,8 @@ pub fn enrich(plan: &EnrichPlan, row: &Value) -> Enrichment {
         found,
         data_credits,
         actions: plan.providers.len() as u64 + 1,
-        drop_callback: rng.random_bool(plan.drop_rate),
-        duplicate_callback: rng.random_bool(plan.duplicate_rate),
+        drop_callback: attempt_rng.random_bool(plan.drop_rate),
+        duplicate_callback: attempt_rng.random_bool(plan.duplicate_rate),
     }
 }
 
@@ -134,19 +138,32 @@ mod tests {
     #[test]
     fn same_seed_same_row_same_result() {
         let row = json!({"kiln_row_id": "r-1", "email": "a@b.c"});
-        assert_eq!(enrich(&plan(7), &row), enrich(&plan(7), &row));
+        assert_eq!(enrich(&plan(7), &row, 1), enrich(&plan(7), &row, 1));
         let differs = (0..20).any(|i| {
             let row = json!({"kiln_row_id": format!("r-{i}")});
-            enrich(&plan(7), &row) != enrich(&plan(8), &row)
+            enrich(&plan(7), &row, 1) != enrich(&plan(8), &row, 1)
         });
         assert!(differs, "a different seed changes outcomes");
+    }
+
+    #[test]
+    fn a_retry_finds_the_same_data_but_rolls_faults_again() {
+        let mut plan = plan(7);
+        plan.drop_rate = 0.5;
+        let attempts: Vec<Enrichment> = (1..=20)
+            .map(|a| enrich(&plan, &json!({"kiln_row_id": "r-1"}), a))
+            .collect();
+        assert!(attempts.iter().all(|e| e.found == attempts[0].found && e.data_credits == attempts[0].data_credits));
+        assert!(
+            attempts.iter().any(|e| e.drop_callback) && attempts.iter().any(|e| !e.drop_callback)
+        );
     }
 
     #[test]
     fn cost_is_the_sum_of_found_providers_and_rates_hold_roughly() {
         let mut hits = 0;
         for i in 0..2000 {
-            let e = enrich(&plan(1), &json!({"kiln_row_id": format!("r-{i}")}));
+            let e = enrich(&plan(1), &json!({"kiln_row_id": format!("r-{i}")}), 1);
             let expected: f64 = e
                 .found
                 .keys()

@@ -119,7 +119,7 @@ pub(crate) async fn submit(
 
 /// Enriches one row after its latency and sends the HTTP API column callback.
 async fn enrich_and_call_back(sim: Arc<Sim>, source: SourceConfig, row: Value) {
-    let outcome = enrich(&sim.plan, &row);
+    let outcome = enrich(&sim.plan, &row, sim.next_attempt(&row));
     tokio::time::sleep(outcome.latency).await;
     let mut result = row.as_object().cloned().unwrap_or_default();
     let (credits, actions) = if sim.charge(outcome.data_credits, outcome.actions) {

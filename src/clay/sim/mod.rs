@@ -158,6 +158,8 @@ pub(crate) struct Sim {
     webhooks: Mutex<HashMap<String, WebhookConfig>>,
     stats: Mutex<SimStats>,
     runs: Mutex<HashMap<String, routines::Run>>,
+    /// Submissions seen per row key, so each retry draws its own faults.
+    attempts: Mutex<HashMap<String, u32>>,
     http: reqwest::Client,
     request_counter: std::sync::atomic::AtomicU64,
 }
@@ -206,6 +208,14 @@ impl Sim {
             .is_some_and(|q| self.stats.lock().unwrap().data_credits_charged >= q)
     }
 
+    /// Counts a submission of `row` and returns which attempt it is (1-based).
+    fn next_attempt(&self, row: &serde_json::Value) -> u32 {
+        let mut attempts = self.attempts.lock().unwrap();
+        let count = attempts.entry(enrich::row_key(row)).or_insert(0);
+        *count += 1;
+        *count
+    }
+
     fn stat(&self, update: impl FnOnce(&mut SimStats)) {
         update(&mut self.stats.lock().unwrap());
     }
@@ -245,6 +255,7 @@ pub fn router(args: SimArgs) -> Router {
         webhooks: Mutex::default(),
         stats: Mutex::default(),
         runs: Mutex::default(),
+        attempts: Mutex::default(),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()

@@ -119,7 +119,7 @@ pub(crate) async fn run(
 
 async fn run_item(sim: Arc<Sim>, run_id: String, item: RoutineItem, webhook_id: Option<String>) {
     let row = json!({"kiln_row_id": item.id, "inputs": item.inputs});
-    let outcome = enrich(&sim.plan, &row);
+    let outcome = enrich(&sim.plan, &row, sim.next_attempt(&row));
     tokio::time::sleep(outcome.latency).await;
     let result = if sim.charge(outcome.data_credits, outcome.actions) {
         let mut found = outcome.found.clone();
