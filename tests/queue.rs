@@ -325,6 +325,19 @@ async fn two_thousand_rows_through_faults_and_crashes_end_exactly_once_within_bu
         status.used.data_credits
     );
 
+    // The operator reports the same counts in the table's status.
+    let tables = p.env.api::<EnrichmentTable>();
+    let (delivered_count, dead_count) = (delivered.len() as u64, dead.len() as u64);
+    wait::until("the table status counters", || async {
+        let rows = tables.get("leads").await.ok()?.status?.rows;
+        (rows.received == 2000
+            && rows.delivered == delivered_count
+            && rows.dead_lettered == dead_count
+            && rows.pending == 0)
+            .then_some(())
+    })
+    .await;
+
     // Same keys again inside the de-dupe window: zero credits.
     let charged_before = sim.data_credits_charged;
     p.push(&rows[..500]).await;

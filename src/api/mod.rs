@@ -43,4 +43,13 @@ mod tests {
             "crds/kiln.dev.yaml is stale: run `cargo run -- crds > crds/kiln.dev.yaml`"
         );
     }
+
+    #[test]
+    fn the_helm_chart_ships_the_same_crds() {
+        let chart = include_str!("../../charts/kiln/crds/kiln.dev.yaml");
+        assert!(
+            chart == crds_yaml(),
+            "charts/kiln/crds/kiln.dev.yaml is stale: run `cargo run -- crds > charts/kiln/crds/kiln.dev.yaml`"
+        );
+    }
 }

@@ -24,6 +24,8 @@ pub struct Context {
     pub ledger: super::budget::ledger::Ledger,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
+    /// When each object's counters were last written to status.
+    counter_writes: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// First retry delay after a failed reconciliation; doubles per failure.
@@ -52,6 +54,7 @@ impl Context {
             metrics,
             ledger,
             failures: Mutex::new(HashMap::new()),
+            counter_writes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -94,6 +97,17 @@ impl Context {
         *count = count.saturating_add(1);
         let factor = 2u32.saturating_pow((*count - 1).min(16));
         BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+    }
+
+    /// True when a counters-only status update of `key` may be written now:
+    /// at most one every `every`, so busy tables do not flood the API server.
+    pub fn counters_write_due(&self, key: &str, every: Duration) -> bool {
+        let mut writes = self.counter_writes.lock().unwrap();
+        let due = writes.get(key).is_none_or(|at| at.elapsed() >= every);
+        if due {
+            writes.insert(key.to_string(), std::time::Instant::now());
+        }
+        due
     }
 
     /// Forgets `key`'s failures after a successful reconciliation.

@@ -31,6 +31,8 @@ use crate::api::{CreditBudget, EnrichmentTable};
 const CONTROLLER: &str = "enrichmenttable";
 /// Re-check a healthy table this often even without events.
 const RESYNC: Duration = Duration::from_secs(300);
+/// Refresh row counters this often while rows are flowing.
+const COUNTERS_RESYNC: Duration = Duration::from_secs(5);
 /// Re-check a table that is waiting on references or pods this often.
 const WAITING_RESYNC: Duration = Duration::from_secs(30);
 
@@ -121,7 +123,16 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    if table.status.as_ref() != Some(&new_status) {
+    // Conditions and references are written at once; counter and credit
+    // movements at most every few seconds per table.
+    let current = table.status.clone().unwrap_or_default();
+    let only_counters = current.conditions == new_status.conditions
+        && current.observed_generation == new_status.observed_generation
+        && current.callback_url == new_status.callback_url;
+    let key = ObjectRef::from_obj(table).to_string();
+    let write = table.status.as_ref() != Some(&new_status)
+        && (!only_counters || ctx.counters_write_due(&key, COUNTERS_RESYNC));
+    if write {
         let api = Api::<EnrichmentTable>::namespaced(ctx.client.clone(), &namespace);
         patch_status(&api, &table.name_any(), &new_status).await?;
         publish_transitions(ctx, table, &old_conditions, &new_status.conditions).await;
@@ -130,7 +141,16 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     applied?;
     let ready =
         find_condition(&new_status.conditions, status::READY).is_some_and(|c| c.status == TRUE);
-    Ok(Action::requeue(if ready { RESYNC } else { WAITING_RESYNC }))
+    // While rows are moving, refresh the counters every few seconds.
+    let active = new_status.rows.pending > 0
+        || new_status.rows.received > table.status.as_ref().map_or(0, |s| s.rows.received);
+    Ok(Action::requeue(if active {
+        COUNTERS_RESYNC
+    } else if ready {
+        RESYNC
+    } else {
+        WAITING_RESYNC
+    }))
 }
 
 /// Looks up the budget and Secrets the table names. Secret values are never
@@ -169,11 +189,51 @@ async fn dereference(
         .and_then(|s| s.tables.into_iter().find(|t| t.table == table_name))
         .map(|t| t.used)
         .unwrap_or_default();
+    let secret_problems = status::secret_problems(table, &existing);
+    let rows = if secret_problems.is_empty() {
+        read_row_counters(client, table, namespace).await
+    } else {
+        None
+    };
     Ok(References {
         budget_problem,
-        secret_problems: status::secret_problems(table, &existing),
+        secret_problems,
         credits_this_period,
+        rows,
     })
+}
+
+/// Reads the data plane's counters from the table's Redis store. Failures
+/// only mean the counters are not refreshed this time.
+async fn read_row_counters(
+    client: &Client,
+    table: &EnrichmentTable,
+    namespace: &str,
+) -> Option<(crate::api::table::RowCounters, Option<Time>)> {
+    let reference = &table.spec.redis.as_ref()?.url_secret_ref;
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+        .get(&reference.name)
+        .await
+        .ok()?;
+    let url = String::from_utf8(secret.data?.get(&reference.key)?.0.clone()).ok()?;
+    let read = async {
+        let store = crate::dataplane::store::RedisStore::connect(
+            url.trim(),
+            crate::dataplane::store::Keys::new(namespace, &table.name_any()),
+        )
+        .await?;
+        let counters = store.counters().await?;
+        let pending = store.pending_count().await?;
+        redis::RedisResult::Ok((counters, pending))
+    };
+    match tokio::time::timeout(Duration::from_secs(3), read).await {
+        Ok(Ok((counters, pending))) => Some(status::row_counters(&counters, pending)),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, table = %table.name_any(), "reading row counters failed");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// Applies every desired child and deletes the ones no longer desired.

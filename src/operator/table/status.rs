@@ -6,7 +6,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::common::{FALSE, TRUE, condition};
-use crate::api::table::CreditCost;
+use crate::api::table::{CreditCost, RowCounters};
 use crate::api::{EnrichmentTable, EnrichmentTableStatus};
 
 pub const READY: &str = "Ready";
@@ -29,6 +29,9 @@ pub struct References {
     pub secret_problems: Vec<String>,
     /// This table's spend in the budget's current period, from the ledger.
     pub credits_this_period: CreditCost,
+    /// Row counters and last enrichment time read from the table's store,
+    /// when it could be reached.
+    pub rows: Option<(RowCounters, Option<Time>)>,
 }
 
 impl References {
@@ -202,8 +205,40 @@ pub fn compute(
         callback_url: Some(format!("{receiver}{CALLBACK_PATH}")),
         ingest_url: Some(format!("{receiver}{INGEST_PATH}")),
         credits_this_period: references.credits_this_period.clone(),
-        ..current
+        rows: references
+            .rows
+            .as_ref()
+            .map_or(current.rows.clone(), |(rows, _)| rows.clone()),
+        last_enriched_at: references
+            .rows
+            .as_ref()
+            .and_then(|(_, at)| at.clone())
+            .or(current.last_enriched_at.clone()),
     }
+}
+
+/// Turns the store's counter hash into status counters.
+pub fn row_counters(
+    counters: &std::collections::HashMap<String, i64>,
+    pending: u64,
+) -> (RowCounters, Option<Time>) {
+    let get = |name: &str| counters.get(name).copied().unwrap_or(0).max(0) as u64;
+    let last = counters
+        .get("lastEnrichedAtMs")
+        .and_then(|ms| jiff::Timestamp::from_millisecond(*ms).ok())
+        .map(Time);
+    (
+        RowCounters {
+            received: get("received"),
+            deduplicated: get("deduplicated"),
+            submitted: get("submitted"),
+            enriched: get("enriched"),
+            delivered: get("delivered"),
+            dead_lettered: get("deadLettered"),
+            pending,
+        },
+        last,
+    )
 }
 
 #[cfg(test)]
@@ -251,6 +286,7 @@ mod tests {
             budget_problem: Some("CreditBudget \"b\" not found".into()),
             secret_problems: vec![],
             credits_this_period: CreditCost::default(),
+            rows: None,
         };
         let status = compute(
             &queue_table(),
@@ -281,6 +317,7 @@ mod tests {
                 data_credits: 12.5,
                 actions: 3,
             },
+            rows: None,
         };
         let mut table = queue_table();
         let first = compute(
