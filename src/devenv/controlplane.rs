@@ -166,6 +166,12 @@ impl ControlPlane {
         &self.workdir
     }
 
+    /// Hands over the processes (dependents first, as they should stop),
+    /// e.g. to stop them together with others.
+    pub fn into_processes(self) -> Vec<ManagedProcess> {
+        vec![self.etcd, self.apiserver, self.controller_manager]
+    }
+
     /// The processes, for log paths and liveness checks.
     pub fn processes(&self) -> [&ManagedProcess; 3] {
         [&self.etcd, &self.apiserver, &self.controller_manager]

@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod controlplane;
+pub mod demo;
 pub mod process;
 
 use std::net::TcpListener;

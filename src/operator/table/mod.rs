@@ -142,7 +142,10 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     let ready =
         find_condition(&new_status.conditions, status::READY).is_some_and(|c| c.status == TRUE);
     // While rows are moving, refresh the counters every few seconds.
-    let active = new_status.rows.pending > 0
+    // A throttled counters update is written on the next pass.
+    let unwritten = !write && table.status.as_ref() != Some(&new_status);
+    let active = unwritten
+        || new_status.rows.pending > 0
         || new_status.rows.received > table.status.as_ref().map_or(0, |s| s.rows.received);
     Ok(Action::requeue(if active {
         COUNTERS_RESYNC

@@ -1,0 +1,494 @@
+//! `kiln demo`: Kiln's main job end to end on this machine. It starts a real
+//! local control plane (or uses the current cluster), Redis, `kiln clay-sim`
+//! and the operator, applies examples/queue.yaml with local endpoints, runs
+//! the worker and receiver as their pod templates would, pushes sample leads,
+//! shows progress, and leaves nothing running when it ends.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::discovery::pinned_kind;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::controlplane::{ControlPlane, client_from_kubeconfig};
+use super::free_port;
+use super::process::ManagedProcess;
+use crate::api::{CreditBudget, EnrichmentTable};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// Sample leads to push (a tenth of them repeat a key, to show de-duplication).
+    #[arg(long, default_value_t = 300)]
+    pub leads: usize,
+    /// Use the cluster KUBECONFIG points to instead of starting a local control plane.
+    #[arg(long)]
+    pub use_current_cluster: bool,
+    /// Namespace for the demo objects.
+    #[arg(long, default_value = "kiln-demo")]
+    pub namespace: String,
+}
+
+const TABLE: &str = "inbound-leads";
+const BUDGET: &str = "sales";
+const FIELD_MANAGER: &str = "kiln-demo";
+
+/// Runs the demo; Ctrl-C stops it early, cleaning up the same way.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let workdir = tempfile::Builder::new()
+        .prefix("kiln-demo-")
+        .tempdir()?
+        .keep();
+    let mut processes: Vec<ManagedProcess> = Vec::new();
+    let outcome = tokio::select! {
+        result = demo(&args, &workdir, &mut processes) => result,
+        _ = tokio::signal::ctrl_c() => {
+            println!("\ninterrupted: stopping everything");
+            Ok(())
+        }
+    };
+    // Reverse start order: data plane, operator, simulator, Redis, control plane.
+    while let Some(mut process) = processes.pop() {
+        process.stop(Duration::from_secs(10));
+    }
+    println!("logs of every process: {}", workdir.display());
+    outcome
+}
+
+fn kiln_command(kubeconfig: &Path) -> Command {
+    let mut command = Command::new(std::env::current_exe().expect("the kiln binary's path"));
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info");
+    command.args(["--log-format", "json"]);
+    command
+}
+
+fn step(message: &str) {
+    println!("==> {message}");
+}
+
+async fn demo(
+    args: &DemoArgs,
+    workdir: &Path,
+    processes: &mut Vec<ManagedProcess>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let kubeconfig = if args.use_current_cluster {
+        let path = std::env::var("KUBECONFIG").context("--use-current-cluster needs KUBECONFIG")?;
+        PathBuf::from(path)
+    } else {
+        step(
+            "starting a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)",
+        );
+        let plane = ControlPlane::start(&workdir.join("controlplane")).await?;
+        let path = plane.kubeconfig_path().to_path_buf();
+        processes.extend(plane.into_processes());
+        path
+    };
+    let client = client_from_kubeconfig(&kubeconfig).await?;
+
+    step("installing the CRDs");
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    for crd in crate::api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+    }
+    wait_for("the CRDs to be served", Duration::from_secs(30), || async {
+        Api::<EnrichmentTable>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await?;
+
+    step("starting Redis and clay-sim (Clay's protocol, realistic latency, ~20 rows/s)");
+    let redis_port = free_port()?;
+    let mut redis = Command::new("redis-server");
+    redis.args([
+        "--port",
+        &redis_port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]);
+    redis.current_dir(workdir);
+    processes.push(
+        ManagedProcess::spawn("redis", redis, workdir)
+            .context("starting redis-server (install it: apt-get install redis-server)")?,
+    );
+    let sim_port = free_port()?;
+    let sim_url = format!("http://127.0.0.1:{sim_port}");
+    let mut sim = kiln_command(&kubeconfig);
+    sim.args([
+        "clay-sim",
+        "--listen",
+        &format!("127.0.0.1:{sim_port}"),
+        "--rate",
+        "20",
+        "--burst",
+        "40",
+    ])
+    .args([
+        "--latency-min-ms",
+        "300",
+        "--latency-max-ms",
+        "1500",
+        "--seed",
+        "1",
+    ]);
+    processes.push(ManagedProcess::spawn("clay-sim", sim, workdir)?);
+
+    step("starting the operator");
+    let api_port = free_port()?;
+    let mut operator = kiln_command(&kubeconfig);
+    operator
+        .args([
+            "operator",
+            "--watch-namespace",
+            &args.namespace,
+            "--lease-namespace",
+            &args.namespace,
+        ])
+        .args(["--identity", "demo-operator", "--image", "kiln:demo"])
+        .args([
+            "--api-addr",
+            &format!("127.0.0.1:{api_port}"),
+            "--health-addr",
+            &format!("127.0.0.1:{}", free_port()?),
+        ]);
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(args.namespace.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            &args.namespace,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&namespace),
+        )
+        .await?;
+    processes.push(ManagedProcess::spawn("operator", operator, workdir)?);
+
+    step("applying examples/queue.yaml (Secrets pointed at the local Redis and clay-sim)");
+    let receiver_port = free_port()?;
+    let http = reqwest::Client::new();
+    wait_for("clay-sim", Duration::from_secs(30), || async {
+        http.get(format!("{sim_url}/healthz"))
+            .send()
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await?;
+    let callback_token = uuid::Uuid::new_v4().simple().to_string();
+    let ingest_token = uuid::Uuid::new_v4().simple().to_string();
+    http.put(format!("{sim_url}/admin/sources/demo"))
+        .json(&json!({"token": "demo-source-token", "callbackUrl": format!("http://127.0.0.1:{receiver_port}/v1/clay/callback"), "callbackHeaders": {"x-kiln-token": callback_token}}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let local_values = BTreeMap::from([
+        (
+            "clay-leads",
+            json!({"webhook-url": format!("{sim_url}/v3/sources/webhook/demo"), "webhook-token": "demo-source-token", "callback-token": callback_token}),
+        ),
+        ("crm-ingest", json!({"token": ingest_token})),
+        (
+            "redis",
+            json!({"url": format!("redis://127.0.0.1:{redis_port}/0")}),
+        ),
+    ]);
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/queue.yaml"))?;
+    for document in serde_yaml::Deserializer::from_str(&example) {
+        let mut value = serde_json::to_value(serde_yaml::Value::deserialize(document)?)?;
+        if value.is_null() {
+            continue;
+        }
+        if value["kind"] == "Secret"
+            && let Some(local) =
+                local_values.get(value["metadata"]["name"].as_str().unwrap_or_default())
+        {
+            value["stringData"] = local.clone();
+        }
+        if value["kind"] == "EnrichmentTable" {
+            // The demo has one clay-sim workspace: stay under its 20 rows/s.
+            value["spec"]["clay"]["rateLimit"] = json!({"rowsPerSecond": 18, "burst": 18});
+            value["spec"]["clay"]["resultTimeout"] = json!("30s");
+        }
+        apply(&client, &args.namespace, serde_json::from_value(value)?).await?;
+    }
+
+    step(
+        "starting the worker and receiver as their pod templates say, with the table's ServiceAccount",
+    );
+    let token = service_account_token(&client, &args.namespace, &format!("kiln-{TABLE}")).await?;
+    let token_file = workdir.join("table-token");
+    std::fs::write(&token_file, &token)?;
+    let table_kubeconfig = workdir.join("table-kubeconfig");
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&kubeconfig)?)?;
+    config["users"][0]["user"] = serde_yaml::to_value(json!({"token": token}))?;
+    std::fs::write(&table_kubeconfig, serde_yaml::to_string(&config)?)?;
+    let table_arg = format!("{}/{TABLE}", args.namespace);
+    for (role, extra) in [
+        (
+            "receiver",
+            vec!["--listen".to_string(), format!("127.0.0.1:{receiver_port}")],
+        ),
+        ("worker", vec![]),
+    ] {
+        let mut command = kiln_command(&table_kubeconfig);
+        command
+            .args([
+                role,
+                "--table",
+                &table_arg,
+                "--operator-url",
+                &format!("http://127.0.0.1:{api_port}"),
+            ])
+            .args([
+                "--ledger-token-file",
+                token_file.to_str().unwrap_or_default(),
+            ])
+            .args(["--health-addr", &format!("127.0.0.1:{}", free_port()?)])
+            .args(extra);
+        processes.push(ManagedProcess::spawn(role, command, workdir)?);
+    }
+
+    let leads: Vec<Value> = (0..args.leads)
+        .map(|i| {
+            let n = if i % 10 == 9 { i - 9 } else { i };
+            json!({"email": format!("lead{n}@example.com"), "company": format!("Company {}", n % 37), "source": "demo"})
+        })
+        .collect();
+    step(&format!(
+        "pushing {} sample leads to POST /v1/rows",
+        leads.len()
+    ));
+    for chunk in leads.chunks(50) {
+        wait_for(
+            "the receiver to accept rows",
+            Duration::from_secs(60),
+            || async {
+                let response = http
+                    .post(format!("http://127.0.0.1:{receiver_port}/v1/rows"))
+                    .bearer_auth(&ingest_token)
+                    .json(&chunk)
+                    .send()
+                    .await
+                    .ok()?;
+                (response.status().as_u16() == 202).then_some(())
+            },
+        )
+        .await?;
+    }
+
+    step("enriching (Clay latency 0.3-1.5 s, rate-limited like a real workspace)");
+    let tables = Api::<EnrichmentTable>::namespaced(client.clone(), &args.namespace);
+    let budgets = Api::<CreditBudget>::namespaced(client.clone(), &args.namespace);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let rows = tables.get(TABLE).await?.status.unwrap_or_default().rows;
+        let budget = budgets.get(BUDGET).await?;
+        let used = budget.status.as_ref().map_or(0.0, |s| s.used.data_credits);
+        let limit = budget.spec.limits.data_credits.unwrap_or(0.0);
+        let done = rows.delivered + rows.dead_lettered;
+        print!(
+            "\r    delivered {:>4} (deduplicated {:>3}) | dead-lettered {:>3} | pending {:>3} | credits {:>7.1} / {limit}   ",
+            rows.delivered, rows.deduplicated, rows.dead_lettered, rows.pending, used
+        );
+        std::io::stdout().flush().ok();
+        if done >= args.leads as u64 {
+            println!();
+            break;
+        }
+        if Instant::now() > deadline {
+            println!();
+            bail!("the demo did not finish in 10 minutes; see the logs");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let sim_stats: crate::clay::sim::SimStats = http
+        .get(format!("{sim_url}/admin/stats"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    println!(
+        "    clay-sim charged {:.1} data credits for {} rows; callbacks sent {} (failed {})",
+        sim_stats.data_credits_charged,
+        sim_stats.rows_accepted,
+        sim_stats.callbacks_sent,
+        sim_stats.callbacks_failed
+    );
+    step("kubectl get enrichmenttables,creditbudgets,refreshschedules");
+    for plural in ["enrichmenttables", "creditbudgets", "refreshschedules"] {
+        print_table(&client, &args.namespace, plural).await?;
+    }
+    println!(
+        "\nDone in {:.0} s. Look next:\n  KUBECONFIG={} kubectl -n {} describe enrichmenttable {TABLE}\n  the enriched rows: redis-cli -p {redis_port} XRANGE leads:enriched - + COUNT 3 (while it runs)\n  the Clay column template: kiln receiver --table {table_arg} --print-clay-template",
+        started.elapsed().as_secs_f64(),
+        kubeconfig.display(),
+        args.namespace
+    );
+    Ok(())
+}
+
+async fn apply(
+    client: &kube::Client,
+    namespace: &str,
+    object: DynamicObject,
+) -> anyhow::Result<()> {
+    let types = object
+        .types
+        .clone()
+        .context("an object without apiVersion/kind")?;
+    let (group, version) = types
+        .api_version
+        .split_once('/')
+        .unwrap_or(("", &types.api_version));
+    let (resource, _) = pinned_kind(
+        client,
+        &kube::core::GroupVersionKind::gvk(group, version, &types.kind),
+    )
+    .await?;
+    let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
+    let name = object.metadata.name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .with_context(|| format!("applying {} {name}", types.kind))?;
+    Ok(())
+}
+
+async fn service_account_token(
+    client: &kube::Client,
+    namespace: &str,
+    account: &str,
+) -> anyhow::Result<String> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
+    wait_for(
+        "the table's ServiceAccount (created by the operator)",
+        Duration::from_secs(60),
+        || async { accounts.get_opt(account).await.ok()?.map(|_| ()) },
+    )
+    .await?;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Ok(accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await?
+        .status
+        .context("a TokenRequest without a token")?
+        .token)
+}
+
+async fn print_table(client: &kube::Client, namespace: &str, plural: &str) -> anyhow::Result<()> {
+    let request = http::Request::get(format!(
+        "/apis/kiln.dev/v1alpha1/namespaces/{namespace}/{plural}"
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())?;
+    let table: Value = client.request(request).await?;
+    let columns: Vec<String> = table["columnDefinitions"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .map(|d| d["name"].as_str().unwrap_or_default().to_uppercase())
+                .collect()
+        })
+        .unwrap_or_default();
+    let rows: Vec<Vec<String>> = table["rows"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    r["cells"]
+                        .as_array()
+                        .map(|cells| {
+                            cells
+                                .iter()
+                                .map(|c| match c {
+                                    Value::Null => "<none>".to_string(),
+                                    Value::String(s) => s.clone(),
+                                    other => other.to_string(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .chain([columns[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("   ")
+    };
+    println!("{}", line(&columns));
+    for row in &rows {
+        println!("{}", line(row));
+    }
+    println!();
+    Ok(())
+}
+
+/// Polls `check` until it yields, or fails after `timeout` naming `what`.
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await.is_some() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!("timed out waiting for {what}")
+}
