@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use serde_json::json;
 
@@ -73,28 +72,9 @@ async fn main() {
         .create(&PostParams::default(), &table)
         .await
         .unwrap();
-    let accounts = env.api::<ServiceAccount>();
-    support::wait::until("the table's ServiceAccount", || async {
-        accounts.get_opt("kiln-leads").await.ok()?
-    })
-    .await;
-    let token = accounts
-        .create_token_request(
-            "kiln-leads",
-            &PostParams::default(),
-            &TokenRequest {
-                spec: TokenRequestSpec {
-                    audiences: vec![],
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
+    let token = kiln::devenv::service_account_token(&env.client, &env.namespace, "kiln-leads")
         .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token;
+        .unwrap();
     let ledger = Arc::new(LedgerClient::new(
         vec![format!("http://127.0.0.1:{}", operator.api_port)],
         TokenSource::Static(SecretString::new(token)),

@@ -75,6 +75,22 @@ fn accepted(outcomes: &[RowOutcome]) -> usize {
         .count()
 }
 
+/// Submits `rows` from one task per chunk of `chunk` rows; returns how many were accepted.
+async fn submit_concurrently(client: &Arc<WebhookClient>, rows: Vec<Value>, chunk: usize) -> usize {
+    let tasks: Vec<_> = rows
+        .chunks(chunk)
+        .map(|chunk| {
+            let (client, chunk) = (client.clone(), chunk.to_vec());
+            tokio::spawn(async move { client.submit(&chunk).await })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += accepted(&task.await.unwrap());
+    }
+    total
+}
+
 const INSTANT: [&str; 4] = ["--latency-min-ms", "0", "--latency-max-ms", "0"];
 
 /// A stand-in receiver that records every callback Clay sends.
@@ -124,16 +140,7 @@ async fn client_limiter_keeps_under_clays_rate_without_429s() {
         RotationPolicy::default(),
         3,
     ));
-    let mut tasks = Vec::new();
-    for chunk in rows(45).chunks(5) {
-        let client = client.clone();
-        let chunk = chunk.to_vec();
-        tasks.push(tokio::spawn(async move { client.submit(&chunk).await }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += accepted(&task.await.unwrap());
-    }
+    let total = submit_concurrently(&client, rows(45), 5).await;
     assert_eq!(total, 45);
     let stats = sim.stats().await;
     assert_eq!(stats.rows_accepted, 45);
@@ -159,16 +166,7 @@ async fn a_client_faster_than_clay_backs_off_on_429_and_loses_nothing() {
         RotationPolicy::default(),
         8,
     ));
-    let mut tasks = Vec::new();
-    for chunk in rows(20).chunks(1) {
-        let client = client.clone();
-        let chunk = chunk.to_vec();
-        tasks.push(tokio::spawn(async move { client.submit(&chunk).await }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += accepted(&task.await.unwrap());
-    }
+    let total = submit_concurrently(&client, rows(20), 1).await;
     let stats = sim.stats().await;
     assert!(stats.rejected_rate_limited > 0, "Clay did push back");
     assert_eq!(total, 20, "every row got through after backing off");

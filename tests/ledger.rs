@@ -9,9 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{ObjectMeta, PostParams};
 use serde_json::{Value, json};
 
 use kiln::api::table::CreditCost;
@@ -36,21 +35,6 @@ fn table(name: &str, budget: &str) -> Value {
     })
 }
 
-async fn apply<K>(env: &TestEnv, value: Value) -> K
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    let object: K = serde_json::from_value(value).unwrap();
-    env.api::<K>()
-        .create(&PostParams::default(), &object)
-        .await
-        .unwrap()
-}
-
 /// A budget, a table drawing on it (so the operator creates `kiln-<table>`),
 /// and a token of that ServiceAccount.
 async fn setup(env: &TestEnv, budget_spec: Value) -> SecretString {
@@ -70,30 +54,13 @@ async fn setup(env: &TestEnv, budget_spec: Value) -> SecretString {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    apply::<CreditBudget>(env, json!({"apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget", "metadata": {"name": "team"}, "spec": budget_spec})).await;
-    apply::<EnrichmentTable>(env, table("leads", "team")).await;
+    support::create::<CreditBudget>(env, json!({"apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget", "metadata": {"name": "team"}, "spec": budget_spec})).await;
+    support::create::<EnrichmentTable>(env, table("leads", "team")).await;
     token_for(env, &env.namespace, "kiln-leads").await
 }
 
 async fn token_for(env: &TestEnv, namespace: &str, account: &str) -> SecretString {
-    let accounts = Api::<ServiceAccount>::namespaced(env.client.clone(), namespace);
-    wait::until(&format!("ServiceAccount {account}"), || async {
-        accounts.get_opt(account).await.ok()?
-    })
-    .await;
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![],
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let issued = accounts
-        .create_token_request(account, &PostParams::default(), &request)
-        .await
-        .unwrap();
-    SecretString::new(issued.status.unwrap().token)
+    SecretString::new(support::service_account_token(&env.client, namespace, account).await)
 }
 
 fn ledger(ports: &[u16], token: SecretString) -> LedgerClient {

@@ -53,21 +53,6 @@ fn budget(name: &str, extra: Value) -> Value {
     json!({"apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget", "metadata": {"name": name}, "spec": spec})
 }
 
-async fn create<K>(env: &TestEnv, value: Value) -> K
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-{
-    let object: K = serde_json::from_value(value).unwrap();
-    env.api::<K>()
-        .create(&PostParams::default(), &object)
-        .await
-        .unwrap()
-}
-
 async fn create_secret(env: &TestEnv, name: &str, keys: &[&str]) {
     let secret = Secret {
         metadata: ObjectMeta {
@@ -109,8 +94,8 @@ fn replicas(deployment: &Deployment) -> i32 {
 async fn table_is_provisioned_updated_and_collected() {
     let (env, _operator) = setup("op-table").await;
     create_all_secrets(&env).await;
-    create::<CreditBudget>(&env, budget("team-budget", json!({}))).await;
-    let table = create::<EnrichmentTable>(&env, queue_table("leads")).await;
+    support::create::<CreditBudget>(&env, budget("team-budget", json!({}))).await;
+    let table = support::create::<EnrichmentTable>(&env, queue_table("leads")).await;
     let tables = env.api::<EnrichmentTable>();
 
     let provisioned = wait_condition(&tables, "leads", "Provisioned", "True").await;
@@ -296,7 +281,7 @@ async fn table_is_provisioned_updated_and_collected() {
 #[tokio::test]
 async fn missing_references_scale_to_zero_and_recover() {
     let (env, _operator) = setup("op-refs").await;
-    create::<EnrichmentTable>(&env, queue_table("leads")).await;
+    support::create::<EnrichmentTable>(&env, queue_table("leads")).await;
     let tables = env.api::<EnrichmentTable>();
 
     let table = wait_condition(&tables, "leads", "BudgetResolved", "False").await;
@@ -351,7 +336,7 @@ async fn missing_references_scale_to_zero_and_recover() {
         .await
         .unwrap();
     create_all_secrets(&env).await;
-    create::<CreditBudget>(&env, budget("team-budget", json!({}))).await;
+    support::create::<CreditBudget>(&env, budget("team-budget", json!({}))).await;
     wait_condition(&tables, "leads", "BudgetResolved", "True").await;
     wait_condition(&tables, "leads", "SecretsResolved", "True").await;
     wait::until("the worker scaled up", || async {
@@ -364,12 +349,12 @@ async fn missing_references_scale_to_zero_and_recover() {
 #[tokio::test]
 async fn budget_status_reports_the_period_and_remaining_credits() {
     let (env, _operator) = setup("op-budget").await;
-    create::<CreditBudget>(
+    support::create::<CreditBudget>(
         &env,
         budget("monthly", json!({"timeZone": "Europe/Berlin"})),
     )
     .await;
-    create::<CreditBudget>(
+    support::create::<CreditBudget>(
         &env,
         budget("bad-zone", json!({"timeZone": "Mars/Olympus"})),
     )
@@ -464,7 +449,7 @@ async fn refresh_schedule_gets_a_cronjob_and_next_run() {
             "concurrencyPolicy": "Forbid", "maxAge": "2160h", "maxRows": 500, "maxCredits": 2000.0
         }
     });
-    create::<RefreshSchedule>(&env, schedule).await;
+    support::create::<RefreshSchedule>(&env, schedule).await;
     let schedules = env.api::<RefreshSchedule>();
 
     // Without its table the CronJob exists but is suspended, and the reason is visible.
@@ -477,7 +462,7 @@ async fn refresh_schedule_gets_a_cronjob_and_next_run() {
     assert_eq!(cronjob.spec.as_ref().unwrap().suspend, Some(true));
 
     create_all_secrets(&env).await;
-    create::<EnrichmentTable>(&env, queue_table("leads")).await;
+    support::create::<EnrichmentTable>(&env, queue_table("leads")).await;
     let ready = wait_condition(&schedules, "weekly", "Ready", "True").await;
     let next: jiff::Timestamp = ready
         .status
@@ -568,7 +553,7 @@ async fn one_leader_and_failover() {
     .await;
 
     // The new leader reconciles.
-    create::<CreditBudget>(&env, budget("after-failover", json!({}))).await;
+    support::create::<CreditBudget>(&env, budget("after-failover", json!({}))).await;
     wait_condition(
         &env.api::<CreditBudget>(),
         "after-failover",

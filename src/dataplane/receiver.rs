@@ -322,3 +322,22 @@ async fn callback(
     receiver.count("callback", "delivered");
     reply(StatusCode::OK, json!({"status": "delivered"}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clay_template_names_the_url_header_and_correlation_id() {
+        let template = clay_template(
+            "http://leads-receiver.sales.svc:8080/v1/clay/callback",
+            "/kiln_credits",
+        );
+        assert!(
+            template.contains("URL:     http://leads-receiver.sales.svc:8080/v1/clay/callback")
+        );
+        assert!(template.contains("x-kiln-token: <the value of spec.clay.callbackTokenSecretRef>"));
+        assert!(template.contains("\"kiln_row_id\": \"/kiln_row_id\""));
+        assert!(template.contains("\"kiln_credits\": \"/Credits Used\""));
+    }
+}

@@ -11,9 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, ObjectMeta, Patch, PatchParams};
 use kube::discovery::pinned_kind;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -242,7 +242,8 @@ async fn demo(
     step(
         "starting the worker and receiver as their pod templates say, with the table's ServiceAccount",
     );
-    let token = service_account_token(&client, &args.namespace, &format!("kiln-{TABLE}")).await?;
+    let token =
+        super::service_account_token(&client, &args.namespace, &format!("kiln-{TABLE}")).await?;
     let token_file = workdir.join("table-token");
     std::fs::write(&token_file, &token)?;
     let table_kubeconfig = workdir.join("table-kubeconfig");
@@ -384,35 +385,6 @@ async fn apply(
     .await
     .with_context(|| format!("applying {} {name}", types.kind))?;
     Ok(())
-}
-
-async fn service_account_token(
-    client: &kube::Client,
-    namespace: &str,
-    account: &str,
-) -> anyhow::Result<String> {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
-    wait_for(
-        "the table's ServiceAccount (created by the operator)",
-        Duration::from_secs(60),
-        || async { accounts.get_opt(account).await.ok()?.map(|_| ()) },
-    )
-    .await?;
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![],
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Ok(accounts
-        .create_token_request(account, &PostParams::default(), &request)
-        .await?
-        .status
-        .context("a TokenRequest without a token")?
-        .token)
 }
 
 async fn print_table(client: &kube::Client, namespace: &str, plural: &str) -> anyhow::Result<()> {

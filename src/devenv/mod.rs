@@ -15,3 +15,38 @@ use std::net::TcpListener;
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// Issues a token for a ServiceAccount, waiting up to a minute for it to exist
+/// (the operator creates a table's account).
+pub async fn service_account_token(
+    client: &kube::Client,
+    namespace: &str,
+    account: &str,
+) -> anyhow::Result<String> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts = kube::Api::<ServiceAccount>::namespaced(client.clone(), namespace);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while accounts.get_opt(account).await?.is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "ServiceAccount {namespace}/{account} did not appear"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let issued = accounts
+        .create_token_request(account, &kube::api::PostParams::default(), &request)
+        .await?;
+    Ok(issued
+        .status
+        .ok_or_else(|| anyhow::anyhow!("a TokenRequest without a token"))?
+        .token)
+}

@@ -316,28 +316,25 @@ pub async fn service_account_token(
     namespace: &str,
     account: &str,
 ) -> String {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    use k8s_openapi::api::core::v1::ServiceAccount;
-    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
-    wait::until(&format!("ServiceAccount {account}"), || async {
-        accounts.get_opt(account).await.ok()?
-    })
-    .await;
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![],
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    accounts
-        .create_token_request(account, &PostParams::default(), &request)
+    kiln::devenv::service_account_token(client, namespace, account)
         .await
         .expect("issuing a ServiceAccount token")
-        .status
-        .expect("a token")
-        .token
+}
+
+/// Creates a namespaced object from its JSON in the test's namespace.
+pub async fn create<K>(env: &TestEnv, value: serde_json::Value) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(value).unwrap();
+    env.api::<K>()
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap()
 }
 
 /// Starts `kiln <role> --table ns/name` the way its pod template does, with

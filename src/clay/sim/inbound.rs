@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use rand::Rng;
 use serde_json::{Value, json};
@@ -61,16 +61,7 @@ pub(crate) async fn submit(
     };
     if let Err(wait) = sim.take_tokens(rows.len()) {
         sim.stat(|s| s.rejected_rate_limited += 1);
-        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut response = clay_error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            seconds
-                .to_string()
-                .parse()
-                .expect("digits are a valid header"),
-        );
-        return response;
+        return super::rate_limited(wait);
     }
     let (inject_error, inject_stall) = {
         let mut rng = sim.request_rng();

@@ -229,6 +229,20 @@ impl Sim {
     }
 }
 
+/// A 429 with Retry-After in whole seconds, as Clay sends it.
+pub(crate) fn rate_limited(wait: Duration) -> Response {
+    let mut response = clay_error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        seconds
+            .to_string()
+            .parse()
+            .expect("digits are a valid header"),
+    );
+    response
+}
+
 /// Clay's error body.
 pub(crate) fn clay_error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "message": message }))).into_response()

@@ -72,16 +72,7 @@ pub(crate) async fn run(
         );
     }
     if let Err(wait) = sim.take_tokens(1) {
-        let mut response = clay_error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
-        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            seconds
-                .to_string()
-                .parse()
-                .expect("digits are a valid header"),
-        );
-        return response;
+        return super::rate_limited(wait);
     }
     if sim.quota_spent() {
         sim.stat(|s| s.rejected_quota += 1);
