@@ -24,6 +24,8 @@ enum Command {
     Worker(kiln::dataplane::worker::WorkerArgs),
     /// Run a table's receiver: row ingest and Clay callbacks → sink.
     Receiver(kiln::dataplane::receiver::ReceiverArgs),
+    /// Inspect or replay a table's dead letters.
+    Dlq(kiln::dataplane::dlq::DlqArgs),
     /// Run Kiln end to end on this machine: control plane, Redis, clay-sim, operator, data plane.
     Demo(kiln::devenv::demo::DemoArgs),
     /// Run a local stand-in for Clay (webhook sources, callbacks, routines API).
@@ -49,6 +51,7 @@ fn main() -> anyhow::Result<()> {
             telemetry::init(cli.log_format);
             runtime()?.block_on(kiln::dataplane::receiver::run(args))
         }
+        Command::Dlq(args) => runtime()?.block_on(kiln::dataplane::dlq::run(args)),
         Command::Demo(args) => runtime()?.block_on(kiln::devenv::demo::run(args)),
         Command::ClaySim(args) => {
             telemetry::init(cli.log_format);

@@ -98,7 +98,7 @@ impl Pipeline {
     }
 }
 
-async fn pipeline(test: &str, sim_flags: &[&str], limit: f64) -> Pipeline {
+async fn pipeline(test: &str, sim_flags: &[&str], limit: f64, on_exhausted: &str) -> Pipeline {
     let env = support::test_env(test).await;
     support::install_kiln_crds(&env.client).await;
     let operator = support::start_operator(&env.namespace, "op").await;
@@ -131,7 +131,7 @@ async fn pipeline(test: &str, sim_flags: &[&str], limit: f64) -> Pipeline {
         .unwrap();
     let budget: CreditBudget = serde_json::from_value(json!({
         "apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget", "metadata": {"name": "team"},
-        "spec": {"limits": {"dataCredits": limit}, "onExhausted": "Pause"}
+        "spec": {"limits": {"dataCredits": limit}, "onExhausted": on_exhausted}
     }))
     .unwrap();
     env.api::<CreditBudget>()
@@ -267,6 +267,7 @@ async fn two_thousand_rows_through_faults_and_crashes_end_exactly_once_within_bu
             "7",
         ],
         1_000_000.0,
+        "Pause",
     )
     .await;
     let mut receiver = p.receiver();
@@ -397,6 +398,7 @@ async fn without_faults_the_ledger_matches_what_clay_charged_and_the_budget_hold
             "3",
         ],
         200.0,
+        "Pause",
     )
     .await;
     let _receiver = p.receiver();
@@ -436,4 +438,113 @@ async fn without_faults_the_ledger_matches_what_clay_charged_and_the_budget_hold
         150 - delivered.len(),
         "every row not yet enriched is still in the source stream"
     );
+}
+
+#[tokio::test]
+async fn budget_dead_letters_are_replayed_once_after_the_limit_is_raised() {
+    let p = pipeline(
+        "queue-replay",
+        &[
+            "--latency-min-ms",
+            "10",
+            "--latency-max-ms",
+            "50",
+            "--rate",
+            "1000",
+            "--burst",
+            "1000",
+            "--provider",
+            "email:2:1.0",
+        ],
+        24.0,
+        "DeadLetter",
+    )
+    .await;
+    let _receiver = p.receiver();
+    let _worker = p.worker();
+    p.push(&leads(20, 0)).await;
+    let (delivered, dead) = wait_terminal(&p, 20).await;
+    assert!(
+        !dead.is_empty(),
+        "the small budget sent rows to the dead letters"
+    );
+    assert!(
+        dead.iter().all(|d| d["reason"] == "BudgetExhausted"),
+        "{dead:?}"
+    );
+    let used = p
+        .env
+        .api::<CreditBudget>()
+        .get("team")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .used
+        .data_credits;
+    assert!(used <= 24.0);
+
+    // Raise the limit (takes effect at once), then replay.
+    p.env
+        .api::<CreditBudget>()
+        .patch(
+            "team",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"limits": {"dataCredits": 1000.0}}})),
+        )
+        .await
+        .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KUBECONFIG", &p.kubeconfig)
+        .args([
+            "--log-format",
+            "text",
+            "dlq",
+            "replay",
+            "--table",
+            &p.table(),
+            "--reason",
+            "BudgetExhausted",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout)
+            .contains(&format!("replayed {} dead letters", dead.len()))
+    );
+
+    let delivered_all = wait::until_within(
+        "the replayed rows delivered",
+        Duration::from_secs(120),
+        || async {
+            let delivered = p.stream("leads:enriched").await;
+            (delivered.len() == 20).then_some(delivered)
+        },
+    )
+    .await;
+    assert!(
+        p.stream("leads:dead").await.is_empty(),
+        "replayed dead letters leave the stream"
+    );
+    let ids: std::collections::HashSet<&String> =
+        delivered_all.iter().map(|e| &e["row_id"]).collect();
+    assert_eq!(
+        ids.len(),
+        20,
+        "each row delivered exactly once, replayed ones keep their row id"
+    );
+    assert!(delivered.iter().all(|d| ids.contains(&d["row_id"])));
+    // `kiln dlq list` shows nothing left.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KUBECONFIG", &p.kubeconfig)
+        .args(["dlq", "list", "--table", &p.table()])
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    assert!(listed.stdout.is_empty());
 }

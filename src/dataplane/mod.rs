@@ -1,6 +1,7 @@
 //! The data plane: `kiln worker` and `kiln receiver`, configured from their
 //! EnrichmentTable and its Secrets, keeping row state in the store.
 
+pub mod dlq;
 pub mod receiver;
 pub mod store;
 pub mod worker;
@@ -141,4 +142,29 @@ impl TableRuntime {
             redis_url,
         }))
     }
+}
+
+/// The stream a table's rows are consumed from: its Redis Stream source, or
+/// the inbox the receiver fills from `POST /v1/rows`.
+pub fn source_stream(runtime: &TableRuntime, store: &store::RedisStore) -> String {
+    runtime
+        .table
+        .spec
+        .source
+        .redis_stream
+        .as_ref()
+        .map(|s| s.stream.clone())
+        .unwrap_or_else(|| store.keys().inbox())
+}
+
+/// The Redis Stream a table's dead letters go to.
+pub fn dead_letter_stream(runtime: &TableRuntime) -> String {
+    runtime
+        .table
+        .spec
+        .dead_letter
+        .as_ref()
+        .and_then(|d| d.redis_stream.as_ref())
+        .map(|s| s.stream.clone())
+        .unwrap_or_else(|| format!("kiln:{}/{}:dead-letter", runtime.namespace, runtime.name))
 }

@@ -170,6 +170,22 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 "#;
 
+const REPLAY: &str = r#"
+-- KEYS: dead-letter stream, source stream, counters; ARGV: dead-letter entry id
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #entries == 0 then return 0 end
+local fields = entries[1][2]
+local row_id, row
+for i = 1, #fields, 2 do
+  if fields[i] == 'row_id' then row_id = fields[i + 1] end
+  if fields[i] == 'row' then row = fields[i + 1] end
+end
+redis.call('XADD', KEYS[2], '*', 'row_id', row_id, 'row', row)
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'replayed', 1)
+return 1
+"#;
+
 const TRY_ADD: &str = r#"
 -- KEYS: sources; ARGV: source, n, limit
 local count = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
@@ -463,6 +479,46 @@ impl RedisStore {
             .invoke_async(&mut self.conn())
             .await?;
         Ok(replaced == 1)
+    }
+
+    /// The first `count` entries of a stream, oldest first.
+    pub async fn range(
+        &self,
+        stream: &str,
+        count: usize,
+    ) -> redis::RedisResult<Vec<(String, HashMap<String, String>)>> {
+        let reply: redis::streams::StreamRangeReply =
+            self.conn().xrange_count(stream, "-", "+", count).await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let fields = entry
+                    .map
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, redis::from_redis_value::<String>(v).ok()?)))
+                    .collect();
+                (entry.id, fields)
+            })
+            .collect())
+    }
+
+    /// Moves one dead letter back to the source stream, keeping its row id;
+    /// false when it was already replayed (so a replay is never doubled).
+    pub async fn replay(
+        &self,
+        dead_letter: &str,
+        entry_id: &str,
+        source: &str,
+    ) -> redis::RedisResult<bool> {
+        let moved: i64 = Script::new(REPLAY)
+            .key(dead_letter)
+            .key(source)
+            .key(self.keys.counters())
+            .arg(entry_id)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(moved == 1)
     }
 
     /// The table's counters.

@@ -76,12 +76,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .await
         .context("connecting to Redis")?;
     let spec = &runtime.table.spec;
-    let stream = spec
-        .source
-        .redis_stream
-        .as_ref()
-        .map(|s| s.stream.clone())
-        .unwrap_or_else(|| store.keys().inbox());
+    let stream = super::source_stream(&runtime, &store);
     let group = spec
         .source
         .redis_stream
@@ -209,17 +204,7 @@ impl Worker {
     }
 
     fn dead_letter_stream(&self) -> String {
-        self.spec()
-            .dead_letter
-            .as_ref()
-            .and_then(|d| d.redis_stream.as_ref())
-            .map(|s| s.stream.clone())
-            .unwrap_or_else(|| {
-                format!(
-                    "kiln:{}/{}:dead-letter",
-                    self.runtime.namespace, self.runtime.name
-                )
-            })
+        super::dead_letter_stream(&self.runtime)
     }
 
     fn sink(&self) -> (String, u64) {
