@@ -185,6 +185,11 @@ async fn concurrent_over_asking_clients_never_exceed_the_limit() {
     assert_eq!(status.state, kiln::api::budget::BudgetState::Exhausted);
     assert_eq!(status.tables[0].table, "leads");
     assert_eq!(status.tables[0].used.data_credits, 100.0);
+    // Prometheus sees the same numbers.
+    let (_, metrics) = operator.health_get("/metrics").await.unwrap();
+    let used_line = format!("kiln_budget_used{{namespace=\"{}\",budget=\"team\",meter=\"data_credits\"}} 100.0", env.namespace);
+    assert!(metrics.contains(&used_line), "{used_line} not in:\n{metrics}");
+    assert!(metrics.contains("kiln_budget_breaker_state{"), "breaker state exported");
     // The table reports its own spend this period.
     wait::until("the table's credits this period", || async {
         let table = env.api::<EnrichmentTable>().get("leads").await.ok()?;

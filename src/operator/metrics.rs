@@ -24,12 +24,30 @@ pub struct ControllerLabels {
     pub controller: &'static str,
 }
 
+/// Labels of per-budget metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    pub namespace: String,
+    pub budget: String,
+    /// `data_credits` or `actions`.
+    pub meter: &'static str,
+}
+
 /// The operator's own metrics.
 pub struct OperatorMetrics {
     pub reconciles: Family<ControllerLabels, Counter>,
     pub reconcile_errors: Family<ControllerLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub is_leader: Gauge,
+    pub budget_used: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub budget_reserved: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub budget_remaining: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Reservation requests refused, per budget (meter label "all").
+    pub budget_denials: Family<BudgetLabels, Gauge>,
+    /// Outstanding reservations per budget (meter label "all").
+    pub budget_reservations: Family<BudgetLabels, Gauge>,
+    /// 0 Closed, 1 HalfOpen, 2 Open (meter label "all").
+    pub breaker_state: Family<BudgetLabels, Gauge>,
 }
 
 impl OperatorMetrics {
@@ -41,6 +59,12 @@ impl OperatorMetrics {
                 Histogram::new(exponential_buckets(0.005, 2.0, 12))
             }),
             is_leader: Gauge::default(),
+            budget_used: Family::default(),
+            budget_reserved: Family::default(),
+            budget_remaining: Family::default(),
+            budget_denials: Family::default(),
+            budget_reservations: Family::default(),
+            breaker_state: Family::default(),
         };
         registry.register(
             "kiln_reconciles",
@@ -62,7 +86,87 @@ impl OperatorMetrics {
             "1 while this replica holds the leader lease",
             metrics.is_leader.clone(),
         );
+        registry.register(
+            "kiln_budget_used",
+            "Credits settled this period",
+            metrics.budget_used.clone(),
+        );
+        registry.register(
+            "kiln_budget_reserved",
+            "Credits held by outstanding reservations",
+            metrics.budget_reserved.clone(),
+        );
+        registry.register(
+            "kiln_budget_remaining",
+            "Credits left under the limit this period",
+            metrics.budget_remaining.clone(),
+        );
+        registry.register(
+            "kiln_budget_denials",
+            "Reservation requests refused this period",
+            metrics.budget_denials.clone(),
+        );
+        registry.register(
+            "kiln_budget_reservations",
+            "Outstanding reservations",
+            metrics.budget_reservations.clone(),
+        );
+        registry.register(
+            "kiln_budget_breaker_state",
+            "Circuit breaker: 0 Closed, 1 HalfOpen, 2 Open",
+            metrics.breaker_state.clone(),
+        );
         metrics
+    }
+
+    /// Publishes a budget's ledger state.
+    pub fn observe_budget(
+        &self,
+        namespace: &str,
+        budget: &str,
+        status: &crate::api::CreditBudgetStatus,
+    ) {
+        let labels = |meter: &'static str| BudgetLabels {
+            namespace: namespace.to_string(),
+            budget: budget.to_string(),
+            meter,
+        };
+        for (meter, used, reserved, remaining) in [
+            (
+                "data_credits",
+                status.used.data_credits,
+                status.reserved.data_credits,
+                status.remaining.data_credits,
+            ),
+            (
+                "actions",
+                status.used.actions as f64,
+                status.reserved.actions as f64,
+                status.remaining.actions as f64,
+            ),
+        ] {
+            self.budget_used.get_or_create(&labels(meter)).set(used);
+            self.budget_reserved
+                .get_or_create(&labels(meter))
+                .set(reserved);
+            self.budget_remaining
+                .get_or_create(&labels(meter))
+                .set(remaining);
+        }
+        self.budget_denials
+            .get_or_create(&labels("all"))
+            .set(status.denials as i64);
+        self.budget_reservations
+            .get_or_create(&labels("all"))
+            .set(status.reservations.len() as i64);
+        let breaker = match status.breaker.state {
+            crate::api::budget::BreakerState::Closed => 0,
+            crate::api::budget::BreakerState::HalfOpen => 1,
+            crate::api::budget::BreakerState::Open => 2,
+        };
+        self.breaker_state
+            .get_or_create(&labels("all"))
+            .set(breaker);
     }
 
     /// Records one reconciliation.

@@ -112,6 +112,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let ledger = Ledger::new(
         client.clone(),
         Arc::new(move || jiff::Timestamp::now() + skew),
+        Some(metrics.clone()),
     );
     let ctx = Arc::new(Context::new(
         client.clone(),

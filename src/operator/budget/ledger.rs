@@ -62,14 +62,20 @@ type BudgetKey = (String, String);
 pub struct Ledger {
     client: kube::Client,
     clock: Clock,
+    metrics: Option<Arc<crate::operator::metrics::OperatorMetrics>>,
     books: Arc<Mutex<HashMap<BudgetKey, mpsc::Sender<Command>>>>,
 }
 
 impl Ledger {
-    pub fn new(client: kube::Client, clock: Clock) -> Self {
+    pub fn new(
+        client: kube::Client,
+        clock: Clock,
+        metrics: Option<Arc<crate::operator::metrics::OperatorMetrics>>,
+    ) -> Self {
         Self {
             client,
             clock,
+            metrics,
             books: Arc::default(),
         }
     }
@@ -88,8 +94,10 @@ impl Ledger {
         let api = Api::<CreditBudget>::namespaced(self.client.clone(), namespace);
         tokio::spawn(run_book(
             api,
+            namespace.to_string(),
             name.to_string(),
             self.clock.clone(),
+            self.metrics.clone(),
             receiver,
         ));
         books.insert(key, sender.clone());
@@ -176,8 +184,10 @@ impl Answer {
 
 async fn run_book(
     api: Api<CreditBudget>,
+    namespace: String,
     name: String,
     clock: Clock,
+    metrics: Option<Arc<crate::operator::metrics::OperatorMetrics>>,
     mut commands: mpsc::Receiver<Command>,
 ) {
     let mut breaker: Option<Breaker> = None;
@@ -201,7 +211,10 @@ async fn run_book(
         }
         // Reservation ids and replies are fixed before the write loop, so a
         // retried batch grants the same ids.
-        let outcome = apply_batch(&api, &name, &clock, &mut breaker, &batch).await;
+        let (outcome, status) = apply_batch(&api, &name, &clock, &mut breaker, &batch).await;
+        if let (Some(metrics), Some(status)) = (&metrics, &status) {
+            metrics.observe_budget(&namespace, &name, status);
+        }
         for (command, answer) in batch.into_iter().zip(outcome) {
             send(command, answer);
         }
@@ -228,14 +241,19 @@ async fn apply_batch(
     clock: &Clock,
     breaker: &mut Option<Breaker>,
     batch: &[Command],
-) -> Vec<Result<Answer, LedgerError>> {
+) -> (Vec<Result<Answer, LedgerError>>, Option<CreditBudgetStatus>) {
     let fail_all =
         |error: LedgerError| batch.iter().map(|_| Err(error.clone())).collect::<Vec<_>>();
     for _ in 0..CAS_ATTEMPTS {
         let budget = match api.get_opt(name).await {
             Ok(Some(budget)) => budget,
-            Ok(None) => return fail_all(LedgerError::BudgetNotFound(name.to_string())),
-            Err(error) => return fail_all(LedgerError::Unavailable(error.to_string())),
+            Ok(None) => {
+                return (
+                    fail_all(LedgerError::BudgetNotFound(name.to_string())),
+                    None,
+                );
+            }
+            Err(error) => return (fail_all(LedgerError::Unavailable(error.to_string())), None),
         };
         let now = clock();
         let before = budget.status.clone().unwrap_or_default();
@@ -349,7 +367,7 @@ async fn apply_batch(
             .collect();
         if after == before {
             *breaker = Some(attempt_breaker);
-            return answers;
+            return (answers, Some(after));
         }
         let patch = serde_json::json!({
             "metadata": {"resourceVersion": budget.metadata.resource_version},
@@ -362,13 +380,13 @@ async fn apply_batch(
         match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
             Ok(_) => {
                 *breaker = Some(attempt_breaker);
-                return answers;
+                return (answers, Some(after));
             }
             Err(kube::Error::Api(status)) if status.code == 409 => continue,
-            Err(error) => return fail_all(LedgerError::Unavailable(error.to_string())),
+            Err(error) => return (fail_all(LedgerError::Unavailable(error.to_string())), None),
         }
     }
-    fail_all(LedgerError::Unavailable(
-        "too many concurrent writers to the budget's status".into(),
-    ))
+    let contended =
+        LedgerError::Unavailable("too many concurrent writers to the budget's status".into());
+    (fail_all(contended), None)
 }
