@@ -187,9 +187,18 @@ async fn concurrent_over_asking_clients_never_exceed_the_limit() {
     assert_eq!(status.tables[0].used.data_credits, 100.0);
     // Prometheus sees the same numbers.
     let (_, metrics) = operator.health_get("/metrics").await.unwrap();
-    let used_line = format!("kiln_budget_used{{namespace=\"{}\",budget=\"team\",meter=\"data_credits\"}} 100.0", env.namespace);
-    assert!(metrics.contains(&used_line), "{used_line} not in:\n{metrics}");
-    assert!(metrics.contains("kiln_budget_breaker_state{"), "breaker state exported");
+    let used_line = format!(
+        "kiln_budget_used{{namespace=\"{}\",budget=\"team\",meter=\"data_credits\"}} 100.0",
+        env.namespace
+    );
+    assert!(
+        metrics.contains(&used_line),
+        "{used_line} not in:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_budget_breaker_state{"),
+        "breaker state exported"
+    );
     // The table reports its own spend this period.
     wait::until("the table's credits this period", || async {
         let table = env.api::<EnrichmentTable>().get("leads").await.ok()?;
@@ -433,4 +442,61 @@ async fn only_the_tables_own_service_account_may_draw() {
         0,
         "refused callers never reached the ledger"
     );
+}
+
+#[tokio::test]
+async fn pausing_a_budget_stops_grants_at_once_and_unpausing_resumes() {
+    let env = support::test_env("ledger-paused").await;
+    support::install_kiln_crds(&env.client).await;
+    let operator = support::start_operator(&env.namespace, "op-a").await;
+    let token = setup(&env, json!({"limits": {"dataCredits": 100.0}})).await;
+    let client = ledger(&[operator.api_port], token);
+    client
+        .reserve(&reserve_request(&env, "before".into(), 1.0, 1.0, 60))
+        .await
+        .unwrap();
+
+    let budgets = env.api::<CreditBudget>();
+    let pause = |paused: bool| json!({"spec": {"paused": paused}});
+    budgets
+        .patch(
+            "team",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(pause(true)),
+        )
+        .await
+        .unwrap();
+    match client
+        .reserve(&reserve_request(&env, "while-paused".into(), 1.0, 1.0, 60))
+        .await
+    {
+        Err(LedgerClientError::Denied(denial)) => {
+            assert_eq!(denial.reason, DenialReason::Paused);
+            assert!(denial.message.contains("paused"), "{}", denial.message);
+        }
+        other => panic!("expected a Paused denial, got {other:?}"),
+    }
+    let status = wait::until("the Paused state", || async {
+        let status = budget_status(&env).await;
+        (status.state == kiln::api::budget::BudgetState::Paused).then_some(status)
+    })
+    .await;
+    assert_eq!(
+        status.reservations.len(),
+        1,
+        "the earlier grant is untouched"
+    );
+
+    budgets
+        .patch(
+            "team",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(pause(false)),
+        )
+        .await
+        .unwrap();
+    client
+        .reserve(&reserve_request(&env, "after".into(), 1.0, 1.0, 60))
+        .await
+        .unwrap();
 }
