@@ -19,6 +19,7 @@ use support::{TestEnv, wait};
 struct Pipeline {
     env: TestEnv,
     sim: support::ClaySim,
+    test: String,
     redis: support::Redis,
     operator: support::KilnProcess,
     kubeconfig: std::path::PathBuf,
@@ -98,11 +99,17 @@ impl Pipeline {
     }
 }
 
-async fn pipeline(test: &str, sim_flags: &[&str], limit: f64, on_exhausted: &str) -> Pipeline {
+async fn pipeline(
+    test: &str,
+    sim_flags: &[&str],
+    limit: f64,
+    on_exhausted: &str,
+    durable: bool,
+) -> Pipeline {
     let env = support::test_env(test).await;
     support::install_kiln_crds(&env.client).await;
     let operator = support::start_operator(&env.namespace, "op").await;
-    let redis = support::start_redis(test).await;
+    let redis = support::start_redis_on(test, kiln::devenv::free_port().unwrap(), durable).await;
     let sim = support::start_clay_sim(test, sim_flags).await;
     let receiver_port = kiln::devenv::free_port().unwrap();
     let webhook_url = sim
@@ -176,6 +183,7 @@ async fn pipeline(test: &str, sim_flags: &[&str], limit: f64, on_exhausted: &str
     Pipeline {
         env,
         sim,
+        test: test.to_string(),
         redis,
         operator,
         kubeconfig,
@@ -268,6 +276,7 @@ async fn two_thousand_rows_through_faults_and_crashes_end_exactly_once_within_bu
         ],
         1_000_000.0,
         "Pause",
+        false,
     )
     .await;
     let mut receiver = p.receiver();
@@ -399,6 +408,7 @@ async fn without_faults_the_ledger_matches_what_clay_charged_and_the_budget_hold
         ],
         200.0,
         "Pause",
+        false,
     )
     .await;
     let _receiver = p.receiver();
@@ -458,6 +468,7 @@ async fn budget_dead_letters_are_replayed_once_after_the_limit_is_raised() {
         ],
         24.0,
         "DeadLetter",
+        false,
     )
     .await;
     let _receiver = p.receiver();
@@ -547,4 +558,50 @@ async fn budget_dead_letters_are_replayed_once_after_the_limit_is_raised() {
         .unwrap();
     assert!(listed.status.success());
     assert!(listed.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn a_redis_restart_with_appendonly_loses_no_row() {
+    let mut p = pipeline(
+        "queue-redis-restart",
+        &[
+            "--latency-min-ms",
+            "50",
+            "--latency-max-ms",
+            "400",
+            "--rate",
+            "1000",
+            "--burst",
+            "1000",
+            "--provider",
+            "email:1:1.0",
+        ],
+        1_000_000.0,
+        "Pause",
+        true,
+    )
+    .await;
+    let _receiver = p.receiver();
+    let _worker = p.worker();
+    let rows = leads(600, 0);
+    p.push(&rows[..300]).await;
+    wait::until_within("some rows delivered", Duration::from_secs(120), || async {
+        (p.stream("leads:enriched").await.len() >= 50).then_some(())
+    })
+    .await;
+    // Crash Redis and bring it back on the same port and data directory.
+    p.redis.process.kill_hard();
+    p.redis = support::start_redis_on(&p.test, p.redis.port, true).await;
+    p.push(&rows[300..]).await;
+
+    let (delivered, dead) = wait_terminal(&p, 600).await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for entry in delivered.iter().chain(dead.iter()) {
+        *seen.entry(entry["row_id"].clone()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 600, "no row was lost across the Redis restart");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "and none was delivered twice"
+    );
 }

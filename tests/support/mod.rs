@@ -268,7 +268,12 @@ pub struct Redis {
 
 /// Starts Redis (Debian's redis-server) without persistence.
 pub async fn start_redis(name: &str) -> Redis {
-    let port = kiln::devenv::free_port().unwrap();
+    start_redis_on(name, kiln::devenv::free_port().unwrap(), false).await
+}
+
+/// Starts Redis on `port`; `durable` turns on the append-only file with an
+/// fsync per write, so a restart on the same port and directory keeps the data.
+pub async fn start_redis_on(name: &str, port: u16, durable: bool) -> Redis {
     let dir = work_dir().join(format!("redis-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut command = std::process::Command::new("redis-server");
@@ -279,11 +284,15 @@ pub async fn start_redis(name: &str) -> Redis {
         "127.0.0.1",
         "--save",
         "",
-        "--appendonly",
-        "no",
     ]);
+    if durable {
+        command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        command.args(["--appendonly", "no"]);
+    }
     command.current_dir(&dir);
-    let process = process::ManagedProcess::spawn(&format!("redis-{name}"), command, work_dir())
+    let log_name = format!("redis-{name}-{}", uuid::Uuid::new_v4().simple());
+    let process = process::ManagedProcess::spawn(&log_name, command, work_dir())
         .expect("starting redis-server (apt-get install redis-server)");
     let url = format!("redis://127.0.0.1:{port}/0");
     let client = redis::Client::open(url.as_str()).unwrap();
