@@ -21,12 +21,15 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use super::store::{Keys, RedisStore};
+use super::store::{Keys, PendingRow, RedisStore};
 use super::{DataplaneArgs, TableRuntime};
 use crate::api::table::CreditCost;
 use crate::ledger::SettleRequest;
 use crate::ledger::client::{LedgerClient, LedgerClientError};
 use crate::operator::metrics::{Readiness, serve_health};
+
+/// How often a receiver finishes settlements other receivers left behind.
+const SETTLEMENT_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The header Clay's HTTP API column must send, with the callback token.
 pub const CALLBACK_TOKEN_HEADER: &str = "x-kiln-token";
@@ -128,13 +131,23 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         .route("/v1/rows", post(ingest))
         .route("/v1/clay/callback", post(callback))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
-        .with_state(receiver);
+        .with_state(receiver.clone());
+    let sweeper = tokio::spawn({
+        let receiver = receiver.clone();
+        async move {
+            loop {
+                tokio::time::sleep(SETTLEMENT_SWEEP).await;
+                receiver.settle_owed().await;
+            }
+        }
+    });
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %args.listen, table = %args.common.table, "receiver started");
     readiness.set(true);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
+    sweeper.abort();
     health.await??;
     tracing::info!("receiver stopped");
     Ok(())
@@ -145,6 +158,51 @@ impl Receiver {
         self.requests
             .get_or_create(&RequestLabels { endpoint, outcome })
             .inc();
+    }
+
+    /// Settles a delivered row's reservation to its reported cost (else the
+    /// reservation) and clears the owed settlement. Idempotent: the ledger
+    /// applies settlement 1 of a reservation once, later copies are no-ops.
+    async fn settle(&self, row_id: &str, reported: Option<f64>, pending: &PendingRow) {
+        let spec = &self.runtime.table.spec;
+        let request = SettleRequest {
+            namespace: self.runtime.namespace.clone(),
+            budget: spec.budget_ref.name.clone(),
+            table: self.runtime.name.clone(),
+            reservation: pending.reservation.clone(),
+            seq: 1,
+            used: CreditCost {
+                data_credits: reported.unwrap_or(pending.reserved_credits),
+                actions: pending.reserved_actions,
+            },
+            release: true,
+            successes: 1,
+            failures: 0,
+        };
+        match self.ledger.settle(&request).await {
+            Ok(()) | Err(LedgerClientError::Rejected { status: 409, .. }) => {
+                if let Err(error) = self.store.settled(row_id).await {
+                    tracing::warn!(%error, row = row_id, "clearing an owed settlement failed; it will be retried");
+                }
+            }
+            // Left owed: the settlement sweep retries it.
+            Err(error) => {
+                tracing::warn!(%error, row = row_id, "settling credits failed; will retry")
+            }
+        }
+    }
+
+    /// Finishes settlements left by receivers that died between delivering
+    /// a row and settling its credits.
+    async fn settle_owed(&self) {
+        match self.store.owed_settlements().await {
+            Ok(owed) => {
+                for (row_id, reported, pending) in owed {
+                    self.settle(&row_id, reported, &pending).await;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "reading owed settlements failed"),
+        }
     }
 }
 
@@ -270,6 +328,9 @@ async fn callback(
             receiver.runtime.namespace, receiver.runtime.name
         )
     });
+    let reported = result
+        .pointer(&spec.clay.cost_pointer)
+        .and_then(Value::as_f64);
     let claimed = receiver
         .store
         .claim_callback(
@@ -278,6 +339,7 @@ async fn callback(
             jiff::Timestamp::now().as_millisecond(),
             &sink_stream,
             sink.and_then(|s| s.max_len).unwrap_or(0),
+            reported,
         )
         .await;
     let pending = match claimed {
@@ -296,29 +358,7 @@ async fn callback(
             );
         }
     };
-    let reported = result
-        .pointer(&spec.clay.cost_pointer)
-        .and_then(Value::as_f64);
-    let used = CreditCost {
-        data_credits: reported.unwrap_or(pending.reserved_credits),
-        actions: pending.reserved_actions,
-    };
-    let settle = SettleRequest {
-        namespace: receiver.runtime.namespace.clone(),
-        budget: spec.budget_ref.name.clone(),
-        table: receiver.runtime.name.clone(),
-        reservation: pending.reservation.clone(),
-        seq: 1,
-        used,
-        release: true,
-        successes: 1,
-        failures: 0,
-    };
-    match receiver.ledger.settle(&settle).await {
-        Ok(()) | Err(LedgerClientError::Rejected { status: 409, .. }) => {}
-        // The reservation will expire and count as spent: never under-counted.
-        Err(error) => tracing::warn!(%error, row = %row_id, "settling credits failed"),
-    }
+    receiver.settle(&row_id, reported, &pending).await;
     receiver.count("callback", "delivered");
     reply(StatusCode::OK, json!({"status": "delivered"}))
 }

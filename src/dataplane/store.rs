@@ -60,6 +60,9 @@ impl Keys {
     fn sources(&self) -> String {
         format!("{}:sources", self.prefix)
     }
+    fn settlements(&self) -> String {
+        format!("{}:settlements", self.prefix)
+    }
 }
 
 /// Where a source entry came from, so scripts can acknowledge it atomically.
@@ -93,12 +96,15 @@ return 1
 "#;
 
 const CLAIM_CALLBACK: &str = r#"
--- KEYS: pending, deadlines, dedupe, enriched-at, counters, sink; ARGV: row_id, result json, now ms, sink maxlen (0 = none)
+-- KEYS: pending, deadlines, dedupe, enriched-at, counters, sink, settlements
+-- ARGV: row_id, result json, now ms, sink maxlen (0 = none), reported cost ('' when absent)
 local pending = redis.call('HGET', KEYS[1], ARGV[1])
 if not pending then
   redis.call('HINCRBY', KEYS[5], 'duplicateCallbacks', 1)
   return false
 end
+-- The credit settlement this delivery owes, done by whichever receiver gets to it.
+redis.call('HSET', KEYS[7], ARGV[1], ARGV[5] .. '|' .. pending)
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 local key = cjson.decode(pending)['key']
@@ -348,6 +354,9 @@ impl RedisStore {
     /// Claims a pending row for its callback and delivers the result to the
     /// sink stream in one step. None when the row is not pending (a duplicate
     /// or a late callback): nothing is delivered twice.
+    /// The settlement the delivery owes (reported cost and the pending row) is
+    /// recorded with it (see [`Self::owed_settlements`]): a receiver that dies
+    /// before settling leaves it for another to finish.
     pub async fn claim_callback(
         &self,
         row_id: &str,
@@ -355,6 +364,7 @@ impl RedisStore {
         now_ms: i64,
         sink: &str,
         sink_max_len: u64,
+        reported_cost: Option<f64>,
     ) -> redis::RedisResult<Option<PendingRow>> {
         let claimed: Option<String> = Script::new(CLAIM_CALLBACK)
             .key(self.keys.pending())
@@ -363,13 +373,39 @@ impl RedisStore {
             .key(self.keys.enriched_at())
             .key(self.keys.counters())
             .key(sink)
+            .key(self.keys.settlements())
             .arg(row_id)
             .arg(result.to_string())
             .arg(now_ms)
             .arg(sink_max_len)
+            .arg(reported_cost.map(|c| c.to_string()).unwrap_or_default())
             .invoke_async(&mut self.conn())
             .await?;
         Ok(claimed.and_then(|p| serde_json::from_str(&p).ok()))
+    }
+
+    /// Settlements recorded by deliveries and not yet confirmed by the
+    /// ledger: row id → (reported cost, the row as it was pending).
+    pub async fn owed_settlements(
+        &self,
+    ) -> redis::RedisResult<Vec<(String, Option<f64>, PendingRow)>> {
+        let owed: HashMap<String, String> = self.conn().hgetall(self.keys.settlements()).await?;
+        Ok(owed
+            .into_iter()
+            .filter_map(|(row_id, value)| {
+                let (cost, pending) = value.split_once('|')?;
+                Some((
+                    row_id,
+                    cost.parse().ok(),
+                    serde_json::from_str(pending).ok()?,
+                ))
+            })
+            .collect())
+    }
+
+    /// Marks a delivery's settlement as done.
+    pub async fn settled(&self, row_id: &str) -> redis::RedisResult<()> {
+        self.conn().hdel(self.keys.settlements(), row_id).await
     }
 
     /// Delivers a stored (de-duplicated) result and acknowledges the entry.
@@ -437,6 +473,17 @@ impl RedisStore {
             .invoke_async(&mut self.conn())
             .await?;
         Ok(removed.and_then(|p| serde_json::from_str(&p).ok()))
+    }
+
+    /// Moves a pending row's deadline (only if it is still pending).
+    pub async fn set_deadline(&self, row_id: &str, deadline_ms: i64) -> redis::RedisResult<()> {
+        redis::cmd("ZADD")
+            .arg(self.keys.deadlines())
+            .arg("XX")
+            .arg(deadline_ms)
+            .arg(row_id)
+            .query_async(&mut self.conn())
+            .await
     }
 
     /// Takes pending rows past their deadline, leasing them to this caller

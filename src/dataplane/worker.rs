@@ -313,10 +313,22 @@ impl Worker {
             reserved_credits: cost.data_credits,
             reserved_actions: cost.actions,
         };
-        let deadline = now_ms() + self.result_timeout().as_millis() as i64;
+        // Until Clay accepts the row, the deadline also covers the wait in the
+        // rate limiter, so a queued row is never mistaken for a lost one.
+        let deadline =
+            now_ms() + (self.result_timeout() + self.queue_allowance()).as_millis() as i64;
         self.store.make_pending(&pending, deadline, &entry).await?;
         self.submit(&pending).await?;
         Ok(Handled::Done)
+    }
+
+    /// The longest a row may wait in the rate limiter: every in-flight row
+    /// of this worker ahead of it, at the table's rate, plus a margin.
+    fn queue_allowance(&self) -> Duration {
+        let spec = self.spec();
+        let rate = f64::from(spec.clay.rate_limit.rows_per_second.max(1));
+        Duration::from_secs_f64(f64::from(spec.workers.concurrency) / rate)
+            + Duration::from_secs(30)
     }
 
     async fn reserve(&self, id: &str, cost: &CreditCost) -> Result<(), LedgerClientError> {
@@ -361,7 +373,12 @@ impl Worker {
         row["kiln_row_id"] = Value::String(pending.row_id.clone());
         let outcome = self.clay.submit(std::slice::from_ref(&row)).await.remove(0);
         match outcome {
-            RowOutcome::Accepted { .. } => Ok(()),
+            RowOutcome::Accepted { .. } => {
+                // The result timeout runs from acceptance.
+                let deadline = now_ms() + self.result_timeout().as_millis() as i64;
+                self.store.set_deadline(&pending.row_id, deadline).await?;
+                Ok(())
+            }
             RowOutcome::Failed(error) => {
                 let permanent = matches!(
                     error,
@@ -451,7 +468,8 @@ impl Worker {
             // Paused or unavailable: the row is retried when its lease ends.
             Err(_) => return Ok(()),
         }
-        let deadline = now_ms() + self.result_timeout().as_millis() as i64;
+        let deadline =
+            now_ms() + (self.result_timeout() + self.queue_allowance()).as_millis() as i64;
         if self
             .store
             .replace_pending(&next, deadline, &pending.reservation)

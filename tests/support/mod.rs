@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset of helpers
 
+pub mod pipeline;
 pub mod wait;
 
 use std::path::PathBuf;

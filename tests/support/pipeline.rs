@@ -1,0 +1,244 @@
+//! A Queue-tier pipeline on real components (control plane + operator,
+//! Redis, clay-sim, worker and receiver processes), for tests and benchmarks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ObjectMeta, PostParams};
+use serde_json::{Value, json};
+
+use super::{TestEnv, wait};
+use kiln::api::{CreditBudget, EnrichmentTable};
+
+pub struct Pipeline {
+    pub env: TestEnv,
+    pub sim: super::ClaySim,
+    pub test: String,
+    pub redis: super::Redis,
+    pub operator: super::KilnProcess,
+    pub kubeconfig: std::path::PathBuf,
+    pub token_file: std::path::PathBuf,
+    pub receiver_port: u16,
+}
+
+impl Pipeline {
+    pub fn table(&self) -> String {
+        format!("{}/leads", self.env.namespace)
+    }
+
+    pub fn operator_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.operator.api_port)
+    }
+
+    pub fn worker(&self) -> super::KilnProcess {
+        super::start_dataplane(
+            "worker",
+            &self.table(),
+            &self.kubeconfig,
+            &self.token_file,
+            &self.operator_url(),
+            &["--identity", "worker-0"],
+        )
+    }
+
+    pub fn receiver(&self) -> super::KilnProcess {
+        let listen = format!("127.0.0.1:{}", self.receiver_port);
+        super::start_dataplane(
+            "receiver",
+            &self.table(),
+            &self.kubeconfig,
+            &self.token_file,
+            &self.operator_url(),
+            &["--listen", &listen],
+        )
+    }
+
+    pub async fn push(&self, rows: &[Value]) {
+        let http = reqwest::Client::new();
+        for chunk in rows.chunks(50) {
+            wait::until("the receiver to accept rows", || async {
+                let response = http
+                    .post(format!("http://127.0.0.1:{}/v1/rows", self.receiver_port))
+                    .bearer_auth("crm-secret")
+                    .json(&chunk)
+                    .send()
+                    .await
+                    .ok()?;
+                (response.status() == 202).then_some(())
+            })
+            .await;
+        }
+    }
+
+    pub async fn stream(&self, name: &str) -> Vec<HashMap<String, String>> {
+        let client = redis::Client::open(self.redis.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(name)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                e.map
+                    .into_iter()
+                    .map(|(k, v)| (k, redis::from_redis_value::<String>(v).unwrap()))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+pub async fn pipeline(
+    test: &str,
+    sim_flags: &[&str],
+    limit: f64,
+    on_exhausted: &str,
+    durable: bool,
+) -> Pipeline {
+    let env = super::test_env(test).await;
+    super::install_kiln_crds(&env.client).await;
+    let operator = super::start_operator(&env.namespace, "op").await;
+    let redis = super::start_redis_on(test, kiln::devenv::free_port().unwrap(), durable).await;
+    let sim = super::start_clay_sim(test, sim_flags).await;
+    let receiver_port = kiln::devenv::free_port().unwrap();
+    let webhook_url = sim
+        .add_source(
+            "leads",
+            json!({"token": "clay-source-token", "callbackUrl": format!("http://127.0.0.1:{receiver_port}/v1/clay/callback"), "callbackHeaders": {"x-kiln-token": "callback-secret"}}),
+        )
+        .await;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("pipeline".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([
+            ("webhook-url".to_string(), webhook_url),
+            ("webhook-token".to_string(), "clay-source-token".to_string()),
+            ("callback-token".to_string(), "callback-secret".to_string()),
+            ("ingest-token".to_string(), "crm-secret".to_string()),
+            ("redis-url".to_string(), redis.url.clone()),
+        ])),
+        ..Default::default()
+    };
+    env.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let budget: CreditBudget = serde_json::from_value(json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget", "metadata": {"name": "team"},
+        "spec": {"limits": {"dataCredits": limit}, "onExhausted": on_exhausted}
+    }))
+    .unwrap();
+    env.api::<CreditBudget>()
+        .create(&PostParams::default(), &budget)
+        .await
+        .unwrap();
+    let table: EnrichmentTable = serde_json::from_value(json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable", "metadata": {"name": "leads"},
+        "spec": {
+            "tier": "Queue", "key": "email", "budgetRef": {"name": "team"}, "dedupeWindow": "1h",
+            "clay": {
+                "webhookSources": [{"name": "leads", "urlSecretRef": {"name": "pipeline", "key": "webhook-url"}, "authTokenSecretRef": {"name": "pipeline", "key": "webhook-token"}}],
+                "rateLimit": {"rowsPerSecond": 1000, "burst": 1000},
+                "creditsPerRow": {"dataCredits": 8.0, "actions": 4},
+                "resultTimeout": "3s", "maxAttempts": 4,
+                "callbackTokenSecretRef": {"name": "pipeline", "key": "callback-token"}
+            },
+            "source": {"http": {"authTokenSecretRef": {"name": "pipeline", "key": "ingest-token"}}},
+            "sink": {"redisStream": {"stream": "leads:enriched"}},
+            "deadLetter": {"redisStream": {"stream": "leads:dead"}},
+            "redis": {"urlSecretRef": {"name": "pipeline", "key": "redis-url"}},
+            "workers": {"concurrency": 64, "batchSize": 100}
+        }
+    }))
+    .unwrap();
+    env.api::<EnrichmentTable>()
+        .create(&PostParams::default(), &table)
+        .await
+        .unwrap();
+    let token = super::service_account_token(&env.client, &env.namespace, "kiln-leads").await;
+    // The Role the operator provisioned must be enough for the data plane.
+    super::wait_condition(
+        &env.api::<EnrichmentTable>(),
+        "leads",
+        "Provisioned",
+        "True",
+    )
+    .await;
+    let kubeconfig = super::kubeconfig_for_token(test, &token).await;
+    let token_file = super::work_dir().join(format!("token-{test}"));
+    std::fs::write(&token_file, &token).unwrap();
+    Pipeline {
+        env,
+        sim,
+        test: test.to_string(),
+        redis,
+        operator,
+        kubeconfig,
+        token_file,
+        receiver_port,
+    }
+}
+
+pub fn leads(n: usize, offset: usize) -> Vec<Value> {
+    (offset..offset + n)
+        .map(
+            |i| json!({"email": format!("lead{i}@example.com"), "company": format!("Company {i}")}),
+        )
+        .collect()
+}
+
+/// Waits until every pushed row is delivered or dead-lettered and nothing is
+/// pending; on timeout, fails with the pipeline's state for diagnosis.
+pub async fn wait_terminal(
+    p: &Pipeline,
+    expected: usize,
+) -> (Vec<HashMap<String, String>>, Vec<HashMap<String, String>>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let delivered = p.stream("leads:enriched").await;
+        let dead = p.stream("leads:dead").await;
+        if delivered.len() + dead.len() >= expected {
+            return (delivered, dead);
+        }
+        if std::time::Instant::now() > deadline {
+            let client = redis::Client::open(p.redis.url.as_str()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let pending: i64 = redis::cmd("HLEN")
+                .arg(format!("kiln:{}/leads:pending", p.env.namespace))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let groups: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(format!("kiln:{}/leads:inbox", p.env.namespace))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let budget = p
+                .env
+                .api::<CreditBudget>()
+                .get("team")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            panic!(
+                "only {} delivered + {} dead of {expected}; {pending} pending; group {groups:?}; sim {:?}; open reservations {}; used {}",
+                delivered.len(),
+                dead.len(),
+                p.sim.stats().await,
+                budget.reservations.len(),
+                budget.used.data_credits
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
