@@ -77,6 +77,37 @@ pub fn condition(
     }
 }
 
+/// Builds the conditions of one status update: the previous conditions, the
+/// generation observed and the time are shared by every condition set.
+pub struct Conditions<'a> {
+    previous: &'a [Condition],
+    observed_generation: Option<i64>,
+    now: Time,
+}
+
+impl<'a> Conditions<'a> {
+    pub fn new(previous: &'a [Condition], observed_generation: Option<i64>, now: Time) -> Self {
+        Self {
+            previous,
+            observed_generation,
+            now,
+        }
+    }
+
+    /// A condition that is True when `ok`, False otherwise (see [`condition`]).
+    pub fn set(&self, type_: &str, ok: bool, reason: &str, message: String) -> Condition {
+        condition(
+            self.previous,
+            type_,
+            if ok { TRUE } else { FALSE },
+            reason,
+            message,
+            self.observed_generation,
+            self.now.clone(),
+        )
+    }
+}
+
 /// Finds a condition by type.
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)

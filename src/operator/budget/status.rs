@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::period;
 use crate::api::budget::{BreakerState, BudgetState, PeriodUsage};
-use crate::api::common::{FALSE, TRUE, condition};
+use crate::api::common::Conditions;
 use crate::api::table::CreditCost;
 use crate::api::{CreditBudget, CreditBudgetStatus};
 
@@ -23,24 +23,14 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
     let generation = budget.metadata.generation;
     let previous = status.conditions.clone();
     let now_time = Time::from(now);
-    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
-        condition(
-            &previous,
-            type_,
-            if ok { TRUE } else { FALSE },
-            reason,
-            message,
-            generation,
-            now_time.clone(),
-        )
-    };
+    let cond = Conditions::new(&previous, generation, now_time.clone());
     status.observed_generation = generation;
 
     let (start, end) = match period::bounds(spec.period, &spec.time_zone, now) {
         Ok(bounds) => bounds,
         Err(message) => {
             status.state = BudgetState::Invalid;
-            status.conditions = vec![cond(READY, false, "InvalidTimeZone", message)];
+            status.conditions = vec![cond.set(READY, false, "InvalidTimeZone", message)];
             return status;
         }
     };
@@ -109,21 +99,21 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
     };
 
     let ready = if spec.paused {
-        cond(
+        cond.set(
             READY,
             false,
             "Paused",
             "spec.paused is true: no credits are granted".into(),
         )
     } else if exhausted {
-        cond(
+        cond.set(
             READY,
             false,
             "Exhausted",
             format!("the limit is reached until the period ends at {end}"),
         )
     } else {
-        cond(
+        cond.set(
             READY,
             true,
             "Active",
@@ -131,7 +121,7 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
         )
     };
     let exhausted_condition = if exhausted {
-        cond(
+        cond.set(
             EXHAUSTED,
             true,
             "LimitReached",
@@ -141,7 +131,7 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
             ),
         )
     } else {
-        cond(
+        cond.set(
             EXHAUSTED,
             false,
             "WithinLimit",
@@ -149,13 +139,13 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
         )
     };
     let warning = match crossed {
-        Some(threshold) => cond(
+        Some(threshold) => cond.set(
             WARNING,
             true,
             "ThresholdCrossed",
             format!("{threshold}% warning threshold crossed this period"),
         ),
-        None => cond(
+        None => cond.set(
             WARNING,
             false,
             "BelowThresholds",

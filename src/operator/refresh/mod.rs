@@ -20,7 +20,7 @@ use super::apply::{apply, patch_status};
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use super::labels::{MANAGED_BY, SCHEDULE_LABEL};
-use crate::api::common::{FALSE, TRUE, condition, find_condition};
+use crate::api::common::{Conditions, FALSE, TRUE, find_condition};
 use crate::api::{EnrichmentTable, RefreshSchedule, RefreshScheduleStatus};
 
 const CONTROLLER: &str = "refreshschedule";
@@ -88,30 +88,20 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
     let current = schedule.status.clone().unwrap_or_default();
     let previous = current.conditions.clone();
     let generation = schedule.metadata.generation;
-    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
-        condition(
-            &previous,
-            type_,
-            if ok { TRUE } else { FALSE },
-            reason,
-            message,
-            generation,
-            now_time.clone(),
-        )
-    };
+    let cond = Conditions::new(&previous, generation, now_time.clone());
 
     let table_name = &schedule.spec.table_ref.name;
     let table = Api::<EnrichmentTable>::namespaced(ctx.client.clone(), &namespace)
         .get_opt(table_name)
         .await?;
     let table_condition = match &table {
-        Some(_) => cond(
+        Some(_) => cond.set(
             TABLE_RESOLVED,
             true,
             "TableFound",
             format!("refreshing EnrichmentTable {table_name:?}"),
         ),
-        None => cond(
+        None => cond.set(
             TABLE_RESOLVED,
             false,
             "TableNotFound",
@@ -123,8 +113,8 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
     let next = build::next_run(schedule, now);
     let (schedule_condition, provisioned, cronjob) = match &next {
         Err(message) => (
-            cond(SCHEDULE_VALID, false, "InvalidSchedule", message.clone()),
-            cond(
+            cond.set(SCHEDULE_VALID, false, "InvalidSchedule", message.clone()),
+            cond.set(
                 PROVISIONED,
                 false,
                 "InvalidSchedule",
@@ -137,13 +127,13 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
             let desired = build::desired_cronjob(schedule, image, &ctx.build, table.is_some());
             let applied = apply(&ctx.client, &desired).await?;
             (
-                cond(
+                cond.set(
                     SCHEDULE_VALID,
                     true,
                     "Valid",
                     "the schedule and time zone parse".into(),
                 ),
-                cond(
+                cond.set(
                     PROVISIONED,
                     true,
                     "CronJobApplied",
@@ -155,8 +145,8 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
     };
     let parts = [&schedule_condition, &table_condition, &provisioned];
     let ready = match parts.iter().find(|c| c.status != TRUE) {
-        None => cond(READY, true, "Ready", "runs on schedule".into()),
-        Some(blocking) => cond(READY, false, &blocking.reason, blocking.message.clone()),
+        None => cond.set(READY, true, "Ready", "runs on schedule".into()),
+        Some(blocking) => cond.set(READY, false, &blocking.reason, blocking.message.clone()),
     };
     let cron_status = cronjob
         .as_ref()

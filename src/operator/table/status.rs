@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use crate::api::common::{FALSE, TRUE, condition};
+use crate::api::common::{Conditions, TRUE};
 use crate::api::table::{CreditCost, RowCounters};
 use crate::api::{EnrichmentTable, EnrichmentTableStatus};
 
@@ -98,27 +98,17 @@ pub fn compute(
     let namespace = table.metadata.namespace.clone().unwrap_or_default();
     let name = table.metadata.name.clone().unwrap_or_default();
     let previous = &current.conditions;
-    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
-        condition(
-            previous,
-            type_,
-            if ok { TRUE } else { FALSE },
-            reason,
-            message,
-            generation,
-            now.clone(),
-        )
-    };
+    let cond = Conditions::new(previous, generation, now.clone());
 
     let secrets = if references.secret_problems.is_empty() {
-        cond(
+        cond.set(
             SECRETS_RESOLVED,
             true,
             "SecretsFound",
             "every referenced Secret key exists".into(),
         )
     } else {
-        cond(
+        cond.set(
             SECRETS_RESOLVED,
             false,
             "SecretNotFound",
@@ -129,18 +119,18 @@ pub fn compute(
         )
     };
     let budget = match &references.budget_problem {
-        None => cond(
+        None => cond.set(
             BUDGET_RESOLVED,
             true,
             "BudgetFound",
             format!("drawing on CreditBudget {:?}", table.spec.budget_ref.name),
         ),
-        Some(problem) => cond(BUDGET_RESOLVED, false, "BudgetNotFound", problem.clone()),
+        Some(problem) => cond.set(BUDGET_RESOLVED, false, "BudgetNotFound", problem.clone()),
     };
     let (provisioned, workers) = match provisioning {
         Provisioning::Failed(message) => (
-            cond(PROVISIONED, false, "ApplyFailed", message.clone()),
-            cond(
+            cond.set(PROVISIONED, false, "ApplyFailed", message.clone()),
+            cond.set(
                 WORKERS_AVAILABLE,
                 false,
                 "NotProvisioned",
@@ -148,7 +138,7 @@ pub fn compute(
             ),
         ),
         Provisioning::Applied { deployments } => {
-            let provisioned = cond(
+            let provisioned = cond.set(
                 PROVISIONED,
                 true,
                 "ChildrenApplied",
@@ -168,21 +158,21 @@ pub fn compute(
                 .collect();
             let scaled_down = !references.resolved();
             let workers = if scaled_down {
-                cond(
+                cond.set(
                     WORKERS_AVAILABLE,
                     false,
                     "ScaledToZero",
                     "workloads are scaled to zero until references resolve".into(),
                 )
             } else if short.is_empty() {
-                cond(
+                cond.set(
                     WORKERS_AVAILABLE,
                     true,
                     "Available",
                     "all worker and receiver replicas are available".into(),
                 )
             } else {
-                cond(WORKERS_AVAILABLE, false, "WaitingForPods", short.join(", "))
+                cond.set(WORKERS_AVAILABLE, false, "WaitingForPods", short.join(", "))
             };
             (provisioned, workers)
         }
@@ -190,13 +180,13 @@ pub fn compute(
 
     let parts = [&secrets, &budget, &provisioned, &workers];
     let ready = match parts.iter().find(|c| c.status != TRUE) {
-        None => cond(
+        None => cond.set(
             READY,
             true,
             "Ready",
             "the pipeline is provisioned and available".into(),
         ),
-        Some(blocking) => cond(READY, false, &blocking.reason, blocking.message.clone()),
+        Some(blocking) => cond.set(READY, false, &blocking.reason, blocking.message.clone()),
     };
     let receiver = super::build::receiver_url(&name, &namespace);
     EnrichmentTableStatus {
