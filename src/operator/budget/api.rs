@@ -91,6 +91,14 @@ fn ledger_error(failure: LedgerError) -> Response {
     error(status, failure.to_string()).into_response()
 }
 
+/// 204 for a done settlement or renewal, else the ledger's refusal.
+fn no_content(result: Result<(), LedgerError>) -> Response {
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => ledger_error(e),
+    }
+}
+
 /// Authenticates the bearer token; returns (namespace, service account).
 async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(String, String), ApiError> {
     let token = headers
@@ -220,10 +228,7 @@ async fn settle(
         &request.namespace,
         &request.table,
     )?;
-    Ok(match state.ledger.settle(request).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => ledger_error(e),
-    })
+    Ok(no_content(state.ledger.settle(request).await))
 }
 
 async fn renew(
@@ -236,8 +241,5 @@ async fn renew(
         &request.namespace,
         &request.table,
     )?;
-    Ok(match state.ledger.renew(request).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => ledger_error(e),
-    })
+    Ok(no_content(state.ledger.renew(request).await))
 }
