@@ -9,6 +9,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use redis::AsyncCommands;
 use serde_json::{Value, json};
 
 use kiln::api::{CreditBudget, EnrichmentTable};
@@ -371,4 +372,266 @@ async fn a_redis_restart_with_appendonly_loses_no_row() {
         seen.values().all(|n| *n == 1),
         "and none was delivered twice"
     );
+}
+
+/// One request the fake CRM received.
+#[derive(Clone, Debug)]
+struct CrmCall {
+    method: String,
+    path: String,
+    idempotency_key: String,
+    authorization: String,
+    body: Value,
+    status: u16,
+}
+
+/// A CRM stand-in: records every call; refuses `lead150` for good (400) and
+/// fails the first attempt of every seventh lead (503).
+async fn start_fake_crm() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<CrmCall>>>) {
+    use axum::http::{HeaderMap, Method, Uri};
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<CrmCall>::new()));
+    let app = axum::Router::new().fallback({
+        let calls = calls.clone();
+        move |method: Method, uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
+            let calls = calls.clone();
+            async move {
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let path = uri.path().to_string();
+                let index = leads_index(&format!(
+                    "{{\"email\":\"{}\"}}",
+                    path.trim_start_matches("/leads/").replace("%40", "@")
+                ));
+                let mut calls = calls.lock().unwrap();
+                let earlier = calls.iter().filter(|c| c.path == path).count();
+                let status = if index == 150 {
+                    400
+                } else if index.is_multiple_of(7) && earlier == 0 {
+                    503
+                } else {
+                    204
+                };
+                calls.push(CrmCall {
+                    method: method.to_string(),
+                    path,
+                    idempotency_key: header("idempotency-key"),
+                    authorization: header("authorization"),
+                    body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                    status,
+                });
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, calls)
+}
+
+#[tokio::test]
+async fn the_http_sink_updates_the_crm_once_per_row_through_retries_a_crash_and_a_live_spec_change()
+{
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams, PostParams};
+
+    let p = pipeline(
+        "queue-http-sink",
+        &[
+            "--latency-min-ms",
+            "10",
+            "--latency-max-ms",
+            "100",
+            "--rate",
+            "1000",
+            "--burst",
+            "1000",
+            "--seed",
+            "11",
+        ],
+        1_000_000.0,
+        "Pause",
+        false,
+    )
+    .await;
+    let (crm_port, calls) = start_fake_crm().await;
+    let headers: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "crm-headers"},
+        "stringData": {"Authorization": "Bearer crm-api-key"}
+    }))
+    .unwrap();
+    p.env
+        .api::<Secret>()
+        .create(&PostParams::default(), &headers)
+        .await
+        .unwrap();
+    let mut receiver = p.receiver();
+    let _worker = p.worker();
+
+    // First on the Redis Stream sink.
+    p.push(&leads(20, 0)).await;
+    wait_terminal(&p, 20).await;
+
+    // Switch the running table to the CRM; the processes follow without a restart.
+    let tables = p.env.api::<EnrichmentTable>();
+    tables
+        .patch(
+            "leads",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sink": {"redisStream": null, "http": {
+                "method": "PATCH",
+                "urlTemplate": format!("http://127.0.0.1:{crm_port}/leads/{{email}}"),
+                "headersSecretName": "crm-headers",
+                "maxAttempts": 3
+            }}}})),
+        )
+        .await
+        .unwrap();
+    let mut probe = 1000;
+    wait::until_within(
+        "the receiver to follow the new sink",
+        Duration::from_secs(60),
+        || {
+            probe += 1;
+            let row = leads(1, probe);
+            let p = &p;
+            let calls = calls.clone();
+            async move {
+                p.push(&row).await;
+                (!calls.lock().unwrap().is_empty()).then_some(())
+            }
+        },
+    )
+    .await;
+    let stream_rows_after_switch = wait::until("probes settle", || async {
+        let counters = counters(&p).await;
+        let crm = distinct_crm_keys(&calls);
+        (counters.get("delivered").copied().unwrap_or(0) as usize
+            == p.stream("leads:enriched").await.len() + crm.len())
+        .then_some(p.stream("leads:enriched").await.len())
+    })
+    .await;
+
+    // 200 rows, one the CRM refuses, some it fails once; the receiver is
+    // SIGKILLed mid-way and restarted.
+    let batch = leads(200, 100);
+    p.push(&batch).await;
+    wait::until_within("some CRM updates", Duration::from_secs(120), || async {
+        (distinct_crm_keys(&calls).len() >= 60).then_some(())
+    })
+    .await;
+    receiver.process.kill_hard();
+    let _receiver = p.receiver();
+
+    let batch_paths: std::collections::HashSet<String> = (100..300)
+        .map(|i| format!("/leads/lead{i}%40example.com"))
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let dead = loop {
+        let accepted: std::collections::HashSet<String> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.status == 204 && batch_paths.contains(&c.path))
+            .map(|c| c.path.clone())
+            .collect();
+        let dead = p.stream("leads:dead").await;
+        if accepted.len() == 199 && !dead.is_empty() {
+            break dead;
+        }
+        if std::time::Instant::now() > deadline {
+            let missing: Vec<_> = batch_paths.difference(&accepted).take(5).collect();
+            let outbox: redis::Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(format!("kiln:{}/leads:outbox", p.env.namespace))
+                .query_async(&mut redis_conn(&p).await)
+                .await
+                .unwrap();
+            panic!(
+                "{} of 199 accepted (missing e.g. {missing:?}); dead {dead:?}; counters {:?}; outbox groups {outbox:?}",
+                accepted.len(),
+                counters(&p).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(dead.len(), 1, "only the refused row is dead: {dead:?}");
+    assert_eq!(dead[0]["reason"], "SinkFailed");
+    assert!(dead[0]["detail"].contains("HTTP 400"), "{:?}", dead[0]);
+    assert_eq!(leads_index(&dead[0]["row"]), 150);
+    assert_eq!(
+        p.stream("leads:enriched").await.len(),
+        stream_rows_after_switch,
+        "nothing went to the old sink after the switch"
+    );
+
+    // Every call carried the Secret's header, the row id as idempotency key
+    // (equal to the body's correlation id) and the rendered URL.
+    let calls = calls.lock().unwrap().clone();
+    for call in &calls {
+        assert_eq!(call.method, "PATCH");
+        assert_eq!(call.authorization, "Bearer crm-api-key");
+        assert_eq!(
+            call.body["kiln_row_id"].as_str(),
+            Some(call.idempotency_key.as_str())
+        );
+    }
+    let retried = calls.iter().filter(|c| c.status == 503).count();
+    assert!(retried > 0, "the CRM's 503s were retried");
+
+    // Each row was counted delivered once even where a crash repeated a call.
+    let done = wait::until("the outbox drained", || async {
+        let counters = counters(&p).await;
+        let outbox: usize = redis_conn(&p)
+            .await
+            .xlen(format!("kiln:{}/leads:outbox", p.env.namespace))
+            .await
+            .ok()?;
+        (outbox == 0).then_some(counters)
+    })
+    .await;
+    let accepted_rows = calls
+        .iter()
+        .filter(|c| c.status == 204)
+        .map(|c| c.idempotency_key.clone())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    assert_eq!(
+        done["delivered"] as usize,
+        stream_rows_after_switch + accepted_rows
+    );
+    assert_eq!(done["deadLettered"], 1);
+}
+
+fn distinct_crm_keys(
+    calls: &std::sync::Arc<std::sync::Mutex<Vec<CrmCall>>>,
+) -> std::collections::HashSet<String> {
+    calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.status == 204)
+        .map(|c| c.idempotency_key.clone())
+        .collect()
+}
+
+async fn redis_conn(p: &support::pipeline::Pipeline) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(p.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn counters(p: &support::pipeline::Pipeline) -> HashMap<String, i64> {
+    redis_conn(p)
+        .await
+        .hgetall(format!("kiln:{}/leads:counters", p.env.namespace))
+        .await
+        .unwrap()
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub struct RateLimiter {
-    rate_per_sec: f64,
-    burst: f64,
     state: Mutex<BucketState>,
 }
 
 struct BucketState {
+    rate_per_sec: f64,
+    burst: f64,
     tokens: f64,
     updated: Instant,
     /// Nobody may send before this instant (set from Retry-After).
@@ -23,9 +23,9 @@ impl RateLimiter {
     pub fn new(rate_per_sec: u32, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
-            rate_per_sec: f64::from(rate_per_sec.max(1)),
-            burst,
             state: Mutex::new(BucketState {
+                rate_per_sec: f64::from(rate_per_sec.max(1)),
+                burst,
                 tokens: burst,
                 updated: Instant::now(),
                 paused_until: None,
@@ -36,30 +36,47 @@ impl RateLimiter {
     /// Waits until `rows` tokens are available and takes them. Requests for
     /// more than the burst are capped at the burst so they can ever proceed.
     pub async fn acquire(&self, rows: u32) {
-        let wanted = f64::from(rows.max(1)).min(self.burst);
         loop {
             let wait = {
                 let mut state = self.state.lock().unwrap();
+                let wanted = f64::from(rows.max(1)).min(state.burst);
                 let now = Instant::now();
                 match state.paused_until {
                     Some(until) if until > now => until - now,
                     _ => {
                         state.paused_until = None;
                         let elapsed = now.duration_since(state.updated).as_secs_f64();
-                        state.tokens = (state.tokens + elapsed * self.rate_per_sec).min(self.burst);
+                        state.tokens =
+                            (state.tokens + elapsed * state.rate_per_sec).min(state.burst);
                         state.updated = now;
                         if state.tokens >= wanted {
                             state.tokens -= wanted;
                             return;
                         }
                         // At least a millisecond: float rounding must not turn this into a spin.
-                        Duration::from_secs_f64((wanted - state.tokens) / self.rate_per_sec)
+                        Duration::from_secs_f64((wanted - state.tokens) / state.rate_per_sec)
                             .max(Duration::from_millis(1))
                     }
                 }
             };
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Applies a changed rate limit without resetting the bucket, so a table
+    /// edit never grants an extra burst.
+    pub fn set_rate(&self, rate_per_sec: u32, burst: u32) {
+        let mut state = self.state.lock().unwrap();
+        // Tokens earned so far were earned at the old rate.
+        let now = Instant::now();
+        if state.paused_until.is_none_or(|until| until <= now) {
+            let elapsed = now.duration_since(state.updated).as_secs_f64();
+            state.tokens = (state.tokens + elapsed * state.rate_per_sec).min(state.burst);
+            state.updated = now;
+        }
+        state.rate_per_sec = f64::from(rate_per_sec.max(1));
+        state.burst = f64::from(burst.max(1));
+        state.tokens = state.tokens.min(state.burst);
     }
 
     /// Clay said 429: nobody sends until `retry_after` has passed, and the
@@ -145,6 +162,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_rate_applies_to_waiting_and_later_acquirers() {
+        let limiter = RateLimiter::new(100, 1);
+        limiter.acquire(1).await;
+        limiter.set_rate(2, 1);
+        let start = Instant::now();
+        for _ in 0..4 {
+            limiter.acquire(1).await;
+        }
+        // Four rows at 2/s after the burst was spent take two seconds, not 40 ms.
+        assert!(Instant::now() - start >= Duration::from_millis(1990));
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,6 +3,7 @@
 
 pub mod dlq;
 pub mod receiver;
+pub mod sink;
 pub mod store;
 pub mod worker;
 
@@ -76,6 +77,8 @@ pub struct TableRuntime {
     pub callback_token: SecretString,
     pub ingest_token: Option<SecretString>,
     pub redis_url: Option<SecretString>,
+    /// Headers for the HTTP sink, from every key of its headers Secret.
+    pub sink_headers: Vec<(String, SecretString)>,
 }
 
 impl TableRuntime {
@@ -132,6 +135,24 @@ impl TableRuntime {
             Some(redis) => Some(read(redis.url_secret_ref.clone()).await?),
             None => None,
         };
+        let mut sink_headers = Vec::new();
+        let headers_secret = table
+            .spec
+            .sink
+            .as_ref()
+            .and_then(|s| s.http.as_ref())
+            .and_then(|h| h.headers_secret_name.clone());
+        if let Some(secret_name) = headers_secret {
+            let secret = secrets
+                .get(&secret_name)
+                .await
+                .with_context(|| format!("reading Secret {namespace}/{secret_name}"))?;
+            for (key, value) in secret.data.unwrap_or_default() {
+                let text = String::from_utf8(value.0)
+                    .with_context(|| format!("Secret {secret_name} key {key:?} is not UTF-8"))?;
+                sink_headers.push((key, SecretString::new(text.trim())));
+            }
+        }
         Ok(Arc::new(Self {
             namespace: namespace.to_string(),
             name: name.to_string(),
@@ -140,7 +161,110 @@ impl TableRuntime {
             callback_token,
             ingest_token,
             redis_url,
+            sink_headers,
         }))
+    }
+
+    /// The generation of the spec this runtime was loaded from.
+    pub fn generation(&self) -> Option<i64> {
+        self.table.metadata.generation
+    }
+
+    /// Whether moving from `self` to `next` needs new connections or
+    /// streams, which a running process does not swap under its feet.
+    pub fn needs_restart_for(&self, next: &TableRuntime) -> bool {
+        let (old, new) = (&self.table.spec, &next.table.spec);
+        old.tier != new.tier
+            || old.source != new.source
+            || old.redis != new.redis
+            || self.redis_url.as_ref().map(SecretString::expose)
+                != next.redis_url.as_ref().map(SecretString::expose)
+    }
+}
+
+/// How often a followed table and its Secrets are re-read even without a
+/// watch event, so rotated Secrets are picked up.
+const SECRET_RELOAD: std::time::Duration = std::time::Duration::from_secs(60);
+/// How soon a failed reload is tried again.
+const RELOAD_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps a table's runtime current: reloads it when the table changes (a
+/// watch on that one object) and every [`SECRET_RELOAD`], so workers and
+/// receivers follow spec and Secret edits without a restart. A reload that
+/// fails keeps the last good runtime.
+pub fn follow(
+    client: kube::Client,
+    initial: Arc<TableRuntime>,
+) -> tokio::sync::watch::Receiver<Arc<TableRuntime>> {
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+
+    let (tx, rx) = tokio::sync::watch::channel(initial.clone());
+    let (namespace, name) = (initial.namespace.clone(), initial.name.clone());
+    tokio::spawn(async move {
+        let api = Api::<EnrichmentTable>::namespaced(client.clone(), &namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut changes = watcher(api, config)
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        // After a failed reload (say, the operator has not yet granted the
+        // Role a newly referenced Secret), retry soon instead of waiting for
+        // the next change.
+        let mut next_reload = tokio::time::Instant::now() + SECRET_RELOAD;
+        loop {
+            let changed_generation = tokio::select! {
+                event = changes.next() => match event {
+                    Some(Ok(table)) => table.metadata.generation,
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "watching the table failed; retrying");
+                        continue;
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(next_reload) => None,
+                _ = tx.closed() => return,
+            };
+            if changed_generation.is_some() && changed_generation == tx.borrow().generation() {
+                continue;
+            }
+            match TableRuntime::load(&client, &namespace, &name).await {
+                Ok(runtime) => {
+                    if runtime.generation() != tx.borrow().generation() {
+                        tracing::info!(generation = ?runtime.generation(), "applying the table's new spec");
+                    }
+                    tx.send_replace(runtime);
+                    next_reload = tokio::time::Instant::now() + SECRET_RELOAD;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "reloading the table failed; keeping the last good spec");
+                    next_reload = tokio::time::Instant::now() + RELOAD_RETRY;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Resolves on SIGTERM/SIGINT, or when the followed table changed in a way
+/// that needs new connections (the process then exits cleanly and its
+/// Deployment starts it again on the new spec).
+pub async fn stop_signal(mut runtime: tokio::sync::watch::Receiver<Arc<TableRuntime>>) {
+    let initial = runtime.borrow().clone();
+    let restart_needed = async move {
+        while runtime.changed().await.is_ok() {
+            if initial.needs_restart_for(&runtime.borrow()) {
+                tracing::info!(
+                    "the table's tier, source or Redis settings changed; restarting to reconnect"
+                );
+                return;
+            }
+        }
+        std::future::pending().await
+    };
+    tokio::select! {
+        _ = crate::shutdown_signal() => {}
+        _ = restart_needed => {}
     }
 }
 

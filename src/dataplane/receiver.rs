@@ -53,7 +53,7 @@ struct RequestLabels {
 }
 
 struct Receiver {
-    runtime: Arc<TableRuntime>,
+    runtime: tokio::sync::watch::Receiver<Arc<TableRuntime>>,
     store: RedisStore,
     ledger: LedgerClient,
     requests: Family<RequestLabels, Counter>,
@@ -98,6 +98,14 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     let store = RedisStore::connect(redis_url.expose(), Keys::new(&namespace, &name))
         .await
         .context("connecting to Redis")?;
+    let max_body = runtime
+        .table
+        .spec
+        .source
+        .http
+        .as_ref()
+        .map_or(1024 * 1024, |h| h.max_body_bytes as usize);
+    let runtime = super::follow(client, runtime);
     let mut registry = Registry::default();
     let requests = Family::<RequestLabels, Counter>::default();
     registry.register(
@@ -105,13 +113,14 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         "Receiver requests by endpoint and outcome",
         requests.clone(),
     );
+    let identity = args.common.identity();
     let receiver = Arc::new(Receiver {
         ledger: args.common.ledger(),
-        runtime,
-        store,
+        runtime: runtime.clone(),
+        store: store.clone(),
         requests,
     });
-    let shutdown = crate::shutdown_signal().shared();
+    let shutdown = super::stop_signal(runtime.clone()).shared();
     let readiness = Readiness::default();
     let health = tokio::spawn(serve_health(
         args.common.health_addr,
@@ -119,14 +128,6 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         readiness.clone(),
         shutdown.clone(),
     ));
-    let max_body = receiver
-        .runtime
-        .table
-        .spec
-        .source
-        .http
-        .as_ref()
-        .map_or(1024 * 1024, |h| h.max_body_bytes as usize);
     let app = Router::new()
         .route("/v1/rows", post(ingest))
         .route("/v1/clay/callback", post(callback))
@@ -141,6 +142,15 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             }
         }
     });
+    let outbox = tokio::spawn(
+        super::sink::OutboxDelivery {
+            store,
+            runtime,
+            identity,
+            http: reqwest::Client::new(),
+        }
+        .run(shutdown.clone()),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %args.listen, table = %args.common.table, "receiver started");
     readiness.set(true);
@@ -148,12 +158,17 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown)
         .await?;
     sweeper.abort();
+    outbox.await?;
     health.await??;
     tracing::info!("receiver stopped");
     Ok(())
 }
 
 impl Receiver {
+    fn runtime(&self) -> Arc<TableRuntime> {
+        self.runtime.borrow().clone()
+    }
+
     fn count(&self, endpoint: &'static str, outcome: &'static str) {
         self.requests
             .get_or_create(&RequestLabels { endpoint, outcome })
@@ -164,11 +179,11 @@ impl Receiver {
     /// reservation) and clears the owed settlement. Idempotent: the ledger
     /// applies settlement 1 of a reservation once, later copies are no-ops.
     async fn settle(&self, row_id: &str, reported: Option<f64>, pending: &PendingRow) {
-        let spec = &self.runtime.table.spec;
+        let runtime = self.runtime();
         let request = SettleRequest {
-            namespace: self.runtime.namespace.clone(),
-            budget: spec.budget_ref.name.clone(),
-            table: self.runtime.name.clone(),
+            namespace: runtime.namespace.clone(),
+            budget: runtime.table.spec.budget_ref.name.clone(),
+            table: runtime.name.clone(),
             reservation: pending.reservation.clone(),
             seq: 1,
             used: CreditCost {
@@ -224,7 +239,8 @@ async fn ingest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(token) = &receiver.runtime.ingest_token else {
+    let runtime = receiver.runtime();
+    let Some(token) = &runtime.ingest_token else {
         receiver.count("rows", "disabled");
         return reply(
             StatusCode::NOT_FOUND,
@@ -253,11 +269,7 @@ async fn ingest(
         .into_iter()
         .map(|row| {
             (
-                format!(
-                    "{}-{}",
-                    receiver.runtime.name,
-                    uuid::Uuid::new_v4().simple()
-                ),
+                format!("{}-{}", runtime.name, uuid::Uuid::new_v4().simple()),
                 row,
             )
         })
@@ -292,7 +304,8 @@ async fn callback(
         .get(CALLBACK_TOKEN_HEADER)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if !bool::from(given.ct_eq(receiver.runtime.callback_token.expose().as_bytes())) {
+    let runtime = receiver.runtime();
+    if !bool::from(given.ct_eq(runtime.callback_token.expose().as_bytes())) {
         receiver.count("callback", "unauthorized");
         return reply(
             StatusCode::UNAUTHORIZED,
@@ -320,16 +333,9 @@ async fn callback(
             json!({"error": "kiln_row_id is missing: the HTTP API column must echo it"}),
         );
     };
-    let spec = &receiver.runtime.table.spec;
-    let sink = spec.sink.as_ref().and_then(|s| s.redis_stream.as_ref());
-    let sink_stream = sink.map(|s| s.stream.clone()).unwrap_or_else(|| {
-        format!(
-            "kiln:{}/{}:results",
-            receiver.runtime.namespace, receiver.runtime.name
-        )
-    });
+    let sink = super::sink::route(&runtime, receiver.store.keys());
     let reported = result
-        .pointer(&spec.clay.cost_pointer)
+        .pointer(&runtime.table.spec.clay.cost_pointer)
         .and_then(Value::as_f64);
     let claimed = receiver
         .store
@@ -337,8 +343,7 @@ async fn callback(
             &row_id,
             &result,
             jiff::Timestamp::now().as_millisecond(),
-            &sink_stream,
-            sink.and_then(|s| s.max_len).unwrap_or(0),
+            &sink,
             reported,
         )
         .await;

@@ -11,6 +11,7 @@ use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::sink::SinkRoute;
 use crate::clay::ClayError;
 use crate::clay::rotation::SubmissionCounter;
 
@@ -63,6 +64,10 @@ impl Keys {
     fn settlements(&self) -> String {
         format!("{}:settlements", self.prefix)
     }
+    /// Results waiting for the HTTP sink (the CRM update).
+    pub fn outbox(&self) -> String {
+        format!("{}:outbox", self.prefix)
+    }
 }
 
 /// Where a source entry came from, so scripts can acknowledge it atomically.
@@ -97,7 +102,8 @@ return 1
 
 const CLAIM_CALLBACK: &str = r#"
 -- KEYS: pending, deadlines, dedupe, enriched-at, counters, sink, settlements
--- ARGV: row_id, result json, now ms, sink maxlen (0 = none), reported cost ('' when absent)
+-- ARGV: row_id, result json, now ms, sink maxlen (0 = none), reported cost ('' when absent),
+--       '1' when the sink is the HTTP outbox (delivered later) else '0'
 local pending = redis.call('HGET', KEYS[1], ARGV[1])
 if not pending then
   redis.call('HINCRBY', KEYS[5], 'duplicateCallbacks', 1)
@@ -110,27 +116,52 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 local key = cjson.decode(pending)['key']
 redis.call('HSET', KEYS[3], key, ARGV[3] .. '|' .. ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], key)
+local fields = {'row_id', ARGV[1], 'key', key, 'result', ARGV[2]}
+if ARGV[6] == '1' then
+  table.insert(fields, 'pending')
+  table.insert(fields, pending)
+end
 if tonumber(ARGV[4]) > 0 then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[4], '*', 'row_id', ARGV[1], 'key', key, 'result', ARGV[2])
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
 else
-  redis.call('XADD', KEYS[6], '*', 'row_id', ARGV[1], 'key', key, 'result', ARGV[2])
+  redis.call('XADD', KEYS[6], '*', unpack(fields))
 end
 redis.call('HINCRBY', KEYS[5], 'enriched', 1)
-redis.call('HINCRBY', KEYS[5], 'delivered', 1)
+if ARGV[6] ~= '1' then redis.call('HINCRBY', KEYS[5], 'delivered', 1) end
 redis.call('HSET', KEYS[5], 'lastEnrichedAtMs', ARGV[3])
 return pending
 "#;
 
 const DELIVER_STORED: &str = r#"
--- KEYS: sink, counters, source stream; ARGV: row_id, key, result json, group, entry id, sink maxlen
+-- KEYS: sink, counters, source stream
+-- ARGV: row_id, key, result json, group, entry id, sink maxlen, row json, '1' when the sink is the outbox
+local fields = {'row_id', ARGV[1], 'key', ARGV[2], 'result', ARGV[3], 'row', ARGV[7], 'deduplicated', '1'}
 if tonumber(ARGV[6]) > 0 then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'row_id', ARGV[1], 'key', ARGV[2], 'result', ARGV[3], 'deduplicated', '1')
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
 else
-  redis.call('XADD', KEYS[1], '*', 'row_id', ARGV[1], 'key', ARGV[2], 'result', ARGV[3], 'deduplicated', '1')
+  redis.call('XADD', KEYS[1], '*', unpack(fields))
 end
 redis.call('HINCRBY', KEYS[2], 'deduplicated', 1)
-redis.call('HINCRBY', KEYS[2], 'delivered', 1)
+if ARGV[8] ~= '1' then redis.call('HINCRBY', KEYS[2], 'delivered', 1) end
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+return 1
+"#;
+
+const OUTBOX_DELIVERED: &str = r#"
+-- KEYS: outbox, counters; ARGV: group, entry id
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'delivered', 1)
+return 1
+"#;
+
+const OUTBOX_DEAD_LETTER: &str = r#"
+-- KEYS: outbox, dead-letter stream, counters
+-- ARGV: group, entry id, row_id, reason, row json, attempts, detail
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'row_id', ARGV[3], 'reason', ARGV[4], 'row', ARGV[5], 'attempts', ARGV[6], 'detail', ARGV[7])
+redis.call('HINCRBY', KEYS[3], 'deadLettered', 1)
 return 1
 "#;
 
@@ -362,8 +393,7 @@ impl RedisStore {
         row_id: &str,
         result: &Value,
         now_ms: i64,
-        sink: &str,
-        sink_max_len: u64,
+        sink: &SinkRoute,
         reported_cost: Option<f64>,
     ) -> redis::RedisResult<Option<PendingRow>> {
         let claimed: Option<String> = Script::new(CLAIM_CALLBACK)
@@ -372,13 +402,14 @@ impl RedisStore {
             .key(self.keys.dedupe())
             .key(self.keys.enriched_at())
             .key(self.keys.counters())
-            .key(sink)
+            .key(&sink.stream)
             .key(self.keys.settlements())
             .arg(row_id)
             .arg(result.to_string())
             .arg(now_ms)
-            .arg(sink_max_len)
+            .arg(sink.max_len)
             .arg(reported_cost.map(|c| c.to_string()).unwrap_or_default())
+            .arg(if sink.through_outbox { "1" } else { "0" })
             .invoke_async(&mut self.conn())
             .await?;
         Ok(claimed.and_then(|p| serde_json::from_str(&p).ok()))
@@ -414,12 +445,12 @@ impl RedisStore {
         row_id: &str,
         key: &str,
         result: &str,
-        sink: &str,
-        sink_max_len: u64,
+        row: &Value,
+        sink: &SinkRoute,
         entry: &SourceEntry,
     ) -> redis::RedisResult<()> {
         Script::new(DELIVER_STORED)
-            .key(sink)
+            .key(&sink.stream)
             .key(self.keys.counters())
             .key(&entry.stream)
             .arg(row_id)
@@ -427,9 +458,74 @@ impl RedisStore {
             .arg(result)
             .arg(&entry.group)
             .arg(&entry.id)
-            .arg(sink_max_len)
+            .arg(sink.max_len)
+            .arg(row.to_string())
+            .arg(if sink.through_outbox { "1" } else { "0" })
             .invoke_async(&mut self.conn())
             .await
+    }
+
+    /// Completes an outbox entry the HTTP sink accepted. False when another
+    /// receiver had already completed it (so it is counted once).
+    pub async fn outbox_delivered(&self, group: &str, entry_id: &str) -> redis::RedisResult<bool> {
+        let done: i64 = Script::new(OUTBOX_DELIVERED)
+            .key(self.keys.outbox())
+            .key(self.keys.counters())
+            .arg(group)
+            .arg(entry_id)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(done == 1)
+    }
+
+    /// Moves an outbox entry the HTTP sink would not take to the dead letters.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn outbox_dead_letter(
+        &self,
+        dead_letter: &str,
+        group: &str,
+        entry_id: &str,
+        row_id: &str,
+        reason: &str,
+        row: &Value,
+        attempts: u32,
+        detail: &str,
+    ) -> redis::RedisResult<bool> {
+        let done: i64 = Script::new(OUTBOX_DEAD_LETTER)
+            .key(self.keys.outbox())
+            .key(dead_letter)
+            .key(self.keys.counters())
+            .arg(group)
+            .arg(entry_id)
+            .arg(row_id)
+            .arg(reason)
+            .arg(row.to_string())
+            .arg(attempts)
+            .arg(detail)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(done == 1)
+    }
+
+    /// Resets an entry's idle time, so a consumer still working on it (a
+    /// slow retry) is not mistaken for a crashed one.
+    pub async fn touch(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        entry_id: &str,
+    ) -> redis::RedisResult<()> {
+        redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(0)
+            .arg(entry_id)
+            .arg("JUSTID")
+            .query_async::<redis::Value>(&mut self.conn())
+            .await
+            .map(|_| ())
     }
 
     /// Dead-letters a source entry that never became pending, and acknowledges it.

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use super::store::{Keys, PendingRow, RedisStore, SourceEntry};
 use super::{DataplaneArgs, TableRuntime};
@@ -42,13 +42,61 @@ pub struct WorkerArgs {
 }
 
 struct Worker {
-    runtime: Arc<TableRuntime>,
+    live: watch::Receiver<Arc<Live>>,
     store: RedisStore,
-    clay: WebhookClient,
     ledger: LedgerClient,
     identity: String,
     stream: String,
     group: String,
+}
+
+/// The table's current spec and the Clay client configured from it.
+struct Live {
+    runtime: Arc<TableRuntime>,
+    clay: WebhookClient,
+}
+
+impl Live {
+    /// One limiter outlives every spec change, so an edit never resets the
+    /// bucket or lets two buckets send at once.
+    fn new(runtime: Arc<TableRuntime>, limiter: &Arc<RateLimiter>, store: &RedisStore) -> Self {
+        let rate = &runtime.table.spec.clay.rate_limit;
+        limiter.set_rate(rate.rows_per_second, rate.burst);
+        let clay = WebhookClient::new(
+            reqwest::Client::new(),
+            limiter.clone(),
+            Arc::new(SourceRotation::new(
+                runtime.webhook_targets.clone(),
+                RotationPolicy::default(),
+                Arc::new(store.clone()),
+            )),
+            WebhookConfig {
+                rows_per_request: 1,
+                ..Default::default()
+            },
+        );
+        Self { runtime, clay }
+    }
+
+    /// Follows the table: a new client whenever its runtime changes.
+    fn follow(
+        mut runtime: watch::Receiver<Arc<TableRuntime>>,
+        store: RedisStore,
+    ) -> watch::Receiver<Arc<Live>> {
+        let first = runtime.borrow_and_update().clone();
+        let limiter = Arc::new(RateLimiter::new(
+            first.table.spec.clay.rate_limit.rows_per_second,
+            first.table.spec.clay.rate_limit.burst,
+        ));
+        let (tx, rx) = watch::channel(Arc::new(Live::new(first, &limiter, &store)));
+        tokio::spawn(async move {
+            while runtime.changed().await.is_ok() {
+                let next = runtime.borrow_and_update().clone();
+                tx.send_replace(Arc::new(Live::new(next, &limiter, &store)));
+            }
+        });
+        rx
+    }
 }
 
 fn now_ms() -> i64 {
@@ -75,9 +123,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let store = RedisStore::connect(redis_url.expose(), Keys::new(&namespace, &name))
         .await
         .context("connecting to Redis")?;
-    let spec = &runtime.table.spec;
     let stream = super::source_stream(&runtime, &store);
-    let group = spec
+    let group = runtime
+        .table
+        .spec
         .source
         .redis_stream
         .as_ref()
@@ -87,33 +136,17 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .ensure_group(&stream, &group)
         .await
         .context("creating the consumer group")?;
-    let clay = WebhookClient::new(
-        reqwest::Client::new(),
-        Arc::new(RateLimiter::new(
-            spec.clay.rate_limit.rows_per_second,
-            spec.clay.rate_limit.burst,
-        )),
-        Arc::new(SourceRotation::new(
-            runtime.webhook_targets.clone(),
-            RotationPolicy::default(),
-            Arc::new(store.clone()),
-        )),
-        WebhookConfig {
-            rows_per_request: 1,
-            ..Default::default()
-        },
-    );
+    let runtime = super::follow(client, runtime);
     let worker = Arc::new(Worker {
         ledger: args.common.ledger(),
         identity: args.common.identity(),
-        runtime: runtime.clone(),
+        live: Live::follow(runtime.clone(), store.clone()),
         store,
-        clay,
         stream,
         group,
     });
 
-    let shutdown = crate::shutdown_signal().shared();
+    let shutdown = super::stop_signal(runtime).shared();
     let readiness = Readiness::default();
     let health = tokio::spawn(serve_health(
         args.common.health_addr,
@@ -140,9 +173,20 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
     });
 
-    let permits = Arc::new(Semaphore::new(spec.workers.concurrency as usize));
-    let batch = spec.workers.batch_size as usize;
+    let mut concurrency = worker.runtime().table.spec.workers.concurrency as usize;
+    let permits = Arc::new(Semaphore::new(concurrency));
     loop {
+        let workers = worker.runtime().table.spec.workers.clone();
+        // Follows spec.workers.concurrency: permits are only added or
+        // forgotten here, between batches, when none are held.
+        let wanted = workers.concurrency as usize;
+        if wanted > concurrency {
+            permits.add_permits(wanted - concurrency);
+        } else if wanted < concurrency {
+            permits.forget_permits(concurrency - wanted);
+        }
+        concurrency = wanted;
+        let batch = workers.batch_size as usize;
         let entries = tokio::select! {
             _ = shutdown.clone() => break,
             read = worker.store.read(&worker.stream, &worker.group, &worker.identity, batch, 1000, RECLAIM_IDLE_MS) => read,
@@ -199,33 +243,20 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 impl Worker {
-    fn spec(&self) -> &crate::api::EnrichmentTableSpec {
-        &self.runtime.table.spec
+    fn live(&self) -> Arc<Live> {
+        self.live.borrow().clone()
+    }
+
+    fn runtime(&self) -> Arc<TableRuntime> {
+        self.live().runtime.clone()
     }
 
     fn dead_letter_stream(&self) -> String {
-        super::dead_letter_stream(&self.runtime)
-    }
-
-    fn sink(&self) -> (String, u64) {
-        let target = self
-            .spec()
-            .sink
-            .as_ref()
-            .and_then(|s| s.redis_stream.as_ref());
-        (
-            target.map(|s| s.stream.clone()).unwrap_or_else(|| {
-                format!(
-                    "kiln:{}/{}:results",
-                    self.runtime.namespace, self.runtime.name
-                )
-            }),
-            target.and_then(|s| s.max_len).unwrap_or(0),
-        )
+        super::dead_letter_stream(&self.runtime())
     }
 
     fn result_timeout(&self) -> Duration {
-        self.spec().clay.result_timeout.into()
+        self.runtime().table.spec.clay.result_timeout.into()
     }
 
     async fn handle(
@@ -243,7 +274,9 @@ impl Worker {
                 .get(name)
                 .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
         };
-        let row_id = field("row_id").unwrap_or_else(|| format!("{}-{entry_id}", self.runtime.name));
+        let runtime = self.runtime();
+        let spec = &runtime.table.spec;
+        let row_id = field("row_id").unwrap_or_else(|| format!("{}-{entry_id}", runtime.name));
         let dead_letter = self.dead_letter_stream();
         let row = match field("row").map(|r| serde_json::from_str::<Value>(&r)) {
             Some(Ok(row @ Value::Object(_))) => row,
@@ -255,7 +288,7 @@ impl Worker {
                 return Ok(Handled::Done);
             }
         };
-        let key = match row.get(&self.spec().key) {
+        let key = match row.get(&spec.key) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             _ => {
@@ -270,18 +303,18 @@ impl Worker {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         if !refresh && let Some((at_ms, result)) = self.store.dedupe_lookup(&key).await? {
-            let window: Duration = self.spec().dedupe_window.into();
+            let window: Duration = spec.dedupe_window.into();
             if now_ms() - at_ms < window.as_millis() as i64 {
-                let (sink, max_len) = self.sink();
+                let sink = super::sink::route(&runtime, self.store.keys());
                 self.store
-                    .deliver_stored(&row_id, &key, &result, &sink, max_len, &entry)
+                    .deliver_stored(&row_id, &key, &result, &row, &sink, &entry)
                     .await?;
                 return Ok(Handled::Done);
             }
         }
 
         let reservation = format!("{row_id}-a1");
-        let cost = self.spec().clay.credits_per_row.clone();
+        let cost = spec.clay.credits_per_row.clone();
         match self.reserve(&reservation, &cost).await {
             Ok(()) => {}
             Err(LedgerClientError::Denied(denial)) => {
@@ -325,18 +358,20 @@ impl Worker {
     /// The longest a row may wait in the rate limiter: every in-flight row
     /// of this worker ahead of it, at the table's rate, plus a margin.
     fn queue_allowance(&self) -> Duration {
-        let spec = self.spec();
+        let runtime = self.runtime();
+        let spec = &runtime.table.spec;
         let rate = f64::from(spec.clay.rate_limit.rows_per_second.max(1));
         Duration::from_secs_f64(f64::from(spec.workers.concurrency) / rate)
             + Duration::from_secs(30)
     }
 
     async fn reserve(&self, id: &str, cost: &CreditCost) -> Result<(), LedgerClientError> {
+        let runtime = self.runtime();
         let request = ReserveRequest {
             id: id.to_string(),
-            namespace: self.runtime.namespace.clone(),
-            budget: self.spec().budget_ref.name.clone(),
-            table: self.runtime.name.clone(),
+            namespace: runtime.namespace.clone(),
+            budget: runtime.table.spec.budget_ref.name.clone(),
+            table: runtime.name.clone(),
             holder: self.identity.clone(),
             ask: cost.clone(),
             min: cost.clone(),
@@ -347,10 +382,11 @@ impl Worker {
 
     /// Closes a reservation: `used` is what is counted as spent.
     async fn close_reservation(&self, id: &str, used: CreditCost, failures: u64) {
+        let runtime = self.runtime();
         let request = SettleRequest {
-            namespace: self.runtime.namespace.clone(),
-            budget: self.spec().budget_ref.name.clone(),
-            table: self.runtime.name.clone(),
+            namespace: runtime.namespace.clone(),
+            budget: runtime.table.spec.budget_ref.name.clone(),
+            table: runtime.name.clone(),
             reservation: id.to_string(),
             seq: 1,
             used,
@@ -371,7 +407,12 @@ impl Worker {
     async fn submit(&self, pending: &PendingRow) -> anyhow::Result<()> {
         let mut row = pending.row.clone();
         row["kiln_row_id"] = Value::String(pending.row_id.clone());
-        let outcome = self.clay.submit(std::slice::from_ref(&row)).await.remove(0);
+        let outcome = self
+            .live()
+            .clay
+            .submit(std::slice::from_ref(&row))
+            .await
+            .remove(0);
         match outcome {
             RowOutcome::Accepted { .. } => {
                 // The result timeout runs from acceptance.
@@ -434,7 +475,7 @@ impl Worker {
             actions: pending.reserved_actions,
         };
         self.close_reservation(&pending.reservation, spent, 1).await;
-        if pending.attempt >= self.spec().clay.max_attempts {
+        if pending.attempt >= self.runtime().table.spec.clay.max_attempts {
             tracing::warn!(row = %pending.row_id, attempts = pending.attempt, "dead-lettering a row whose result never came");
             self.store
                 .dead_letter_pending(&self.dead_letter_stream(), &pending.row_id, "ResultTimeout")

@@ -1,0 +1,390 @@
+//! Where enriched rows go. A Redis Stream sink is written by the same script
+//! that claims a row. An HTTP sink (the CRM update) is fed through a durable
+//! outbox stream that receivers drain with a consumer group: a receiver that
+//! dies between claiming a row and calling the CRM leaves the entry for
+//! another to finish, so no result is lost. Calls carry the row id as
+//! `Idempotency-Key`, because a crash after the CRM answered but before the
+//! entry was completed repeats the call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::TableRuntime;
+use super::store::{Keys, PendingRow, RedisStore};
+use crate::api::table::{HttpMethod, HttpSink};
+use crate::clay::retry::RetryPolicy;
+
+/// Where a table's results are written when a row completes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SinkRoute {
+    pub stream: String,
+    /// Approximate cap on the stream's length (0 = none).
+    pub max_len: u64,
+    /// The stream is the HTTP sink's outbox: a row counts as delivered only
+    /// once the CRM accepted it.
+    pub through_outbox: bool,
+}
+
+/// The route for a table's sink.
+pub fn route(runtime: &TableRuntime, keys: &Keys) -> SinkRoute {
+    let sink = runtime.table.spec.sink.as_ref();
+    if sink.is_some_and(|s| s.http.is_some()) {
+        return SinkRoute {
+            stream: keys.outbox(),
+            max_len: 0,
+            through_outbox: true,
+        };
+    }
+    let target = sink.and_then(|s| s.redis_stream.as_ref());
+    SinkRoute {
+        stream: target
+            .map(|s| s.stream.clone())
+            .unwrap_or_else(|| format!("kiln:{}/{}:results", runtime.namespace, runtime.name)),
+        max_len: target.and_then(|s| s.max_len).unwrap_or(0),
+        through_outbox: false,
+    }
+}
+
+/// The consumer group receivers drain the outbox with.
+const OUTBOX_GROUP: &str = "kiln-sink";
+/// Outbox entries a receiver works on at once.
+const OUTBOX_BATCH: usize = 32;
+/// A receiver idle on an entry this long is presumed dead and the entry is
+/// taken over; live receivers touch entries before every attempt.
+const OUTBOX_RECLAIM_IDLE_MS: u64 = 30_000;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything but RFC 3986's unreserved characters is encoded.
+const URL_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Fills `{field}` placeholders of an HTTP sink's URL template with the
+/// URL-encoded value of that field in the original row (which identifies
+/// the CRM record; enrichment may overwrite a column like `email`), else in
+/// the result.
+pub fn render_url(template: &str, result: &Value, row: &Value) -> Result<String, String> {
+    let mut url = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        url.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            return Err(format!(
+                "urlTemplate has an unclosed '{{' at {:?}",
+                &rest[open..]
+            ));
+        };
+        let field = &rest[open + 1..open + close];
+        let value = [row, result]
+            .into_iter()
+            .find_map(|source| match source.get(field) {
+                Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                Some(Value::Bool(b)) => Some(b.to_string()),
+                _ => None,
+            })
+            .ok_or_else(|| format!("urlTemplate field {field:?} is missing from the row"))?;
+        url.extend(percent_encoding::utf8_percent_encode(&value, URL_COMPONENT));
+        rest = &rest[open + close + 1..];
+    }
+    url.push_str(rest);
+    Ok(url)
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, PartialEq)]
+enum Attempt {
+    Accepted,
+    /// Worth retrying: 408, 429, 5xx, timeouts, connection errors.
+    Transient(String),
+    /// Retrying cannot help (any other 4xx, or an unusable URL).
+    Permanent(String),
+}
+
+fn classify(status: reqwest::StatusCode) -> Attempt {
+    if status.is_success() {
+        Attempt::Accepted
+    } else if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
+        Attempt::Transient(format!("the sink answered HTTP {}", status.as_u16()))
+    } else {
+        Attempt::Permanent(format!("the sink answered HTTP {}", status.as_u16()))
+    }
+}
+
+/// One outbox entry: a completed row waiting for the CRM.
+struct OutboxEntry {
+    id: String,
+    row_id: String,
+    result: Value,
+    row: Value,
+}
+
+fn parse_entry(id: String, fields: HashMap<String, redis::Value>) -> OutboxEntry {
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+    };
+    let json = |name: &str| field(name).and_then(|s| serde_json::from_str::<Value>(&s).ok());
+    let row = json("row")
+        .or_else(|| {
+            field("pending")
+                .and_then(|p| serde_json::from_str::<PendingRow>(&p).ok())
+                .map(|p| p.row)
+        })
+        .unwrap_or(Value::Null);
+    OutboxEntry {
+        row_id: field("row_id").unwrap_or_else(|| id.clone()),
+        result: json("result").unwrap_or(Value::Null),
+        row,
+        id,
+    }
+}
+
+/// Drains the outbox into the table's HTTP sink until `shutdown`.
+pub struct OutboxDelivery {
+    pub store: RedisStore,
+    pub runtime: watch::Receiver<Arc<TableRuntime>>,
+    pub identity: String,
+    pub http: reqwest::Client,
+}
+
+impl OutboxDelivery {
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Clone) {
+        let outbox = self.store.keys().outbox();
+        while let Err(error) = self.store.ensure_group(&outbox, OUTBOX_GROUP).await {
+            tracing::warn!(%error, "creating the outbox consumer group failed; retrying");
+            tokio::select! {
+                _ = shutdown.clone() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        loop {
+            let read = tokio::select! {
+                _ = shutdown.clone() => return,
+                read = self.store.read(&outbox, OUTBOX_GROUP, &self.identity, OUTBOX_BATCH, 1000, OUTBOX_RECLAIM_IDLE_MS) => read,
+            };
+            let entries = match read {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::warn!(%error, "reading the outbox failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            // Whole batches: an entry is never in flight twice in one receiver.
+            futures::stream::iter(entries)
+                .for_each_concurrent(OUTBOX_BATCH, |(id, fields)| {
+                    self.deliver(parse_entry(id, fields))
+                })
+                .await;
+        }
+    }
+
+    async fn deliver(&self, entry: OutboxEntry) {
+        let runtime = self.runtime.borrow().clone();
+        let Some(sink) = runtime
+            .table
+            .spec
+            .sink
+            .as_ref()
+            .and_then(|s| s.http.clone())
+        else {
+            // The table moved off the HTTP sink; what is already owed still goes out.
+            tracing::warn!(row = %entry.row_id, "the table no longer has an HTTP sink; leaving the entry in the outbox");
+            return;
+        };
+        let policy = RetryPolicy {
+            max_attempts: sink.max_attempts,
+            ..RetryPolicy::default()
+        };
+        let mut attempt = 1;
+        let failure = loop {
+            match self.attempt(&runtime, &sink, &entry).await {
+                Attempt::Accepted => {
+                    if let Err(error) = self.store.outbox_delivered(OUTBOX_GROUP, &entry.id).await {
+                        tracing::warn!(%error, row = %entry.row_id, "completing a delivered outbox entry failed; it will be delivered again");
+                    }
+                    return;
+                }
+                Attempt::Permanent(detail) => break detail,
+                Attempt::Transient(detail) if attempt >= policy.max_attempts => {
+                    break format!("{detail} after {attempt} attempts");
+                }
+                Attempt::Transient(detail) => {
+                    tracing::debug!(row = %entry.row_id, attempt, %detail, "sink delivery failed; retrying");
+                    tokio::time::sleep(policy.backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        };
+        tracing::warn!(row = %entry.row_id, attempts = attempt, detail = %failure, "dead-lettering a row the sink would not take");
+        let dead_letter = super::dead_letter_stream(&runtime);
+        if let Err(error) = self
+            .store
+            .outbox_dead_letter(
+                &dead_letter,
+                OUTBOX_GROUP,
+                &entry.id,
+                &entry.row_id,
+                "SinkFailed",
+                &entry.row,
+                attempt,
+                &failure,
+            )
+            .await
+        {
+            tracing::warn!(%error, row = %entry.row_id, "dead-lettering an outbox entry failed; it will be retried");
+        }
+    }
+
+    async fn attempt(
+        &self,
+        runtime: &TableRuntime,
+        sink: &HttpSink,
+        entry: &OutboxEntry,
+    ) -> Attempt {
+        let url = match render_url(&sink.url_template, &entry.result, &entry.row) {
+            Ok(url) => url,
+            Err(detail) => return Attempt::Permanent(detail),
+        };
+        // Keeps the entry ours while we retry (see OUTBOX_RECLAIM_IDLE_MS).
+        if let Err(error) = self
+            .store
+            .touch(
+                &self.store.keys().outbox(),
+                OUTBOX_GROUP,
+                &self.identity,
+                &entry.id,
+            )
+            .await
+        {
+            return Attempt::Transient(format!("the row store is unavailable: {error}"));
+        }
+        let method = match sink.method {
+            HttpMethod::Post => reqwest::Method::POST,
+            HttpMethod::Put => reqwest::Method::PUT,
+            HttpMethod::Patch => reqwest::Method::PATCH,
+        };
+        let mut request = self
+            .http
+            .request(method, &url)
+            .timeout(REQUEST_TIMEOUT)
+            .header("Idempotency-Key", &entry.row_id)
+            .header(
+                "x-kiln-table",
+                format!("{}/{}", runtime.namespace, runtime.name),
+            )
+            .json(&entry.result);
+        for (name, value) in &runtime.sink_headers {
+            request = request.header(name.as_str(), value.expose());
+        }
+        match request.send().await {
+            Ok(response) => classify(response.status()),
+            // Without the URL: it may carry row data or credentials.
+            Err(error) => Attempt::Transient(crate::clay::error::describe_transport(error)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn url_fields_come_from_the_row_then_the_result_and_are_encoded() {
+        let result = json!({"email": "found@example.com", "crm_id": 42});
+        let row = json!({"email": "ann+1@example.com"});
+        assert_eq!(
+            render_url(
+                "https://crm.example.com/leads/{crm_id}?email={email}",
+                &result,
+                &row
+            )
+            .unwrap(),
+            "https://crm.example.com/leads/42?email=ann%2B1%40example.com"
+        );
+    }
+
+    #[test]
+    fn a_missing_field_or_broken_template_is_a_clear_error() {
+        let row = json!({"email": "a@b.c"});
+        assert_eq!(
+            render_url("https://crm/{id}", &json!({}), &row).unwrap_err(),
+            "urlTemplate field \"id\" is missing from the row"
+        );
+        assert!(
+            render_url("https://crm/{id", &json!({}), &row)
+                .unwrap_err()
+                .contains("unclosed")
+        );
+    }
+
+    #[test]
+    fn only_timeouts_throttling_and_server_errors_are_retried() {
+        use reqwest::StatusCode;
+        assert_eq!(classify(StatusCode::NO_CONTENT), Attempt::Accepted);
+        for transient in [408, 429, 500, 503] {
+            assert!(matches!(
+                classify(StatusCode::from_u16(transient).unwrap()),
+                Attempt::Transient(_)
+            ));
+        }
+        for permanent in [400, 401, 404, 422] {
+            assert!(matches!(
+                classify(StatusCode::from_u16(permanent).unwrap()),
+                Attempt::Permanent(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn http_sinks_route_through_the_outbox_and_stream_sinks_do_not() {
+        let keys = Keys::new("sales", "leads");
+        let mut table = crate::operator::table::build::tests::queue_table();
+        let runtime = |table: &crate::api::EnrichmentTable| TableRuntime {
+            namespace: "sales".into(),
+            name: "leads".into(),
+            table: table.clone(),
+            webhook_targets: vec![],
+            callback_token: crate::clay::SecretString::new("t"),
+            ingest_token: None,
+            redis_url: None,
+            sink_headers: vec![],
+        };
+        assert_eq!(
+            route(&runtime(&table), &keys),
+            SinkRoute {
+                stream: "kiln:sales/leads:outbox".into(),
+                max_len: 0,
+                through_outbox: true
+            }
+        );
+        table.spec.sink =
+            serde_json::from_value(json!({"redisStream": {"stream": "out", "maxLen": 1000}}))
+                .unwrap();
+        let stream_runtime = runtime(&table);
+        assert_eq!(
+            route(&stream_runtime, &keys),
+            SinkRoute {
+                stream: "out".into(),
+                max_len: 1000,
+                through_outbox: false
+            }
+        );
+        // Changing the sink is applied live; changing the source needs a new process.
+        let http_runtime = runtime(&crate::operator::table::build::tests::queue_table());
+        assert!(!http_runtime.needs_restart_for(&stream_runtime));
+        table.spec.source =
+            serde_json::from_value(json!({"redisStream": {"stream": "other"}})).unwrap();
+        assert!(stream_runtime.needs_restart_for(&runtime(&table)));
+    }
+}
