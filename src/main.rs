@@ -24,6 +24,8 @@ enum Command {
     Worker(kiln::dataplane::worker::WorkerArgs),
     /// Run a table's receiver: row ingest and Clay callbacks → sink.
     Receiver(kiln::dataplane::receiver::ReceiverArgs),
+    /// Re-enqueue a table's stale rows (what a RefreshSchedule's CronJob runs).
+    Refresh(kiln::dataplane::refresh::RefreshArgs),
     /// Inspect or replay a table's dead letters.
     Dlq(kiln::dataplane::dlq::DlqArgs),
     /// Run Kiln end to end on this machine: control plane, Redis, clay-sim, operator, data plane.
@@ -50,6 +52,15 @@ fn main() -> anyhow::Result<()> {
         Command::Receiver(args) => {
             telemetry::init(cli.log_format);
             runtime()?.block_on(kiln::dataplane::receiver::run(args))
+        }
+        Command::Refresh(args) => {
+            telemetry::init(cli.log_format);
+            let report = runtime()?.block_on(kiln::dataplane::refresh::run(args))?;
+            if report.outcome == kiln::api::refresh::RefreshOutcome::SkippedForBudget {
+                eprintln!("{}", report.message);
+                std::process::exit(kiln::dataplane::refresh::EXIT_SKIPPED_FOR_BUDGET);
+            }
+            Ok(())
         }
         Command::Dlq(args) => runtime()?.block_on(kiln::dataplane::dlq::run(args)),
         Command::Demo(args) => runtime()?.block_on(kiln::devenv::demo::run(args)),

@@ -47,6 +47,8 @@ impl ConcurrencyPolicy {
     printcolumn = r#"{"name":"Suspend","type":"boolean","jsonPath":".spec.suspend"}"#,
     printcolumn = r#"{"name":"Last Run","type":"date","jsonPath":".status.lastScheduleTime"}"#,
     printcolumn = r#"{"name":"Next Run","type":"string","jsonPath":".status.nextScheduleTime"}"#,
+    printcolumn = r#"{"name":"Last Outcome","type":"string","jsonPath":".status.lastRun.outcome"}"#,
+    printcolumn = r#"{"name":"Requeued","type":"integer","jsonPath":".status.lastRun.requeued","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -116,16 +118,44 @@ pub struct RefreshScheduleStatus {
     /// When the next run is due (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_schedule_time: Option<String>,
-    /// Counts of the last completed run.
+    /// What the last finished run did (written by the run itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<RefreshRunCounts>,
+    /// The value of the `kiln.dev/refresh-now` annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_manual_trigger: Option<String>,
+}
+
+/// Annotating a RefreshSchedule with this key (any new value, e.g. a
+/// timestamp) starts a run now, like `kubectl create job --from=cronjob/...`.
+pub const REFRESH_NOW_ANNOTATION: &str = "kiln.dev/refresh-now";
+
+/// How a refresh run ended.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum RefreshOutcome {
+    /// Stale rows (possibly none) were re-enqueued.
+    #[default]
+    Succeeded,
+    /// The budget refused the run's credits (exhausted, paused or breaker open).
+    SkippedForBudget,
 }
 
 /// What one refresh run did.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct RefreshRunCounts {
+    /// Stale rows the run looked at (at most maxRows).
     pub selected: u64,
+    /// Rows re-enqueued for enrichment.
     pub requeued: u64,
+    /// Selected rows left for a later run because maxCredits or the budget did not cover them.
     pub skipped_for_budget: u64,
+    pub outcome: RefreshOutcome,
+    /// A human-readable summary.
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
 }

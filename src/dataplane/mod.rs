@@ -3,6 +3,7 @@
 
 pub mod dlq;
 pub mod receiver;
+pub mod refresh;
 pub mod sink;
 pub mod store;
 pub mod worker;
@@ -20,12 +21,9 @@ use crate::clay::SecretString;
 use crate::clay::rotation::WebhookTarget;
 use crate::ledger::client::{LedgerClient, TokenSource};
 
-/// Flags every data-plane process shares.
+/// How a data-plane process reaches the operator's reservation API.
 #[derive(clap::Args, Clone, Debug)]
-pub struct DataplaneArgs {
-    /// The EnrichmentTable as NAMESPACE/NAME.
-    #[arg(long)]
-    pub table: String,
+pub struct LedgerArgs {
     /// The operator's reservation API; several comma-separated URLs are tried in turn.
     #[arg(long, env = "KILN_OPERATOR_URL", value_delimiter = ',')]
     pub operator_url: Vec<String>,
@@ -36,24 +34,12 @@ pub struct DataplaneArgs {
         default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
     )]
     pub ledger_token_file: PathBuf,
-    /// Address for /healthz, /readyz and /metrics.
-    #[arg(long, default_value = "0.0.0.0:9090")]
-    pub health_addr: std::net::SocketAddr,
     /// This process's name in reservations and consumer groups (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 }
 
-impl DataplaneArgs {
-    pub fn namespace_and_name(&self) -> anyhow::Result<(String, String)> {
-        match self.table.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
-                Ok((ns.to_string(), name.to_string()))
-            }
-            _ => bail!("--table must be NAMESPACE/NAME, got {:?}", self.table),
-        }
-    }
-
+impl LedgerArgs {
     pub fn identity(&self) -> String {
         self.identity
             .clone()
@@ -65,6 +51,43 @@ impl DataplaneArgs {
             self.operator_url.clone(),
             TokenSource::File(self.ledger_token_file.clone()),
         )
+    }
+}
+
+/// Splits `NAMESPACE/NAME`; `flag` names the flag in the error.
+pub fn namespace_and_name(value: &str, flag: &str) -> anyhow::Result<(String, String)> {
+    match value.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => bail!("{flag} must be NAMESPACE/NAME, got {value:?}"),
+    }
+}
+
+/// Flags every long-running data-plane process shares.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DataplaneArgs {
+    /// The EnrichmentTable as NAMESPACE/NAME.
+    #[arg(long)]
+    pub table: String,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub health_addr: std::net::SocketAddr,
+}
+
+impl DataplaneArgs {
+    pub fn namespace_and_name(&self) -> anyhow::Result<(String, String)> {
+        namespace_and_name(&self.table, "--table")
+    }
+
+    pub fn identity(&self) -> String {
+        self.ledger.identity()
+    }
+
+    pub fn ledger(&self) -> LedgerClient {
+        self.ledger.ledger()
     }
 }
 

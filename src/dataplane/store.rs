@@ -64,6 +64,14 @@ impl Keys {
     fn settlements(&self) -> String {
         format!("{}:settlements", self.prefix)
     }
+    /// Stale keys a refresh run has re-enqueued → when (ms); see [`RedisStore::claim_stale`].
+    fn refreshing(&self) -> String {
+        format!("{}:refreshing", self.prefix)
+    }
+    /// Key → the pending row it was last enriched from (a refresh's input).
+    fn inputs(&self) -> String {
+        format!("{}:inputs", self.prefix)
+    }
     /// Results waiting for the HTTP sink (the CRM update).
     pub fn outbox(&self) -> String {
         format!("{}:outbox", self.prefix)
@@ -76,6 +84,10 @@ pub struct SourceEntry {
     pub stream: String,
     pub group: String,
     pub id: String,
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
 }
 
 #[derive(Clone)]
@@ -101,7 +113,7 @@ return 1
 "#;
 
 const CLAIM_CALLBACK: &str = r#"
--- KEYS: pending, deadlines, dedupe, enriched-at, counters, sink, settlements
+-- KEYS: pending, deadlines, dedupe, enriched-at, counters, sink, settlements, inputs, refreshing
 -- ARGV: row_id, result json, now ms, sink maxlen (0 = none), reported cost ('' when absent),
 --       '1' when the sink is the HTTP outbox (delivered later) else '0'
 local pending = redis.call('HGET', KEYS[1], ARGV[1])
@@ -116,6 +128,8 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 local key = cjson.decode(pending)['key']
 redis.call('HSET', KEYS[3], key, ARGV[3] .. '|' .. ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[3], key)
+redis.call('HSET', KEYS[8], key, pending)
+redis.call('ZREM', KEYS[9], key)
 local fields = {'row_id', ARGV[1], 'key', key, 'result', ARGV[2]}
 if ARGV[6] == '1' then
   table.insert(fields, 'pending')
@@ -223,6 +237,37 @@ redis.call('HINCRBY', KEYS[3], 'replayed', 1)
 return 1
 "#;
 
+/// Keys a refresh run took but whose rows never completed (the run or the
+/// row died) go back to the stale index after their lease, as very stale.
+const RETURN_EXPIRED_REFRESHES: &str = r#"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, key in ipairs(expired) do
+  redis.call('ZADD', KEYS[1], 0, key)
+  redis.call('ZREM', KEYS[2], key)
+end
+"#;
+
+const COUNT_STALE: &str = r#"
+-- KEYS: enriched-at, refreshing; ARGV: lease cutoff ms, stale cutoff ms
+{RETURN_EXPIRED_REFRESHES}
+return redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[2])
+"#;
+
+const CLAIM_STALE: &str = r#"
+-- KEYS: enriched-at, refreshing, inputs; ARGV: lease cutoff ms, stale cutoff ms, now ms, limit
+{RETURN_EXPIRED_REFRESHES}
+local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[4])
+local out = {}
+for _, key in ipairs(keys) do
+  -- Moving the key out of the index is what stops a concurrent run taking it too.
+  redis.call('ZREM', KEYS[1], key)
+  redis.call('ZADD', KEYS[2], ARGV[3], key)
+  table.insert(out, key)
+  table.insert(out, redis.call('HGET', KEYS[3], key) or '')
+end
+return out
+"#;
+
 const TRY_ADD: &str = r#"
 -- KEYS: sources; ARGV: source, n, limit
 local count = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
@@ -266,6 +311,55 @@ impl RedisStore {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
             other => other,
         }
+    }
+
+    /// How many keys were last enriched before `stale_before_ms`.
+    pub async fn count_stale(
+        &self,
+        stale_before_ms: i64,
+        lease_ms: i64,
+    ) -> redis::RedisResult<u64> {
+        Script::new(&COUNT_STALE.replace("{RETURN_EXPIRED_REFRESHES}", RETURN_EXPIRED_REFRESHES))
+            .key(self.keys.enriched_at())
+            .key(self.keys.refreshing())
+            .arg(now_ms() - lease_ms)
+            .arg(stale_before_ms)
+            .invoke_async(&mut self.conn())
+            .await
+    }
+
+    /// Takes up to `limit` keys last enriched before `stale_before_ms`,
+    /// oldest first, with the row each was enriched from. A taken key leaves
+    /// the stale index until its row is enriched again (or `lease_ms` passes),
+    /// so concurrent runs never take the same key.
+    pub async fn claim_stale(
+        &self,
+        stale_before_ms: i64,
+        limit: u64,
+        lease_ms: i64,
+    ) -> redis::RedisResult<Vec<(String, Option<Value>)>> {
+        let now = now_ms();
+        let flat: Vec<String> = Script::new(
+            &CLAIM_STALE.replace("{RETURN_EXPIRED_REFRESHES}", RETURN_EXPIRED_REFRESHES),
+        )
+        .key(self.keys.enriched_at())
+        .key(self.keys.refreshing())
+        .key(self.keys.inputs())
+        .arg(now - lease_ms)
+        .arg(stale_before_ms)
+        .arg(now)
+        .arg(limit)
+        .invoke_async(&mut self.conn())
+        .await?;
+        Ok(flat
+            .chunks(2)
+            .map(|pair| {
+                let input = serde_json::from_str::<PendingRow>(&pair[1])
+                    .ok()
+                    .map(|p| p.row);
+                (pair[0].clone(), input)
+            })
+            .collect())
     }
 
     /// Appends rows to a stream (the ingest endpoint); returns entry ids.
@@ -404,6 +498,8 @@ impl RedisStore {
             .key(self.keys.counters())
             .key(&sink.stream)
             .key(self.keys.settlements())
+            .key(self.keys.inputs())
+            .key(self.keys.refreshing())
             .arg(row_id)
             .arg(result.to_string())
             .arg(now_ms)

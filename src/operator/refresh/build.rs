@@ -1,11 +1,15 @@
 //! Pure builders for a RefreshSchedule: its CronJob, and schedule checks.
 
-use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
+use k8s_openapi::api::batch::v1::{
+    CronJob, CronJobSpec, Job, JobSpec, JobTemplateSpec, PodFailurePolicy,
+    PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::api::RefreshSchedule;
+use crate::dataplane::refresh::EXIT_SKIPPED_FOR_BUDGET;
 use crate::operator::labels::{self, SCHEDULE_LABEL};
 use crate::operator::pod::{KilnContainer, kiln_container, restricted_pod_spec};
 use crate::operator::table::build::{BuildConfig, service_account_name};
@@ -92,6 +96,18 @@ pub fn desired_cronjob(
                 }),
                 spec: Some(JobSpec {
                     backoff_limit: Some(2),
+                    // A run the budget refused fails at once: retrying cannot help.
+                    pod_failure_policy: Some(PodFailurePolicy {
+                        rules: vec![PodFailurePolicyRule {
+                            action: "FailJob".into(),
+                            on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                                container_name: Some("refresh".into()),
+                                operator: "In".into(),
+                                values: vec![EXIT_SKIPPED_FOR_BUDGET],
+                            }),
+                            on_pod_conditions: None,
+                        }],
+                    }),
                     template: PodTemplateSpec {
                         metadata: Some(ObjectMeta {
                             labels: Some(object_labels),
@@ -109,5 +125,103 @@ pub fn desired_cronjob(
             },
         }),
         ..Default::default()
+    }
+}
+
+/// The Job a `kiln.dev/refresh-now` annotation starts: the CronJob's job
+/// template, owned by the CronJob, as `kubectl create job --from=cronjob/...`
+/// makes it. Named after the trigger value, so acting twice creates one Job.
+pub fn manual_job(cronjob: &CronJob, trigger: &str) -> Job {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(trigger.as_bytes()));
+    let template = cronjob
+        .spec
+        .as_ref()
+        .map(|s| s.job_template.clone())
+        .unwrap_or_default();
+    let mut metadata = template.metadata.unwrap_or_default();
+    metadata.name = Some(format!("{}-manual-{}", cronjob.name_any(), &digest[..10]));
+    metadata.namespace = cronjob.namespace();
+    metadata.annotations = Some(
+        [(
+            "cronjob.kubernetes.io/instantiate".to_string(),
+            "manual".to_string(),
+        )]
+        .into(),
+    );
+    metadata.owner_references = cronjob.controller_owner_ref(&()).map(|o| vec![o]);
+    Job {
+        metadata,
+        spec: template.spec,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schedule() -> RefreshSchedule {
+        serde_json::from_value(json!({
+            "apiVersion": "kiln.dev/v1alpha1", "kind": "RefreshSchedule",
+            "metadata": {"name": "nightly", "namespace": "sales", "uid": "u-9"},
+            "spec": {"tableRef": {"name": "leads"}, "schedule": "0 3 * * *", "timeZone": "Europe/Berlin",
+                     "maxAge": "720h", "maxRows": 100, "maxCredits": 500.0}
+        }))
+        .unwrap()
+    }
+
+    fn config() -> BuildConfig {
+        BuildConfig {
+            default_image: "kiln:1".into(),
+            operator_url: "http://op:8443".into(),
+        }
+    }
+
+    #[test]
+    fn the_cronjob_runs_kiln_refresh_as_the_tables_account_and_fails_fast_on_budget() {
+        let cronjob = desired_cronjob(&schedule(), None, &config(), true);
+        let spec = cronjob.spec.as_ref().unwrap();
+        assert_eq!(spec.schedule, "0 3 * * *");
+        assert_eq!(spec.time_zone.as_deref(), Some("Europe/Berlin"));
+        assert_eq!(spec.suspend, Some(false));
+        let job = spec.job_template.spec.as_ref().unwrap();
+        let pod = job.template.spec.as_ref().unwrap();
+        assert_eq!(pod.service_account_name.as_deref(), Some("kiln-leads"));
+        assert_eq!(
+            pod.containers[0].args.clone().unwrap(),
+            vec!["refresh", "--schedule", "sales/nightly"]
+        );
+        let rule = &job.pod_failure_policy.as_ref().unwrap().rules[0];
+        assert_eq!(rule.action, "FailJob");
+        assert_eq!(
+            rule.on_exit_codes.as_ref().unwrap().values,
+            vec![EXIT_SKIPPED_FOR_BUDGET]
+        );
+        let held = desired_cronjob(&schedule(), None, &config(), false);
+        assert_eq!(held.spec.unwrap().suspend, Some(true));
+    }
+
+    #[test]
+    fn a_manual_run_is_the_job_template_owned_by_the_cronjob_and_named_by_trigger() {
+        let mut cronjob = desired_cronjob(&schedule(), None, &config(), true);
+        cronjob.metadata.uid = Some("c-1".into());
+        let job = manual_job(&cronjob, "2026-11-27T06:00:00Z");
+        let again = manual_job(&cronjob, "2026-11-27T06:00:00Z");
+        let other = manual_job(&cronjob, "later");
+        assert_eq!(job.metadata.name, again.metadata.name);
+        assert_ne!(job.metadata.name, other.metadata.name);
+        assert!(job.name_any().starts_with("nightly-refresh-manual-"));
+        let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("CronJob", "c-1")
+        );
+        assert_eq!(
+            job.spec,
+            cronjob.spec.unwrap().job_template.spec,
+            "the run is exactly the scheduled one"
+        );
     }
 }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -20,8 +20,10 @@ use super::apply::{apply, patch_status};
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use super::labels::{MANAGED_BY, SCHEDULE_LABEL};
+use crate::api::budget::BudgetState;
 use crate::api::common::{Conditions, FALSE, TRUE, find_condition};
-use crate::api::{EnrichmentTable, RefreshSchedule, RefreshScheduleStatus};
+use crate::api::refresh::REFRESH_NOW_ANNOTATION;
+use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule, RefreshScheduleStatus};
 
 const CONTROLLER: &str = "refreshschedule";
 const RESYNC: Duration = Duration::from_secs(300);
@@ -30,6 +32,36 @@ pub const READY: &str = "Ready";
 pub const SCHEDULE_VALID: &str = "ScheduleValid";
 pub const TABLE_RESOLVED: &str = "TableResolved";
 pub const PROVISIONED: &str = "Provisioned";
+pub const SUSPENDED: &str = "Suspended";
+
+/// Why runs are on hold, if they are: (reason, message).
+pub fn hold_reason(
+    schedule: &RefreshSchedule,
+    table: Option<&EnrichmentTable>,
+    budget: Option<&CreditBudget>,
+) -> Option<(&'static str, String)> {
+    if schedule.spec.suspend {
+        return Some(("SuspendedBySpec", "spec.suspend is true".into()));
+    }
+    let table = table?;
+    let budget_name = &table.spec.budget_ref.name;
+    let budget = budget?;
+    if budget.spec.paused {
+        return Some((
+            "BudgetPaused",
+            format!("CreditBudget {budget_name:?} is paused; runs resume when it is unpaused"),
+        ));
+    }
+    let state = budget.status.as_ref().map(|s| s.state);
+    (state == Some(BudgetState::Exhausted)).then(|| {
+        (
+            "BudgetExhausted",
+            format!(
+                "CreditBudget {budget_name:?} is exhausted for this period; runs resume after it rolls over"
+            ),
+        )
+    })
+}
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
@@ -45,6 +77,20 @@ pub async fn run(
                 "app.kubernetes.io/managed-by={MANAGED_BY},{SCHEDULE_LABEL}"
             )),
         )
+        .watches(ctx.watched::<CreditBudget>(), watcher::Config::default(), {
+            let store = store.clone();
+            // A budget change (exhausted, rolled over, paused) may hold or
+            // release the schedules of its namespace.
+            move |budget| {
+                let namespace = budget.namespace();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|s| s.namespace() == namespace)
+                    .map(|s| ObjectRef::from_obj(&*s))
+                    .collect::<Vec<_>>()
+            }
+        })
         .watches(
             ctx.watched::<EnrichmentTable>(),
             watcher::Config::default(),
@@ -110,6 +156,25 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
             ),
         ),
     };
+    let budget = match &table {
+        Some(t) => {
+            Api::<CreditBudget>::namespaced(ctx.client.clone(), &namespace)
+                .get_opt(&t.spec.budget_ref.name)
+                .await?
+        }
+        None => None,
+    };
+    let hold = hold_reason(schedule, table.as_ref(), budget.as_ref());
+    let suspended_condition = match &hold {
+        Some((reason, message)) => cond.set(SUSPENDED, true, reason, message.clone()),
+        None if table.is_none() => cond.set(
+            SUSPENDED,
+            true,
+            "TableNotFound",
+            format!("EnrichmentTable {table_name:?} not found"),
+        ),
+        None => cond.set(SUSPENDED, false, "Active", "runs on schedule".into()),
+    };
     let next = build::next_run(schedule, now);
     let (schedule_condition, provisioned, cronjob) = match &next {
         Err(message) => (
@@ -124,7 +189,8 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         ),
         Ok(_) => {
             let image = table.as_ref().and_then(|t| t.spec.image.as_deref());
-            let desired = build::desired_cronjob(schedule, image, &ctx.build, table.is_some());
+            let runnable = table.is_some() && hold.is_none();
+            let desired = build::desired_cronjob(schedule, image, &ctx.build, runnable);
             let applied = apply(&ctx.client, &desired).await?;
             (
                 cond.set(
@@ -152,10 +218,23 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         .as_ref()
         .and_then(|c| c.status.clone())
         .unwrap_or_default();
-    let suspended = schedule.spec.suspend || table.is_none();
+    let suspended = suspended_condition.status == TRUE;
+    let manual_trigger = match (&cronjob, schedule.annotations().get(REFRESH_NOW_ANNOTATION)) {
+        (Some(cronjob), Some(trigger)) if current.last_manual_trigger.as_ref() != Some(trigger) => {
+            start_manual_run(ctx, schedule, cronjob, trigger).await?;
+            Some(trigger.clone())
+        }
+        _ => current.last_manual_trigger.clone(),
+    };
     let new_status = RefreshScheduleStatus {
         observed_generation: generation,
-        conditions: vec![ready, schedule_condition, table_condition, provisioned],
+        conditions: vec![
+            ready,
+            schedule_condition,
+            table_condition,
+            provisioned,
+            suspended_condition,
+        ],
         last_schedule_time: cron_status
             .last_schedule_time
             .or(current.last_schedule_time.clone()),
@@ -167,11 +246,35 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
             _ => None,
         },
         last_run: current.last_run.clone(),
+        last_manual_trigger: manual_trigger,
     };
 
     if schedule.status.as_ref() != Some(&new_status) {
         let api = Api::<RefreshSchedule>::namespaced(ctx.client.clone(), &namespace);
-        patch_status(&api, &schedule.name_any(), &new_status).await?;
+        // lastRun belongs to the runs (`kiln refresh` writes it): left out,
+        // so this merge patch never overwrites a newer one.
+        let without_last_run = RefreshScheduleStatus {
+            last_run: None,
+            ..new_status.clone()
+        };
+        patch_status(&api, &schedule.name_any(), &without_last_run).await?;
+        let was_suspended = find_condition(&previous, SUSPENDED).map(|c| c.reason.clone());
+        if let Some(c) = find_condition(&new_status.conditions, SUSPENDED)
+            .filter(|c| Some(&c.reason) != was_suspended.as_ref() && was_suspended.is_some())
+        {
+            let kind = if c.status == TRUE {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            let reason = if c.status == TRUE {
+                "RunsHeld"
+            } else {
+                "RunsResumed"
+            };
+            ctx.event(schedule, kind, reason, "Reconcile", c.message.clone())
+                .await;
+        }
         for type_ in [SCHEDULE_VALID, TABLE_RESOLVED] {
             let was_false = find_condition(&previous, type_).is_some_and(|c| c.status == FALSE);
             if let Some(c) = find_condition(&new_status.conditions, type_)
@@ -197,4 +300,33 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
     Ok(Action::requeue(
         until_next.clamp(Duration::from_secs(5), RESYNC),
     ))
+}
+
+/// Creates the Job a `kiln.dev/refresh-now` annotation asks for (once per value).
+async fn start_manual_run(
+    ctx: &Context,
+    schedule: &RefreshSchedule,
+    cronjob: &CronJob,
+    trigger: &str,
+) -> Result<()> {
+    let job = build::manual_job(cronjob, trigger);
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &cronjob.namespace().unwrap_or_default());
+    match jobs.create(&PostParams::default(), &job).await {
+        Ok(_) => {}
+        // Created by an earlier reconcile that failed before recording the trigger.
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(error) => return Err(error.into()),
+    }
+    ctx.event(
+        schedule,
+        EventType::Normal,
+        "RunTriggered",
+        "Reconcile",
+        format!(
+            "started Job {:?} for {REFRESH_NOW_ANNOTATION}={trigger:?}",
+            job.name_any()
+        ),
+    )
+    .await;
+    Ok(())
 }

@@ -281,6 +281,13 @@ fn pod_rules(table: &EnrichmentTable) -> Vec<PolicyRule> {
             verbs: vec!["get".into()],
             ..Default::default()
         },
+        // `kiln refresh` reports its run in status.lastRun.
+        PolicyRule {
+            api_groups: Some(vec!["kiln.dev".into()]),
+            resources: Some(vec!["refreshschedules/status".into()]),
+            verbs: vec!["patch".into()],
+            ..Default::default()
+        },
     ];
     let secrets = table.spec.secret_names();
     if !secrets.is_empty() {
