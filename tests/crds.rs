@@ -272,7 +272,15 @@ async fn printer_columns_show_the_important_fields() {
         (
             "refreshschedules",
             vec![
-                "Name", "Table", "Schedule", "Suspend", "Last Run", "Next Run", "Age",
+                "Name",
+                "Table",
+                "Schedule",
+                "Suspend",
+                "Last Run",
+                "Next Run",
+                "Last Outcome",
+                "Requeued",
+                "Age",
             ],
         ),
     ] {

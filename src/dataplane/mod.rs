@@ -1,7 +1,9 @@
 //! The data plane: `kiln worker` and `kiln receiver`, configured from their
 //! EnrichmentTable and its Secrets, keeping row state in the store.
 
+pub mod attempt;
 pub mod dlq;
+pub mod embedded;
 pub mod receiver;
 pub mod refresh;
 pub mod sink;
@@ -200,6 +202,7 @@ impl TableRuntime {
         old.tier != new.tier
             || old.source != new.source
             || old.redis != new.redis
+            || old.dead_letter != new.dead_letter
             || self.redis_url.as_ref().map(SecretString::expose)
                 != next.redis_url.as_ref().map(SecretString::expose)
     }

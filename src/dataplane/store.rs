@@ -791,3 +791,93 @@ impl SubmissionCounter for RedisStore {
         })
     }
 }
+
+/// The pending-row transitions the retry logic needs, whichever store keeps
+/// the rows (Redis for Queue and Event, the embedded store for Direct).
+pub trait PendingRows: Send + Sync {
+    /// Moves a pending row's deadline (only if it is still pending).
+    fn set_deadline<'a>(
+        &'a self,
+        row_id: &'a str,
+        deadline_ms: i64,
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Replaces a pending row by its next attempt, only if it still holds
+    /// `expected_reservation` (else a callback or another sweeper won).
+    fn replace_pending<'a>(
+        &'a self,
+        next: &'a PendingRow,
+        deadline_ms: i64,
+        expected_reservation: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<bool>>;
+    /// Dead-letters a pending row; None if it was no longer pending.
+    fn dead_letter_pending<'a>(
+        &'a self,
+        row_id: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Option<PendingRow>>>;
+    /// Takes up to `limit` rows past their deadline, leasing them until
+    /// `lease_until_ms` so other sweepers skip them.
+    fn take_expired<'a>(
+        &'a self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<PendingRow>>>;
+}
+
+/// A table's pending rows in Redis, dead-lettering to its stream.
+pub struct RedisPendingRows {
+    pub store: RedisStore,
+    pub dead_letter: String,
+}
+
+impl PendingRows for RedisPendingRows {
+    fn set_deadline<'a>(
+        &'a self,
+        row_id: &'a str,
+        deadline_ms: i64,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(self.store.set_deadline(row_id, deadline_ms).await?) })
+    }
+
+    fn replace_pending<'a>(
+        &'a self,
+        next: &'a PendingRow,
+        deadline_ms: i64,
+        expected_reservation: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<bool>> {
+        Box::pin(async move {
+            Ok(self
+                .store
+                .replace_pending(next, deadline_ms, expected_reservation)
+                .await?)
+        })
+    }
+
+    fn dead_letter_pending<'a>(
+        &'a self,
+        row_id: &'a str,
+        reason: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Option<PendingRow>>> {
+        Box::pin(async move {
+            Ok(self
+                .store
+                .dead_letter_pending(&self.dead_letter, row_id, reason)
+                .await?)
+        })
+    }
+
+    fn take_expired<'a>(
+        &'a self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<PendingRow>>> {
+        Box::pin(async move {
+            Ok(self
+                .store
+                .take_expired(now_ms, lease_until_ms, limit)
+                .await?)
+        })
+    }
+}
