@@ -232,6 +232,16 @@ pub struct HttpSource {
     #[serde(default = "default_max_body_bytes")]
     #[schemars(range(min = 1024, max = 10485760))]
     pub max_body_bytes: u32,
+    /// Tier Direct: how long `POST /v1/enrich` waits for the result before
+    /// answering 202 with the row's URL (callers may ask less with `?timeout=`).
+    #[serde(default = "default_sync_timeout")]
+    #[x_kube(validation = Rule::new(super::common::POSITIVE_DURATION_RULE).message("syncTimeout must be a positive duration such as 30s"))]
+    #[schemars(with = "String", length(min = 2, max = 32))]
+    pub sync_timeout: Duration,
+}
+
+fn default_sync_timeout() -> Duration {
+    "30s".parse().expect("a valid duration")
 }
 
 fn default_max_body_bytes() -> u32 {

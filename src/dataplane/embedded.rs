@@ -200,6 +200,23 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Every row still waiting for its result.
+    pub async fn pending_rows(&self) -> StoreResult<Vec<PendingRow>> {
+        self.blocking(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(PENDING)?;
+            let mut rows = Vec::new();
+            for entry in table.iter()? {
+                let (_, value) = entry?;
+                if let Ok(waiting) = serde_json::from_str::<Waiting>(value.value()) {
+                    rows.push(waiting.pending);
+                }
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
     /// Settlements recorded by deliveries and not yet confirmed by the ledger.
     pub async fn owed_settlements(&self) -> StoreResult<Vec<(String, Option<f64>, PendingRow)>> {
         self.blocking(|db| {

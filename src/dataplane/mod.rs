@@ -2,6 +2,7 @@
 //! EnrichmentTable and its Secrets, keeping row state in the store.
 
 pub mod attempt;
+pub mod direct;
 pub mod dlq;
 pub mod embedded;
 pub mod receiver;
@@ -270,6 +271,15 @@ pub fn follow(
         }
     });
     rx
+}
+
+/// The key of `row` under `field`, if it has a usable one.
+pub fn key_of(row: &serde_json::Value, field: &str) -> Option<String> {
+    match row.get(field) {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// Resolves on SIGTERM/SIGINT, or when the followed table changed in a way

@@ -5,13 +5,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::FutureExt;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,9 +22,13 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use super::attempt::{Attempts, Live, now_ms};
+use super::direct::{Answer, Direct, MAX_ROWS_PER_REQUEST, requested_wait};
+use super::embedded::EmbeddedStore;
 use super::store::{Keys, PendingRow, RedisStore};
 use super::{DataplaneArgs, TableRuntime};
 use crate::api::table::CreditCost;
+use crate::api::table::Tier;
 use crate::ledger::SettleRequest;
 use crate::ledger::client::{LedgerClient, LedgerClientError};
 use crate::operator::metrics::{Readiness, serve_health};
@@ -41,6 +46,9 @@ pub struct ReceiverArgs {
     /// Address of the ingest and callback API.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Tier Direct: the embedded store's file (on the receiver's volume).
+    #[arg(long, default_value = "/var/lib/kiln/kiln.redb")]
+    pub store_path: std::path::PathBuf,
     /// Print the HTTP API column settings to paste into Clay, then exit.
     #[arg(long)]
     pub print_clay_template: bool,
@@ -54,9 +62,52 @@ struct RequestLabels {
 
 struct Receiver {
     runtime: tokio::sync::watch::Receiver<Arc<TableRuntime>>,
-    store: RedisStore,
+    rows: Rows,
     ledger: LedgerClient,
     requests: Family<RequestLabels, Counter>,
+}
+
+/// Where a receiver's rows live.
+enum Rows {
+    /// Tiers Queue and Event: Redis, shared with the workers.
+    Redis(RedisStore),
+    /// Tier Direct: the embedded store, and the in-line enrichment on it.
+    Embedded(Arc<Direct>),
+}
+
+impl Rows {
+    async fn claim_callback(
+        &self,
+        runtime: &TableRuntime,
+        row_id: &str,
+        result: &Value,
+        reported: Option<f64>,
+    ) -> anyhow::Result<Option<PendingRow>> {
+        match self {
+            Self::Redis(store) => {
+                let sink = super::sink::route(runtime, store.keys());
+                Ok(store
+                    .claim_callback(row_id, result, now_ms(), &sink, reported)
+                    .await?)
+            }
+            Self::Embedded(direct) => direct.claim(row_id, result, reported).await,
+        }
+    }
+
+    async fn owed_settlements(&self) -> anyhow::Result<Vec<(String, Option<f64>, PendingRow)>> {
+        Ok(match self {
+            Self::Redis(store) => store.owed_settlements().await?,
+            Self::Embedded(direct) => direct.store.owed_settlements().await?,
+        })
+    }
+
+    async fn settled(&self, row_id: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Redis(store) => store.settled(row_id).await?,
+            Self::Embedded(direct) => direct.store.settled(row_id).await?,
+        }
+        Ok(())
+    }
 }
 
 /// What to paste into the Clay table's HTTP API column.
@@ -91,13 +142,6 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let redis_url = runtime
-        .redis_url
-        .clone()
-        .context("this receiver needs spec.redis (tiers Queue and Event)")?;
-    let store = RedisStore::connect(redis_url.expose(), Keys::new(&namespace, &name))
-        .await
-        .context("connecting to Redis")?;
     let max_body = runtime
         .table
         .spec
@@ -105,7 +149,35 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         .http
         .as_ref()
         .map_or(1024 * 1024, |h| h.max_body_bytes as usize);
+    let direct_tier = runtime.table.spec.tier == Tier::Direct;
+    let redis_url = runtime.redis_url.clone();
     let runtime = super::follow(client, runtime);
+    let identity = args.common.identity();
+    let rows = match redis_url {
+        Some(url) if !direct_tier => Rows::Redis(
+            RedisStore::connect(url.expose(), Keys::new(&namespace, &name))
+                .await
+                .context("connecting to Redis")?,
+        ),
+        None if !direct_tier => {
+            anyhow::bail!("this receiver needs spec.redis (tiers Queue and Event)")
+        }
+        _ => {
+            let store = EmbeddedStore::open(&args.store_path).with_context(|| {
+                format!("opening the embedded store {}", args.store_path.display())
+            })?;
+            let attempts = Arc::new(Attempts {
+                live: Live::follow(runtime.clone(), Arc::new(store.clone())),
+                rows: Arc::new(store.clone()),
+                ledger: args.common.ledger(),
+                identity: identity.clone(),
+            });
+            let direct = Direct::new(store, attempts);
+            let resumed = direct.resume().await?;
+            tracing::info!(resumed, "resumed waiting for pending rows");
+            Rows::Embedded(direct)
+        }
+    };
     let mut registry = Registry::default();
     let requests = Family::<RequestLabels, Counter>::default();
     registry.register(
@@ -113,11 +185,10 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         "Receiver requests by endpoint and outcome",
         requests.clone(),
     );
-    let identity = args.common.identity();
     let receiver = Arc::new(Receiver {
         ledger: args.common.ledger(),
         runtime: runtime.clone(),
-        store: store.clone(),
+        rows,
         requests,
     });
     let shutdown = super::stop_signal(runtime.clone()).shared();
@@ -130,6 +201,8 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     ));
     let app = Router::new()
         .route("/v1/rows", post(ingest))
+        .route("/v1/enrich", post(enrich))
+        .route("/v1/rows/{id}", get(row_status))
         .route("/v1/clay/callback", post(callback))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(receiver.clone());
@@ -142,15 +215,20 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             }
         }
     });
-    let outbox = tokio::spawn(
-        super::sink::OutboxDelivery {
-            store,
-            runtime,
-            identity,
-            http: reqwest::Client::new(),
+    let background = match &receiver.rows {
+        Rows::Embedded(direct) => {
+            tokio::spawn(direct.attempts.clone().sweep_until(shutdown.clone()))
         }
-        .run(shutdown.clone()),
-    );
+        Rows::Redis(store) => tokio::spawn(
+            super::sink::OutboxDelivery {
+                store: store.clone(),
+                runtime,
+                identity,
+                http: reqwest::Client::new(),
+            }
+            .run(shutdown.clone()),
+        ),
+    };
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %args.listen, table = %args.common.table, "receiver started");
     readiness.set(true);
@@ -158,7 +236,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown)
         .await?;
     sweeper.abort();
-    outbox.await?;
+    background.await?;
     health.await??;
     tracing::info!("receiver stopped");
     Ok(())
@@ -196,7 +274,7 @@ impl Receiver {
         };
         match self.ledger.settle(&request).await {
             Ok(()) | Err(LedgerClientError::Rejected { status: 409, .. }) => {
-                if let Err(error) = self.store.settled(row_id).await {
+                if let Err(error) = self.rows.settled(row_id).await {
                     tracing::warn!(%error, row = row_id, "clearing an owed settlement failed; it will be retried");
                 }
             }
@@ -210,13 +288,15 @@ impl Receiver {
     /// Finishes settlements left by receivers that died between delivering
     /// a row and settling its credits.
     async fn settle_owed(&self) {
-        match self.store.owed_settlements().await {
+        match self.rows.owed_settlements().await {
             Ok(owed) => {
                 for (row_id, reported, pending) in owed {
                     self.settle(&row_id, reported, &pending).await;
                 }
             }
-            Err(error) => tracing::warn!(%error, "reading owed settlements failed"),
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "reading owed settlements failed")
+            }
         }
     }
 }
@@ -234,36 +314,74 @@ fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
     bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
+/// Checks the caller's bearer token (spec.source.http); the table's runtime
+/// when it passes, else the response to send.
+fn authorize(
+    receiver: &Receiver,
+    headers: &HeaderMap,
+    endpoint: &'static str,
+) -> Result<Arc<TableRuntime>, Box<Response>> {
+    let runtime = receiver.runtime();
+    let Some(token) = &runtime.ingest_token else {
+        receiver.count(endpoint, "disabled");
+        return Err(Box::new(reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "this table does not take rows over HTTP (spec.source.http is not set)"}),
+        )));
+    };
+    if !bearer_matches(headers, token.expose()) {
+        receiver.count(endpoint, "unauthorized");
+        return Err(Box::new(reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong bearer token"}),
+        )));
+    }
+    Ok(runtime)
+}
+
+/// A JSON object, or a non-empty array of at most `max` objects.
+fn parse_rows(
+    receiver: &Receiver,
+    body: &[u8],
+    endpoint: &'static str,
+    max: usize,
+) -> Result<(Vec<Value>, bool), Box<Response>> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(row)) => Ok((vec![Value::Object(row)], false)),
+        Ok(Value::Array(rows))
+            if !rows.is_empty() && rows.len() <= max && rows.iter().all(Value::is_object) =>
+        {
+            Ok((rows, true))
+        }
+        _ => {
+            receiver.count(endpoint, "invalid");
+            Err(Box::new(reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("body must be a JSON object or an array of 1 to {max} objects")}),
+            )))
+        }
+    }
+}
+
 async fn ingest(
     State(receiver): State<Arc<Receiver>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let runtime = receiver.runtime();
-    let Some(token) = &runtime.ingest_token else {
+    let runtime = match authorize(&receiver, &headers, "rows") {
+        Ok(runtime) => runtime,
+        Err(response) => return *response,
+    };
+    let Rows::Redis(store) = &receiver.rows else {
         receiver.count("rows", "disabled");
         return reply(
             StatusCode::NOT_FOUND,
-            json!({"error": "this table does not take rows over HTTP (spec.source.http is not set)"}),
+            json!({"error": "tier Direct enriches in the request: POST /v1/enrich"}),
         );
     };
-    if !bearer_matches(&headers, token.expose()) {
-        receiver.count("rows", "unauthorized");
-        return reply(
-            StatusCode::UNAUTHORIZED,
-            json!({"error": "missing or wrong bearer token"}),
-        );
-    }
-    let rows = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(row)) => vec![Value::Object(row)],
-        Ok(Value::Array(rows)) if !rows.is_empty() && rows.iter().all(Value::is_object) => rows,
-        _ => {
-            receiver.count("rows", "invalid");
-            return reply(
-                StatusCode::BAD_REQUEST,
-                json!({"error": "body must be a JSON object or a non-empty array of objects"}),
-            );
-        }
+    let rows = match parse_rows(&receiver, &body, "rows", usize::MAX) {
+        Ok((rows, _)) => rows,
+        Err(response) => return *response,
     };
     let with_ids: Vec<(String, Value)> = rows
         .into_iter()
@@ -274,8 +392,8 @@ async fn ingest(
             )
         })
         .collect();
-    let inbox = receiver.store.keys().inbox();
-    match receiver.store.enqueue(&inbox, &with_ids).await {
+    let inbox = store.keys().inbox();
+    match store.enqueue(&inbox, &with_ids).await {
         Ok(_) => {
             receiver.count("rows", "accepted");
             let ids: Vec<&str> = with_ids.iter().map(|(id, _)| id.as_str()).collect();
@@ -287,6 +405,121 @@ async fn ingest(
         Err(error) => {
             receiver.count("rows", "unavailable");
             tracing::warn!(%error, "enqueueing rows failed");
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "the row store is unavailable; retry"}),
+            )
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct EnrichQuery {
+    /// How long to wait for the result (Go duration), else spec.source.http.syncTimeout.
+    timeout: Option<String>,
+}
+
+fn outcome_label(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Enriched {
+            deduplicated: true, ..
+        } => "deduplicated",
+        Answer::Enriched { .. } => "enriched",
+        Answer::DeadLettered { .. } => "deadLettered",
+        Answer::Refused { .. } => "refused",
+        Answer::Pending { .. } => "pending",
+        Answer::Invalid { .. } => "invalid",
+    }
+}
+
+fn answer_response(answer: &Answer) -> Response {
+    let mut response = reply(answer.status(), answer.body());
+    if let Some(seconds) = answer.retry_after() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, seconds.into());
+    }
+    response
+}
+
+/// `POST /v1/enrich` (tier Direct): the enriched record in the response.
+async fn enrich(
+    State(receiver): State<Arc<Receiver>>,
+    Query(query): Query<EnrichQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let runtime = match authorize(&receiver, &headers, "enrich") {
+        Ok(runtime) => runtime,
+        Err(response) => return *response,
+    };
+    let Rows::Embedded(direct) = &receiver.rows else {
+        receiver.count("enrich", "disabled");
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "POST /v1/enrich is served by tier Direct tables; this table queues rows: POST /v1/rows"}),
+        );
+    };
+    let default_wait = runtime
+        .table
+        .spec
+        .source
+        .http
+        .as_ref()
+        .map_or(Duration::from_secs(30), |h| h.sync_timeout.into());
+    let wait = match requested_wait(query.timeout.as_deref(), default_wait) {
+        Ok(wait) => wait,
+        Err(message) => {
+            receiver.count("enrich", "invalid");
+            return reply(StatusCode::BAD_REQUEST, json!({"error": message}));
+        }
+    };
+    let (rows, batch) = match parse_rows(&receiver, &body, "enrich", MAX_ROWS_PER_REQUEST) {
+        Ok(parsed) => parsed,
+        Err(response) => return *response,
+    };
+    let answers =
+        futures::future::join_all(rows.into_iter().map(|row| direct.enrich(row, wait))).await;
+    for answer in &answers {
+        receiver.count("enrich", outcome_label(answer));
+    }
+    if !batch {
+        return answer_response(&answers[0]);
+    }
+    let results: Vec<Value> = answers
+        .iter()
+        .map(|a| {
+            let mut body = a.body();
+            body["status"] = a.status().as_u16().into();
+            body
+        })
+        .collect();
+    reply(StatusCode::OK, json!({ "results": results }))
+}
+
+/// `GET /v1/rows/{id}` (tier Direct): a row's result once it has one.
+async fn row_status(
+    State(receiver): State<Arc<Receiver>>,
+    Path(row_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = authorize(&receiver, &headers, "row") {
+        return *response;
+    }
+    let Rows::Embedded(direct) = &receiver.rows else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "row lookups are served by tier Direct tables"}),
+        );
+    };
+    match direct.lookup(&row_id).await {
+        Ok(Some(answer)) => answer_response(&answer),
+        Ok(None) => reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no row {row_id:?}")}),
+        ),
+        Err(error) => {
+            tracing::warn!(error = %format!("{error:#}"), "reading a row failed");
             reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"error": "the row store is unavailable; retry"}),
@@ -333,19 +566,12 @@ async fn callback(
             json!({"error": "kiln_row_id is missing: the HTTP API column must echo it"}),
         );
     };
-    let sink = super::sink::route(&runtime, receiver.store.keys());
     let reported = result
         .pointer(&runtime.table.spec.clay.cost_pointer)
         .and_then(Value::as_f64);
     let claimed = receiver
-        .store
-        .claim_callback(
-            &row_id,
-            &result,
-            jiff::Timestamp::now().as_millisecond(),
-            &sink,
-            reported,
-        )
+        .rows
+        .claim_callback(&runtime, &row_id, &result, reported)
         .await;
     let pending = match claimed {
         Ok(Some(pending)) => pending,
@@ -356,7 +582,7 @@ async fn callback(
         }
         Err(error) => {
             receiver.count("callback", "unavailable");
-            tracing::warn!(%error, "claiming a callback failed");
+            tracing::warn!(error = %format!("{error:#}"), "claiming a callback failed");
             return reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"error": "the row store is unavailable; retry"}),

@@ -213,10 +213,9 @@ impl Worker {
                 return Ok(Handled::Done);
             }
         };
-        let key = match row.get(&spec.key) {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => {
+        let key = match super::key_of(&row, &spec.key) {
+            Some(key) => key,
+            None => {
                 self.store
                     .dead_letter_entry(&dead_letter, &row_id, "MissingKey", &row, 0, &entry)
                     .await?;

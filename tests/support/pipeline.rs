@@ -94,17 +94,26 @@ impl Pipeline {
     }
 }
 
-pub async fn pipeline(
+/// What every data-plane test needs besides its table: a namespace, the
+/// operator, clay-sim with a webhook source calling back to
+/// `receiver_port`, the Secret (`pipeline`) and the budget (`team`).
+pub struct Base {
+    pub env: TestEnv,
+    pub sim: super::ClaySim,
+    pub operator: super::KilnProcess,
+    pub receiver_port: u16,
+}
+
+pub async fn base(
     test: &str,
     sim_flags: &[&str],
     limit: f64,
     on_exhausted: &str,
-    durable: bool,
-) -> Pipeline {
+    extra_secret_data: &[(&str, &str)],
+) -> Base {
     let env = super::test_env(test).await;
     super::install_kiln_crds(&env.client).await;
     let operator = super::start_operator(&env.namespace, "op").await;
-    let redis = super::start_redis_on(test, kiln::devenv::free_port().unwrap(), durable).await;
     let sim = super::start_clay_sim(test, sim_flags).await;
     let receiver_port = kiln::devenv::free_port().unwrap();
     let webhook_url = sim
@@ -113,18 +122,21 @@ pub async fn pipeline(
             json!({"token": "clay-source-token", "callbackUrl": format!("http://127.0.0.1:{receiver_port}/v1/clay/callback"), "callbackHeaders": {"x-kiln-token": "callback-secret"}}),
         )
         .await;
+    let mut data = BTreeMap::from([
+        ("webhook-url".to_string(), webhook_url),
+        ("webhook-token".to_string(), "clay-source-token".to_string()),
+        ("callback-token".to_string(), "callback-secret".to_string()),
+        ("ingest-token".to_string(), "crm-secret".to_string()),
+    ]);
+    for (key, value) in extra_secret_data {
+        data.insert(key.to_string(), value.to_string());
+    }
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some("pipeline".into()),
             ..Default::default()
         },
-        string_data: Some(BTreeMap::from([
-            ("webhook-url".to_string(), webhook_url),
-            ("webhook-token".to_string(), "clay-source-token".to_string()),
-            ("callback-token".to_string(), "callback-secret".to_string()),
-            ("ingest-token".to_string(), "crm-secret".to_string()),
-            ("redis-url".to_string(), redis.url.clone()),
-        ])),
+        string_data: Some(data),
         ..Default::default()
     };
     env.api::<Secret>()
@@ -140,23 +152,36 @@ pub async fn pipeline(
         .create(&PostParams::default(), &budget)
         .await
         .unwrap();
+    Base {
+        env,
+        sim,
+        operator,
+        receiver_port,
+    }
+}
+
+/// The clay section every test table uses (the `pipeline` Secret's keys).
+pub fn clay_spec(credits_per_row: f64) -> Value {
+    json!({
+        "webhookSources": [{"name": "leads", "urlSecretRef": {"name": "pipeline", "key": "webhook-url"}, "authTokenSecretRef": {"name": "pipeline", "key": "webhook-token"}}],
+        "rateLimit": {"rowsPerSecond": 1000, "burst": 1000},
+        "creditsPerRow": {"dataCredits": credits_per_row, "actions": 4},
+        "resultTimeout": "3s", "maxAttempts": 4,
+        "callbackTokenSecretRef": {"name": "pipeline", "key": "callback-token"}
+    })
+}
+
+/// Creates the table `leads` and returns the kubeconfig and token file of
+/// its ServiceAccount once the operator provisioned it (the data plane runs
+/// with exactly those credentials).
+pub async fn create_table(
+    env: &TestEnv,
+    test: &str,
+    spec: Value,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let table: EnrichmentTable = serde_json::from_value(json!({
         "apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable", "metadata": {"name": "leads"},
-        "spec": {
-            "tier": "Queue", "key": "email", "budgetRef": {"name": "team"}, "dedupeWindow": "1h",
-            "clay": {
-                "webhookSources": [{"name": "leads", "urlSecretRef": {"name": "pipeline", "key": "webhook-url"}, "authTokenSecretRef": {"name": "pipeline", "key": "webhook-token"}}],
-                "rateLimit": {"rowsPerSecond": 1000, "burst": 1000},
-                "creditsPerRow": {"dataCredits": 8.0, "actions": 4},
-                "resultTimeout": "3s", "maxAttempts": 4,
-                "callbackTokenSecretRef": {"name": "pipeline", "key": "callback-token"}
-            },
-            "source": {"http": {"authTokenSecretRef": {"name": "pipeline", "key": "ingest-token"}}},
-            "sink": {"redisStream": {"stream": "leads:enriched"}},
-            "deadLetter": {"redisStream": {"stream": "leads:dead"}},
-            "redis": {"urlSecretRef": {"name": "pipeline", "key": "redis-url"}},
-            "workers": {"concurrency": 64, "batchSize": 100}
-        }
+        "spec": spec
     }))
     .unwrap();
     env.api::<EnrichmentTable>()
@@ -175,6 +200,44 @@ pub async fn pipeline(
     let kubeconfig = super::kubeconfig_for_token(test, &token).await;
     let token_file = super::work_dir().join(format!("token-{test}"));
     std::fs::write(&token_file, &token).unwrap();
+    (kubeconfig, token_file)
+}
+
+pub async fn pipeline(
+    test: &str,
+    sim_flags: &[&str],
+    limit: f64,
+    on_exhausted: &str,
+    durable: bool,
+) -> Pipeline {
+    let redis = super::start_redis_on(test, kiln::devenv::free_port().unwrap(), durable).await;
+    let Base {
+        env,
+        sim,
+        operator,
+        receiver_port,
+    } = base(
+        test,
+        sim_flags,
+        limit,
+        on_exhausted,
+        &[("redis-url", &redis.url)],
+    )
+    .await;
+    let (kubeconfig, token_file) = create_table(
+        &env,
+        test,
+        json!({
+            "tier": "Queue", "key": "email", "budgetRef": {"name": "team"}, "dedupeWindow": "1h",
+            "clay": clay_spec(8.0),
+            "source": {"http": {"authTokenSecretRef": {"name": "pipeline", "key": "ingest-token"}}},
+            "sink": {"redisStream": {"stream": "leads:enriched"}},
+            "deadLetter": {"redisStream": {"stream": "leads:dead"}},
+            "redis": {"urlSecretRef": {"name": "pipeline", "key": "redis-url"}},
+            "workers": {"concurrency": 64, "batchSize": 100}
+        }),
+    )
+    .await;
     Pipeline {
         env,
         sim,

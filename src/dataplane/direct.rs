@@ -1,0 +1,447 @@
+//! The Direct tier: `POST /v1/enrich` answers with the enriched record in
+//! the same request. Callers asking for the same key share one row, one Clay
+//! submission and one charge (request coalescing); rows live in the
+//! embedded store, so a restarted receiver resumes waiting for rows that
+//! were pending and still matches their callbacks. All of it runs on the
+//! async runtime: a waiting caller costs a task, not a thread.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+
+use super::attempt::{Attempts, now_ms};
+use super::embedded::{EmbeddedStore, RowState};
+use super::key_of;
+use super::store::PendingRow;
+use crate::ledger::DenialReason;
+use crate::ledger::client::LedgerClientError;
+
+/// How often a row's waiter re-reads the store (in case a wake-up was missed,
+/// or the sweeper dead-lettered the row).
+const RECHECK: Duration = Duration::from_secs(1);
+/// Longest wait a caller may ask for with `?timeout=`.
+pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(300);
+/// Rows one request may carry.
+pub const MAX_ROWS_PER_REQUEST: usize = 10;
+/// What a caller refused for a transient reason is told to wait.
+const RETRY_AFTER_SECS: u64 = 30;
+
+/// How a row has ended, as told to its callers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    Enriched {
+        row_id: String,
+        result: Value,
+        deduplicated: bool,
+    },
+    DeadLettered {
+        row_id: String,
+        reason: String,
+    },
+    /// Nothing was submitted (budget, breaker, store or ledger).
+    Refused {
+        status: StatusCode,
+        reason: String,
+        message: String,
+    },
+    /// Still enriching when the caller's wait ended.
+    Pending {
+        row_id: String,
+    },
+    /// The request itself is wrong.
+    Invalid {
+        message: String,
+    },
+}
+
+impl Answer {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Enriched { .. } => StatusCode::OK,
+            Self::DeadLettered { .. } => StatusCode::BAD_GATEWAY,
+            Self::Refused { status, .. } => *status,
+            Self::Pending { .. } => StatusCode::ACCEPTED,
+            Self::Invalid { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        match self {
+            Self::Enriched {
+                row_id,
+                result,
+                deduplicated,
+            } => json!({
+                // A de-duplicated answer comes from the store, not from a row of this request.
+                "rowId": (!row_id.is_empty()).then_some(row_id),
+                "state": "enriched", "deduplicated": deduplicated, "result": result
+            }),
+            Self::DeadLettered { row_id, reason } => json!({
+                "rowId": row_id, "state": "deadLettered", "reason": reason,
+                "error": format!("the row could not be enriched: {reason}")
+            }),
+            Self::Refused {
+                reason, message, ..
+            } => json!({"error": message, "reason": reason}),
+            Self::Pending { row_id } => json!({
+                "rowId": row_id, "state": "pending", "statusUrl": format!("/v1/rows/{row_id}"),
+                "message": "still enriching; the result is kept and delivered when it arrives"
+            }),
+            Self::Invalid { message } => json!({"error": message}),
+        }
+    }
+
+    /// Seconds a refused caller should wait before trying again.
+    pub fn retry_after(&self) -> Option<u64> {
+        matches!(self, Self::Refused { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE)
+            .then_some(RETRY_AFTER_SECS)
+    }
+}
+
+/// Where the one row enriching a key stands.
+#[derive(Clone, Debug)]
+enum Progress {
+    Reserving,
+    Pending { row_id: String },
+    Done(Answer),
+}
+
+pub struct Direct {
+    pub store: EmbeddedStore,
+    pub attempts: Arc<Attempts>,
+    /// key → progress of the row enriching it; later callers for the key wait on it.
+    inflight: Mutex<HashMap<String, watch::Receiver<Progress>>>,
+    /// row id → woken when its callback is claimed.
+    finished: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+fn refusal(denial_reason: DenialReason, message: String) -> Answer {
+    let status = match denial_reason {
+        DenialReason::Exhausted | DenialReason::Paused => StatusCode::PAYMENT_REQUIRED,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    Answer::Refused {
+        status,
+        reason: format!("{denial_reason:?}"),
+        message,
+    }
+}
+
+impl Direct {
+    pub fn new(store: EmbeddedStore, attempts: Arc<Attempts>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            attempts,
+            inflight: Mutex::default(),
+            finished: Mutex::default(),
+        })
+    }
+
+    /// Picks up rows a previous process left pending, so their callers (who
+    /// may retry) and their callbacks are still served.
+    pub async fn resume(self: &Arc<Self>) -> anyhow::Result<usize> {
+        let pending = self.store.pending_rows().await?;
+        for row in &pending {
+            self.join_or_start(&row.key, Some(row.clone()), Value::Null);
+        }
+        Ok(pending.len())
+    }
+
+    /// Enriches one row, waiting up to `wait` for the result.
+    pub async fn enrich(self: &Arc<Self>, row: Value, wait: Duration) -> Answer {
+        let runtime = self.attempts.runtime();
+        let spec = &runtime.table.spec;
+        if !row.is_object() {
+            return Answer::Invalid {
+                message: "each row must be a JSON object".into(),
+            };
+        }
+        let Some(key) = key_of(&row, &spec.key) else {
+            return Answer::Invalid {
+                message: format!(
+                    "the row has no {:?} field (the table's key); it cannot be enriched",
+                    spec.key
+                ),
+            };
+        };
+        match self.store.dedupe_lookup(&key).await {
+            Ok(Some((at_ms, result))) => {
+                let window: Duration = spec.dedupe_window.into();
+                if now_ms() - at_ms < window.as_millis() as i64 {
+                    if let Err(error) = self.store.count("deduplicated").await {
+                        tracing::debug!(%error, "counting a de-duplicated row failed");
+                    }
+                    return Answer::Enriched {
+                        row_id: String::new(),
+                        result: serde_json::from_str(&result).unwrap_or(Value::Null),
+                        deduplicated: true,
+                    };
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "reading the de-dupe index failed");
+                return Answer::Refused {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    reason: "StoreUnavailable".into(),
+                    message: "the row store is unavailable; retry".into(),
+                };
+            }
+        }
+        let mut progress = self.join_or_start(&key, None, row);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let row_id = match &*progress.borrow_and_update() {
+                Progress::Done(answer) => return answer.clone(),
+                Progress::Pending { row_id } => Some(row_id.clone()),
+                Progress::Reserving => None,
+            };
+            tokio::select! {
+                changed = progress.changed() => if changed.is_err() {
+                    // The lifecycle always reports Done before it ends.
+                    return Answer::Refused {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        reason: "Interrupted".into(),
+                        message: "the receiver is shutting down; retry".into(),
+                    };
+                },
+                _ = tokio::time::sleep_until(deadline), if row_id.is_some() => {
+                    return Answer::Pending { row_id: row_id.unwrap_or_default() };
+                }
+            }
+        }
+    }
+
+    /// Joins the row already enriching `key`, or starts one (`existing` when
+    /// resuming a stored pending row).
+    fn join_or_start(
+        self: &Arc<Self>,
+        key: &str,
+        existing: Option<PendingRow>,
+        row: Value,
+    ) -> watch::Receiver<Progress> {
+        let mut inflight = self.inflight.lock().unwrap();
+        if let Some(progress) = inflight.get(key) {
+            return progress.clone();
+        }
+        let (tx, rx) = watch::channel(Progress::Reserving);
+        inflight.insert(key.to_string(), rx.clone());
+        let direct = self.clone();
+        let key = key.to_string();
+        // Its own task: a caller hanging up never abandons a submitted row.
+        tokio::spawn(async move {
+            let answer = direct.lifecycle(&tx, existing, row).await;
+            tx.send_replace(Progress::Done(answer));
+            direct.inflight.lock().unwrap().remove(&key);
+        });
+        rx
+    }
+
+    /// Reserves, submits and waits for one row to end.
+    async fn lifecycle(
+        &self,
+        progress: &watch::Sender<Progress>,
+        existing: Option<PendingRow>,
+        row: Value,
+    ) -> Answer {
+        let pending = match existing {
+            Some(pending) => pending,
+            None => match self.submit_new(row).await {
+                Ok(pending) => pending,
+                Err(refused) => return refused,
+            },
+        };
+        progress.send_replace(Progress::Pending {
+            row_id: pending.row_id.clone(),
+        });
+        let answer = self.wait_terminal(&pending.row_id).await;
+        self.finished.lock().unwrap().remove(&pending.row_id);
+        answer
+    }
+
+    async fn submit_new(&self, row: Value) -> Result<PendingRow, Answer> {
+        let runtime = self.attempts.runtime();
+        let spec = &runtime.table.spec;
+        let row_id = format!("{}-{}", runtime.name, uuid::Uuid::new_v4().simple());
+        let reservation = format!("{row_id}-a1");
+        let cost = spec.clay.credits_per_row.clone();
+        match self.attempts.reserve(&reservation, &cost).await {
+            Ok(()) => {}
+            Err(LedgerClientError::Denied(denial)) => {
+                return Err(refusal(denial.reason, denial.message));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reserving credits failed");
+                return Err(Answer::Refused {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    reason: "LedgerUnavailable".into(),
+                    message: "the credit ledger is unavailable; retry".into(),
+                });
+            }
+        }
+        let pending = PendingRow {
+            row_id,
+            key: key_of(&row, &spec.key).unwrap_or_default(),
+            row,
+            attempt: 1,
+            reservation,
+            reserved_credits: cost.data_credits,
+            reserved_actions: cost.actions,
+        };
+        if let Err(error) = self
+            .store
+            .make_pending(&pending, self.attempts.first_deadline())
+            .await
+        {
+            tracing::warn!(%error, "storing a pending row failed");
+            self.attempts
+                .close_reservation(&pending.reservation, Default::default(), 0)
+                .await;
+            return Err(Answer::Refused {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                reason: "StoreUnavailable".into(),
+                message: "the row store is unavailable; retry".into(),
+            });
+        }
+        if let Err(error) = self.attempts.submit(&pending).await {
+            // The row is pending: the sweeper retries it.
+            tracing::warn!(error = %format!("{error:#}"), row = %pending.row_id, "submitting failed; it will be retried");
+        }
+        Ok(pending)
+    }
+
+    /// Waits until the row is enriched (its callback) or dead-lettered (the
+    /// sweeper gave up), however long that takes.
+    async fn wait_terminal(&self, row_id: &str) -> Answer {
+        let notify = self
+            .finished
+            .lock()
+            .unwrap()
+            .entry(row_id.to_string())
+            .or_default()
+            .clone();
+        loop {
+            match self.store.row_state(row_id).await {
+                Ok(Some(RowState::Enriched { result, .. })) => {
+                    return Answer::Enriched {
+                        row_id: row_id.to_string(),
+                        result,
+                        deduplicated: false,
+                    };
+                }
+                Ok(Some(RowState::DeadLettered { reason, .. })) => {
+                    return Answer::DeadLettered {
+                        row_id: row_id.to_string(),
+                        reason,
+                    };
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "reading a row's state failed"),
+            }
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
+        }
+    }
+
+    /// A callback arrived: claims the row and wakes its waiters.
+    pub async fn claim(
+        &self,
+        row_id: &str,
+        result: &Value,
+        reported_cost: Option<f64>,
+    ) -> anyhow::Result<Option<PendingRow>> {
+        let claimed = self
+            .store
+            .claim_callback(row_id, result, now_ms(), reported_cost)
+            .await?;
+        if claimed.is_some()
+            && let Some(notify) = self.finished.lock().unwrap().get(row_id)
+        {
+            notify.notify_one();
+        }
+        Ok(claimed)
+    }
+
+    /// `GET /v1/rows/{id}`.
+    pub async fn lookup(&self, row_id: &str) -> anyhow::Result<Option<Answer>> {
+        Ok(match self.store.row_state(row_id).await? {
+            Some(RowState::Enriched { result, .. }) => Some(Answer::Enriched {
+                row_id: row_id.to_string(),
+                result,
+                deduplicated: false,
+            }),
+            Some(RowState::DeadLettered { reason, .. }) => Some(Answer::DeadLettered {
+                row_id: row_id.to_string(),
+                reason,
+            }),
+            None if self.store.is_pending(row_id).await? => Some(Answer::Pending {
+                row_id: row_id.to_string(),
+            }),
+            None => None,
+        })
+    }
+}
+
+/// The wait a request asked for with `?timeout=` (a Go duration), capped.
+pub fn requested_wait(query: Option<&str>, default: Duration) -> Result<Duration, String> {
+    match query {
+        None => Ok(default.min(MAX_SYNC_TIMEOUT)),
+        Some(text) => text
+            .parse::<kube::core::Duration>()
+            .map(|d| Duration::from(d).min(MAX_SYNC_TIMEOUT))
+            .map_err(|_| format!("timeout {text:?} is not a duration such as 10s or 1m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_map_to_the_documented_status_codes() {
+        let exhausted = refusal(DenialReason::Exhausted, "limit reached".into());
+        assert_eq!(exhausted.status(), StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(exhausted.retry_after(), None);
+        assert_eq!(
+            refusal(DenialReason::Paused, "paused".into()).status(),
+            StatusCode::PAYMENT_REQUIRED
+        );
+        let breaker = refusal(DenialReason::BreakerOpen, "open".into());
+        assert_eq!(breaker.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(breaker.retry_after(), Some(RETRY_AFTER_SECS));
+        let pending = Answer::Pending {
+            row_id: "t-1".into(),
+        };
+        assert_eq!(pending.status(), StatusCode::ACCEPTED);
+        assert_eq!(pending.body()["statusUrl"], "/v1/rows/t-1");
+    }
+
+    #[test]
+    fn waits_come_from_the_query_else_the_spec_and_are_capped() {
+        let default = Duration::from_secs(30);
+        assert_eq!(requested_wait(None, default), Ok(default));
+        assert_eq!(
+            requested_wait(Some("250ms"), default),
+            Ok(Duration::from_millis(250))
+        );
+        assert_eq!(requested_wait(Some("2h"), default), Ok(MAX_SYNC_TIMEOUT));
+        assert!(requested_wait(Some("soon"), default).is_err());
+    }
+
+    #[test]
+    fn keys_are_non_empty_strings_or_numbers() {
+        assert_eq!(
+            key_of(&json!({"domain": "acme.com"}), "domain").as_deref(),
+            Some("acme.com")
+        );
+        assert_eq!(key_of(&json!({"id": 42}), "id").as_deref(), Some("42"));
+        assert_eq!(key_of(&json!({"domain": ""}), "domain"), None);
+        assert_eq!(key_of(&json!({}), "domain"), None);
+    }
+}
