@@ -71,18 +71,18 @@ impl Direct {
     }
 }
 
-async fn direct(test: &str, sim_flags: &[&str], limit: f64) -> Direct {
+/// A Direct table `leads` (with `sink`, if any) and its receiver's settings.
+async fn direct(test: &str, sim_flags: &[&str], limit: f64, sink: Option<Value>) -> Direct {
     let base = base(test, sim_flags, limit, "Reject", &[]).await;
-    let (kubeconfig, token_file) = create_table(
-        &base.env,
-        test,
-        json!({
-            "tier": "Direct", "key": "domain", "budgetRef": {"name": "team"}, "dedupeWindow": "1h",
-            "clay": clay_spec(12.0),
-            "source": {"http": {"authTokenSecretRef": {"name": "pipeline", "key": "ingest-token"}, "syncTimeout": "60s"}}
-        }),
-    )
-    .await;
+    let mut spec = json!({
+        "tier": "Direct", "key": "domain", "budgetRef": {"name": "team"}, "dedupeWindow": "1h",
+        "clay": clay_spec(12.0),
+        "source": {"http": {"authTokenSecretRef": {"name": "pipeline", "key": "ingest-token"}, "syncTimeout": "60s"}}
+    });
+    if let Some(sink) = sink {
+        spec["sink"] = sink;
+    }
+    let (kubeconfig, token_file) = create_table(&base.env, test, spec).await;
     let store_path = support::work_dir().join(format!("{test}.redb"));
     Direct {
         base,
@@ -138,6 +138,7 @@ async fn concurrent_callers_get_results_inline_share_charges_and_survive_a_resta
             "21",
         ],
         1_000_000.0,
+        None,
     )
     .await;
     let mut receiver = d.receiver("receiver-1");
@@ -225,6 +226,7 @@ async fn concurrent_callers_get_results_inline_share_charges_and_survive_a_resta
 
 #[tokio::test]
 async fn slow_results_answer_202_and_stay_retrievable_and_an_exhausted_budget_answers_402() {
+    let (crm_port, crm) = support::crm::start(|_, _| 204).await;
     // 24 credits at 12 a row (reserved and charged): room for two rows.
     let d = direct(
         "direct-limits",
@@ -243,6 +245,7 @@ async fn slow_results_answer_202_and_stay_retrievable_and_an_exhausted_budget_an
             "4",
         ],
         24.0,
+        Some(json!({"http": {"urlTemplate": format!("http://127.0.0.1:{crm_port}/accounts/{{domain}}")}})),
     )
     .await;
     let _receiver = d.receiver("receiver-1");
@@ -265,8 +268,28 @@ async fn slow_results_answer_202_and_stay_retrievable_and_an_exhausted_budget_an
     .await;
     assert_eq!(enriched["result"]["domain"], "company1.com");
 
-    let (status, body) = d.enrich(&http, &account(2), "").await;
-    assert_eq!(status, 200, "{body}");
+    let (status, second) = d.enrich(&http, &account(2), "").await;
+    assert_eq!(status, 200, "{second}");
+
+    // Both results also went to the HTTP sink, once each.
+    let calls = wait::until("the CRM updates", || async {
+        let calls = crm.lock().unwrap().clone();
+        (calls.len() >= 2).then_some(calls)
+    })
+    .await;
+    let mut keys: Vec<&str> = calls.iter().map(|c| c.idempotency_key.as_str()).collect();
+    keys.sort();
+    let mut expected = vec![
+        enriched["rowId"].as_str().unwrap(),
+        second["rowId"].as_str().unwrap(),
+    ];
+    expected.sort();
+    assert_eq!(keys, expected);
+    let paths: HashSet<&str> = calls.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        HashSet::from(["/accounts/company1.com", "/accounts/company2.com"])
+    );
 
     // The limit is reached once both settle: 402 with a message, nothing sent.
     wait::until("the budget to be exhausted", || async {

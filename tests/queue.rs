@@ -374,66 +374,6 @@ async fn a_redis_restart_with_appendonly_loses_no_row() {
     );
 }
 
-/// One request the fake CRM received.
-#[derive(Clone, Debug)]
-struct CrmCall {
-    method: String,
-    path: String,
-    idempotency_key: String,
-    authorization: String,
-    body: Value,
-    status: u16,
-}
-
-/// A CRM stand-in: records every call; refuses `lead150` for good (400) and
-/// fails the first attempt of every seventh lead (503).
-async fn start_fake_crm() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<CrmCall>>>) {
-    use axum::http::{HeaderMap, Method, Uri};
-    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<CrmCall>::new()));
-    let app = axum::Router::new().fallback({
-        let calls = calls.clone();
-        move |method: Method, uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
-            let calls = calls.clone();
-            async move {
-                let header = |name: &str| {
-                    headers
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                let path = uri.path().to_string();
-                let index = leads_index(&format!(
-                    "{{\"email\":\"{}\"}}",
-                    path.trim_start_matches("/leads/").replace("%40", "@")
-                ));
-                let mut calls = calls.lock().unwrap();
-                let earlier = calls.iter().filter(|c| c.path == path).count();
-                let status = if index == 150 {
-                    400
-                } else if index.is_multiple_of(7) && earlier == 0 {
-                    503
-                } else {
-                    204
-                };
-                calls.push(CrmCall {
-                    method: method.to_string(),
-                    path,
-                    idempotency_key: header("idempotency-key"),
-                    authorization: header("authorization"),
-                    body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-                    status,
-                });
-                axum::http::StatusCode::from_u16(status).unwrap()
-            }
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (port, calls)
-}
-
 #[tokio::test]
 async fn the_http_sink_updates_the_crm_once_per_row_through_retries_a_crash_and_a_live_spec_change()
 {
@@ -459,7 +399,21 @@ async fn the_http_sink_updates_the_crm_once_per_row_through_retries_a_crash_and_
         false,
     )
     .await;
-    let (crm_port, calls) = start_fake_crm().await;
+    let (crm_port, calls) = support::crm::start(|path, earlier| {
+        // Refuses lead150 for good; fails the first attempt of every seventh lead.
+        let index = leads_index(&format!(
+            "{{\"email\":\"{}\"}}",
+            path.trim_start_matches("/leads/").replace("%40", "@")
+        ));
+        if index == 150 {
+            400
+        } else if index.is_multiple_of(7) && earlier == 0 {
+            503
+        } else {
+            204
+        }
+    })
+    .await;
     let headers: Secret = serde_json::from_value(json!({
         "metadata": {"name": "crm-headers"},
         "stringData": {"Authorization": "Bearer crm-api-key"}
@@ -608,9 +562,7 @@ async fn the_http_sink_updates_the_crm_once_per_row_through_retries_a_crash_and_
     assert_eq!(done["deadLettered"], 1);
 }
 
-fn distinct_crm_keys(
-    calls: &std::sync::Arc<std::sync::Mutex<Vec<CrmCall>>>,
-) -> std::collections::HashSet<String> {
+fn distinct_crm_keys(calls: &support::crm::Calls) -> std::collections::HashSet<String> {
     calls
         .lock()
         .unwrap()

@@ -14,8 +14,9 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
 use super::attempt::{Attempts, now_ms};
-use super::embedded::{EmbeddedStore, RowState};
+use super::embedded::{EmbeddedStore, RowState, SinkFailure};
 use super::key_of;
+use super::sink::Delivery;
 use super::store::PendingRow;
 use crate::ledger::DenialReason;
 use crate::ledger::client::LedgerClientError;
@@ -27,6 +28,8 @@ const RECHECK: Duration = Duration::from_secs(1);
 pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 /// Rows one request may carry.
 pub const MAX_ROWS_PER_REQUEST: usize = 10;
+/// Owed sink deliveries worked on at once.
+const OUTBOX_BATCH: usize = 32;
 /// What a caller refused for a transient reason is told to wait.
 const RETRY_AFTER_SECS: u64 = 30;
 
@@ -117,6 +120,8 @@ pub struct Direct {
     inflight: Mutex<HashMap<String, watch::Receiver<Progress>>>,
     /// row id → woken when its callback is claimed.
     finished: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Woken when a result is owed to the HTTP sink.
+    outbox_ready: Notify,
 }
 
 fn refusal(denial_reason: DenialReason, message: String) -> Answer {
@@ -138,6 +143,7 @@ impl Direct {
             attempts,
             inflight: Mutex::default(),
             finished: Mutex::default(),
+            outbox_ready: Notify::new(),
         })
     }
 
@@ -356,16 +362,84 @@ impl Direct {
         result: &Value,
         reported_cost: Option<f64>,
     ) -> anyhow::Result<Option<PendingRow>> {
+        let runtime = self.attempts.runtime();
+        let to_outbox = runtime
+            .table
+            .spec
+            .sink
+            .as_ref()
+            .is_some_and(|s| s.http.is_some());
         let claimed = self
             .store
-            .claim_callback(row_id, result, now_ms(), reported_cost)
+            .claim_callback(row_id, result, now_ms(), reported_cost, to_outbox)
             .await?;
+        if claimed.is_some() && to_outbox {
+            self.outbox_ready.notify_one();
+        }
         if claimed.is_some()
             && let Some(notify) = self.finished.lock().unwrap().get(row_id)
         {
             notify.notify_one();
         }
         Ok(claimed)
+    }
+
+    /// Hands owed results to the table's HTTP sink until `shutdown`; what is
+    /// owed survives restarts in the store.
+    pub async fn deliver_outbox(
+        self: Arc<Self>,
+        http: reqwest::Client,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let owed = match self.store.outbox(OUTBOX_BATCH).await {
+                Ok(owed) => owed,
+                Err(error) => {
+                    tracing::warn!(%error, "reading the outbox failed");
+                    Vec::new()
+                }
+            };
+            if owed.is_empty() {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = self.outbox_ready.notified() => {}
+                    _ = tokio::time::sleep(RECHECK) => {}
+                }
+                continue;
+            }
+            let runtime = self.attempts.runtime();
+            // Whole batches: a result is never in flight twice.
+            futures::future::join_all(owed.into_iter().map(|outgoing| {
+                let (http, runtime, store) = (&http, &runtime, &self.store);
+                async move {
+                    let no_claim = || async { Ok(()) };
+                    let failure = match super::sink::deliver_http(
+                        http,
+                        runtime,
+                        &outgoing.row_id,
+                        &outgoing.result,
+                        &outgoing.row,
+                        no_claim,
+                    )
+                    .await
+                    {
+                        Delivery::Delivered => None,
+                        Delivery::NoHttpSink => return,
+                        Delivery::Failed { detail, attempts } => Some(SinkFailure {
+                            reason: "SinkFailed".into(),
+                            detail,
+                            attempts,
+                            row: outgoing.row.clone(),
+                        }),
+                    };
+                    if let Err(error) = store.outbox_done(&outgoing.row_id, failure).await {
+                        tracing::warn!(%error, row = %outgoing.row_id, "completing an owed delivery failed; it will be delivered again");
+                    }
+                }
+            }))
+            .await;
+        }
     }
 
     /// `GET /v1/rows/{id}`.

@@ -26,6 +26,10 @@ const DEDUPE: TableDefinition<&str, &str> = TableDefinition::new("dedupe");
 const ROWS: TableDefinition<&str, &str> = TableDefinition::new("rows");
 /// row id → "reported cost|pending row JSON": settlements not yet confirmed.
 const SETTLEMENTS: TableDefinition<&str, &str> = TableDefinition::new("settlements");
+/// row id → [`Outgoing`] (JSON): results owed to the HTTP sink.
+const OUTBOX: TableDefinition<&str, &str> = TableDefinition::new("outbox");
+/// row id → [`SinkFailure`] (JSON): results the HTTP sink would not take.
+const SINK_FAILURES: TableDefinition<&str, &str> = TableDefinition::new("sink-failures");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const SOURCES: TableDefinition<&str, u64> = TableDefinition::new("sources");
 
@@ -33,6 +37,23 @@ const SOURCES: TableDefinition<&str, u64> = TableDefinition::new("sources");
 struct Waiting {
     pending: PendingRow,
     deadline_ms: i64,
+}
+
+/// A result owed to the HTTP sink.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Outgoing {
+    pub row_id: String,
+    pub result: Value,
+    pub row: Value,
+}
+
+/// A result the HTTP sink refused or kept failing on: the sink's dead letter.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SinkFailure {
+    pub reason: String,
+    pub detail: String,
+    pub attempts: u32,
+    pub row: Value,
 }
 
 /// Where a row ended.
@@ -69,6 +90,8 @@ impl EmbeddedStore {
         txn.open_table(PENDING)?;
         txn.open_table(DEDUPE)?;
         txn.open_table(ROWS)?;
+        txn.open_table(OUTBOX)?;
+        txn.open_table(SINK_FAILURES)?;
         txn.open_table(SETTLEMENTS)?;
         txn.open_table(COUNTERS)?;
         txn.open_table(SOURCES)?;
@@ -134,14 +157,16 @@ impl EmbeddedStore {
     }
 
     /// A callback's result: the pending row becomes enriched, the de-dupe
-    /// index and the owed settlement are written, all in one transaction.
-    /// None when the row is not pending (a duplicate or late callback).
+    /// index, the owed settlement and (`to_outbox`, with an HTTP sink) the
+    /// owed delivery are written, all in one transaction. None when the row
+    /// is not pending (a duplicate or late callback).
     pub async fn claim_callback(
         &self,
         row_id: &str,
         result: &Value,
         now_ms: i64,
         reported_cost: Option<f64>,
+        to_outbox: bool,
     ) -> StoreResult<Option<PendingRow>> {
         let (row_id, result) = (row_id.to_string(), result.clone());
         self.blocking(move |db| {
@@ -171,7 +196,17 @@ impl EmbeddedStore {
             txn.open_table(SETTLEMENTS)?
                 .insert(row_id.as_str(), format!("{cost}|{}", json(p)).as_str())?;
             bump(&txn, "enriched")?;
-            bump(&txn, "delivered")?;
+            if to_outbox {
+                let outgoing = Outgoing {
+                    row_id: row_id.clone(),
+                    result: result.clone(),
+                    row: p.row.clone(),
+                };
+                txn.open_table(OUTBOX)?
+                    .insert(row_id.as_str(), json(&outgoing).as_str())?;
+            } else {
+                bump(&txn, "delivered")?;
+            }
             txn.commit()?;
             Ok(Some(waiting.pending))
         })
@@ -196,6 +231,58 @@ impl EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read()?;
             Ok(txn.open_table(PENDING)?.get(row_id.as_str())?.is_some())
+        })
+        .await
+    }
+
+    /// Up to `limit` results owed to the HTTP sink.
+    pub async fn outbox(&self, limit: usize) -> StoreResult<Vec<Outgoing>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            let mut owed = Vec::new();
+            for entry in table.iter()?.take(limit) {
+                let (_, value) = entry?;
+                if let Ok(outgoing) = serde_json::from_str(value.value()) {
+                    owed.push(outgoing);
+                }
+            }
+            Ok(owed)
+        })
+        .await
+    }
+
+    /// Completes an owed delivery: accepted by the sink, or (`failure`) its dead letter.
+    pub async fn outbox_done(&self, row_id: &str, failure: Option<SinkFailure>) -> StoreResult<()> {
+        let row_id = row_id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            let removed = txn.open_table(OUTBOX)?.remove(row_id.as_str())?.is_some();
+            if removed {
+                match failure {
+                    None => bump(&txn, "delivered")?,
+                    Some(failure) => {
+                        txn.open_table(SINK_FAILURES)?
+                            .insert(row_id.as_str(), json(&failure).as_str())?;
+                        bump(&txn, "deadLettered")?;
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The sink's dead letter for a row, if it has one.
+    pub async fn sink_failure(&self, row_id: &str) -> StoreResult<Option<SinkFailure>> {
+        let row_id = row_id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SINK_FAILURES)?;
+            Ok(table
+                .get(row_id.as_str())?
+                .and_then(|v| serde_json::from_str(v.value()).ok()))
         })
         .await
     }
@@ -455,13 +542,13 @@ mod tests {
         assert!(store.is_pending("r1").await.unwrap());
         let result = json!({"kiln_row_id": "r1", "employees": 40});
         let claimed = store
-            .claim_callback("r1", &result, 5_000, Some(3.0))
+            .claim_callback("r1", &result, 5_000, Some(3.0), false)
             .await
             .unwrap();
         assert_eq!(claimed.unwrap().key, "acme.com");
         assert!(
             store
-                .claim_callback("r1", &result, 6_000, Some(3.0))
+                .claim_callback("r1", &result, 6_000, Some(3.0), false)
                 .await
                 .unwrap()
                 .is_none(),
@@ -491,6 +578,42 @@ mod tests {
             ),
             (1, 1, 1)
         );
+    }
+
+    #[tokio::test]
+    async fn an_owed_delivery_is_kept_until_the_sink_took_it_or_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("kiln.redb")).unwrap();
+        for id in ["r1", "r2"] {
+            store
+                .make_pending(&pending(id, &format!("{id}.com"), "x"), 1_000)
+                .await
+                .unwrap();
+            store
+                .claim_callback(id, &json!({"kiln_row_id": id}), 2_000, None, true)
+                .await
+                .unwrap();
+        }
+        let owed = store.outbox(10).await.unwrap();
+        assert_eq!(owed.len(), 2);
+        assert_eq!(owed[0].row, json!({"domain": "r1.com"}));
+        store.outbox_done("r1", None).await.unwrap();
+        let failure = SinkFailure {
+            reason: "SinkFailed".into(),
+            detail: "the sink answered HTTP 400".into(),
+            attempts: 1,
+            row: owed[1].row.clone(),
+        };
+        store
+            .outbox_done("r2", Some(failure.clone()))
+            .await
+            .unwrap();
+        // Completing twice (a crash after the sink answered) counts once.
+        store.outbox_done("r1", None).await.unwrap();
+        assert!(store.outbox(10).await.unwrap().is_empty());
+        assert_eq!(store.sink_failure("r2").await.unwrap(), Some(failure));
+        let counters = store.counters().await.unwrap();
+        assert_eq!((counters["delivered"], counters["deadLettered"]), (1, 1));
     }
 
     #[tokio::test]

@@ -217,7 +217,14 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     });
     let background = match &receiver.rows {
         Rows::Embedded(direct) => {
-            tokio::spawn(direct.attempts.clone().sweep_until(shutdown.clone()))
+            let sweeper = tokio::spawn(direct.attempts.clone().sweep_until(shutdown.clone()));
+            let deliveries = direct
+                .clone()
+                .deliver_outbox(reqwest::Client::new(), shutdown.clone());
+            tokio::spawn(async move {
+                deliveries.await;
+                let _ = sweeper.await;
+            })
         }
         Rows::Redis(store) => tokio::spawn(
             super::sink::OutboxDelivery {

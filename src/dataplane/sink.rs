@@ -190,107 +190,154 @@ impl OutboxDelivery {
 
     async fn deliver(&self, entry: OutboxEntry) {
         let runtime = self.runtime.borrow().clone();
-        let Some(sink) = runtime
-            .table
-            .spec
-            .sink
-            .as_ref()
-            .and_then(|s| s.http.clone())
-        else {
-            // The table moved off the HTTP sink; what is already owed still goes out.
-            tracing::warn!(row = %entry.row_id, "the table no longer has an HTTP sink; leaving the entry in the outbox");
-            return;
+        let outbox = self.store.keys().outbox();
+        // Keeps the entry ours while we retry (see OUTBOX_RECLAIM_IDLE_MS).
+        let keep = || async {
+            self.store
+                .touch(&outbox, OUTBOX_GROUP, &self.identity, &entry.id)
+                .await
+                .map_err(|error| format!("the row store is unavailable: {error}"))
         };
-        let policy = RetryPolicy {
-            max_attempts: sink.max_attempts,
-            ..RetryPolicy::default()
-        };
-        let mut attempt = 1;
-        let failure = loop {
-            match self.attempt(&runtime, &sink, &entry).await {
-                Attempt::Accepted => {
-                    if let Err(error) = self.store.outbox_delivered(OUTBOX_GROUP, &entry.id).await {
-                        tracing::warn!(%error, row = %entry.row_id, "completing a delivered outbox entry failed; it will be delivered again");
-                    }
-                    return;
-                }
-                Attempt::Permanent(detail) => break detail,
-                Attempt::Transient(detail) if attempt >= policy.max_attempts => {
-                    break format!("{detail} after {attempt} attempts");
-                }
-                Attempt::Transient(detail) => {
-                    tracing::debug!(row = %entry.row_id, attempt, %detail, "sink delivery failed; retrying");
-                    tokio::time::sleep(policy.backoff(attempt)).await;
-                    attempt += 1;
+        let outcome = deliver_http(
+            &self.http,
+            &runtime,
+            &entry.row_id,
+            &entry.result,
+            &entry.row,
+            keep,
+        )
+        .await;
+        match outcome {
+            Delivery::Delivered => {
+                if let Err(error) = self.store.outbox_delivered(OUTBOX_GROUP, &entry.id).await {
+                    tracing::warn!(%error, row = %entry.row_id, "completing a delivered outbox entry failed; it will be delivered again");
                 }
             }
-        };
-        tracing::warn!(row = %entry.row_id, attempts = attempt, detail = %failure, "dead-lettering a row the sink would not take");
-        let dead_letter = super::dead_letter_stream(&runtime);
-        if let Err(error) = self
-            .store
-            .outbox_dead_letter(
-                &dead_letter,
-                OUTBOX_GROUP,
-                &entry.id,
-                &entry.row_id,
-                "SinkFailed",
-                &entry.row,
-                attempt,
-                &failure,
-            )
-            .await
-        {
-            tracing::warn!(%error, row = %entry.row_id, "dead-lettering an outbox entry failed; it will be retried");
+            Delivery::NoHttpSink => {}
+            Delivery::Failed { detail, attempts } => {
+                let dead_letter = super::dead_letter_stream(&runtime);
+                if let Err(error) = self
+                    .store
+                    .outbox_dead_letter(
+                        &dead_letter,
+                        OUTBOX_GROUP,
+                        &entry.id,
+                        &entry.row_id,
+                        "SinkFailed",
+                        &entry.row,
+                        attempts,
+                        &detail,
+                    )
+                    .await
+                {
+                    tracing::warn!(%error, row = %entry.row_id, "dead-lettering an outbox entry failed; it will be retried");
+                }
+            }
         }
     }
+}
 
-    async fn attempt(
-        &self,
-        runtime: &TableRuntime,
-        sink: &HttpSink,
-        entry: &OutboxEntry,
-    ) -> Attempt {
-        let url = match render_url(&sink.url_template, &entry.result, &entry.row) {
-            Ok(url) => url,
-            Err(detail) => return Attempt::Permanent(detail),
+/// How handing one row to the HTTP sink ended.
+#[derive(Debug, PartialEq)]
+pub enum Delivery {
+    Delivered,
+    /// The table moved off the HTTP sink; the row stays owed.
+    NoHttpSink,
+    /// The sink refused it, or kept failing for `maxAttempts`: dead-letter it.
+    Failed {
+        detail: String,
+        attempts: u32,
+    },
+}
+
+/// Calls the table's HTTP sink for one row, retrying transient failures
+/// with backoff. `before_attempt` runs before each call (to keep a claim
+/// alive); its error counts as a transient failure.
+pub async fn deliver_http<F, Fut>(
+    http: &reqwest::Client,
+    runtime: &TableRuntime,
+    row_id: &str,
+    result: &Value,
+    row: &Value,
+    before_attempt: F,
+) -> Delivery
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let Some(sink) = runtime
+        .table
+        .spec
+        .sink
+        .as_ref()
+        .and_then(|s| s.http.clone())
+    else {
+        tracing::warn!(row = %row_id, "the table no longer has an HTTP sink; leaving the row in the outbox");
+        return Delivery::NoHttpSink;
+    };
+    let policy = RetryPolicy {
+        max_attempts: sink.max_attempts,
+        ..RetryPolicy::default()
+    };
+    let mut attempt = 1;
+    let detail = loop {
+        let outcome = match before_attempt().await {
+            Ok(()) => call(http, runtime, &sink, row_id, result, row).await,
+            Err(detail) => Attempt::Transient(detail),
         };
-        // Keeps the entry ours while we retry (see OUTBOX_RECLAIM_IDLE_MS).
-        if let Err(error) = self
-            .store
-            .touch(
-                &self.store.keys().outbox(),
-                OUTBOX_GROUP,
-                &self.identity,
-                &entry.id,
-            )
-            .await
-        {
-            return Attempt::Transient(format!("the row store is unavailable: {error}"));
+        match outcome {
+            Attempt::Accepted => return Delivery::Delivered,
+            Attempt::Permanent(detail) => break detail,
+            Attempt::Transient(detail) if attempt >= policy.max_attempts => {
+                break format!("{detail} after {attempt} attempts");
+            }
+            Attempt::Transient(detail) => {
+                tracing::debug!(row = %row_id, attempt, %detail, "sink delivery failed; retrying");
+                tokio::time::sleep(policy.backoff(attempt)).await;
+                attempt += 1;
+            }
         }
-        let method = match sink.method {
-            HttpMethod::Post => reqwest::Method::POST,
-            HttpMethod::Put => reqwest::Method::PUT,
-            HttpMethod::Patch => reqwest::Method::PATCH,
-        };
-        let mut request = self
-            .http
-            .request(method, &url)
-            .timeout(REQUEST_TIMEOUT)
-            .header("Idempotency-Key", &entry.row_id)
-            .header(
-                "x-kiln-table",
-                format!("{}/{}", runtime.namespace, runtime.name),
-            )
-            .json(&entry.result);
-        for (name, value) in &runtime.sink_headers {
-            request = request.header(name.as_str(), value.expose());
-        }
-        match request.send().await {
-            Ok(response) => classify(response.status()),
-            // Without the URL: it may carry row data or credentials.
-            Err(error) => Attempt::Transient(crate::clay::error::describe_transport(error)),
-        }
+    };
+    tracing::warn!(row = %row_id, attempts = attempt, %detail, "dead-lettering a row the sink would not take");
+    Delivery::Failed {
+        detail,
+        attempts: attempt,
+    }
+}
+
+async fn call(
+    http: &reqwest::Client,
+    runtime: &TableRuntime,
+    sink: &HttpSink,
+    row_id: &str,
+    result: &Value,
+    row: &Value,
+) -> Attempt {
+    let url = match render_url(&sink.url_template, result, row) {
+        Ok(url) => url,
+        Err(detail) => return Attempt::Permanent(detail),
+    };
+    let method = match sink.method {
+        HttpMethod::Post => reqwest::Method::POST,
+        HttpMethod::Put => reqwest::Method::PUT,
+        HttpMethod::Patch => reqwest::Method::PATCH,
+    };
+    let mut request = http
+        .request(method, &url)
+        .timeout(REQUEST_TIMEOUT)
+        .header("Idempotency-Key", row_id)
+        .header(
+            "x-kiln-table",
+            format!("{}/{}", runtime.namespace, runtime.name),
+        )
+        .json(result);
+    for (name, value) in &runtime.sink_headers {
+        request = request.header(name.as_str(), value.expose());
+    }
+    match request.send().await {
+        Ok(response) => classify(response.status()),
+        // Without the URL: it may carry row data or credentials.
+        Err(error) => Attempt::Transient(crate::clay::error::describe_transport(error)),
     }
 }
 

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset of helpers
 
+pub mod crm;
 pub mod pipeline;
 pub mod wait;
 
