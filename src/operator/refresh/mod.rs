@@ -23,6 +23,7 @@ use super::labels::{MANAGED_BY, SCHEDULE_LABEL};
 use crate::api::budget::BudgetState;
 use crate::api::common::{Conditions, FALSE, TRUE, find_condition};
 use crate::api::refresh::REFRESH_NOW_ANNOTATION;
+use crate::api::table::Tier;
 use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule, RefreshScheduleStatus};
 
 const CONTROLLER: &str = "refreshschedule";
@@ -44,6 +45,15 @@ pub fn hold_reason(
         return Some(("SuspendedBySpec", "spec.suspend is true".into()));
     }
     let table = table?;
+    if table.spec.tier == Tier::Direct {
+        return Some((
+            "TierDirect",
+            format!(
+                "EnrichmentTable {:?} is tier Direct: its rows live in the receiver's embedded store, which refresh runs cannot reach; refresh is for tiers Queue and Event",
+                table.name_any()
+            ),
+        ));
+    }
     let budget_name = &table.spec.budget_ref.name;
     let budget = budget?;
     if budget.spec.paused {
@@ -329,4 +339,67 @@ async fn start_manual_run(
     )
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::table::Tier;
+    use serde_json::json;
+
+    fn schedule(suspend: bool) -> RefreshSchedule {
+        serde_json::from_value(json!({
+            "apiVersion": "kiln.dev/v1alpha1", "kind": "RefreshSchedule",
+            "metadata": {"name": "nightly", "namespace": "sales"},
+            "spec": {"tableRef": {"name": "leads"}, "schedule": "0 3 * * *", "suspend": suspend,
+                     "maxAge": "720h", "maxRows": 10, "maxCredits": 100.0}
+        }))
+        .unwrap()
+    }
+
+    fn budget(paused: bool, state: BudgetState) -> CreditBudget {
+        let mut budget: CreditBudget = serde_json::from_value(json!({
+            "apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget",
+            "metadata": {"name": "b"}, "spec": {"limits": {"dataCredits": 10.0}, "paused": paused}
+        }))
+        .unwrap();
+        budget.status = Some(crate::api::budget::CreditBudgetStatus {
+            state,
+            ..Default::default()
+        });
+        budget
+    }
+
+    #[test]
+    fn runs_are_held_for_the_budget_the_spec_or_a_direct_table() {
+        let table = crate::operator::table::build::tests::queue_table();
+        let active = budget(false, BudgetState::Active);
+        let reason = |s: &RefreshSchedule, t: &EnrichmentTable, b: &CreditBudget| {
+            hold_reason(s, Some(t), Some(b)).map(|(reason, _)| reason)
+        };
+        assert_eq!(reason(&schedule(false), &table, &active), None);
+        assert_eq!(
+            reason(&schedule(true), &table, &active),
+            Some("SuspendedBySpec")
+        );
+        assert_eq!(
+            reason(
+                &schedule(false),
+                &table,
+                &budget(false, BudgetState::Exhausted)
+            ),
+            Some("BudgetExhausted")
+        );
+        assert_eq!(
+            reason(&schedule(false), &table, &budget(true, BudgetState::Paused)),
+            Some("BudgetPaused")
+        );
+        let mut direct = table.clone();
+        direct.spec.tier = Tier::Direct;
+        assert_eq!(
+            reason(&schedule(false), &direct, &active),
+            Some("TierDirect")
+        );
+        assert_eq!(hold_reason(&schedule(false), None, None), None);
+    }
 }
