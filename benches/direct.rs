@@ -110,7 +110,7 @@ async fn main() {
             "leads",
             &kube::api::PatchParams::default(),
             &kube::api::Patch::Merge(
-                json!({"spec": {"clay": {"rateLimit": {"rowsPerSecond": 1000000, "burst": 1000000}}}}),
+                json!({"spec": {"clay": {"rateLimit": {"rowsPerSecond": 10000, "burst": 10000}}}}),
             ),
         )
         .await

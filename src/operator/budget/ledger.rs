@@ -20,8 +20,10 @@ use crate::api::{CreditBudget, CreditBudgetStatus};
 use crate::ledger::{Denial, Grant, RenewRequest, ReserveRequest, SettleRequest};
 use crate::operator::labels::FIELD_MANAGER;
 
-/// How long a batch gathers requests before it is written: bounds the
-/// ledger's writes to a few per second per budget under any load.
+/// Least time between two batch writes: bounds the ledger's writes to a few
+/// per second per budget under any load. A request arriving after a quiet
+/// spell is written at once (group commit), so an idle ledger adds one
+/// write's latency, not a window.
 const BATCH_WINDOW: Duration = Duration::from_millis(200);
 /// Largest batch.
 const BATCH_MAX: usize = 1000;
@@ -191,6 +193,7 @@ async fn run_book(
     mut commands: mpsc::Receiver<Command>,
 ) {
     let mut breaker: Option<Breaker> = None;
+    let mut last_write: Option<tokio::time::Instant> = None;
     loop {
         let first = tokio::select! {
             command = commands.recv() => match command {
@@ -201,13 +204,17 @@ async fn run_book(
         };
         let mut batch: Vec<Command> = first.into_iter().collect();
         if !batch.is_empty() {
-            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+            // Gathers until a window after the previous write; when that has
+            // passed, takes only what is already queued.
+            let now = tokio::time::Instant::now();
+            let deadline = last_write.map_or(now, |at| (at + BATCH_WINDOW).max(now));
             while batch.len() < BATCH_MAX {
                 match tokio::time::timeout_at(deadline, commands.recv()).await {
                     Ok(Some(command)) => batch.push(command),
                     _ => break,
                 }
             }
+            last_write = Some(tokio::time::Instant::now());
         }
         // Reservation ids and replies are fixed before the write loop, so a
         // retried batch grants the same ids.
