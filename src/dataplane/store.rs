@@ -72,18 +72,43 @@ impl Keys {
     fn inputs(&self) -> String {
         format!("{}:inputs", self.prefix)
     }
+    /// Marks a Kafka record's row as handled (see [`SourceEntry::Kafka`]).
+    fn seen(&self, row_id: &str) -> String {
+        format!("{}:seen:{row_id}", self.prefix)
+    }
     /// Results waiting for the HTTP sink (the CRM update).
     pub fn outbox(&self) -> String {
         format!("{}:outbox", self.prefix)
     }
 }
 
-/// Where a source entry came from, so scripts can acknowledge it atomically.
+/// Where a row came from, so the script that makes it pending or terminal
+/// also settles its source: a Redis Stream entry is acknowledged; a Kafka
+/// record (its offset is committed by the consumer afterwards) leaves a
+/// seen-marker for a week, so a replayed record never becomes a second row.
 #[derive(Clone, Debug)]
-pub struct SourceEntry {
-    pub stream: String,
-    pub group: String,
-    pub id: String,
+pub enum SourceEntry {
+    Stream {
+        stream: String,
+        group: String,
+        id: String,
+    },
+    Kafka,
+}
+
+impl SourceEntry {
+    /// The script's source key and its group and entry id ('' for Kafka).
+    fn script_parts<'a>(&'a self, keys: &Keys, row_id: &str) -> (String, &'a str, &'a str) {
+        match self {
+            Self::Stream { stream, group, id } => (stream.clone(), group, id),
+            Self::Kafka => (keys.seen(row_id), "", ""),
+        }
+    }
+}
+
+/// A script with the source guard spliced in.
+fn guarded(script: &str) -> Script {
+    Script::new(&script.replace("{SOURCE_GUARD}", SOURCE_GUARD))
 }
 
 fn now_ms() -> i64 {
@@ -102,14 +127,31 @@ pub struct RedisStore {
 /// Longest wait for a blocking read's answer (its BLOCK time plus slack).
 const BLOCKING_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The source part of a script that makes a row pending or terminal:
+/// KEYS[n] is the source stream (acknowledged at the end) or, for a Kafka
+/// record (ARGV group ''), its seen-marker: a record seen before is a replay
+/// and the script does nothing.
+const SOURCE_GUARD: &str = r#"
+local function first_sight(key, group)
+  if group ~= '' then return true end
+  return redis.call('SET', key, '1', 'NX', 'EX', 604800) ~= false
+end
+local function ack(key, group, id)
+  if group ~= '' then redis.call('XACK', key, group, id) end
+end
+"#;
+
 const MAKE_PENDING: &str = r#"
--- KEYS: pending, deadlines, counters, source stream; ARGV: row_id, pending json, deadline ms, group, entry id
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+-- KEYS: pending, deadlines, counters, source; ARGV: row_id, pending json, deadline ms, group, entry id
+{SOURCE_GUARD}
+if not first_sight(KEYS[4], ARGV[4]) then return 0 end
+local created = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if created == 1 then
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
   redis.call('HINCRBY', KEYS[3], 'submitted', 1)
 end
-redis.call('XACK', KEYS[4], ARGV[4], ARGV[5])
-return 1
+ack(KEYS[4], ARGV[4], ARGV[5])
+return created
 "#;
 
 const CLAIM_CALLBACK: &str = r#"
@@ -147,8 +189,10 @@ return pending
 "#;
 
 const DELIVER_STORED: &str = r#"
--- KEYS: sink, counters, source stream
+-- KEYS: sink, counters, source
 -- ARGV: row_id, key, result json, group, entry id, sink maxlen, row json, '1' when the sink is the outbox
+{SOURCE_GUARD}
+if not first_sight(KEYS[3], ARGV[4]) then return 0 end
 local fields = {'row_id', ARGV[1], 'key', ARGV[2], 'result', ARGV[3], 'row', ARGV[7], 'deduplicated', '1'}
 if tonumber(ARGV[6]) > 0 then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', unpack(fields))
@@ -157,7 +201,7 @@ else
 end
 redis.call('HINCRBY', KEYS[2], 'deduplicated', 1)
 if ARGV[8] ~= '1' then redis.call('HINCRBY', KEYS[2], 'delivered', 1) end
-redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+ack(KEYS[3], ARGV[4], ARGV[5])
 return 1
 "#;
 
@@ -180,10 +224,12 @@ return 1
 "#;
 
 const DEAD_LETTER_ENTRY: &str = r#"
--- KEYS: dead-letter stream, counters, source stream; ARGV: row_id, reason, row json, attempts, group, entry id
+-- KEYS: dead-letter stream, counters, source; ARGV: row_id, reason, row json, attempts, group, entry id
+{SOURCE_GUARD}
+if not first_sight(KEYS[3], ARGV[5]) then return 0 end
 redis.call('XADD', KEYS[1], '*', 'row_id', ARGV[1], 'reason', ARGV[2], 'row', ARGV[3], 'attempts', ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'deadLettered', 1)
-redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+ack(KEYS[3], ARGV[5], ARGV[6])
 return 1
 "#;
 
@@ -460,20 +506,27 @@ impl RedisStore {
         pending: &PendingRow,
         deadline_ms: i64,
         entry: &SourceEntry,
-    ) -> redis::RedisResult<()> {
+    ) -> redis::RedisResult<bool> {
         let json = serde_json::to_string(pending).expect("a pending row serializes");
-        Script::new(MAKE_PENDING)
+        let (source, group, id) = entry.script_parts(&self.keys, &pending.row_id);
+        let created: i64 = guarded(MAKE_PENDING)
             .key(self.keys.pending())
             .key(self.keys.deadlines())
             .key(self.keys.counters())
-            .key(&entry.stream)
+            .key(source)
             .arg(&pending.row_id)
             .arg(json)
             .arg(deadline_ms)
-            .arg(&entry.group)
-            .arg(&entry.id)
+            .arg(group)
+            .arg(id)
             .invoke_async(&mut self.conn())
-            .await
+            .await?;
+        Ok(created == 1)
+    }
+
+    /// Whether a Kafka record's row was already handled (a replay).
+    pub async fn seen(&self, row_id: &str) -> redis::RedisResult<bool> {
+        self.conn().exists(self.keys.seen(row_id)).await
     }
 
     /// Claims a pending row for its callback and delivers the result to the
@@ -545,15 +598,16 @@ impl RedisStore {
         sink: &SinkRoute,
         entry: &SourceEntry,
     ) -> redis::RedisResult<()> {
-        Script::new(DELIVER_STORED)
+        let (source, group, id) = entry.script_parts(&self.keys, row_id);
+        guarded(DELIVER_STORED)
             .key(&sink.stream)
             .key(self.keys.counters())
-            .key(&entry.stream)
+            .key(source)
             .arg(row_id)
             .arg(key)
             .arg(result)
-            .arg(&entry.group)
-            .arg(&entry.id)
+            .arg(group)
+            .arg(id)
             .arg(sink.max_len)
             .arg(row.to_string())
             .arg(if sink.through_outbox { "1" } else { "0" })
@@ -634,16 +688,17 @@ impl RedisStore {
         attempts: u32,
         entry: &SourceEntry,
     ) -> redis::RedisResult<()> {
-        Script::new(DEAD_LETTER_ENTRY)
+        let (source, group, id) = entry.script_parts(&self.keys, row_id);
+        guarded(DEAD_LETTER_ENTRY)
             .key(dead_letter)
             .key(self.keys.counters())
-            .key(&entry.stream)
+            .key(source)
             .arg(row_id)
             .arg(reason)
             .arg(row.to_string())
             .arg(attempts)
-            .arg(&entry.group)
-            .arg(&entry.id)
+            .arg(group)
+            .arg(id)
             .invoke_async(&mut self.conn())
             .await
     }

@@ -189,7 +189,7 @@ impl Worker {
         entry_id: String,
         fields: HashMap<String, redis::Value>,
     ) -> anyhow::Result<Handled> {
-        let entry = SourceEntry {
+        let entry = SourceEntry::Stream {
             stream: self.stream.clone(),
             group: self.group.clone(),
             id: entry_id.clone(),

@@ -1,0 +1,135 @@
+//! A real single-node Kafka broker (KRaft, combined broker and controller)
+//! from the jars `tests/kafka/fetch.sh` resolves from Maven Central, on
+//! random loopback ports. Restartable on the same ports and data directory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{process, wait, work_dir};
+
+pub struct Kafka {
+    pub process: process::ManagedProcess,
+    /// `127.0.0.1:<port>` for clients.
+    pub bootstrap: String,
+    name: String,
+    dir: PathBuf,
+    libs: String,
+}
+
+/// The broker's jars (resolved once, cached outside the clone).
+fn libs() -> String {
+    let output = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kafka/fetch.sh"))
+        .output()
+        .expect("running tests/kafka/fetch.sh");
+    assert!(
+        output.status.success(),
+        "fetching the Kafka jars failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+fn java(libs: &str) -> std::process::Command {
+    let mut command = std::process::Command::new("java");
+    command.args(["-Xms256m", "-Xmx768m", "-XX:+UseSerialGC", "-cp", &format!("{libs}/*")]);
+    command
+}
+
+pub async fn start_kafka(name: &str) -> Kafka {
+    let libs = libs();
+    let dir = work_dir().join(format!("kafka-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = kiln::devenv::free_port().unwrap();
+    let controller_port = kiln::devenv::free_port().unwrap();
+    let properties = format!(
+        "process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs={data}
+num.partitions=4
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+",
+        data = dir.join("data").display()
+    );
+    std::fs::write(dir.join("server.properties"), properties).unwrap();
+    let cluster_id = java(&libs)
+        .args(["kafka.tools.StorageTool", "random-uuid"])
+        .output()
+        .expect("running the Kafka storage tool (needs java 17+)");
+    let cluster_id = String::from_utf8(cluster_id.stdout).unwrap();
+    let cluster_id = cluster_id.lines().last().unwrap_or_default().trim().to_string();
+    let format = java(&libs)
+        .args(["kafka.tools.StorageTool", "format", "-t", &cluster_id, "-c"])
+        .arg(dir.join("server.properties"))
+        .arg("--ignore-formatted")
+        .output()
+        .unwrap();
+    assert!(
+        format.status.success(),
+        "formatting Kafka storage: {}",
+        String::from_utf8_lossy(&format.stderr)
+    );
+    let kafka = Kafka {
+        process: spawn(name, &libs, &dir),
+        bootstrap: format!("127.0.0.1:{port}"),
+        name: name.to_string(),
+        dir,
+        libs,
+    };
+    kafka.wait_ready().await;
+    kafka
+}
+
+fn spawn(name: &str, libs: &str, dir: &std::path::Path) -> process::ManagedProcess {
+    let mut command = java(libs);
+    command.arg("kafka.Kafka").arg(dir.join("server.properties"));
+    let log = format!("kafka-{name}-{}", uuid::Uuid::new_v4().simple());
+    process::ManagedProcess::spawn(&log, command, work_dir()).expect("starting the Kafka broker")
+}
+
+impl Kafka {
+    /// Waits until the broker answers metadata requests.
+    pub async fn wait_ready(&self) {
+        let bootstrap = self.bootstrap.clone();
+        wait::until_within("the Kafka broker", Duration::from_secs(90), || {
+            let bootstrap = bootstrap.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    use rdkafka::consumer::{BaseConsumer, Consumer};
+                    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                        .set("bootstrap.servers", &bootstrap)
+                        .create()
+                        .ok()?;
+                    consumer
+                        .fetch_metadata(None, Duration::from_secs(2))
+                        .ok()
+                        .filter(|m| !m.brokers().is_empty())
+                        .map(|_| ())
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+        })
+        .await;
+    }
+
+    /// Stops the broker (SIGTERM, so it shuts down cleanly) and starts it
+    /// again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.process.stop(Duration::from_secs(30));
+        self.process = spawn(&self.name, &self.libs, &self.dir);
+        self.wait_ready().await;
+    }
+}
