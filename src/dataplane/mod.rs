@@ -5,6 +5,7 @@ pub mod attempt;
 pub mod direct;
 pub mod dlq;
 pub mod embedded;
+pub mod kafka;
 pub mod receiver;
 pub mod refresh;
 pub mod sink;
@@ -20,6 +21,7 @@ use kube::api::Api;
 
 use crate::api::EnrichmentTable;
 use crate::api::common::SecretKeyRef;
+use crate::api::table::KafkaConnection;
 use crate::clay::SecretString;
 use crate::clay::rotation::WebhookTarget;
 use crate::ledger::client::{LedgerClient, TokenSource};
@@ -105,6 +107,11 @@ pub struct TableRuntime {
     pub redis_url: Option<SecretString>,
     /// Headers for the HTTP sink, from every key of its headers Secret.
     pub sink_headers: Vec<(String, SecretString)>,
+    /// Tier Event: the source's, sink's and dead-letter topic's brokers
+    /// (sink and dead letters default to the source's connection).
+    pub kafka_source: Option<kafka::KafkaSettings>,
+    pub kafka_sink: Option<kafka::KafkaSettings>,
+    pub kafka_dead_letter: Option<kafka::KafkaSettings>,
 }
 
 impl TableRuntime {
@@ -179,6 +186,46 @@ impl TableRuntime {
                 sink_headers.push((key, SecretString::new(text.trim())));
             }
         }
+        let source_connection = table.spec.source.kafka.as_ref().map(|k| &k.connection);
+        let resolve = |connection: Option<&KafkaConnection>| {
+            let connection = connection.or(source_connection).cloned();
+            let read = &read;
+            async move {
+                let Some(connection) = connection else {
+                    return anyhow::Ok(None);
+                };
+                let sasl = match &connection.sasl {
+                    Some(sasl) => Some((
+                        sasl.mechanism,
+                        read(sasl.username_secret_ref.clone()).await?,
+                        read(sasl.password_secret_ref.clone()).await?,
+                    )),
+                    None => None,
+                };
+                Ok(Some(kafka::KafkaSettings {
+                    brokers: connection.brokers.clone(),
+                    tls: connection.tls,
+                    sasl,
+                }))
+            }
+        };
+        let kafka_source = match source_connection {
+            Some(connection) => resolve(Some(connection)).await?,
+            None => None,
+        };
+        let kafka_sink = match table.spec.sink.as_ref().and_then(|s| s.kafka.as_ref()) {
+            Some(target) => resolve(target.connection.as_ref()).await?,
+            None => None,
+        };
+        let kafka_dead_letter = match table
+            .spec
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.kafka.as_ref())
+        {
+            Some(target) => resolve(target.connection.as_ref()).await?,
+            None => None,
+        };
         Ok(Arc::new(Self {
             namespace: namespace.to_string(),
             name: name.to_string(),
@@ -188,6 +235,9 @@ impl TableRuntime {
             ingest_token,
             redis_url,
             sink_headers,
+            kafka_source,
+            kafka_sink,
+            kafka_dead_letter,
         }))
     }
 

@@ -40,6 +40,13 @@ pub fn route(runtime: &TableRuntime, keys: &Keys) -> SinkRoute {
             through_outbox: true,
         };
     }
+    if sink.is_some_and(|s| s.kafka.is_some()) {
+        return SinkRoute {
+            stream: keys.outbox(),
+            max_len: 0,
+            through_outbox: true,
+        };
+    }
     let target = sink.and_then(|s| s.redis_stream.as_ref());
     SinkRoute {
         stream: target
@@ -148,7 +155,8 @@ fn parse_entry(id: String, fields: HashMap<String, redis::Value>) -> OutboxEntry
     }
 }
 
-/// Drains the outbox into the table's HTTP sink until `shutdown`.
+/// Drains the outbox into the table's HTTP or Kafka sink, and (tier Event)
+/// the dead letters into the dead-letter topic, until `shutdown`.
 pub struct OutboxDelivery {
     pub store: RedisStore,
     pub runtime: watch::Receiver<Arc<TableRuntime>>,
@@ -156,10 +164,58 @@ pub struct OutboxDelivery {
     pub http: reqwest::Client,
 }
 
+/// The two streams a receiver drains.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Drain {
+    Results,
+    DeadLetters,
+}
+
+/// Producers for the table's topics, made once per receiver.
+struct Producers {
+    sink: Option<rdkafka::producer::FutureProducer>,
+    dead_letter: Option<rdkafka::producer::FutureProducer>,
+}
+
+/// Waits before retrying a record the broker did not take.
+const KAFKA_RETRY: Duration = Duration::from_secs(2);
+
 impl OutboxDelivery {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Clone) {
-        let outbox = self.store.keys().outbox();
-        while let Err(error) = self.store.ensure_group(&outbox, OUTBOX_GROUP).await {
+        let runtime = self.runtime.borrow().clone();
+        let producer = |settings: &Option<super::kafka::KafkaSettings>| {
+            settings.as_ref().and_then(|s| match s.producer() {
+                Ok(producer) => Some(producer),
+                Err(error) => {
+                    tracing::error!(%error, "creating a Kafka producer failed");
+                    None
+                }
+            })
+        };
+        let producers = Producers {
+            sink: producer(&runtime.kafka_sink),
+            dead_letter: producer(&runtime.kafka_dead_letter),
+        };
+        let results = self.drain(Drain::Results, &producers, shutdown.clone());
+        if producers.dead_letter.is_some() {
+            let dead_letters = self.drain(Drain::DeadLetters, &producers, shutdown);
+            futures::join!(results, dead_letters);
+        } else {
+            results.await;
+        }
+    }
+
+    async fn drain(
+        &self,
+        drain: Drain,
+        producers: &Producers,
+        shutdown: impl std::future::Future<Output = ()> + Clone,
+    ) {
+        let stream = match drain {
+            Drain::Results => self.store.keys().outbox(),
+            Drain::DeadLetters => super::dead_letter_stream(&self.runtime.borrow()),
+        };
+        while let Err(error) = self.store.ensure_group(&stream, OUTBOX_GROUP).await {
             tracing::warn!(%error, "creating the outbox consumer group failed; retrying");
             tokio::select! {
                 _ = shutdown.clone() => return,
@@ -169,7 +225,7 @@ impl OutboxDelivery {
         loop {
             let read = tokio::select! {
                 _ = shutdown.clone() => return,
-                read = self.store.read(&outbox, OUTBOX_GROUP, &self.identity, OUTBOX_BATCH, 1000, OUTBOX_RECLAIM_IDLE_MS) => read,
+                read = self.store.read(&stream, OUTBOX_GROUP, &self.identity, OUTBOX_BATCH, 1000, OUTBOX_RECLAIM_IDLE_MS) => read,
             };
             let entries = match read {
                 Ok(entries) => entries,
@@ -180,33 +236,75 @@ impl OutboxDelivery {
                 }
             };
             // Whole batches: an entry is never in flight twice in one receiver.
+            let stream = &stream;
             futures::stream::iter(entries)
-                .for_each_concurrent(OUTBOX_BATCH, |(id, fields)| {
-                    self.deliver(parse_entry(id, fields))
+                .for_each_concurrent(OUTBOX_BATCH, |(id, fields)| async move {
+                    match drain {
+                        Drain::Results => self.deliver(parse_entry(id, fields), producers).await,
+                        Drain::DeadLetters => {
+                            self.forward_dead_letter(stream, id, fields, producers)
+                                .await
+                        }
+                    }
                 })
                 .await;
         }
     }
 
-    async fn deliver(&self, entry: OutboxEntry) {
+    async fn deliver(&self, entry: OutboxEntry, producers: &Producers) {
         let runtime = self.runtime.borrow().clone();
         let outbox = self.store.keys().outbox();
-        // Keeps the entry ours while we retry (see OUTBOX_RECLAIM_IDLE_MS).
-        let keep = || async {
-            self.store
-                .touch(&outbox, OUTBOX_GROUP, &self.identity, &entry.id)
+        let outcome = match (&producers.sink, runtime.table.spec.sink.as_ref()) {
+            (Some(producer), Some(sink)) if sink.kafka.is_some() => {
+                let target = sink.kafka.as_ref().expect("checked above");
+                let key_field = target
+                    .key_field
+                    .as_deref()
+                    .unwrap_or(&runtime.table.spec.key);
+                let key = super::key_of(&entry.row, key_field)
+                    .or_else(|| super::key_of(&entry.result, key_field));
+                let table = format!("{}/{}", runtime.namespace, runtime.name);
+                let published = super::kafka::publish(
+                    producer,
+                    &target.topic,
+                    key.as_deref(),
+                    &entry.result.to_string(),
+                    &[("kiln-row-id", &entry.row_id), ("kiln-table", &table)],
+                )
+                .await;
+                match published {
+                    Ok(()) => Delivery::Delivered,
+                    Err(error) if super::kafka::is_permanent(&error) => Delivery::Failed {
+                        detail: format!("the enriched topic refused the record: {error}"),
+                        attempts: 1,
+                    },
+                    Err(error) => {
+                        // Kept in the outbox (unacknowledged) and tried again.
+                        tracing::warn!(%error, row = %entry.row_id, "publishing a result failed; will retry");
+                        tokio::time::sleep(KAFKA_RETRY).await;
+                        return;
+                    }
+                }
+            }
+            _ => {
+                // Keeps the entry ours while we retry (see OUTBOX_RECLAIM_IDLE_MS).
+                let keep = || async {
+                    self.store
+                        .touch(&outbox, OUTBOX_GROUP, &self.identity, &entry.id)
+                        .await
+                        .map_err(|error| format!("the row store is unavailable: {error}"))
+                };
+                deliver_http(
+                    &self.http,
+                    &runtime,
+                    &entry.row_id,
+                    &entry.result,
+                    &entry.row,
+                    keep,
+                )
                 .await
-                .map_err(|error| format!("the row store is unavailable: {error}"))
+            }
         };
-        let outcome = deliver_http(
-            &self.http,
-            &runtime,
-            &entry.row_id,
-            &entry.result,
-            &entry.row,
-            keep,
-        )
-        .await;
         match outcome {
             Delivery::Delivered => {
                 if let Err(error) = self.store.outbox_delivered(OUTBOX_GROUP, &entry.id).await {
@@ -232,6 +330,72 @@ impl OutboxDelivery {
                 {
                     tracing::warn!(%error, row = %entry.row_id, "dead-lettering an outbox entry failed; it will be retried");
                 }
+            }
+        }
+    }
+
+    /// Publishes one dead letter (the original row, with reason and attempts
+    /// in headers) to the dead-letter topic, then removes it from Redis.
+    async fn forward_dead_letter(
+        &self,
+        stream: &str,
+        id: String,
+        fields: HashMap<String, redis::Value>,
+        producers: &Producers,
+    ) {
+        let runtime = self.runtime.borrow().clone();
+        let Some(producer) = &producers.dead_letter else {
+            return;
+        };
+        let Some(target) = runtime
+            .table
+            .spec
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.kafka.as_ref())
+        else {
+            return;
+        };
+        let field = |name: &str| {
+            fields
+                .get(name)
+                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+                .unwrap_or_default()
+        };
+        let row = field("row");
+        let key = serde_json::from_str::<Value>(&row)
+            .ok()
+            .and_then(|r| super::key_of(&r, &runtime.table.spec.key));
+        let table = format!("{}/{}", runtime.namespace, runtime.name);
+        let (row_id, reason, attempts, detail) = (
+            field("row_id"),
+            field("reason"),
+            field("attempts"),
+            field("detail"),
+        );
+        let published = super::kafka::publish(
+            producer,
+            &target.topic,
+            key.as_deref(),
+            &row,
+            &[
+                ("kiln-row-id", &row_id),
+                ("kiln-reason", &reason),
+                ("kiln-attempts", &attempts),
+                ("kiln-detail", &detail),
+                ("kiln-table", &table),
+            ],
+        )
+        .await;
+        match published {
+            Ok(()) => {
+                if let Err(error) = self.store.forwarded(stream, OUTBOX_GROUP, &id).await {
+                    tracing::warn!(%error, row = %row_id, "completing a forwarded dead letter failed; it may be published again");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, row = %row_id, "publishing a dead letter failed; will retry");
+                tokio::time::sleep(KAFKA_RETRY).await;
             }
         }
     }
@@ -406,6 +570,9 @@ mod tests {
             ingest_token: None,
             redis_url: None,
             sink_headers: vec![],
+            kafka_source: None,
+            kafka_sink: None,
+            kafka_dead_letter: None,
         };
         assert_eq!(
             route(&runtime(&table), &keys),

@@ -657,6 +657,27 @@ impl RedisStore {
         Ok(done == 1)
     }
 
+    /// Removes an entry forwarded elsewhere (a dead letter now on its topic).
+    pub async fn forwarded(
+        &self,
+        stream: &str,
+        group: &str,
+        entry_id: &str,
+    ) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XACK")
+            .arg(stream)
+            .arg(group)
+            .arg(entry_id)
+            .ignore()
+            .cmd("XDEL")
+            .arg(stream)
+            .arg(entry_id)
+            .ignore();
+        pipe.query_async(&mut self.conn()).await
+    }
+
     /// Resets an entry's idle time, so a consumer still working on it (a
     /// slow retry) is not mistaken for a crashed one.
     pub async fn touch(

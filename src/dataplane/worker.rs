@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::FutureExt;
 use prometheus_client::registry::Registry;
+use rdkafka::Message as _;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
@@ -36,8 +37,73 @@ struct Worker {
     attempts: Arc<Attempts>,
     store: RedisStore,
     identity: String,
-    stream: String,
-    group: String,
+    source: Source,
+}
+
+/// Where rows are read from.
+enum Source {
+    /// A Redis Stream (the receiver's inbox or spec.source.redisStream).
+    Stream { stream: String, group: String },
+    /// A Kafka topic through a consumer group (tier Event).
+    Kafka {
+        consumer: Arc<rdkafka::consumer::StreamConsumer>,
+        topic: String,
+    },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stream { stream, .. } => write!(f, "redis stream {stream}"),
+            Self::Kafka { topic, .. } => write!(f, "kafka topic {topic}"),
+        }
+    }
+}
+
+/// One row read from the source.
+#[derive(Clone)]
+struct Item {
+    entry: SourceEntry,
+    row_id: String,
+    /// The row's JSON text, as read.
+    raw: Option<String>,
+}
+
+/// A Redis Stream entry as an [`Item`]: rows carry their id (set by the
+/// receiver); entries written by others get one from the entry id.
+fn stream_item(
+    table: &str,
+    stream: &str,
+    group: &str,
+    id: String,
+    fields: HashMap<String, redis::Value>,
+) -> Item {
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+    };
+    Item {
+        row_id: field("row_id").unwrap_or_else(|| format!("{table}-{id}")),
+        raw: field("row"),
+        entry: SourceEntry::Stream {
+            stream: stream.to_string(),
+            group: group.to_string(),
+            id,
+        },
+    }
+}
+
+/// How long a Kafka batch waits for more records after the first.
+const KAFKA_LINGER: Duration = Duration::from_millis(50);
+
+/// Waits out a budget refusal; true when shutdown came first.
+async fn pause(shutdown: &(impl std::future::Future<Output = ()> + Clone)) -> bool {
+    tracing::info!("the budget refused credits; pausing consumption (rows stay in the source)");
+    tokio::select! {
+        _ = shutdown.clone() => true,
+        _ = tokio::time::sleep(PAUSE_ON_DENIAL) => false,
+    }
 }
 
 /// What happened to one source entry.
@@ -60,19 +126,38 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let store = RedisStore::connect(redis_url.expose(), Keys::new(&namespace, &name))
         .await
         .context("connecting to Redis")?;
-    let stream = super::source_stream(&runtime, &store);
-    let group = runtime
-        .table
-        .spec
-        .source
-        .redis_stream
-        .as_ref()
-        .and_then(|s| s.consumer_group.clone())
-        .unwrap_or_else(|| format!("kiln-{name}"));
-    store
-        .ensure_group(&stream, &group)
-        .await
-        .context("creating the consumer group")?;
+    let source = match (&runtime.table.spec.source.kafka, &runtime.kafka_source) {
+        (Some(kafka), Some(settings)) => {
+            let group = kafka
+                .consumer_group
+                .clone()
+                .unwrap_or_else(|| format!("kiln-{name}"));
+            Source::Kafka {
+                consumer: Arc::new(
+                    settings
+                        .consumer(&group, &kafka.topic)
+                        .context("creating the Kafka consumer")?,
+                ),
+                topic: kafka.topic.clone(),
+            }
+        }
+        _ => {
+            let stream = super::source_stream(&runtime, &store);
+            let group = runtime
+                .table
+                .spec
+                .source
+                .redis_stream
+                .as_ref()
+                .and_then(|s| s.consumer_group.clone())
+                .unwrap_or_else(|| format!("kiln-{name}"));
+            store
+                .ensure_group(&stream, &group)
+                .await
+                .context("creating the consumer group")?;
+            Source::Stream { stream, group }
+        }
+    };
     let dead_letter = super::dead_letter_stream(&runtime);
     let runtime = super::follow(client, runtime);
     let identity = args.common.identity();
@@ -89,8 +174,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         attempts,
         identity,
         store,
-        stream,
-        group,
+        source,
     });
 
     let shutdown = super::stop_signal(runtime).shared();
@@ -102,7 +186,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     readiness.set(true);
-    tracing::info!(table = %args.common.table, stream = %worker.stream, identity = %worker.identity, "worker started");
+    tracing::info!(table = %args.common.table, source = %worker.source, identity = %worker.identity, "worker started");
 
     let sweeper = tokio::spawn(worker.attempts.clone().sweep_until(shutdown.clone()));
 
@@ -120,50 +204,78 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
         concurrency = wanted;
         let batch = workers.batch_size as usize;
-        let entries = tokio::select! {
-            _ = shutdown.clone() => break,
-            read = worker.store.read(&worker.stream, &worker.group, &worker.identity, batch, 1000, RECLAIM_IDLE_MS) => read,
-        };
-        let entries = match entries {
-            Ok(entries) => entries,
-            Err(error) => {
-                tracing::warn!(%error, "reading the source stream failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+        let stopped = match &worker.source {
+            Source::Stream { stream, group } => {
+                let read = tokio::select! {
+                    _ = shutdown.clone() => break,
+                    read = worker.store.read(stream, group, &worker.identity, batch, 1000, RECLAIM_IDLE_MS) => read,
+                };
+                let entries = match read {
+                    Ok(entries) => entries,
+                    Err(error) => {
+                        tracing::warn!(%error, "reading the source stream failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let items = entries
+                    .into_iter()
+                    .map(|(id, fields)| {
+                        stream_item(&worker.runtime().name, stream, group, id, fields)
+                    })
+                    .collect();
+                // What was not handled stays unacknowledged and is read again.
+                let (_, paused) = worker.handle_all(items, &permits).await;
+                paused && pause(&shutdown).await
             }
-        };
-        let mut tasks = Vec::new();
-        for (id, fields) in entries {
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
-            let worker = worker.clone();
-            tasks.push(tokio::spawn(async move {
-                let _permit = permit;
-                worker.handle(id, fields).await
-            }));
-        }
-        let mut paused = false;
-        for task in tasks {
-            match task.await {
-                Ok(Ok(Handled::Paused)) => paused = true,
-                Ok(Ok(Handled::Done)) => {}
-                Ok(Err(error)) => {
-                    tracing::warn!(error = %format!("{error:#}"), "handling a row failed; it will be retried")
+            Source::Kafka { consumer, topic } => {
+                let read = tokio::select! {
+                    _ = shutdown.clone() => break,
+                    read = super::kafka::next_batch(consumer, batch, KAFKA_LINGER) => read,
+                };
+                let messages = match read {
+                    Ok(messages) => messages,
+                    Err(error) => {
+                        tracing::warn!(%error, topic = %topic, "reading the source topic failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let name = worker.runtime().name.clone();
+                let mut items: Vec<Item> = messages
+                    .iter()
+                    .map(|m| Item {
+                        entry: SourceEntry::Kafka,
+                        row_id: super::kafka::row_id(&name, m.topic(), m.partition(), m.offset()),
+                        raw: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()),
+                    })
+                    .collect();
+                // Offsets are committed only once every row of the batch is
+                // pending or terminal; until then the batch is retried here.
+                let mut stopped = false;
+                while !items.is_empty() && !stopped {
+                    let (retry, paused) = worker.handle_all(items, &permits).await;
+                    items = retry;
+                    if !items.is_empty() {
+                        stopped = if paused {
+                            pause(&shutdown).await
+                        } else {
+                            tokio::select! {
+                                _ = shutdown.clone() => true,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                            }
+                        };
+                    }
                 }
-                Err(error) => tracing::error!(%error, "a row task panicked"),
+                if !stopped && let Err(error) = super::kafka::commit(consumer, &messages).await {
+                    // The rows are safe; a replay of them is recognized as such.
+                    tracing::warn!(error = %format!("{error:#}"), "committing offsets failed");
+                }
+                stopped
             }
-        }
-        if paused {
-            tracing::info!(
-                "the budget refused credits; pausing consumption (rows stay in the stream)"
-            );
-            tokio::select! {
-                _ = shutdown.clone() => break,
-                _ = tokio::time::sleep(PAUSE_ON_DENIAL) => {}
-            }
+        };
+        if stopped {
+            break;
         }
     }
     // Graceful: stop taking rows; in-flight rows are pending in Redis and
@@ -180,33 +292,62 @@ impl Worker {
         self.attempts.runtime()
     }
 
+    /// Handles a batch, `concurrency` rows at a time; returns the rows to
+    /// try again (failed, or refused credits) and whether the budget refused.
+    async fn handle_all(
+        self: &Arc<Self>,
+        items: Vec<Item>,
+        permits: &Arc<Semaphore>,
+    ) -> (Vec<Item>, bool) {
+        let mut tasks = Vec::new();
+        for item in items {
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let worker = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let _permit = permit;
+                let outcome = worker.handle(item.clone()).await;
+                (item, outcome)
+            }));
+        }
+        let (mut retry, mut paused) = (Vec::new(), false);
+        for task in tasks {
+            match task.await {
+                Ok((_, Ok(Handled::Done))) => {}
+                Ok((item, Ok(Handled::Paused))) => {
+                    paused = true;
+                    retry.push(item);
+                }
+                Ok((item, Err(error))) => {
+                    tracing::warn!(error = %format!("{error:#}"), row = %item.row_id, "handling a row failed; it will be retried");
+                    retry.push(item);
+                }
+                Err(error) => tracing::error!(%error, "a row task panicked"),
+            }
+        }
+        (retry, paused)
+    }
+
     fn dead_letter_stream(&self) -> String {
         super::dead_letter_stream(&self.runtime())
     }
 
-    async fn handle(
-        &self,
-        entry_id: String,
-        fields: HashMap<String, redis::Value>,
-    ) -> anyhow::Result<Handled> {
-        let entry = SourceEntry::Stream {
-            stream: self.stream.clone(),
-            group: self.group.clone(),
-            id: entry_id.clone(),
-        };
-        let field = |name: &str| {
-            fields
-                .get(name)
-                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-        };
+    async fn handle(&self, item: Item) -> anyhow::Result<Handled> {
+        let Item { entry, row_id, raw } = item;
+        if matches!(entry, SourceEntry::Kafka) && self.store.seen(&row_id).await? {
+            // A replayed record whose row is already pending or terminal.
+            return Ok(Handled::Done);
+        }
         let runtime = self.runtime();
         let spec = &runtime.table.spec;
-        let row_id = field("row_id").unwrap_or_else(|| format!("{}-{entry_id}", runtime.name));
         let dead_letter = self.dead_letter_stream();
-        let row = match field("row").map(|r| serde_json::from_str::<Value>(&r)) {
+        let row = match raw.as_deref().map(serde_json::from_str::<Value>) {
             Some(Ok(row @ Value::Object(_))) => row,
             _ => {
-                let raw = Value::String(field("row").unwrap_or_default());
+                let raw = Value::String(raw.unwrap_or_default());
                 self.store
                     .dead_letter_entry(&dead_letter, &row_id, "InvalidRow", &raw, 0, &entry)
                     .await?;
@@ -270,10 +411,15 @@ impl Worker {
             reserved_credits: cost.data_credits,
             reserved_actions: cost.actions,
         };
-        self.store
+        let created = self
+            .store
             .make_pending(&pending, self.attempts.first_deadline(), &entry)
             .await?;
-        self.attempts.submit(&pending).await?;
+        // Not created: the row was already pending or done (a replayed
+        // record); its reservation is that row's, so it is left alone.
+        if created {
+            self.attempts.submit(&pending).await?;
+        }
         Ok(Handled::Done)
     }
 }

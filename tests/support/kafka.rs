@@ -32,7 +32,13 @@ fn libs() -> String {
 
 fn java(libs: &str) -> std::process::Command {
     let mut command = std::process::Command::new("java");
-    command.args(["-Xms256m", "-Xmx768m", "-XX:+UseSerialGC", "-cp", &format!("{libs}/*")]);
+    command.args([
+        "-Xms256m",
+        "-Xmx768m",
+        "-XX:+UseSerialGC",
+        "-cp",
+        &format!("{libs}/*"),
+    ]);
     command
 }
 
@@ -68,7 +74,12 @@ auto.create.topics.enable=true
         .output()
         .expect("running the Kafka storage tool (needs java 17+)");
     let cluster_id = String::from_utf8(cluster_id.stdout).unwrap();
-    let cluster_id = cluster_id.lines().last().unwrap_or_default().trim().to_string();
+    let cluster_id = cluster_id
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let format = java(&libs)
         .args(["kafka.tools.StorageTool", "format", "-t", &cluster_id, "-c"])
         .arg(dir.join("server.properties"))
@@ -93,7 +104,9 @@ auto.create.topics.enable=true
 
 fn spawn(name: &str, libs: &str, dir: &std::path::Path) -> process::ManagedProcess {
     let mut command = java(libs);
-    command.arg("kafka.Kafka").arg(dir.join("server.properties"));
+    command
+        .arg("kafka.Kafka")
+        .arg(dir.join("server.properties"));
     let log = format!("kafka-{name}-{}", uuid::Uuid::new_v4().simple());
     process::ManagedProcess::spawn(&log, command, work_dir()).expect("starting the Kafka broker")
 }

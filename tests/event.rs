@@ -1,0 +1,270 @@
+//! The Event tier end to end on real components: the control plane and the
+//! operator (ledger), a real Kafka broker (KRaft) and Redis, `kiln clay-sim`
+//! with faults, and `kiln worker` / `kiln receiver` as local processes with
+//! their pod-template arguments and their table's credentials.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+use kiln::api::CreditBudget;
+use support::kafka::{Kafka, start_kafka};
+use support::pipeline::{Base, base, clay_spec, create_table};
+use support::wait;
+
+struct Event {
+    base: Base,
+    kafka: Kafka,
+    _redis: support::Redis,
+    kubeconfig: std::path::PathBuf,
+    token_file: std::path::PathBuf,
+}
+
+impl Event {
+    fn start(&self, role: &str, identity: &str) -> support::KilnProcess {
+        let listen = format!("127.0.0.1:{}", self.base.receiver_port);
+        let mut extra = vec!["--identity", identity];
+        if role == "receiver" {
+            extra.extend(["--listen", listen.as_str()]);
+        }
+        support::start_dataplane(
+            role,
+            &format!("{}/leads", self.base.env.namespace),
+            &self.kubeconfig,
+            &self.token_file,
+            &format!("http://127.0.0.1:{}", self.base.operator.api_port),
+            &extra,
+        )
+    }
+}
+
+async fn event(test: &str, sim_flags: &[&str], limit: f64, on_exhausted: &str) -> Event {
+    let redis = support::start_redis_on(test, kiln::devenv::free_port().unwrap(), false).await;
+    let kafka = start_kafka(test).await;
+    let base = base(
+        test,
+        sim_flags,
+        limit,
+        on_exhausted,
+        &[("redis-url", &redis.url)],
+    )
+    .await;
+    let (kubeconfig, token_file) = create_table(
+        &base.env,
+        test,
+        json!({
+            "tier": "Event", "key": "email", "budgetRef": {"name": "team"}, "dedupeWindow": "1h",
+            "clay": clay_spec(8.0),
+            "source": {"kafka": {"brokers": [kafka.bootstrap], "topic": "contacts.raw"}},
+            "sink": {"kafka": {"topic": "contacts.enriched"}},
+            "deadLetter": {"kafka": {"topic": "contacts.dead"}},
+            "redis": {"urlSecretRef": {"name": "pipeline", "key": "redis-url"}},
+            "workers": {"concurrency": 64, "batchSize": 200}
+        }),
+    )
+    .await;
+    Event {
+        base,
+        kafka,
+        _redis: redis,
+        kubeconfig,
+        token_file,
+    }
+}
+
+async fn produce(bootstrap: &str, topic: &str, rows: &[serde_json::Value]) {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let sends = rows.iter().map(|row| {
+        let payload = row.to_string();
+        let key = row["email"].as_str().unwrap_or_default().to_string();
+        let producer = &producer;
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic).payload(&payload).key(&key),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("producing a test record");
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
+/// Reads a topic from the beginning with a fresh group until `until` holds
+/// for what was read (or the deadline passes), and returns the records.
+async fn read_topic(
+    bootstrap: &str,
+    topics: &[&str],
+    until: impl Fn(&[OwnedMessage]) -> bool,
+) -> Vec<OwnedMessage> {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("test-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(topics).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut read = Vec::new();
+    while !until(&read) && tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
+        {
+            read.push(message.detach());
+        }
+    }
+    read
+}
+
+fn header(message: &OwnedMessage, name: &str) -> String {
+    kiln::dataplane::kafka::header(message, name).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn five_thousand_records_end_exactly_once_through_faults_a_worker_crash_and_a_broker_restart()
+{
+    let mut e = event(
+        "event-e2e",
+        &[
+            "--latency-min-ms",
+            "20",
+            "--latency-max-ms",
+            "300",
+            "--rate",
+            "1000",
+            "--burst",
+            "1000",
+            "--error-rate",
+            "0.05",
+            "--drop-rate",
+            "0.03",
+            "--duplicate-rate",
+            "0.03",
+            "--provider",
+            "email:1:0.9",
+            "--seed",
+            "9",
+        ],
+        1_000_000.0,
+        "Pause",
+    )
+    .await;
+    let _receiver = e.start("receiver", "receiver-0");
+    let mut worker = e.start("worker", "worker-0");
+    let rows: Vec<serde_json::Value> = (0..5000)
+        .map(|i| json!({"email": format!("contact{i}@example.com"), "company": format!("Co {i}")}))
+        .collect();
+    produce(&e.kafka.bootstrap, "contacts.raw", &rows).await;
+
+    // Kill -9 the worker once mid-run and start another, as a pod restart would.
+    let progress = |n: u64| {
+        let sim = &e.base.sim;
+        async move {
+            wait::until_within("progress", Duration::from_secs(180), || async {
+                (sim.stats().await.rows_accepted >= n).then_some(())
+            })
+            .await
+        }
+    };
+    progress(1000).await;
+    worker.process.kill_hard();
+    let _worker = e.start("worker", "worker-1");
+    // And restart the broker once.
+    progress(3000).await;
+    e.kafka.restart().await;
+
+    let bootstrap = e.kafka.bootstrap.clone();
+    let records = read_topic(
+        &bootstrap,
+        &["contacts.enriched", "contacts.dead"],
+        |read| {
+            let ids: std::collections::HashSet<String> =
+                read.iter().map(|m| header(m, "kiln-row-id")).collect();
+            ids.len() >= 5000
+        },
+    )
+    .await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for record in &records {
+        *seen.entry(header(record, "kiln-row-id")).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 5000, "every record reached a terminal topic");
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "no record was published twice: {repeated:?}"
+    );
+    for record in records.iter().filter(|r| r.topic() == "contacts.dead") {
+        assert!(
+            !header(record, "kiln-reason").is_empty(),
+            "dead letters carry a reason"
+        );
+    }
+    let enriched = records
+        .iter()
+        .filter(|r| r.topic() == "contacts.enriched")
+        .count();
+    assert!(enriched > 4500, "most records were enriched: {enriched}");
+    // Results are keyed by the row's key and carry the correlation id.
+    let sample = records
+        .iter()
+        .find(|r| r.topic() == "contacts.enriched")
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_slice(sample.payload().unwrap()).unwrap();
+    assert_eq!(
+        sample
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload["email"].as_str().map(str::to_string)
+    );
+    assert_eq!(
+        payload["kiln_row_id"].as_str(),
+        Some(header(sample, "kiln-row-id").as_str())
+    );
+
+    let sim = e.base.sim.stats().await;
+    assert!(
+        sim.callbacks_duplicated > 0 && sim.callbacks_dropped > 0 && sim.injected_errors > 0,
+        "faults happened: {sim:?}"
+    );
+    // The live processes close everything they hold; what the killed worker
+    // reserved for rows it never stored is forfeited as spent on expiry.
+    let status = wait::until("the live processes' reservations closed", || async {
+        let status = e
+            .base
+            .env
+            .api::<CreditBudget>()
+            .get("team")
+            .await
+            .ok()?
+            .status?;
+        let live = status
+            .reservations
+            .iter()
+            .filter(|r| r.holder != "worker-0");
+        (live.count() == 0).then_some(status)
+    })
+    .await;
+    assert!(
+        sim.data_credits_charged <= status.used.data_credits + status.reserved.data_credits + 1e-6,
+        "the ledger never under-counts Clay: sim {} ledger {}",
+        sim.data_credits_charged,
+        status.used.data_credits
+    );
+}
