@@ -204,7 +204,32 @@ async fn five_thousand_records_end_exactly_once_through_faults_a_worker_crash_an
     for record in &records {
         *seen.entry(header(record, "kiln-row-id")).or_default() += 1;
     }
-    assert_eq!(seen.len(), 5000, "every record reached a terminal topic");
+    if seen.len() < 5000 {
+        let mut conn = redis::Client::open(e._redis.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let prefix = format!("kiln:{}/leads", e.base.env.namespace);
+        let counters: HashMap<String, i64> =
+            redis::AsyncCommands::hgetall(&mut conn, format!("{prefix}:counters"))
+                .await
+                .unwrap();
+        let pending: i64 = redis::AsyncCommands::hlen(&mut conn, format!("{prefix}:pending"))
+            .await
+            .unwrap();
+        let outbox: i64 = redis::AsyncCommands::xlen(&mut conn, format!("{prefix}:outbox"))
+            .await
+            .unwrap();
+        let dead: i64 = redis::AsyncCommands::xlen(&mut conn, format!("{prefix}:dead-letter"))
+            .await
+            .unwrap();
+        panic!(
+            "{} of 5000 records reached a terminal topic; counters {counters:?}, pending {pending}, outbox {outbox}, dead-letter outbox {dead}; sim {:?}",
+            seen.len(),
+            e.base.sim.stats().await
+        );
+    }
     let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
         repeated.is_empty(),

@@ -84,7 +84,8 @@ pub fn row_id(table: &str, topic: &str, partition: i32, offset: i64) -> String {
 }
 
 /// Reads up to `max` records: waits for the first, then takes what arrives
-/// within `linger`.
+/// within `linger`. Records already read are always returned: the
+/// consumer's position has moved past them, so dropping them would lose them.
 pub async fn next_batch(
     consumer: &StreamConsumer,
     max: usize,
@@ -95,7 +96,10 @@ pub async fn next_batch(
     while batch.len() < max {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(message)) => batch.push(message.detach()),
-            Ok(Err(error)) => return Err(error),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "reading the source topic failed mid-batch; handling what was read");
+                break;
+            }
             Err(_) => break,
         }
     }
