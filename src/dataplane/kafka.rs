@@ -61,6 +61,9 @@ impl KafkaSettings {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
+            // A killed worker's partitions move on within seconds, not 45.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "3000")
             .create()?;
         consumer.subscribe(&[topic])?;
         Ok(consumer)
