@@ -562,3 +562,130 @@ async fn one_leader_and_failover() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn event_tables_report_unreachable_brokers_and_scale_with_keda_once_it_is_installed() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::DynamicObject;
+
+    let (env, _operator) = setup("event-operator").await;
+    create_all_secrets(&env).await;
+    support::create::<CreditBudget>(&env, budget("team-budget", json!({}))).await;
+    let mut table = queue_table("contacts");
+    table["spec"]["tier"] = json!("Event");
+    table["spec"]["source"] =
+        json!({"kafka": {"brokers": ["127.0.0.1:1"], "topic": "contacts.raw"}});
+    table["spec"]["sink"] = json!({"kafka": {"topic": "contacts.enriched"}});
+    table["spec"]["deadLetter"] = json!({"kafka": {"topic": "contacts.dead"}});
+    table["spec"]["workers"]["autoscaling"] =
+        json!({"minReplicas": 1, "maxReplicas": 6, "lagThreshold": 300});
+    support::create::<EnrichmentTable>(&env, table).await;
+    let tables = env.api::<EnrichmentTable>();
+
+    // A broker nobody listens on: a condition naming it, not a crash loop.
+    let kafka = table_condition(
+        &wait_condition(&tables, "contacts", "KafkaReachable", "False").await,
+        "KafkaReachable",
+    );
+    assert_eq!(kafka.reason, "BrokerUnreachable");
+    assert!(
+        kafka.message.contains("broker 127.0.0.1:1"),
+        "{}",
+        kafka.message
+    );
+    // (Ready is False too; locally its first reason is WaitingForPods: no kubelet.)
+    wait_condition(&tables, "contacts", "Ready", "False").await;
+
+    // No KEDA: fixed replicas, and the condition says so.
+    let scaling = table_condition(
+        &wait_condition(&tables, "contacts", "Autoscaling", "False").await,
+        "Autoscaling",
+    );
+    assert_eq!(scaling.reason, "KedaNotInstalled");
+    let deployments = env.api::<Deployment>();
+    let worker = deployments.get("contacts-worker").await.unwrap();
+    assert_eq!(replicas(&worker), 2);
+
+    // Install KEDA's ScaledObject CRD (from this test, not the internet).
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "scaledobjects.keda.sh"},
+        "spec": {
+            "group": "keda.sh", "scope": "Namespaced",
+            "names": {"kind": "ScaledObject", "plural": "scaledobjects", "singular": "scaledobject", "listKind": "ScaledObjectList"},
+            "versions": [{"name": "v1alpha1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    }))
+    .unwrap();
+    let crds = Api::<CustomResourceDefinition>::all(env.client.clone());
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    wait::until("the ScaledObject CRD to be established", || async {
+        let crd = crds.get("scaledobjects.keda.sh").await.ok()?;
+        crd.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    // Nudge a reconcile rather than wait for the periodic one.
+    tables
+        .patch(
+            "contacts",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/nudge": "1"}}})),
+        )
+        .await
+        .unwrap();
+    let scaling = table_condition(
+        &wait_condition(&tables, "contacts", "Autoscaling", "True").await,
+        "Autoscaling",
+    );
+    assert_eq!(scaling.reason, "ScaledObjectApplied");
+    let resource = kiln::operator::table::build::scaled_object_resource();
+    let scaled =
+        Api::<DynamicObject>::namespaced_with(env.client.clone(), &env.namespace, &resource)
+            .get("contacts-worker")
+            .await
+            .unwrap();
+    let spec = &scaled.data["spec"];
+    assert_eq!(spec["scaleTargetRef"]["name"], "contacts-worker");
+    assert_eq!(
+        (
+            spec["minReplicaCount"].clone(),
+            spec["maxReplicaCount"].clone()
+        ),
+        (json!(1), json!(6))
+    );
+    let trigger = &spec["triggers"][0]["metadata"];
+    assert_eq!(trigger["bootstrapServers"], "127.0.0.1:1");
+    assert_eq!(trigger["consumerGroup"], "kiln-contacts");
+    assert_eq!(trigger["lagThreshold"], "300");
+    assert_eq!(
+        scaled.metadata.owner_references.unwrap()[0].kind,
+        "EnrichmentTable"
+    );
+    // The operator no longer owns the worker count: KEDA does.
+    let worker = deployments.get("contacts-worker").await.unwrap();
+    let owned = worker
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| {
+            f.manager.as_deref() == Some("kiln-operator") && f.operation.as_deref() == Some("Apply")
+        })
+        .map(|f| serde_json::to_string(&f.fields_v1).unwrap())
+        .collect::<String>();
+    assert!(!owned.contains("f:replicas"), "{owned}");
+}
+
+fn table_condition(
+    table: &EnrichmentTable,
+    type_: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    kiln::api::common::find_condition(&table.status.as_ref().unwrap().conditions, type_)
+        .cloned()
+        .unwrap()
+}

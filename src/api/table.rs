@@ -54,6 +54,7 @@ pub enum Tier {
     validation = Rule::new("!has(self.deadLetter) || self.tier != 'Queue' || has(self.deadLetter.redisStream)").message("tier Queue dead-letters to a Redis Stream: use deadLetter.redisStream"),
     validation = Rule::new("self.tier == 'Direct' || has(self.redis)").message("tiers Queue and Event keep state in Redis: set redis.urlSecretRef"),
     validation = Rule::new("self.tier != 'Direct' || !has(self.redis)").message("tier Direct uses an embedded store: remove redis"),
+    validation = Rule::new("self.tier == 'Event' || !has(self.workers) || !has(self.workers.autoscaling)").message("workers.autoscaling scales on Kafka consumer lag: only for tier Event"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EnrichmentTableSpec {
@@ -436,6 +437,10 @@ pub struct WorkerSpec {
     /// Container resources.
     #[serde(default)]
     pub resources: Resources,
+    /// Tier Event: scale workers on the consumer group's lag with KEDA, when
+    /// KEDA is installed (else `replicas` stays fixed; see the Autoscaling condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<WorkerAutoscaling>,
 }
 
 impl Default for WorkerSpec {
@@ -445,8 +450,35 @@ impl Default for WorkerSpec {
             concurrency: default_concurrency(),
             batch_size: default_batch_size(),
             resources: Resources::default(),
+            autoscaling: None,
         }
     }
+}
+
+/// Lag-based worker autoscaling (a KEDA ScaledObject with a Kafka trigger).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed maxReplicas"))]
+pub struct WorkerAutoscaling {
+    /// Fewest workers (0 lets KEDA scale to zero when there is no lag).
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub min_replicas: i32,
+    /// Most workers (more than the topic's partitions would sit idle).
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: i32,
+    /// Consumer lag per worker replica that triggers scaling out.
+    #[serde(default = "default_lag_threshold")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub lag_threshold: u32,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+fn default_lag_threshold() -> u32 {
+    500
 }
 
 /// Receiver Deployment sizing.

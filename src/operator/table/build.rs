@@ -333,6 +333,51 @@ fn deployment(
     }
 }
 
+/// KEDA's ScaledObject kind.
+pub fn scaled_object_resource() -> kube::discovery::ApiResource {
+    kube::discovery::ApiResource {
+        group: "keda.sh".into(),
+        version: "v1alpha1".into(),
+        api_version: "keda.sh/v1alpha1".into(),
+        kind: "ScaledObject".into(),
+        plural: "scaledobjects".into(),
+    }
+}
+
+/// The KEDA ScaledObject that scales an Event table's workers on its
+/// consumer group's lag, when `spec.workers.autoscaling` asks for it.
+pub fn scaled_object(table: &EnrichmentTable) -> Option<kube::api::DynamicObject> {
+    let autoscaling = table.spec.workers.autoscaling.as_ref()?;
+    let source = table.spec.source.kafka.as_ref()?;
+    let name = table.name_any();
+    let group = source
+        .consumer_group
+        .clone()
+        .unwrap_or_else(|| format!("kiln-{name}"));
+    let mut object = kube::api::DynamicObject::new(&worker_name(&name), &scaled_object_resource())
+        .within(&table.namespace().unwrap_or_default());
+    object.metadata.labels = Some(labels::standard(&name, "worker", (TABLE_LABEL, &name)));
+    object.metadata.owner_references = table.controller_owner_ref(&()).map(|o| vec![o]);
+    object.data = serde_json::json!({
+        "spec": {
+            "scaleTargetRef": {"name": worker_name(&name)},
+            "minReplicaCount": autoscaling.min_replicas,
+            "maxReplicaCount": autoscaling.max_replicas,
+            "triggers": [{
+                "type": "kafka",
+                "metadata": {
+                    "bootstrapServers": source.connection.brokers.join(","),
+                    "consumerGroup": group,
+                    "topic": source.topic,
+                    "lagThreshold": autoscaling.lag_threshold.to_string(),
+                    "tls": if source.connection.tls { "enable" } else { "disable" },
+                }
+            }]
+        }
+    });
+    Some(object)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -454,5 +499,44 @@ pub(crate) mod tests {
         assert_eq!(pod.containers[0].image.as_deref(), Some("kiln:override"));
         let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[1];
         assert_eq!(mount.mount_path, STORE_MOUNT_PATH);
+    }
+
+    #[test]
+    fn event_tables_with_autoscaling_get_a_lag_scaled_object() {
+        let mut table = queue_table();
+        assert!(
+            scaled_object(&table).is_none(),
+            "no Kafka source, no ScaledObject"
+        );
+        table.spec.tier = Tier::Event;
+        table.spec.source = serde_json::from_value(
+            json!({"kafka": {"brokers": ["k-0:9092", "k-1:9092"], "topic": "contacts.raw"}}),
+        )
+        .unwrap();
+        assert!(scaled_object(&table).is_none(), "autoscaling not asked for");
+        table.spec.workers.autoscaling = serde_json::from_value(
+            json!({"minReplicas": 1, "maxReplicas": 8, "lagThreshold": 200}),
+        )
+        .unwrap();
+        let object = scaled_object(&table).unwrap();
+        assert_eq!(object.metadata.name.as_deref(), Some("leads-worker"));
+        assert_eq!(
+            object.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "u-1"
+        );
+        let spec = &object.data["spec"];
+        assert_eq!(spec["scaleTargetRef"]["name"], "leads-worker");
+        assert_eq!(
+            (
+                spec["minReplicaCount"].clone(),
+                spec["maxReplicaCount"].clone()
+            ),
+            (json!(1), json!(8))
+        );
+        let trigger = &spec["triggers"][0];
+        assert_eq!(trigger["type"], "kafka");
+        assert_eq!(trigger["metadata"]["bootstrapServers"], "k-0:9092,k-1:9092");
+        assert_eq!(trigger["metadata"]["consumerGroup"], "kiln-leads");
+        assert_eq!(trigger["metadata"]["lagThreshold"], "200");
     }
 }

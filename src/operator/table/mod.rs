@@ -20,12 +20,13 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 
 use self::build::TableChildren;
-use self::status::{Provisioning, References};
+use self::status::{Autoscaling, Provisioning, References};
 use super::apply::{apply, delete_unwanted, patch_status};
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use super::labels::{MANAGED_BY, TABLE_LABEL};
 use crate::api::common::{FALSE, TRUE, find_condition};
+use crate::api::table::Tier;
 use crate::api::{CreditBudget, EnrichmentTable};
 
 const CONTROLLER: &str = "enrichmenttable";
@@ -103,8 +104,19 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
         .ok_or_else(|| Error::NotNamespaced(table.name_any()))?;
     let references = dereference(&ctx.client, table, &namespace).await?;
 
-    let children = build::desired_children(table, &ctx.build, references.resolved());
+    let mut children = build::desired_children(table, &ctx.build, references.resolved());
+    let keda = matches!(references.autoscaling, Some(Autoscaling::Applied { .. }));
+    let scaled = build::scaled_object(table).filter(|_| keda && references.resolved());
+    if scaled.is_some()
+        && let Some(spec) = children.worker.as_mut().and_then(|w| w.spec.as_mut())
+    {
+        // KEDA owns the worker count; applying ours would fight it.
+        spec.replicas = None;
+    }
     let applied = apply_children(&ctx.client, &namespace, &table.name_any(), &children).await;
+    if keda || scaled.is_some() {
+        apply_scaled_object(&ctx.client, table, &namespace, scaled.as_ref()).await?;
+    }
     let provisioning = match &applied {
         Ok(deployments) => Provisioning::Applied {
             deployments: deployments.iter().collect(),
@@ -147,9 +159,11 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     let active = unwritten
         || new_status.rows.pending > 0
         || new_status.rows.received > table.status.as_ref().map_or(0, |s| s.rows.received);
+    // KEDA may be installed any time; look again soon while it is missing.
+    let keda_missing = matches!(references.autoscaling, Some(Autoscaling::KedaNotInstalled));
     Ok(Action::requeue(if active {
         COUNTERS_RESYNC
-    } else if ready {
+    } else if ready && !keda_missing {
         RESYNC
     } else {
         WAITING_RESYNC
@@ -198,12 +212,111 @@ async fn dereference(
     } else {
         None
     };
+    let kafka_problems = if table.spec.tier == Tier::Event {
+        Some(probe_brokers(table).await)
+    } else {
+        None
+    };
+    let autoscaling = match &table.spec.workers.autoscaling {
+        Some(a) if table.spec.tier == Tier::Event => Some(if keda_installed(client).await? {
+            Autoscaling::Applied {
+                min: a.min_replicas,
+                max: a.max_replicas,
+                lag: a.lag_threshold,
+            }
+        } else {
+            Autoscaling::KedaNotInstalled
+        }),
+        _ => None,
+    };
     Ok(References {
         budget_problem,
         secret_problems,
         credits_this_period,
         rows,
+        kafka_problems,
+        autoscaling,
     })
+}
+
+/// How long the operator waits for a broker to accept a connection.
+const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Tries a TCP connection to every broker the table names (source, sink,
+/// dead letters) and describes the ones that refused, with their address.
+async fn probe_brokers(table: &EnrichmentTable) -> Vec<String> {
+    let spec = &table.spec;
+    let mut brokers: BTreeSet<String> = BTreeSet::new();
+    let connections = [
+        spec.source.kafka.as_ref().map(|k| &k.connection),
+        spec.sink
+            .as_ref()
+            .and_then(|s| s.kafka.as_ref())
+            .and_then(|k| k.connection.as_ref()),
+        spec.dead_letter
+            .as_ref()
+            .and_then(|d| d.kafka.as_ref())
+            .and_then(|k| k.connection.as_ref()),
+    ];
+    for connection in connections.into_iter().flatten() {
+        brokers.extend(connection.brokers.iter().cloned());
+    }
+    let probes = brokers.into_iter().map(|broker| async move {
+        match tokio::time::timeout(
+            BROKER_PROBE_TIMEOUT,
+            tokio::net::TcpStream::connect(&broker),
+        )
+        .await
+        {
+            Ok(Ok(_)) => None,
+            Ok(Err(error)) => Some(format!("broker {broker}: {error}")),
+            Err(_) => Some(format!(
+                "broker {broker}: no answer within {}s",
+                BROKER_PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Whether KEDA's ScaledObject CRD is installed in the cluster.
+async fn keda_installed(client: &Client) -> Result<bool> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    Ok(Api::<CustomResourceDefinition>::all(client.clone())
+        .get_opt("scaledobjects.keda.sh")
+        .await?
+        .is_some())
+}
+
+/// Applies or removes the table's KEDA ScaledObject (only when KEDA is installed).
+async fn apply_scaled_object(
+    client: &Client,
+    table: &EnrichmentTable,
+    namespace: &str,
+    wanted: Option<&kube::api::DynamicObject>,
+) -> Result<()> {
+    let resource = build::scaled_object_resource();
+    let api =
+        Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
+    let name = build::worker_name(&table.name_any());
+    match wanted {
+        Some(object) => {
+            let params =
+                kube::api::PatchParams::apply(crate::operator::labels::FIELD_MANAGER).force();
+            api.patch(&name, &params, &kube::api::Patch::Apply(object))
+                .await?;
+        }
+        None => {
+            if api.get_opt(&name).await?.is_some() {
+                api.delete(&name, &Default::default()).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads the data plane's counters from the table's Redis store. Failures

@@ -14,6 +14,8 @@ pub const SECRETS_RESOLVED: &str = "SecretsResolved";
 pub const BUDGET_RESOLVED: &str = "BudgetResolved";
 pub const PROVISIONED: &str = "Provisioned";
 pub const WORKERS_AVAILABLE: &str = "WorkersAvailable";
+pub const KAFKA_REACHABLE: &str = "KafkaReachable";
+pub const AUTOSCALING: &str = "Autoscaling";
 
 /// The path of the receiver endpoint Clay's HTTP API column calls.
 pub const CALLBACK_PATH: &str = "/v1/clay/callback";
@@ -32,6 +34,19 @@ pub struct References {
     /// Row counters and last enrichment time read from the table's store,
     /// when it could be reached.
     pub rows: Option<(RowCounters, Option<Time>)>,
+    /// Tier Event: why brokers could not be reached (empty when all were).
+    pub kafka_problems: Option<Vec<String>>,
+    /// Whether `spec.workers.autoscaling` is in effect.
+    pub autoscaling: Option<Autoscaling>,
+}
+
+/// The state of lag-based worker autoscaling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Autoscaling {
+    /// A KEDA ScaledObject scales the workers.
+    Applied { min: i32, max: i32, lag: u32 },
+    /// KEDA's ScaledObject CRD is not installed: replicas stay fixed.
+    KedaNotInstalled,
 }
 
 impl References {
@@ -178,7 +193,45 @@ pub fn compute(
         }
     };
 
-    let parts = [&secrets, &budget, &provisioned, &workers];
+    let kafka = references.kafka_problems.as_ref().map(|problems| {
+        if problems.is_empty() {
+            cond.set(
+                KAFKA_REACHABLE,
+                true,
+                "BrokersReachable",
+                "every configured Kafka broker accepts connections".into(),
+            )
+        } else {
+            cond.set(
+                KAFKA_REACHABLE,
+                false,
+                "BrokerUnreachable",
+                format!(
+                    "{}; workers keep retrying (check the addresses, NetworkPolicies and TLS settings)",
+                    problems.join("; ")
+                ),
+            )
+        }
+    });
+    let autoscaling = references.autoscaling.as_ref().map(|a| match a {
+        Autoscaling::Applied { min, max, lag } => cond.set(
+            AUTOSCALING,
+            true,
+            "ScaledObjectApplied",
+            format!("KEDA scales workers between {min} and {max} at {lag} records of lag per worker"),
+        ),
+        Autoscaling::KedaNotInstalled => cond.set(
+            AUTOSCALING,
+            false,
+            "KedaNotInstalled",
+            format!(
+                "KEDA's ScaledObject CRD (scaledobjects.keda.sh) is not installed; the worker Deployment keeps spec.workers.replicas={}",
+                table.spec.workers.replicas
+            ),
+        ),
+    });
+    let mut parts = vec![&secrets, &budget, &provisioned, &workers];
+    parts.extend(kafka.as_ref());
     let ready = match parts.iter().find(|c| c.status != TRUE) {
         None => cond.set(
             READY,
@@ -191,7 +244,11 @@ pub fn compute(
     let receiver = super::build::receiver_url(&name, &namespace);
     EnrichmentTableStatus {
         observed_generation: generation,
-        conditions: vec![ready, secrets, budget, provisioned, workers],
+        conditions: [ready, secrets, budget, provisioned, workers]
+            .into_iter()
+            .chain(kafka)
+            .chain(autoscaling)
+            .collect(),
         callback_url: Some(format!("{receiver}{CALLBACK_PATH}")),
         ingest_url: Some(format!("{receiver}{INGEST_PATH}")),
         credits_this_period: references.credits_this_period.clone(),
@@ -277,6 +334,8 @@ mod tests {
             secret_problems: vec![],
             credits_this_period: CreditCost::default(),
             rows: None,
+            kafka_problems: None,
+            autoscaling: None,
         };
         let status = compute(
             &queue_table(),
@@ -308,6 +367,8 @@ mod tests {
                 actions: 3,
             },
             rows: None,
+            kafka_problems: None,
+            autoscaling: None,
         };
         let mut table = queue_table();
         let first = compute(
@@ -332,5 +393,45 @@ mod tests {
         assert!(find_condition(&second.conditions, READY).unwrap().status == "True");
         assert_eq!(second.credits_this_period.data_credits, 12.5);
         assert_eq!(second.credits_this_period.data_credits, 12.5);
+    }
+
+    #[test]
+    fn unreachable_brokers_make_the_table_unready_and_missing_keda_is_said() {
+        let references = References {
+            budget_problem: None,
+            secret_problems: vec![],
+            credits_this_period: CreditCost::default(),
+            rows: None,
+            kafka_problems: Some(vec!["broker k-0:9092: connection refused".into()]),
+            autoscaling: Some(Autoscaling::KedaNotInstalled),
+        };
+        let status = compute(
+            &queue_table(),
+            &references,
+            &Provisioning::Applied {
+                deployments: vec![],
+            },
+            Time::from(jiff::Timestamp::UNIX_EPOCH),
+        );
+        let kafka = find_condition(&status.conditions, KAFKA_REACHABLE).unwrap();
+        assert_eq!(
+            (kafka.status.as_str(), kafka.reason.as_str()),
+            ("False", "BrokerUnreachable")
+        );
+        assert!(
+            kafka
+                .message
+                .contains("broker k-0:9092: connection refused")
+        );
+        let ready = find_condition(&status.conditions, READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "BrokerUnreachable")
+        );
+        let scaling = find_condition(&status.conditions, AUTOSCALING).unwrap();
+        assert_eq!(
+            (scaling.status.as_str(), scaling.reason.as_str()),
+            ("False", "KedaNotInstalled")
+        );
     }
 }
