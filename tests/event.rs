@@ -12,96 +12,11 @@ use std::time::Duration;
 use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
 use kiln::api::CreditBudget;
-use support::kafka::{Kafka, start_kafka};
-use support::pipeline::{Base, base, clay_spec, create_table};
+use support::event::{Event, event, produce};
 use support::wait;
-
-struct Event {
-    base: Base,
-    kafka: Kafka,
-    _redis: support::Redis,
-    kubeconfig: std::path::PathBuf,
-    token_file: std::path::PathBuf,
-}
-
-impl Event {
-    fn start(&self, role: &str, identity: &str) -> support::KilnProcess {
-        let listen = format!("127.0.0.1:{}", self.base.receiver_port);
-        let mut extra = vec!["--identity", identity];
-        if role == "receiver" {
-            extra.extend(["--listen", listen.as_str()]);
-        }
-        support::start_dataplane(
-            role,
-            &format!("{}/leads", self.base.env.namespace),
-            &self.kubeconfig,
-            &self.token_file,
-            &format!("http://127.0.0.1:{}", self.base.operator.api_port),
-            &extra,
-        )
-    }
-}
-
-async fn event(test: &str, sim_flags: &[&str], limit: f64, on_exhausted: &str) -> Event {
-    let redis = support::start_redis_on(test, kiln::devenv::free_port().unwrap(), false).await;
-    let kafka = start_kafka(test).await;
-    let base = base(
-        test,
-        sim_flags,
-        limit,
-        on_exhausted,
-        &[("redis-url", &redis.url)],
-    )
-    .await;
-    let (kubeconfig, token_file) = create_table(
-        &base.env,
-        test,
-        json!({
-            "tier": "Event", "key": "email", "budgetRef": {"name": "team"}, "dedupeWindow": "1h",
-            "clay": clay_spec(8.0),
-            "source": {"kafka": {"brokers": [kafka.bootstrap], "topic": "contacts.raw"}},
-            "sink": {"kafka": {"topic": "contacts.enriched"}},
-            "deadLetter": {"kafka": {"topic": "contacts.dead"}},
-            "redis": {"urlSecretRef": {"name": "pipeline", "key": "redis-url"}},
-            "workers": {"concurrency": 64, "batchSize": 200}
-        }),
-    )
-    .await;
-    Event {
-        base,
-        kafka,
-        _redis: redis,
-        kubeconfig,
-        token_file,
-    }
-}
-
-async fn produce(bootstrap: &str, topic: &str, rows: &[serde_json::Value]) {
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
-    let sends = rows.iter().map(|row| {
-        let payload = row.to_string();
-        let key = row["email"].as_str().unwrap_or_default().to_string();
-        let producer = &producer;
-        async move {
-            producer
-                .send(
-                    FutureRecord::to(topic).payload(&payload).key(&key),
-                    Duration::from_secs(30),
-                )
-                .await
-                .expect("producing a test record");
-        }
-    });
-    futures::future::join_all(sends).await;
-}
 
 /// Reads a topic from the beginning with a fresh group until `until` holds
 /// for what was read (or the deadline passes), and returns the records.
@@ -205,7 +120,7 @@ async fn five_thousand_records_end_exactly_once_through_faults_a_worker_crash_an
         *seen.entry(header(record, "kiln-row-id")).or_default() += 1;
     }
     if seen.len() < 5000 {
-        let mut conn = redis::Client::open(e._redis.url.as_str())
+        let mut conn = redis::Client::open(e.redis.url.as_str())
             .unwrap()
             .get_multiplexed_async_connection()
             .await

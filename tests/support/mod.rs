@@ -6,6 +6,7 @@
 
 pub mod crm;
 pub mod direct;
+pub mod event;
 pub mod kafka;
 pub mod pipeline;
 pub mod wait;

@@ -1,0 +1,99 @@
+//! The Event tier's throughput and CPU cost (worker + receiver) against a
+//! zero-latency, unlimited clay-sim, next to the Queue tier's in the same run.
+//!
+//! Run: `cargo bench --bench event` (RECORDS=5000 to change the size).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::Instant;
+
+use serde_json::json;
+
+use support::pipeline::{leads, pipeline, wait_terminal};
+
+const SIM: &[&str] = &[
+    "--latency-min-ms",
+    "0",
+    "--latency-max-ms",
+    "0",
+    "--rate",
+    "1000000",
+    "--burst",
+    "1000000",
+    "--provider",
+    "email:1:1.0",
+];
+
+#[tokio::main]
+async fn main() {
+    let records: usize = std::env::var("RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+
+    // Event: Kafka in, Kafka out.
+    let e = support::event::event("bench-event", SIM, 1.0e12, "Pause").await;
+    let receiver = e.start("receiver", "receiver-0");
+    let worker = e.start("worker", "worker-0");
+    let pids = [worker.process.pid(), receiver.process.pid()];
+    let cpu = || pids.iter().map(|p| support::cpu_seconds(*p)).sum::<f64>();
+    let rows: Vec<serde_json::Value> = (0..records)
+        .map(|i| json!({"email": format!("contact{i}@example.com")}))
+        .collect();
+    let cpu_before = cpu();
+    let started = Instant::now();
+    support::event::produce(&e.kafka.bootstrap, "contacts.raw", &rows).await;
+    let sim = &e.base.sim;
+    support::wait::until_within(
+        "all records enriched",
+        std::time::Duration::from_secs(600),
+        || async { (sim.stats().await.callbacks_sent >= records as u64).then_some(()) },
+    )
+    .await;
+    // Results reach the enriched topic through the receiver's outbox.
+    let outbox = format!("kiln:{}/leads:outbox", e.base.env.namespace);
+    let redis = redis::Client::open(e.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    support::wait::until("the outbox drained", || async {
+        let mut redis = redis.clone();
+        let counters: std::collections::HashMap<String, i64> = redis::AsyncCommands::hgetall(
+            &mut redis,
+            format!("kiln:{}/leads:counters", e.base.env.namespace),
+        )
+        .await
+        .ok()?;
+        let pending: i64 = redis::AsyncCommands::xlen(&mut redis, &outbox).await.ok()?;
+        (counters.get("delivered").copied().unwrap_or(0) >= records as i64 && pending == 0)
+            .then_some(())
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let event_cpu = cpu() - cpu_before;
+    println!(
+        "event tier: {records} records in {elapsed:.1}s = {:.0} records/s; worker+receiver CPU {:.2} ms/record",
+        records as f64 / elapsed,
+        event_cpu * 1000.0 / records as f64
+    );
+    drop((worker, receiver));
+
+    // Queue, same machine, same run, same size.
+    let p = pipeline("bench-event-queue", SIM, 1.0e12, "Pause", false).await;
+    let receiver = p.receiver();
+    let worker = p.worker();
+    let pids = [worker.process.pid(), receiver.process.pid()];
+    let cpu = || pids.iter().map(|p| support::cpu_seconds(*p)).sum::<f64>();
+    let cpu_before = cpu();
+    let started = Instant::now();
+    p.push(&leads(records, 0)).await;
+    wait_terminal(&p, records).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "queue tier: {records} rows in {elapsed:.1}s = {:.0} rows/s; worker+receiver CPU {:.2} ms/row",
+        records as f64 / elapsed,
+        (cpu() - cpu_before) * 1000.0 / records as f64
+    );
+}
