@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench clay_client` (optionally ROWS=20000 CONCURRENCY=32).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,18 +27,11 @@ fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let rows = env_or("ROWS", 20_000);
-    let concurrency = env_or("CONCURRENCY", 32);
-    let rows_per_request = env_or("ROWS_PER_REQUEST", 1);
+    let rows = support::env_or("ROWS", 20_000usize);
+    let concurrency = support::env_or("CONCURRENCY", 32usize);
+    let rows_per_request = support::env_or("ROWS_PER_REQUEST", 1usize);
     let port = kiln::devenv::free_port().unwrap();
     let mut sim = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["clay-sim", "--listen", &format!("127.0.0.1:{port}")])

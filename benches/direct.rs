@@ -13,13 +13,6 @@ use serde_json::json;
 
 use support::direct::direct;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -54,9 +47,9 @@ async fn drive(
 
 #[tokio::main]
 async fn main() {
-    let latency_requests = env_or("LATENCY_REQUESTS", 200);
-    let requests = env_or("REQUESTS", 2000);
-    let concurrency = env_or("CONCURRENCY", 64);
+    let latency_requests = support::env_or("LATENCY_REQUESTS", 200);
+    let requests = support::env_or("REQUESTS", 2000);
+    let concurrency = support::env_or("CONCURRENCY", 64);
 
     // 1. Added latency: clay-sim answers every row after exactly 500 ms.
     let d = direct(

@@ -12,28 +12,18 @@ use serde_json::json;
 
 use support::pipeline::{leads, pipeline, wait_terminal};
 
-const SIM: &[&str] = &[
-    "--latency-min-ms",
-    "0",
-    "--latency-max-ms",
-    "0",
-    "--rate",
-    "1000000",
-    "--burst",
-    "1000000",
-    "--provider",
-    "email:1:1.0",
-];
-
 #[tokio::main]
 async fn main() {
-    let records: usize = std::env::var("RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5000);
+    let records: usize = support::env_or("RECORDS", 5000);
 
     // Event: Kafka in, Kafka out.
-    let e = support::event::event("bench-event", SIM, 1.0e12, "Pause").await;
+    let e = support::event::event(
+        "bench-event",
+        support::pipeline::INSTANT_CLAY,
+        1.0e12,
+        "Pause",
+    )
+    .await;
     let receiver = e.start("receiver", "receiver-0");
     let worker = e.start("worker", "worker-0");
     let pids = [worker.process.pid(), receiver.process.pid()];
@@ -81,7 +71,14 @@ async fn main() {
     drop((worker, receiver));
 
     // Queue, same machine, same run, same size.
-    let p = pipeline("bench-event-queue", SIM, 1.0e12, "Pause", false).await;
+    let p = pipeline(
+        "bench-event-queue",
+        support::pipeline::INSTANT_CLAY,
+        1.0e12,
+        "Pause",
+        false,
+    )
+    .await;
     let receiver = p.receiver();
     let worker = p.worker();
     let pids = [worker.process.pid(), receiver.process.pid()];

@@ -21,13 +21,6 @@ use kiln::clay::SecretString;
 use kiln::ledger::client::{LedgerClient, TokenSource};
 use kiln::ledger::{ReserveRequest, SettleRequest};
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// PATCHes of creditbudgets/status the API server has served so far.
 async fn status_writes(client: &kube::Client) -> f64 {
     let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
@@ -45,8 +38,8 @@ async fn status_writes(client: &kube::Client) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let clients = env_or("CLIENTS", 32);
-    let seconds = env_or("SECONDS", 15);
+    let clients = support::env_or("CLIENTS", 32);
+    let seconds = support::env_or("SECONDS", 15);
     let env = support::test_env("bench-ledger").await;
     support::install_kiln_crds(&env.client).await;
     let operator = support::start_operator(&env.namespace, "bench").await;

@@ -10,33 +10,15 @@ use std::time::Instant;
 
 use support::pipeline::{leads, pipeline, wait_terminal};
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() {
-    let rows = env_or("ROWS", 3000);
-    let limited_rows = env_or("LIMITED_ROWS", 300);
+    let rows = support::env_or("ROWS", 3000);
+    let limited_rows = support::env_or("LIMITED_ROWS", 300);
 
     // 1. Unlimited: zero-latency clay-sim, no rate limit.
     let p = pipeline(
         "bench-pipeline",
-        &[
-            "--latency-min-ms",
-            "0",
-            "--latency-max-ms",
-            "0",
-            "--rate",
-            "1000000",
-            "--burst",
-            "1000000",
-            "--provider",
-            "email:1:1.0",
-        ],
+        support::pipeline::INSTANT_CLAY,
         1.0e12,
         "Pause",
         false,

@@ -10,7 +10,6 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value, json};
 
-use kiln::api::CreditBudget;
 use support::direct::{Direct, direct};
 use support::wait;
 
@@ -71,16 +70,8 @@ async fn concurrent_callers_get_results_inline_share_charges_and_survive_a_resta
     assert_eq!(rows_of_keys.len(), 140);
     let sim = d.base.sim.stats().await;
     assert_eq!(sim.rows_accepted, 140, "one Clay submission per key");
-    let budget = wait::until("reservations settled", || async {
-        let status = d
-            .base
-            .env
-            .api::<CreditBudget>()
-            .get("team")
-            .await
-            .ok()?
-            .status?;
-        status.reservations.is_empty().then_some(status)
+    let budget = support::budget_when(&d.base.env, "reservations settled", |status| {
+        status.reservations.is_empty()
     })
     .await;
     assert_eq!(
@@ -114,21 +105,17 @@ async fn concurrent_callers_get_results_inline_share_charges_and_survive_a_resta
     // The live receiver settles everything it knows of, including the rows
     // it resumed; what the killed one reserved for rows it never stored is
     // forfeited as spent when the reservation expires.
-    let budget = wait::until("the live receiver's reservations settled", || async {
-        let status = d
-            .base
-            .env
-            .api::<CreditBudget>()
-            .get("team")
-            .await
-            .ok()?
-            .status?;
-        let own = status
-            .reservations
-            .iter()
-            .filter(|r| r.holder != "receiver-1");
-        (own.count() == 0).then_some(status)
-    })
+    let budget = support::budget_when(
+        &d.base.env,
+        "the live receiver's reservations settled",
+        |status| {
+            let own = status
+                .reservations
+                .iter()
+                .filter(|r| r.holder != "receiver-1");
+            own.count() == 0
+        },
+    )
     .await;
     assert!(
         sim.data_credits_charged <= budget.used.data_credits + budget.reserved.data_credits + 1e-6,
@@ -213,16 +200,8 @@ async fn slow_results_answer_202_and_stay_retrievable_and_an_exhausted_budget_an
     );
 
     // The limit is reached once both settle: 402 with a message, nothing sent.
-    wait::until("the budget to be exhausted", || async {
-        let status = d
-            .base
-            .env
-            .api::<CreditBudget>()
-            .get("team")
-            .await
-            .ok()?
-            .status?;
-        (status.reservations.is_empty() && status.remaining.data_credits < 12.0).then_some(())
+    support::budget_when(&d.base.env, "the budget to be exhausted", |status| {
+        status.reservations.is_empty() && status.remaining.data_credits < 12.0
     })
     .await;
     let accepted = d.base.sim.stats().await.rows_accepted;

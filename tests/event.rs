@@ -16,6 +16,7 @@ use serde_json::json;
 
 use kiln::api::CreditBudget;
 use support::event::{Event, event, produce};
+use support::pipeline::FAULTY_CLAY;
 use support::wait;
 
 /// Reads a topic from the beginning with a fresh group until `until` holds
@@ -56,26 +57,7 @@ async fn five_thousand_records_end_exactly_once_through_faults_a_worker_crash_an
 {
     let mut e = event(
         "event-e2e",
-        &[
-            "--latency-min-ms",
-            "20",
-            "--latency-max-ms",
-            "300",
-            "--rate",
-            "1000",
-            "--burst",
-            "1000",
-            "--error-rate",
-            "0.05",
-            "--drop-rate",
-            "0.03",
-            "--duplicate-rate",
-            "0.03",
-            "--provider",
-            "email:1:0.9",
-            "--seed",
-            "9",
-        ],
+        &[FAULTY_CLAY, &["--provider", "email:1:0.9", "--seed", "9"]].concat(),
         1_000_000.0,
         "Pause",
     )
@@ -187,21 +169,17 @@ async fn five_thousand_records_end_exactly_once_through_faults_a_worker_crash_an
     );
     // The live processes close everything they hold; what the killed worker
     // reserved for rows it never stored is forfeited as spent on expiry.
-    let status = wait::until("the live processes' reservations closed", || async {
-        let status = e
-            .base
-            .env
-            .api::<CreditBudget>()
-            .get("team")
-            .await
-            .ok()?
-            .status?;
-        let live = status
-            .reservations
-            .iter()
-            .filter(|r| r.holder != "worker-0");
-        (live.count() == 0).then_some(status)
-    })
+    let status = support::budget_when(
+        &e.base.env,
+        "the live processes' reservations closed",
+        |status| {
+            let live = status
+                .reservations
+                .iter()
+                .filter(|r| r.holder != "worker-0");
+            live.count() == 0
+        },
+    )
     .await;
     assert!(
         sim.data_credits_charged <= status.used.data_credits + status.reserved.data_credits + 1e-6,
@@ -282,16 +260,8 @@ async fn budget_dead_letters_on_the_topic_are_replayed_once_after_the_limit_is_r
         )
         .await
         .unwrap();
-    wait::until("the budget to have room", || async {
-        let status = e
-            .base
-            .env
-            .api::<CreditBudget>()
-            .get("team")
-            .await
-            .ok()?
-            .status?;
-        (status.remaining.data_credits >= 500.0).then_some(())
+    support::budget_when(&e.base.env, "the budget to have room", |status| {
+        status.remaining.data_credits >= 500.0
     })
     .await;
     assert!(replay(&e, "BudgetExhausted").await.contains("replayed 20 "));

@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 
 use kiln::api::{CreditBudget, EnrichmentTable};
-use support::pipeline::{leads, pipeline, wait_terminal};
+use support::pipeline::{FAULTY_CLAY, leads, pipeline, wait_terminal};
 use support::wait;
 
 #[tokio::test]
@@ -21,27 +21,17 @@ async fn two_thousand_rows_through_faults_and_crashes_end_exactly_once_within_bu
     let p = pipeline(
         "queue-e2e",
         &[
-            "--latency-min-ms",
-            "20",
-            "--latency-max-ms",
-            "300",
-            "--rate",
-            "1000",
-            "--burst",
-            "1000",
-            "--error-rate",
-            "0.05",
-            "--drop-rate",
-            "0.03",
-            "--duplicate-rate",
-            "0.03",
-            "--provider",
-            "email:1:0.9",
-            "--provider",
-            "phone:5:0.5",
-            "--seed",
-            "7",
-        ],
+            FAULTY_CLAY,
+            &[
+                "--provider",
+                "email:1:0.9",
+                "--provider",
+                "phone:5:0.5",
+                "--seed",
+                "7",
+            ],
+        ]
+        .concat(),
         1_000_000.0,
         "Pause",
         false,

@@ -400,3 +400,25 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     };
     (field(11) + field(12)) / ticks
 }
+
+/// Waits until the `team` budget's status satisfies `check`; returns it.
+pub async fn budget_when(
+    env: &TestEnv,
+    what: &str,
+    check: impl Fn(&kiln::api::CreditBudgetStatus) -> bool,
+) -> kiln::api::CreditBudgetStatus {
+    let budgets = env.api::<kiln::api::CreditBudget>();
+    wait::until(what, || async {
+        let status = budgets.get("team").await.ok()?.status?;
+        check(&status).then_some(status)
+    })
+    .await
+}
+
+/// A benchmark setting from the environment, else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

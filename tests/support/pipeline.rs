@@ -94,6 +94,41 @@ impl Pipeline {
     }
 }
 
+/// clay-sim as the end-to-end tests run it: realistic latency, generous
+/// rate, and the faults the issues name (5% 5xx, 3% dropped and 3%
+/// duplicate callbacks). Tests add providers and a seed.
+pub const FAULTY_CLAY: &[&str] = &[
+    "--latency-min-ms",
+    "20",
+    "--latency-max-ms",
+    "300",
+    "--rate",
+    "1000",
+    "--burst",
+    "1000",
+    "--error-rate",
+    "0.05",
+    "--drop-rate",
+    "0.03",
+    "--duplicate-rate",
+    "0.03",
+];
+
+/// clay-sim out of the way, for throughput benchmarks: no latency, no rate
+/// limit, one credit a row.
+pub const INSTANT_CLAY: &[&str] = &[
+    "--latency-min-ms",
+    "0",
+    "--latency-max-ms",
+    "0",
+    "--rate",
+    "1000000",
+    "--burst",
+    "1000000",
+    "--provider",
+    "email:1:1.0",
+];
+
 /// What every data-plane test needs besides its table: a namespace, the
 /// operator, clay-sim with a webhook source calling back to
 /// `receiver_port`, the Secret (`pipeline`) and the budget (`team`).

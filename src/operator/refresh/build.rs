@@ -172,12 +172,7 @@ mod tests {
         .unwrap()
     }
 
-    fn config() -> BuildConfig {
-        BuildConfig {
-            default_image: "kiln:1".into(),
-            operator_url: "http://op:8443".into(),
-        }
-    }
+    use crate::operator::table::build::tests::config;
 
     #[test]
     fn the_cronjob_runs_kiln_refresh_as_the_tables_account_and_fails_fast_on_budget() {

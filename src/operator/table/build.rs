@@ -411,7 +411,7 @@ pub(crate) mod tests {
         .unwrap()
     }
 
-    fn config() -> BuildConfig {
+    pub(crate) fn config() -> BuildConfig {
         BuildConfig {
             default_image: "kiln:1".into(),
             operator_url: "http://op:8443".into(),
