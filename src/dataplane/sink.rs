@@ -198,7 +198,20 @@ impl OutboxDelivery {
         };
         let results = self.drain(Drain::Results, &producers, shutdown.clone());
         if producers.dead_letter.is_some() {
-            let dead_letters = self.drain(Drain::DeadLetters, &producers, shutdown);
+            // Its own blocking reads, so the two loops never wait on each other.
+            let dead_letter_drain = match self.store.with_own_blocking_reads().await {
+                Ok(store) => OutboxDelivery {
+                    store,
+                    runtime: self.runtime.clone(),
+                    identity: self.identity.clone(),
+                    http: self.http.clone(),
+                },
+                Err(error) => {
+                    tracing::error!(%error, "connecting to Redis for dead letters failed");
+                    return results.await;
+                }
+            };
+            let dead_letters = dead_letter_drain.drain(Drain::DeadLetters, &producers, shutdown);
             futures::join!(results, dead_letters);
         } else {
             results.await;

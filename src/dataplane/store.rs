@@ -121,6 +121,7 @@ pub struct RedisStore {
     /// A second connection for blocking stream reads, so they never hold up
     /// the short commands multiplexed on the first.
     blocking: ConnectionManager,
+    client: redis::Client,
     keys: Keys,
 }
 
@@ -325,13 +326,27 @@ impl RedisStore {
     pub async fn connect(url: &str, keys: Keys) -> redis::RedisResult<Self> {
         let client = redis::Client::open(url)?;
         let connection = ConnectionManager::new(client.clone()).await?;
-        let blocking_config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(BLOCKING_READ_TIMEOUT));
-        let blocking = ConnectionManager::new_with_config(client, blocking_config).await?;
+        let blocking = Self::blocking_connection(&client).await?;
         Ok(Self {
             connection,
             blocking,
+            client,
             keys,
+        })
+    }
+
+    async fn blocking_connection(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(BLOCKING_READ_TIMEOUT));
+        ConnectionManager::new_with_config(client.clone(), config).await
+    }
+
+    /// The same store with a blocking-read connection of its own: a blocking
+    /// read holds its connection, so each reading loop needs one.
+    pub async fn with_own_blocking_reads(&self) -> redis::RedisResult<Self> {
+        Ok(Self {
+            blocking: Self::blocking_connection(&self.client).await?,
+            ..self.clone()
         })
     }
 
