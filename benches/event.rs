@@ -31,14 +31,24 @@ async fn main() {
     let rows: Vec<serde_json::Value> = (0..records)
         .map(|i| json!({"email": format!("contact{i}@example.com")}))
         .collect();
+    // Warm-up: the topic exists, the group is joined, connections are open.
+    let sim = &e.base.sim;
+    let warm_up = [json!({"email": "warm-up@example.com"})];
+    support::event::produce(&e.kafka.bootstrap, "contacts.raw", &warm_up).await;
+    support::wait::until_within(
+        "the warm-up record",
+        std::time::Duration::from_secs(120),
+        || async { (sim.stats().await.callbacks_sent >= 1).then_some(()) },
+    )
+    .await;
+    let records_total = records + 1;
     let cpu_before = cpu();
     let started = Instant::now();
     support::event::produce(&e.kafka.bootstrap, "contacts.raw", &rows).await;
-    let sim = &e.base.sim;
     support::wait::until_within(
         "all records enriched",
         std::time::Duration::from_secs(600),
-        || async { (sim.stats().await.callbacks_sent >= records as u64).then_some(()) },
+        || async { (sim.stats().await.callbacks_sent >= records_total as u64).then_some(()) },
     )
     .await;
     // Results reach the enriched topic through the receiver's outbox.
@@ -57,7 +67,7 @@ async fn main() {
         .await
         .ok()?;
         let pending: i64 = redis::AsyncCommands::xlen(&mut redis, &outbox).await.ok()?;
-        (counters.get("delivered").copied().unwrap_or(0) >= records as i64 && pending == 0)
+        (counters.get("delivered").copied().unwrap_or(0) >= records_total as i64 && pending == 0)
             .then_some(())
     })
     .await;
