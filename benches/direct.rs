@@ -66,6 +66,7 @@ async fn main() {
         ],
         1.0e12,
         None,
+        false,
     )
     .await;
     let _receiver = d.receiver("bench");
@@ -93,6 +94,7 @@ async fn main() {
         ],
         1.0e12,
         None,
+        false,
     )
     .await;
     // The table's own rate limit out of the way too.

@@ -148,7 +148,14 @@ async fn invalid_objects_are_rejected_with_actionable_messages() {
         (
             "no webhook source",
             table(json!({"clay": {"webhookSources": []}})),
-            "spec.clay.webhookSources: Invalid value",
+            "set clay.webhookSources (or, for tier Direct, clay.routine)",
+        ),
+        (
+            "a routine outside tier Direct",
+            table(
+                json!({"clay": {"routine": {"routineId": "r", "apiKeySecretRef": {"name": "s", "key": "k"}}}}),
+            ),
+            "clay.routine answers in the request: only for tier Direct",
         ),
         (
             "secret ref without key",

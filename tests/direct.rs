@@ -59,6 +59,7 @@ async fn concurrent_callers_get_results_inline_share_charges_and_survive_a_resta
         ],
         1_000_000.0,
         None,
+        false,
     )
     .await;
     let mut receiver = d.receiver("receiver-1");
@@ -154,6 +155,7 @@ async fn slow_results_answer_202_and_stay_retrievable_and_an_exhausted_budget_an
         ],
         24.0,
         Some(json!({"http": {"urlTemplate": format!("http://127.0.0.1:{crm_port}/accounts/{{domain}}")}})),
+        false,
     )
     .await;
     let _receiver = d.receiver("receiver-1");
@@ -238,4 +240,50 @@ async fn slow_results_answer_202_and_stay_retrievable_and_an_exhausted_budget_an
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+}
+
+#[tokio::test]
+async fn tables_configured_for_a_routine_enrich_through_the_routines_api() {
+    let d = direct(
+        "direct-routine",
+        &[
+            "--latency-min-ms",
+            "300",
+            "--latency-max-ms",
+            "1500",
+            "--rate",
+            "1000",
+            "--burst",
+            "1000",
+            "--provider",
+            "employees:3:1.0",
+            "--api-key",
+            "sim-api-key",
+            "--seed",
+            "8",
+        ],
+        1_000_000.0,
+        None,
+        true,
+    )
+    .await;
+    let _receiver = d.receiver("receiver-1");
+    // 40 concurrent callers, 25 keys.
+    let rows: Vec<Value> = (0..40).map(|i| account(i % 25)).collect();
+    let answers = burst(&d, &rows).await;
+    let rows_of_keys = check_answers(&rows, &answers);
+    assert_eq!(rows_of_keys.len(), 25);
+    for (_, body) in &answers {
+        assert_eq!(body["result"]["kiln_credits"], 3.0, "{body}");
+    }
+    let sim = d.base.sim.stats().await;
+    assert_eq!(sim.routine_runs, 25, "one routine run per key");
+    assert_eq!(sim.rows_accepted, 0, "no webhook submissions");
+    // The receiver's settlement sweep settles each row to what Clay charged.
+    let budget = support::budget_when(&d.base.env, "settlements", |status| {
+        status.reservations.is_empty()
+    })
+    .await;
+    assert_eq!(budget.used.data_credits, sim.data_credits_charged);
+    assert_eq!(budget.used.data_credits, 75.0);
 }

@@ -54,6 +54,8 @@ pub enum Tier {
     validation = Rule::new("!has(self.deadLetter) || self.tier != 'Queue' || has(self.deadLetter.redisStream)").message("tier Queue dead-letters to a Redis Stream: use deadLetter.redisStream"),
     validation = Rule::new("self.tier == 'Direct' || has(self.redis)").message("tiers Queue and Event keep state in Redis: set redis.urlSecretRef"),
     validation = Rule::new("self.tier != 'Direct' || !has(self.redis)").message("tier Direct uses an embedded store: remove redis"),
+    validation = Rule::new("(has(self.clay.webhookSources) && size(self.clay.webhookSources) > 0) || has(self.clay.routine)").message("set clay.webhookSources (or, for tier Direct, clay.routine)"),
+    validation = Rule::new("!has(self.clay.routine) || self.tier == 'Direct'").message("clay.routine answers in the request: only for tier Direct"),
     validation = Rule::new("self.tier == 'Event' || !has(self.workers) || !has(self.workers.autoscaling)").message("workers.autoscaling scales on Kafka consumer lag: only for tier Event"),
 )]
 #[serde(rename_all = "camelCase")]
@@ -107,8 +109,13 @@ fn default_dedupe_window() -> Duration {
 pub struct ClaySpec {
     /// The table's inbound webhook sources, used in order: each accepts 50,000
     /// submissions in its lifetime, so Kiln moves to the next one before the cap.
-    #[schemars(length(min = 1, max = 32))]
+    #[serde(default)]
+    #[schemars(length(max = 32))]
     pub webhook_sources: Vec<WebhookSource>,
+    /// Tier Direct: enrich through a Clay routine (the public API: run, then
+    /// poll its results) instead of webhook sources and callbacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routine: Option<RoutineSpec>,
     /// Rows per webhook request (Clay accepts arrays of up to 10 objects).
     #[serde(default = "default_rows_per_request")]
     #[schemars(range(min = 1, max = 10))]
@@ -148,6 +155,25 @@ fn default_max_attempts() -> u32 {
 }
 fn default_cost_pointer() -> String {
     "/kiln_credits".to_string()
+}
+
+/// A Clay routine run through the public API.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutineSpec {
+    /// The routine's id.
+    #[schemars(length(min = 1, max = 128))]
+    pub routine_id: String,
+    /// Secret key holding the workspace API key (sent as `clay-api-key`).
+    pub api_key_secret_ref: SecretKeyRef,
+    /// Base URL of Clay's public API.
+    #[serde(default = "default_routine_api_url")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("apiUrl must be an http(s) URL"))]
+    pub api_url: String,
+}
+
+fn default_routine_api_url() -> String {
+    "https://api.clay.com/public/v0".to_string()
 }
 
 /// One Clay inbound webhook source of the table.
@@ -565,6 +591,9 @@ impl EnrichmentTableSpec {
     /// Every Secret key the table's pods read, for RBAC and reference checks.
     pub fn secret_refs(&self) -> Vec<&SecretKeyRef> {
         let mut refs = vec![&self.clay.callback_token_secret_ref];
+        if let Some(routine) = &self.clay.routine {
+            refs.push(&routine.api_key_secret_ref);
+        }
         for source in &self.clay.webhook_sources {
             refs.push(&source.url_secret_ref);
             refs.extend(source.auth_token_secret_ref.as_ref());

@@ -18,6 +18,8 @@ use super::embedded::{EmbeddedStore, RowState, SinkFailure};
 use super::key_of;
 use super::sink::Delivery;
 use super::store::PendingRow;
+use crate::clay::ClayError;
+use crate::clay::routines::{RoutineItem, RoutinesClient};
 use crate::ledger::DenialReason;
 use crate::ledger::client::LedgerClientError;
 
@@ -28,6 +30,8 @@ const RECHECK: Duration = Duration::from_secs(1);
 pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 /// Rows one request may carry.
 pub const MAX_ROWS_PER_REQUEST: usize = 10;
+/// How often a routine run's results are polled.
+const ROUTINE_POLL: Duration = Duration::from_millis(500);
 /// Owed sink deliveries worked on at once.
 const OUTBOX_BATCH: usize = 32;
 /// What a caller refused for a transient reason is told to wait.
@@ -122,6 +126,35 @@ pub struct Direct {
     finished: Mutex<HashMap<String, Arc<Notify>>>,
     /// Woken when a result is owed to the HTTP sink.
     outbox_ready: Notify,
+    /// Set when the table enriches through a Clay routine.
+    pub routine: Option<Routine>,
+}
+
+/// A Clay routine and the client that runs it.
+pub struct Routine {
+    pub client: RoutinesClient,
+    pub routine_id: String,
+}
+
+impl Routine {
+    /// From the table's `clay.routine`, if it has one.
+    pub fn from_runtime(runtime: &super::TableRuntime) -> Option<Self> {
+        let spec = runtime.table.spec.clay.routine.as_ref()?;
+        let rate = &runtime.table.spec.clay.rate_limit;
+        Some(Self {
+            client: RoutinesClient::new(
+                reqwest::Client::new(),
+                &spec.api_url,
+                runtime.routine_api_key.clone()?,
+                Arc::new(crate::clay::limiter::RateLimiter::new(
+                    rate.rows_per_second,
+                    rate.burst,
+                )),
+                crate::clay::retry::RetryPolicy::default(),
+            ),
+            routine_id: spec.routine_id.clone(),
+        })
+    }
 }
 
 fn refusal(denial_reason: DenialReason, message: String) -> Answer {
@@ -137,10 +170,15 @@ fn refusal(denial_reason: DenialReason, message: String) -> Answer {
 }
 
 impl Direct {
-    pub fn new(store: EmbeddedStore, attempts: Arc<Attempts>) -> Arc<Self> {
+    pub fn new(
+        store: EmbeddedStore,
+        attempts: Arc<Attempts>,
+        routine: Option<Routine>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             attempts,
+            routine,
             inflight: Mutex::default(),
             finished: Mutex::default(),
             outbox_ready: Notify::new(),
@@ -151,8 +189,8 @@ impl Direct {
     /// may retry) and their callbacks are still served.
     pub async fn resume(self: &Arc<Self>) -> anyhow::Result<usize> {
         let pending = self.store.pending_rows().await?;
-        for row in &pending {
-            self.join_or_start(&row.key, Some(row.clone()), Value::Null);
+        for (row, run_id) in &pending {
+            self.join_or_start(&row.key, Some((row.clone(), run_id.clone())), Value::Null);
         }
         Ok(pending.len())
     }
@@ -227,7 +265,7 @@ impl Direct {
     fn join_or_start(
         self: &Arc<Self>,
         key: &str,
-        existing: Option<PendingRow>,
+        existing: Option<(PendingRow, Option<String>)>,
         row: Value,
     ) -> watch::Receiver<Progress> {
         let mut inflight = self.inflight.lock().unwrap();
@@ -251,20 +289,23 @@ impl Direct {
     async fn lifecycle(
         &self,
         progress: &watch::Sender<Progress>,
-        existing: Option<PendingRow>,
+        existing: Option<(PendingRow, Option<String>)>,
         row: Value,
     ) -> Answer {
-        let pending = match existing {
-            Some(pending) => pending,
+        let (pending, run_id) = match existing {
+            Some(existing) => existing,
             None => match self.submit_new(row).await {
-                Ok(pending) => pending,
+                Ok(pending) => (pending, None),
                 Err(refused) => return refused,
             },
         };
         progress.send_replace(Progress::Pending {
             row_id: pending.row_id.clone(),
         });
-        let answer = self.wait_terminal(&pending.row_id).await;
+        let answer = match &self.routine {
+            Some(routine) => self.run_routine(routine, &pending, run_id).await,
+            None => self.wait_terminal(&pending.row_id).await,
+        };
         self.finished.lock().unwrap().remove(&pending.row_id);
         answer
     }
@@ -313,7 +354,10 @@ impl Direct {
                 message: "the row store is unavailable; retry".into(),
             });
         }
-        if let Err(error) = self.attempts.submit(&pending).await {
+        // Routine rows are run by their lifecycle; webhook rows are sent now.
+        if self.routine.is_none()
+            && let Err(error) = self.attempts.submit(&pending).await
+        {
             // The row is pending: the sweeper retries it.
             tracing::warn!(error = %format!("{error:#}"), row = %pending.row_id, "submitting failed; it will be retried");
         }
@@ -352,6 +396,117 @@ impl Direct {
                 _ = notify.notified() => {}
                 _ = tokio::time::sleep(RECHECK) => {}
             }
+        }
+    }
+
+    /// Runs one row through the table's routine (or, after a restart, polls
+    /// the run it already started) and claims its result. A run is never
+    /// started twice for a row: Clay's runs have no idempotency key.
+    async fn run_routine(
+        &self,
+        routine: &Routine,
+        pending: &PendingRow,
+        run_id: Option<String>,
+    ) -> Answer {
+        let runtime = self.attempts.runtime();
+        let spec = &runtime.table.spec;
+        let run_id = match run_id {
+            // A previous process may have started a run it did not record.
+            Some(run_id) if run_id.is_empty() => {
+                return self.give_up(pending, "OutcomeUnknown", true).await;
+            }
+            Some(run_id) => run_id,
+            None => {
+                let item = RoutineItem {
+                    id: pending.row_id.clone(),
+                    inputs: pending.row.clone(),
+                };
+                if let Err(error) = self.store.mark_started(&pending.row_id).await {
+                    tracing::warn!(%error, "recording a routine run failed");
+                    return self.give_up(pending, "StoreUnavailable", false).await;
+                }
+                match routine.client.run(&routine.routine_id, &[item], None).await {
+                    Ok(run_id) => {
+                        if let Err(error) = self.store.set_run(&pending.row_id, &run_id).await {
+                            tracing::warn!(%error, row = %pending.row_id, "recording the run id failed");
+                        }
+                        run_id
+                    }
+                    Err(ClayError::OutcomeUnknown(_)) => {
+                        return self.give_up(pending, "OutcomeUnknown", true).await;
+                    }
+                    // Clay refused the run: nothing was charged.
+                    Err(error) => return self.give_up(pending, error.reason(), false).await,
+                }
+            }
+        };
+        let timeout: Duration = spec.clay.result_timeout.into();
+        let item = match routine
+            .client
+            .wait_for(&run_id, ROUTINE_POLL, timeout)
+            .await
+        {
+            Ok(results) => results.into_iter().find(|r| r.id == pending.row_id),
+            Err(error) => {
+                tracing::warn!(%error, row = %pending.row_id, "the routine run did not finish");
+                return self.give_up(pending, "ResultTimeout", true).await;
+            }
+        };
+        let Some(found) = item
+            .filter(|i| i.status == "complete")
+            .and_then(|i| i.result)
+        else {
+            return self.give_up(pending, "RoutineItemFailed", true).await;
+        };
+        let mut result = pending.row.clone();
+        if let (Some(result), Value::Object(found)) = (result.as_object_mut(), found) {
+            result.extend(found);
+        }
+        result["kiln_row_id"] = Value::String(pending.row_id.clone());
+        let reported = result
+            .pointer(&spec.clay.cost_pointer)
+            .and_then(Value::as_f64);
+        // The claim records the settlement; the receiver's sweep makes it.
+        match self.claim(&pending.row_id, &result, reported).await {
+            Ok(_) => Answer::Enriched {
+                row_id: pending.row_id.clone(),
+                result,
+                deduplicated: false,
+            },
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "storing a routine result failed");
+                Answer::Refused {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    reason: "StoreUnavailable".into(),
+                    message: "the row store is unavailable; retry".into(),
+                }
+            }
+        }
+    }
+
+    /// Dead-letters a row and closes its reservation, as spent when Clay may
+    /// have charged for it.
+    async fn give_up(&self, pending: &PendingRow, reason: &str, maybe_charged: bool) -> Answer {
+        let spent = if maybe_charged {
+            crate::api::table::CreditCost {
+                data_credits: pending.reserved_credits,
+                actions: pending.reserved_actions,
+            }
+        } else {
+            Default::default()
+        };
+        self.attempts
+            .close_reservation(&pending.reservation, spent, 1)
+            .await;
+        if let Err(error) =
+            super::store::PendingRows::dead_letter_pending(&self.store, &pending.row_id, reason)
+                .await
+        {
+            tracing::warn!(error = %format!("{error:#}"), "dead-lettering a row failed");
+        }
+        Answer::DeadLettered {
+            row_id: pending.row_id.clone(),
+            reason: reason.to_string(),
         }
     }
 

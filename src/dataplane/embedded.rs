@@ -37,6 +37,9 @@ const SOURCES: TableDefinition<&str, u64> = TableDefinition::new("sources");
 struct Waiting {
     pending: PendingRow,
     deadline_ms: i64,
+    /// The routine run computing it (tables enriched through a routine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    run_id: Option<String>,
 }
 
 /// A result owed to the HTTP sink.
@@ -139,6 +142,7 @@ impl EmbeddedStore {
         let waiting = Waiting {
             pending: pending.clone(),
             deadline_ms,
+            run_id: None,
         };
         self.blocking(move |db| {
             let txn = db.begin_write()?;
@@ -287,8 +291,8 @@ impl EmbeddedStore {
         .await
     }
 
-    /// Every row still waiting for its result.
-    pub async fn pending_rows(&self) -> StoreResult<Vec<PendingRow>> {
+    /// Every row still waiting for its result, with its routine run if any.
+    pub async fn pending_rows(&self) -> StoreResult<Vec<(PendingRow, Option<String>)>> {
         self.blocking(|db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(PENDING)?;
@@ -296,10 +300,39 @@ impl EmbeddedStore {
             for entry in table.iter()? {
                 let (_, value) = entry?;
                 if let Ok(waiting) = serde_json::from_str::<Waiting>(value.value()) {
-                    rows.push(waiting.pending);
+                    rows.push((waiting.pending, waiting.run_id));
                 }
             }
             Ok(rows)
+        })
+        .await
+    }
+
+    /// Marks (with an empty run id) that a routine run is about to start for
+    /// a row, before asking Clay: a process that dies before recording the
+    /// run id leaves this mark, and its successor knows the outcome is unknown.
+    pub async fn mark_started(&self, row_id: &str) -> StoreResult<()> {
+        self.set_run(row_id, "").await
+    }
+
+    /// Records the routine run computing a pending row, so a restarted
+    /// receiver polls that run instead of starting another.
+    pub async fn set_run(&self, row_id: &str, run_id: &str) -> StoreResult<()> {
+        let (row_id, run_id) = (row_id.to_string(), run_id.to_string());
+        self.blocking(move |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(PENDING)?;
+                let current = table
+                    .get(row_id.as_str())?
+                    .and_then(|v| serde_json::from_str::<Waiting>(v.value()).ok());
+                if let Some(mut waiting) = current {
+                    waiting.run_id = Some(run_id);
+                    table.insert(row_id.as_str(), json(&waiting).as_str())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
         })
         .await
     }
@@ -398,6 +431,7 @@ impl PendingRows for EmbeddedStore {
                                 let waiting = Waiting {
                                     pending: next.clone(),
                                     deadline_ms,
+                                    run_id: None,
                                 };
                                 table.insert(next.row_id.as_str(), json(&waiting).as_str())?;
                                 true
@@ -614,6 +648,40 @@ mod tests {
         assert_eq!(store.sink_failure("r2").await.unwrap(), Some(failure));
         let counters = store.counters().await.unwrap();
         assert_eq!((counters["delivered"], counters["deadLettered"]), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_routine_run_is_remembered_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.redb");
+        let store = EmbeddedStore::open(&path).unwrap();
+        for id in ["started", "unrecorded", "waiting"] {
+            store
+                .make_pending(&pending(id, &format!("{id}.com"), "x"), 1_000)
+                .await
+                .unwrap();
+        }
+        store.mark_started("started").await.unwrap();
+        store.set_run("started", "run_1").await.unwrap();
+        store.mark_started("unrecorded").await.unwrap();
+        drop(store);
+        let store = EmbeddedStore::open(&path).unwrap();
+        let mut runs: Vec<(String, Option<String>)> = store
+            .pending_rows()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(p, run)| (p.row_id, run))
+            .collect();
+        runs.sort();
+        assert_eq!(
+            runs,
+            vec![
+                ("started".to_string(), Some("run_1".to_string())),
+                ("unrecorded".to_string(), Some(String::new())),
+                ("waiting".to_string(), None),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -105,6 +105,8 @@ pub struct TableRuntime {
     pub callback_token: SecretString,
     pub ingest_token: Option<SecretString>,
     pub redis_url: Option<SecretString>,
+    /// Tier Direct with `clay.routine`: the workspace API key.
+    pub routine_api_key: Option<SecretString>,
     /// Headers for the HTTP sink, from every key of its headers Secret.
     pub sink_headers: Vec<(String, SecretString)>,
     /// Tier Event: the source's, sink's and dead-letter topic's brokers
@@ -166,6 +168,10 @@ impl TableRuntime {
         };
         let redis_url = match &table.spec.redis {
             Some(redis) => Some(read(redis.url_secret_ref.clone()).await?),
+            None => None,
+        };
+        let routine_api_key = match &table.spec.clay.routine {
+            Some(routine) => Some(read(routine.api_key_secret_ref.clone()).await?),
             None => None,
         };
         let mut sink_headers = Vec::new();
@@ -234,6 +240,7 @@ impl TableRuntime {
             callback_token,
             ingest_token,
             redis_url,
+            routine_api_key,
             sink_headers,
             kafka_source,
             kafka_sink,
@@ -254,6 +261,7 @@ impl TableRuntime {
             || old.source != new.source
             || old.redis != new.redis
             || old.dead_letter != new.dead_letter
+            || old.clay.routine != new.clay.routine
             || self.redis_url.as_ref().map(SecretString::expose)
                 != next.redis_url.as_ref().map(SecretString::expose)
     }

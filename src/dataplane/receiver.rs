@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::attempt::{Attempts, Live, now_ms};
-use super::direct::{Answer, Direct, MAX_ROWS_PER_REQUEST, requested_wait};
+use super::direct::{Answer, Direct, MAX_ROWS_PER_REQUEST, Routine, requested_wait};
 use super::embedded::EmbeddedStore;
 use super::store::{Keys, PendingRow, RedisStore};
 use super::{DataplaneArgs, TableRuntime};
@@ -172,7 +172,8 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
                 ledger: args.common.ledger(),
                 identity: identity.clone(),
             });
-            let direct = Direct::new(store, attempts);
+            let routine = Routine::from_runtime(&runtime.borrow());
+            let direct = Direct::new(store, attempts, routine);
             let resumed = direct.resume().await?;
             tracing::info!(resumed, "resumed waiting for pending rows");
             Rows::Embedded(direct)
@@ -217,7 +218,12 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     });
     let background = match &receiver.rows {
         Rows::Embedded(direct) => {
-            let sweeper = tokio::spawn(direct.attempts.clone().sweep_until(shutdown.clone()));
+            // Webhook rows are retried by the sweeper; routine rows by their
+            // own lifecycle (a routine run is never started twice).
+            let sweeper = match direct.routine {
+                None => tokio::spawn(direct.attempts.clone().sweep_until(shutdown.clone())),
+                Some(_) => tokio::spawn(async {}),
+            };
             let deliveries = direct
                 .clone()
                 .deliver_outbox(reqwest::Client::new(), shutdown.clone());

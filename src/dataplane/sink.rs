@@ -582,6 +582,7 @@ mod tests {
             callback_token: crate::clay::SecretString::new("t"),
             ingest_token: None,
             redis_url: None,
+            routine_api_key: None,
             sink_headers: vec![],
             kafka_source: None,
             kafka_sink: None,

@@ -65,8 +65,23 @@ impl Direct {
 }
 
 /// A Direct table `leads` (with `sink`, if any) and its receiver's settings.
-pub async fn direct(test: &str, sim_flags: &[&str], limit: f64, sink: Option<Value>) -> Direct {
-    let base = base(test, sim_flags, limit, "Reject", &[]).await;
+/// With `routine`, the table enriches through clay-sim's routines API (the
+/// sim must be started with `--api-key sim-api-key`) instead of webhooks.
+pub async fn direct(
+    test: &str,
+    sim_flags: &[&str],
+    limit: f64,
+    sink: Option<Value>,
+    routine: bool,
+) -> Direct {
+    let base = base(
+        test,
+        sim_flags,
+        limit,
+        "Reject",
+        &[("routine-api-key", "sim-api-key")],
+    )
+    .await;
     let mut spec = json!({
         "tier": "Direct", "key": "domain", "budgetRef": {"name": "team"}, "dedupeWindow": "1h",
         "clay": clay_spec(12.0),
@@ -74,6 +89,13 @@ pub async fn direct(test: &str, sim_flags: &[&str], limit: f64, sink: Option<Val
     });
     if let Some(sink) = sink {
         spec["sink"] = sink;
+    }
+    if routine {
+        spec["clay"]["routine"] = json!({
+            "routineId": "enrich-accounts",
+            "apiKeySecretRef": {"name": "pipeline", "key": "routine-api-key"},
+            "apiUrl": format!("{}/public/v0", base.sim.url)
+        });
     }
     let (kubeconfig, token_file) = create_table(&base.env, test, spec).await;
     let store_path = super::work_dir().join(format!("{test}.redb"));
