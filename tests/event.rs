@@ -16,7 +16,7 @@ use serde_json::json;
 
 use kiln::api::CreditBudget;
 use support::event::{Event, event, produce};
-use support::pipeline::FAULTY_CLAY;
+use support::pipeline::{FAULTY_CLAY, QUICK_CLAY};
 use support::wait;
 
 /// Reads a topic from the beginning with a fresh group until `until` holds
@@ -208,20 +208,7 @@ async fn budget_dead_letters_on_the_topic_are_replayed_once_after_the_limit_is_r
     // Each row is reserved and charged 8 credits: 80 credits fit ten rows.
     let e = event(
         "event-budget",
-        &[
-            "--latency-min-ms",
-            "10",
-            "--latency-max-ms",
-            "50",
-            "--rate",
-            "1000",
-            "--burst",
-            "1000",
-            "--provider",
-            "email:8:1.0",
-            "--seed",
-            "2",
-        ],
+        &[QUICK_CLAY, &["--provider", "email:8:1.0", "--seed", "2"]].concat(),
         80.0,
         "DeadLetter",
     )

@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 
 use kiln::api::{CreditBudget, EnrichmentTable};
-use support::pipeline::{FAULTY_CLAY, leads, pipeline, wait_terminal};
+use support::pipeline::{FAULTY_CLAY, QUICK_CLAY, leads, pipeline, wait_terminal};
 use support::wait;
 
 #[tokio::test]
@@ -150,20 +150,7 @@ fn leads_index(row: &str) -> usize {
 async fn without_faults_the_ledger_matches_what_clay_charged_and_the_budget_holds() {
     let p = pipeline(
         "queue-budget",
-        &[
-            "--latency-min-ms",
-            "10",
-            "--latency-max-ms",
-            "50",
-            "--rate",
-            "1000",
-            "--burst",
-            "1000",
-            "--provider",
-            "email:2:1.0",
-            "--seed",
-            "3",
-        ],
+        &[QUICK_CLAY, &["--provider", "email:2:1.0", "--seed", "3"]].concat(),
         200.0,
         "Pause",
         false,
@@ -212,18 +199,7 @@ async fn without_faults_the_ledger_matches_what_clay_charged_and_the_budget_hold
 async fn budget_dead_letters_are_replayed_once_after_the_limit_is_raised() {
     let p = pipeline(
         "queue-replay",
-        &[
-            "--latency-min-ms",
-            "10",
-            "--latency-max-ms",
-            "50",
-            "--rate",
-            "1000",
-            "--burst",
-            "1000",
-            "--provider",
-            "email:2:1.0",
-        ],
+        &[QUICK_CLAY, &["--provider", "email:2:1.0"]].concat(),
         24.0,
         "DeadLetter",
         false,

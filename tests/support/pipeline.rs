@@ -114,6 +114,19 @@ pub const FAULTY_CLAY: &[&str] = &[
     "0.03",
 ];
 
+/// clay-sim answering quickly (10-50 ms) with a generous rate, no faults.
+/// Tests add providers and a seed.
+pub const QUICK_CLAY: &[&str] = &[
+    "--latency-min-ms",
+    "10",
+    "--latency-max-ms",
+    "50",
+    "--rate",
+    "1000",
+    "--burst",
+    "1000",
+];
+
 /// clay-sim out of the way, for throughput benchmarks: no latency, no rate
 /// limit, one credit a row.
 pub const INSTANT_CLAY: &[&str] = &[
