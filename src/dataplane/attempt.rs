@@ -37,23 +37,26 @@ pub struct Live {
     pub clay: WebhookClient,
 }
 
+/// What outlives every spec change: the connection pool, the submission
+/// counter and one rate limiter (re-rated in place, so an edit never resets
+/// the bucket or lets two buckets send at once).
+struct LiveParts {
+    http: reqwest::Client,
+    limiter: Arc<RateLimiter>,
+    counter: Arc<dyn SubmissionCounter>,
+}
+
 impl Live {
-    /// One limiter outlives every spec change, so an edit never resets the
-    /// bucket or lets two buckets send at once.
-    fn new(
-        runtime: Arc<TableRuntime>,
-        limiter: &Arc<RateLimiter>,
-        counter: &Arc<dyn SubmissionCounter>,
-    ) -> Self {
+    fn new(runtime: Arc<TableRuntime>, parts: &LiveParts) -> Self {
         let rate = &runtime.table.spec.clay.rate_limit;
-        limiter.set_rate(rate.rows_per_second, rate.burst);
+        parts.limiter.set_rate(rate.rows_per_second, rate.burst);
         let clay = WebhookClient::new(
-            reqwest::Client::new(),
-            limiter.clone(),
+            parts.http.clone(),
+            parts.limiter.clone(),
             Arc::new(SourceRotation::new(
                 runtime.webhook_targets.clone(),
                 RotationPolicy::default(),
-                counter.clone(),
+                parts.counter.clone(),
             )),
             WebhookConfig {
                 rows_per_request: 1,
@@ -69,15 +72,19 @@ impl Live {
         counter: Arc<dyn SubmissionCounter>,
     ) -> watch::Receiver<Arc<Live>> {
         let first = runtime.borrow_and_update().clone();
-        let limiter = Arc::new(RateLimiter::new(
-            first.table.spec.clay.rate_limit.rows_per_second,
-            first.table.spec.clay.rate_limit.burst,
-        ));
-        let (tx, rx) = watch::channel(Arc::new(Live::new(first, &limiter, &counter)));
+        let parts = LiveParts {
+            http: reqwest::Client::new(),
+            limiter: Arc::new(RateLimiter::new(
+                first.table.spec.clay.rate_limit.rows_per_second,
+                first.table.spec.clay.rate_limit.burst,
+            )),
+            counter,
+        };
+        let (tx, rx) = watch::channel(Arc::new(Live::new(first, &parts)));
         tokio::spawn(async move {
             while runtime.changed().await.is_ok() {
                 let next = runtime.borrow_and_update().clone();
-                tx.send_replace(Arc::new(Live::new(next, &limiter, &counter)));
+                tx.send_replace(Arc::new(Live::new(next, &parts)));
             }
         });
         rx
@@ -237,11 +244,8 @@ impl Attempts {
 
     async fn retry_or_dead_letter(&self, pending: PendingRow) -> anyhow::Result<()> {
         // The result is unknown, never "no charge": the attempt counts as spent.
-        let spent = CreditCost {
-            data_credits: pending.reserved_credits,
-            actions: pending.reserved_actions,
-        };
-        self.close_reservation(&pending.reservation, spent, 1).await;
+        self.close_reservation(&pending.reservation, pending.reserved(), 1)
+            .await;
         if pending.attempt >= self.runtime().table.spec.clay.max_attempts {
             tracing::warn!(row = %pending.row_id, attempts = pending.attempt, "dead-lettering a row whose result never came");
             self.rows
@@ -254,11 +258,7 @@ impl Attempts {
             reservation: format!("{}-a{}", pending.row_id, pending.attempt + 1),
             ..pending.clone()
         };
-        let cost = CreditCost {
-            data_credits: next.reserved_credits,
-            actions: next.reserved_actions,
-        };
-        match self.reserve(&next.reservation, &cost).await {
+        match self.reserve(&next.reservation, &next.reserved()).await {
             Ok(()) => {}
             Err(LedgerClientError::Denied(denial))
                 if denial.on_exhausted == OnExhausted::DeadLetter

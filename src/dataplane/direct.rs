@@ -66,6 +66,21 @@ pub enum Answer {
 }
 
 impl Answer {
+    /// The answer for a row that reached a terminal state in the store.
+    fn of_stored(row_id: &str, state: RowState) -> Self {
+        match state {
+            RowState::Enriched { result, .. } => Self::Enriched {
+                row_id: row_id.to_string(),
+                result,
+                deduplicated: false,
+            },
+            RowState::DeadLettered { reason, .. } => Self::DeadLettered {
+                row_id: row_id.to_string(),
+                reason,
+            },
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Enriched { .. } => StatusCode::OK,
@@ -376,19 +391,7 @@ impl Direct {
             .clone();
         loop {
             match self.store.row_state(row_id).await {
-                Ok(Some(RowState::Enriched { result, .. })) => {
-                    return Answer::Enriched {
-                        row_id: row_id.to_string(),
-                        result,
-                        deduplicated: false,
-                    };
-                }
-                Ok(Some(RowState::DeadLettered { reason, .. })) => {
-                    return Answer::DeadLettered {
-                        row_id: row_id.to_string(),
-                        reason,
-                    };
-                }
+                Ok(Some(state)) => return Answer::of_stored(row_id, state),
                 Ok(None) => {}
                 Err(error) => tracing::warn!(%error, "reading a row's state failed"),
             }
@@ -488,10 +491,7 @@ impl Direct {
     /// have charged for it.
     async fn give_up(&self, pending: &PendingRow, reason: &str, maybe_charged: bool) -> Answer {
         let spent = if maybe_charged {
-            crate::api::table::CreditCost {
-                data_credits: pending.reserved_credits,
-                actions: pending.reserved_actions,
-            }
+            pending.reserved()
         } else {
             Default::default()
         };
@@ -600,15 +600,7 @@ impl Direct {
     /// `GET /v1/rows/{id}`.
     pub async fn lookup(&self, row_id: &str) -> anyhow::Result<Option<Answer>> {
         Ok(match self.store.row_state(row_id).await? {
-            Some(RowState::Enriched { result, .. }) => Some(Answer::Enriched {
-                row_id: row_id.to_string(),
-                result,
-                deduplicated: false,
-            }),
-            Some(RowState::DeadLettered { reason, .. }) => Some(Answer::DeadLettered {
-                row_id: row_id.to_string(),
-                reason,
-            }),
+            Some(state) => Some(Answer::of_stored(row_id, state)),
             None if self.store.is_pending(row_id).await? => Some(Answer::Pending {
                 row_id: row_id.to_string(),
             }),

@@ -220,16 +220,19 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         Rows::Embedded(direct) => {
             // Webhook rows are retried by the sweeper; routine rows by their
             // own lifecycle (a routine run is never started twice).
-            let sweeper = match direct.routine {
-                None => tokio::spawn(direct.attempts.clone().sweep_until(shutdown.clone())),
-                Some(_) => tokio::spawn(async {}),
-            };
+            let sweeps = direct
+                .routine
+                .is_none()
+                .then(|| direct.attempts.clone().sweep_until(shutdown.clone()));
             let deliveries = direct
                 .clone()
                 .deliver_outbox(reqwest::Client::new(), shutdown.clone());
             tokio::spawn(async move {
-                deliveries.await;
-                let _ = sweeper.await;
+                futures::join!(deliveries, async {
+                    if let Some(sweeps) = sweeps {
+                        sweeps.await
+                    }
+                });
             })
         }
         Rows::Redis(store) => tokio::spawn(

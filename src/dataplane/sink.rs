@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::TableRuntime;
-use super::store::{Keys, PendingRow, RedisStore};
+use super::store::{Keys, PendingRow, RedisStore, text_field};
 use crate::api::table::{HttpMethod, HttpSink};
 use crate::clay::retry::RetryPolicy;
 
@@ -134,11 +134,7 @@ struct OutboxEntry {
 }
 
 fn parse_entry(id: String, fields: HashMap<String, redis::Value>) -> OutboxEntry {
-    let field = |name: &str| {
-        fields
-            .get(name)
-            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-    };
+    let field = |name: &str| text_field(&fields, name);
     let json = |name: &str| field(name).and_then(|s| serde_json::from_str::<Value>(&s).ok());
     let row = json("row")
         .or_else(|| {
@@ -267,9 +263,14 @@ impl OutboxDelivery {
     async fn deliver(&self, entry: OutboxEntry, producers: &Producers) {
         let runtime = self.runtime.borrow().clone();
         let outbox = self.store.keys().outbox();
-        let outcome = match (&producers.sink, runtime.table.spec.sink.as_ref()) {
-            (Some(producer), Some(sink)) if sink.kafka.is_some() => {
-                let target = sink.kafka.as_ref().expect("checked above");
+        let kafka_target = runtime
+            .table
+            .spec
+            .sink
+            .as_ref()
+            .and_then(|s| s.kafka.as_ref());
+        let outcome = match (&producers.sink, kafka_target) {
+            (Some(producer), Some(target)) => {
                 let key_field = target
                     .key_field
                     .as_deref()
@@ -369,12 +370,7 @@ impl OutboxDelivery {
         else {
             return;
         };
-        let field = |name: &str| {
-            fields
-                .get(name)
-                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-                .unwrap_or_default()
-        };
+        let field = |name: &str| text_field(&fields, name).unwrap_or_default();
         let row = field("row");
         let key = serde_json::from_str::<Value>(&row)
             .ok()

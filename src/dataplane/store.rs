@@ -4,6 +4,7 @@
 //! a callback claiming a row and delivering it) is one Lua script.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
@@ -26,6 +27,16 @@ pub struct PendingRow {
     pub reservation: String,
     pub reserved_credits: f64,
     pub reserved_actions: u64,
+}
+
+impl PendingRow {
+    /// What the attempt's reservation holds.
+    pub fn reserved(&self) -> crate::api::table::CreditCost {
+        crate::api::table::CreditCost {
+            data_credits: self.reserved_credits,
+            actions: self.reserved_actions,
+        }
+    }
 }
 
 /// Redis keys of one table.
@@ -82,6 +93,13 @@ impl Keys {
     }
 }
 
+/// A stream entry's field as text, if it has it.
+pub fn text_field(fields: &HashMap<String, redis::Value>, name: &str) -> Option<String> {
+    fields
+        .get(name)
+        .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+}
+
 /// Where a row came from, so the script that makes it pending or terminal
 /// also settles its source: a Redis Stream entry is acknowledged; a Kafka
 /// record (its offset is committed by the consumer afterwards) leaves a
@@ -110,6 +128,11 @@ impl SourceEntry {
 fn guarded(script: &str) -> Script {
     Script::new(&script.replace("{SOURCE_GUARD}", SOURCE_GUARD))
 }
+
+// Built (and hashed) once: they run for every row.
+static MAKE_PENDING_SCRIPT: LazyLock<Script> = LazyLock::new(|| guarded(MAKE_PENDING));
+static DELIVER_STORED_SCRIPT: LazyLock<Script> = LazyLock::new(|| guarded(DELIVER_STORED));
+static DEAD_LETTER_ENTRY_SCRIPT: LazyLock<Script> = LazyLock::new(|| guarded(DEAD_LETTER_ENTRY));
 
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
@@ -524,7 +547,7 @@ impl RedisStore {
     ) -> redis::RedisResult<bool> {
         let json = serde_json::to_string(pending).expect("a pending row serializes");
         let (source, group, id) = entry.script_parts(&self.keys, &pending.row_id);
-        let created: i64 = guarded(MAKE_PENDING)
+        let created: i64 = MAKE_PENDING_SCRIPT
             .key(self.keys.pending())
             .key(self.keys.deadlines())
             .key(self.keys.counters())
@@ -614,7 +637,7 @@ impl RedisStore {
         entry: &SourceEntry,
     ) -> redis::RedisResult<()> {
         let (source, group, id) = entry.script_parts(&self.keys, row_id);
-        guarded(DELIVER_STORED)
+        DELIVER_STORED_SCRIPT
             .key(&sink.stream)
             .key(self.keys.counters())
             .key(source)
@@ -725,7 +748,7 @@ impl RedisStore {
         entry: &SourceEntry,
     ) -> redis::RedisResult<()> {
         let (source, group, id) = entry.script_parts(&self.keys, row_id);
-        guarded(DEAD_LETTER_ENTRY)
+        DEAD_LETTER_ENTRY_SCRIPT
             .key(dead_letter)
             .key(self.keys.counters())
             .key(source)

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::attempt::{Attempts, Live, now_ms};
-use super::store::{Keys, PendingRow, RedisPendingRows, RedisStore, SourceEntry};
+use super::store::{Keys, PendingRow, RedisPendingRows, RedisStore, SourceEntry, text_field};
 use super::{DataplaneArgs, TableRuntime};
 use crate::api::budget::OnExhausted;
 use crate::ledger::DenialReason;
@@ -78,11 +78,7 @@ fn stream_item(
     id: String,
     fields: HashMap<String, redis::Value>,
 ) -> Item {
-    let field = |name: &str| {
-        fields
-            .get(name)
-            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
-    };
+    let field = |name: &str| text_field(&fields, name);
     Item {
         row_id: field("row_id").unwrap_or_else(|| format!("{table}-{id}")),
         raw: field("row"),
