@@ -71,9 +71,11 @@ async fn concurrent_callers_get_results_inline_share_charges_and_survive_a_resta
     assert_eq!(rows_of_keys.len(), 140);
     let sim = d.base.sim.stats().await;
     assert_eq!(sim.rows_accepted, 140, "one Clay submission per key");
-    let budget = support::budget_when(&d.base.env, "reservations settled", |status| {
-        status.reservations.is_empty()
-    })
+    let budget = support::budget_when(
+        &d.base.env,
+        "spend settled to what Clay charged",
+        |status| (status.used.data_credits - sim.data_credits_charged).abs() < 1e-6,
+    )
     .await;
     assert_eq!(
         budget.used.data_credits, sim.data_credits_charged,
@@ -104,17 +106,14 @@ async fn concurrent_callers_get_results_inline_share_charges_and_survive_a_resta
     assert_eq!(rows_of_keys.len(), 80);
     let sim = d.base.sim.stats().await;
     // The live receiver settles everything it knows of, including the rows
-    // it resumed; what the killed one reserved for rows it never stored is
-    // forfeited as spent when the reservation expires.
+    // it resumed; what the killed one drew for rows it never stored stays
+    // held by its lease until that is forfeited as spent.
     let budget = support::budget_when(
         &d.base.env,
-        "the live receiver's reservations settled",
+        "the live receiver's spend reported",
         |status| {
-            let own = status
-                .reservations
-                .iter()
-                .filter(|r| r.holder != "receiver-1");
-            own.count() == 0
+            status.used.data_credits + status.reserved.data_credits
+                >= sim.data_credits_charged - 1e-6
         },
     )
     .await;
@@ -203,7 +202,7 @@ async fn slow_results_answer_202_and_stay_retrievable_and_an_exhausted_budget_an
 
     // The limit is reached once both settle: 402 with a message, nothing sent.
     support::budget_when(&d.base.env, "the budget to be exhausted", |status| {
-        status.reservations.is_empty() && status.remaining.data_credits < 12.0
+        status.state == kiln::api::budget::BudgetState::Exhausted
     })
     .await;
     let accepted = d.base.sim.stats().await.rows_accepted;
@@ -281,7 +280,7 @@ async fn tables_configured_for_a_routine_enrich_through_the_routines_api() {
     assert_eq!(sim.rows_accepted, 0, "no webhook submissions");
     // The receiver's settlement sweep settles each row to what Clay charged.
     let budget = support::budget_when(&d.base.env, "settlements", |status| {
-        status.reservations.is_empty()
+        (status.used.data_credits - sim.data_credits_charged).abs() < 1e-6
     })
     .await;
     assert_eq!(budget.used.data_credits, sim.data_credits_charged);

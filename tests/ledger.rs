@@ -1,13 +1,13 @@
 //! The credit ledger against the real control plane, trying to break the
-//! invariant: concurrent over-asking clients, a leader killed mid-run, a
-//! holder that vanishes, period rollover, the breaker, and authorization.
+//! invariant: concurrent holders drawing through leases, a leader killed
+//! mid-run, a holder that vanishes, period rollover, the breaker, malformed
+//! amounts, and authorization.
 
 #[path = "support/mod.rs"]
 mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::api::{ObjectMeta, PostParams};
@@ -17,7 +17,8 @@ use kiln::api::table::CreditCost;
 use kiln::api::{CreditBudget, EnrichmentTable};
 use kiln::clay::SecretString;
 use kiln::ledger::client::{LedgerClient, LedgerClientError, TokenSource};
-use kiln::ledger::{DenialReason, ReserveRequest, SettleRequest};
+use kiln::ledger::lease::{CreditLease, LeaseTarget};
+use kiln::ledger::{DenialReason, LeaseRequest};
 use support::{TestEnv, wait};
 
 fn table(name: &str, budget: &str) -> Value {
@@ -73,40 +74,40 @@ fn ledger(ports: &[u16], token: SecretString) -> LedgerClient {
     )
 }
 
-fn reserve_request(env: &TestEnv, id: String, ask: f64, min: f64, ttl: u64) -> ReserveRequest {
-    ReserveRequest {
-        id,
+fn credits(data: f64) -> CreditCost {
+    CreditCost {
+        data_credits: data,
+        actions: 0,
+    }
+}
+
+/// A raw lease request of table `leads` on budget `team`.
+fn request(env: &TestEnv, lease: &str, seq: u64) -> LeaseRequest {
+    LeaseRequest {
         namespace: env.namespace.clone(),
         budget: "team".into(),
         table: "leads".into(),
         holder: "test".into(),
-        ask: CreditCost {
-            data_credits: ask,
-            actions: 0,
-        },
-        min: CreditCost {
-            data_credits: min,
-            actions: 0,
-        },
-        ttl_seconds: ttl,
+        lease: lease.into(),
+        seq,
+        row_cost: credits(1.0),
+        ttl_seconds: 60,
+        ..Default::default()
     }
 }
 
-fn settle_request(env: &TestEnv, reservation: &str, used: f64, failures: u64) -> SettleRequest {
-    SettleRequest {
-        namespace: env.namespace.clone(),
-        budget: "team".into(),
-        table: "leads".into(),
-        reservation: reservation.into(),
-        seq: 1,
-        used: CreditCost {
-            data_credits: used,
-            actions: 0,
+/// A data-plane process's lease, as workers and receivers hold them.
+fn holder(env: &TestEnv, ports: &[u16], token: &SecretString, name: &str) -> Arc<CreditLease> {
+    CreditLease::start(
+        LeaseTarget {
+            namespace: env.namespace.clone(),
+            budget: "team".into(),
+            table: "leads".into(),
+            holder: name.into(),
         },
-        release: true,
-        successes: 0,
-        failures,
-    }
+        &credits(1.0),
+        ledger(ports, token.clone()),
+    )
 }
 
 async fn budget_status(env: &TestEnv) -> kiln::api::CreditBudgetStatus {
@@ -118,93 +119,166 @@ async fn budget_status(env: &TestEnv) -> kiln::api::CreditBudgetStatus {
         .unwrap_or_default()
 }
 
-/// Clients that reserve blocks of `ask` (10× a row) and spend all of it,
-/// until the budget says no. Returns the total granted.
-async fn spend_until_denied(
-    env: &Arc<TestEnv>,
-    client: &Arc<LedgerClient>,
-    clients: usize,
-    ask: f64,
-) -> f64 {
-    let granted_milli = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (env, client, granted_milli) = (env.clone(), client.clone(), granted_milli.clone());
-        tasks.push(tokio::spawn(async move {
-            for i in 0.. {
-                let request = reserve_request(&env, format!("c{c}-{i}"), ask, ask / 10.0, 60);
-                match client.reserve(&request).await {
-                    Ok(grant) => {
-                        granted_milli.fetch_add(
-                            (grant.granted.data_credits * 1000.0).round() as u64,
-                            Ordering::SeqCst,
-                        );
-                        match client
-                            .settle(&settle_request(
-                                &env,
-                                &grant.id,
-                                grant.granted.data_credits,
-                                0,
-                            ))
-                            .await
-                        {
-                            // A retried release whose first attempt landed finds the reservation closed.
-                            Ok(()) | Err(LedgerClientError::Rejected { status: 409, .. }) => {}
-                            Err(other) => panic!("settle failed: {other}"),
-                        }
-                    }
+/// Holders drawing one-credit rows as fast as they can until the budget
+/// refuses; each row's draw is counted. Returns rows drawn per holder.
+async fn draw_until_refused(holders: &[Arc<CreditLease>]) -> Vec<u64> {
+    let tasks = holders.iter().map(|lease| {
+        let lease = lease.clone();
+        tokio::spawn(async move {
+            let mut drawn = 0u64;
+            loop {
+                match lease.draw(&credits(1.0)).await {
+                    Ok(_) => drawn += 1,
                     Err(LedgerClientError::Denied(denial)) => {
                         assert_eq!(denial.reason, DenialReason::Exhausted);
-                        return;
+                        return drawn;
                     }
-                    Err(other) => panic!("reserve failed: {other}"),
+                    Err(other) => panic!("draw failed: {other}"),
                 }
             }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-    granted_milli.load(Ordering::SeqCst) as f64 / 1000.0
+        })
+    });
+    futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Samples the budget's status until stopped, asserting the invariant on
+/// every state the ledger wrote.
+fn watch_invariant(env: &Arc<TestEnv>, limit: f64) -> tokio::task::JoinHandle<usize> {
+    let env = env.clone();
+    tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            let status = budget_status(&env).await;
+            let committed = status.used.data_credits + status.reserved.data_credits;
+            assert!(
+                committed <= limit + 1e-9,
+                "used {} + held {} exceeds the limit {limit}",
+                status.used.data_credits,
+                status.reserved.data_credits
+            );
+            seen += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if seen > 100_000 {
+                return seen;
+            }
+        }
+    })
 }
 
 #[tokio::test]
-async fn concurrent_over_asking_clients_never_exceed_the_limit() {
+async fn concurrent_holders_drawing_through_leases_never_exceed_the_limit_and_none_starves() {
     let env = Arc::new(support::test_env("ledger-concurrent").await);
     support::install_kiln_crds(&env.client).await;
     let operator = support::start_operator(&env.namespace, "op-a").await;
-    let token = setup(&env, json!({"limits": {"dataCredits": 100.0}})).await;
-    let client = Arc::new(ledger(&[operator.api_port], token));
+    let token = setup(&env, json!({"limits": {"dataCredits": 200.0}})).await;
+    let invariant = watch_invariant(&env, 200.0);
+    let holders: Vec<_> = (0..6)
+        .map(|i| holder(&env, &[operator.api_port], &token, &format!("pod-{i}")))
+        .collect();
 
-    let granted = spend_until_denied(&env, &client, 12, 10.0).await;
-    assert_eq!(granted, 100.0, "exactly the limit was granted, never more");
-    let status = budget_status(&env).await;
-    assert_eq!(status.used.data_credits, 100.0);
-    assert!(status.reservations.is_empty());
-    assert!(status.denials >= 12, "every client was refused at the end");
+    let drawn = draw_until_refused(&holders).await;
+    assert_eq!(
+        drawn.iter().sum::<u64>(),
+        200,
+        "exactly the limit was drawn: {drawn:?}"
+    );
+    assert!(drawn.iter().all(|d| *d > 0), "no holder starved: {drawn:?}");
+    for lease in &holders {
+        lease.close().await;
+    }
+    let status = wait::until("every lease closed", || async {
+        let status = budget_status(&env).await;
+        status.leases.is_empty().then_some(status)
+    })
+    .await;
+    assert!(
+        !invariant.is_finished(),
+        "the invariant held at every sample"
+    );
+    invariant.abort();
+    assert_eq!(status.used.data_credits, 200.0);
     assert_eq!(status.state, kiln::api::budget::BudgetState::Exhausted);
     assert_eq!(status.tables[0].table, "leads");
-    assert_eq!(status.tables[0].used.data_credits, 100.0);
+    assert_eq!(status.tables[0].used.data_credits, 200.0);
     // Prometheus sees the same numbers.
     let (_, metrics) = operator.health_get("/metrics").await.unwrap();
     let used_line = format!(
-        "kiln_budget_used{{namespace=\"{}\",budget=\"team\",meter=\"data_credits\"}} 100.0",
+        "kiln_budget_used{{namespace=\"{}\",budget=\"team\",meter=\"data_credits\"}} 200.0",
         env.namespace
     );
     assert!(
         metrics.contains(&used_line),
         "{used_line} not in:\n{metrics}"
     );
-    assert!(
-        metrics.contains("kiln_budget_breaker_state{"),
-        "breaker state exported"
-    );
     // The table reports its own spend this period.
     wait::until("the table's credits this period", || async {
         let table = env.api::<EnrichmentTable>().get("leads").await.ok()?;
-        (table.status?.credits_this_period.data_credits == 100.0).then_some(())
+        (table.status?.credits_this_period.data_credits == 200.0).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn refunds_bring_used_down_to_what_clay_charged_and_less_than_a_row_left_is_exhausted() {
+    let env = Arc::new(support::test_env("ledger-refunds").await);
+    support::install_kiln_crds(&env.client).await;
+    let operator = support::start_operator(&env.namespace, "op-a").await;
+    let token = setup(&env, json!({"limits": {"dataCredits": 10.0}})).await;
+    let row = credits(4.0);
+    let lease = CreditLease::start(
+        LeaseTarget {
+            namespace: env.namespace.clone(),
+            budget: "team".into(),
+            table: "leads".into(),
+            holder: "pod".into(),
+        },
+        &row,
+        ledger(&[operator.api_port], token),
+    );
+    let first = lease.draw(&row).await.unwrap();
+    let second = lease.draw(&row).await.unwrap();
+    match lease.draw(&row).await {
+        Err(LedgerClientError::Denied(denial)) => {
+            assert_eq!(denial.reason, DenialReason::Exhausted);
+            assert!(
+                denial.message.contains("one row needs 4"),
+                "{}",
+                denial.message
+            );
+        }
+        other => panic!("a third row of 4 does not fit in 10: {other:?}"),
+    }
+    // 2 credits remain: less than a row, so the budget says Exhausted at 80%.
+    let status = wait::until("Exhausted below one row", || async {
+        let status = budget_status(&env).await;
+        (status.state == kiln::api::budget::BudgetState::Exhausted).then_some(status)
+    })
+    .await;
+    assert_eq!(status.percent_used, 80);
+    // Clay charged 1.5 and 2.5; a third result claims a negative cost.
+    lease.settle_row(&first.cost, &first.period, Some(1.5));
+    lease.settle_row(&second.cost, &second.period, Some(2.5));
+    lease.settle_row(&row, &first.period, Some(-8000.0));
+    lease.close().await;
+    let status = wait::until("refunds applied", || async {
+        let status = budget_status(&env).await;
+        status.leases.is_empty().then_some(status)
+    })
+    .await;
+    assert_eq!(
+        status.used.data_credits, 4.0,
+        "8 drawn, 4 refunded, the negative cost ignored"
+    );
+    assert_eq!(status.state, kiln::api::budget::BudgetState::Active);
+    let (_, metrics) = operator.health_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("kiln_ledger_implausible_costs_total 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -218,63 +292,100 @@ async fn killing_the_leader_mid_run_loses_nothing_and_overspends_nothing() {
     })
     .await;
     let second = support::start_operator(&env.namespace, "op-second").await;
-    let client = Arc::new(ledger(&[first.api_port, second.api_port], token));
-
-    let spender = {
-        let (env, client) = (env.clone(), client.clone());
-        tokio::spawn(async move { spend_until_denied(&env, &client, 6, 5.0).await })
+    let invariant = watch_invariant(&env, 300.0);
+    let ports = [first.api_port, second.api_port];
+    let holders: Vec<_> = (0..4)
+        .map(|i| holder(&env, &ports, &token, &format!("pod-{i}")))
+        .collect();
+    // Slow enough that the kill lands mid-run.
+    let drawing = {
+        let holders = holders.clone();
+        tokio::spawn(async move {
+            let tasks = holders.into_iter().map(|lease| async move {
+                let mut drawn = 0u64;
+                loop {
+                    match lease.draw(&credits(1.0)).await {
+                        Ok(_) => drawn += 1,
+                        Err(LedgerClientError::Denied(_)) => return drawn,
+                        Err(other) => panic!("draw failed: {other}"),
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            });
+            futures::future::join_all(tasks).await
+        })
     };
     wait::until("a third of the budget spent", || async {
         (budget_status(&env).await.used.data_credits >= 100.0).then_some(())
     })
     .await;
     first.process.kill_hard();
-    let granted = spender.await.unwrap();
-
-    let status = budget_status(&env).await;
+    let drawn: u64 = drawing.await.unwrap().into_iter().sum();
+    for lease in &holders {
+        lease.close().await;
+    }
+    let status = wait::until("every lease closed", || async {
+        let status = budget_status(&env).await;
+        status.leases.is_empty().then_some(status)
+    })
+    .await;
+    assert!(
+        !invariant.is_finished(),
+        "the invariant held at every sample"
+    );
+    invariant.abort();
     assert_eq!(
-        granted, 300.0,
-        "the clients got the whole budget across the failover"
+        drawn, 300,
+        "the holders got the whole budget across the failover"
     );
     assert_eq!(
         status.used.data_credits, 300.0,
-        "every grant is accounted exactly once"
+        "every draw is accounted exactly once"
     );
-    assert!(status.reservations.is_empty());
 }
 
 #[tokio::test]
-async fn a_holder_that_vanishes_forfeits_its_reservation_as_spent() {
+async fn a_holder_that_vanishes_forfeits_its_lease_as_spent() {
     let env = support::test_env("ledger-forfeit").await;
     support::install_kiln_crds(&env.client).await;
     let operator = support::start_operator(&env.namespace, "op-a").await;
     let token = setup(&env, json!({"limits": {"dataCredits": 50.0}})).await;
     let client = ledger(&[operator.api_port], token);
 
-    let grant = client
-        .reserve(&reserve_request(&env, "lost".into(), 20.0, 1.0, 2))
+    let answer = client
+        .lease(&LeaseRequest {
+            ask: credits(20.0),
+            ttl_seconds: 2,
+            ..request(&env, "lost", 1)
+        })
         .await
         .unwrap();
-    assert_eq!(grant.granted.data_credits, 20.0);
+    assert_eq!(answer.granted.data_credits, 20.0);
     assert_eq!(
         budget_status(&env).await.reserved.data_credits,
         20.0,
         "recorded before it was granted"
     );
-    // The holder never settles or renews (it was killed).
-    let status = wait::until("the reservation forfeited", || async {
+    // The holder never reports again (it was killed).
+    let status = wait::until("the lease forfeited", || async {
         let status = budget_status(&env).await;
-        status.reservations.is_empty().then_some(status)
+        status.leases.is_empty().then_some(status)
     })
     .await;
     assert_eq!(status.used.data_credits, 20.0, "counted as spent");
     assert_eq!(status.remaining.data_credits, 30.0);
-    // A late settlement cannot bring the credits back.
-    let late = client.settle(&settle_request(&env, "lost", 0.0, 0)).await;
+    // A late report cannot bring the credits back.
+    let late = client
+        .lease(&LeaseRequest {
+            give_back: credits(20.0),
+            ..request(&env, "lost", 2)
+        })
+        .await;
     assert!(
         matches!(late, Err(LedgerClientError::Rejected { status: 409, .. })),
         "{late:?}"
     );
+    assert_eq!(budget_status(&env).await.used.data_credits, 20.0);
 }
 
 #[tokio::test]
@@ -287,8 +398,9 @@ async fn period_rollover_archives_usage_and_resets() {
         json!({"limits": {"dataCredits": 10.0}, "period": "Daily", "timeZone": "UTC"}),
     )
     .await;
-    let client = Arc::new(ledger(&[today.api_port], token.clone()));
-    assert_eq!(spend_until_denied(&env, &client, 2, 5.0).await, 10.0);
+    let holders = [holder(&env, &[today.api_port], &token, "pod-a")];
+    assert_eq!(draw_until_refused(&holders).await, vec![10]);
+    holders[0].close().await;
     let before = budget_status(&env).await;
     let period_end = before.period_end.clone().unwrap().0;
     today.process.stop(std::time::Duration::from_secs(10));
@@ -310,13 +422,23 @@ async fn period_rollover_archives_usage_and_resets() {
     assert_eq!(status.history[0].used.data_credits, 10.0);
     assert_eq!(status.history[0].period_end.0, period_end);
     assert_eq!(status.state, kiln::api::budget::BudgetState::Active);
+    // A refund tagged with the old period cannot lower the new one.
+    let client = ledger(&[tomorrow.api_port], token.clone());
+    client
+        .lease(&LeaseRequest {
+            refund: credits(5.0),
+            refund_period: before.period_start.unwrap().0.to_string(),
+            ..request(&env, "late-receiver", 1)
+        })
+        .await
+        .unwrap();
     // Spending resumes in the new period.
-    let client = Arc::new(ledger(&[tomorrow.api_port], token));
-    assert_eq!(spend_until_denied(&env, &client, 1, 5.0).await, 10.0);
+    let holders = [holder(&env, &[tomorrow.api_port], &token, "pod-b")];
+    assert_eq!(draw_until_refused(&holders).await, vec![10]);
 }
 
 #[tokio::test]
-async fn the_breaker_opens_on_reported_failures_and_refuses_credits() {
+async fn the_breaker_opens_on_reported_failures_and_refused_reports_count_nothing() {
     let env = support::test_env("ledger-breaker").await;
     support::install_kiln_crds(&env.client).await;
     let operator = support::start_operator(&env.namespace, "op-a").await;
@@ -326,26 +448,115 @@ async fn the_breaker_opens_on_reported_failures_and_refuses_credits() {
     )
     .await;
     let client = ledger(&[operator.api_port], token);
-    let grant = client
-        .reserve(&reserve_request(&env, "r1".into(), 4.0, 1.0, 60))
-        .await
-        .unwrap();
+    // Reports against a lease the ledger does not know are refused and,
+    // like every refused request, count nothing (no phantom failures).
+    for seq in 2..6 {
+        let refused = client
+            .lease(&LeaseRequest {
+                failures: 4,
+                ..request(&env, "unknown", seq)
+            })
+            .await;
+        assert!(matches!(
+            refused,
+            Err(LedgerClientError::Rejected { status: 409, .. })
+        ));
+    }
+    assert_eq!(
+        budget_status(&env).await.breaker.state,
+        kiln::api::budget::BreakerState::Closed
+    );
     client
-        .settle(&settle_request(&env, &grant.id, 0.0, 4))
+        .lease(&LeaseRequest {
+            failures: 4,
+            ..request(&env, "worker", 1)
+        })
         .await
         .unwrap();
     let status = budget_status(&env).await;
     assert_eq!(status.breaker.state, kiln::api::budget::BreakerState::Open);
     assert_eq!(status.state, kiln::api::budget::BudgetState::BreakerOpen);
     let refused = client
-        .reserve(&reserve_request(&env, "r2".into(), 4.0, 1.0, 60))
-        .await;
-    match refused {
-        Err(LedgerClientError::Denied(denial)) => {
-            assert_eq!(denial.reason, DenialReason::BreakerOpen)
-        }
-        other => panic!("expected a BreakerOpen denial, got {other:?}"),
+        .lease(&LeaseRequest {
+            ask: credits(4.0),
+            ..request(&env, "worker", 2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(refused.granted.data_credits, 0.0);
+    assert_eq!(refused.denial.unwrap().reason, DenialReason::BreakerOpen);
+}
+
+#[tokio::test]
+async fn malformed_amounts_are_refused_before_they_reach_the_ledger() {
+    let env = support::test_env("ledger-malformed").await;
+    support::install_kiln_crds(&env.client).await;
+    let operator = support::start_operator(&env.namespace, "op-a").await;
+    let token = setup(&env, json!({"limits": {"dataCredits": 100.0}})).await;
+    ledger(&[operator.api_port], token.clone())
+        .lease(&LeaseRequest {
+            ask: credits(10.0),
+            ..request(&env, "w", 1)
+        })
+        .await
+        .unwrap();
+    let before = budget_status(&env).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/v1/lease", operator.api_port);
+    let valid = serde_json::to_value(request(&env, "w", 2)).unwrap();
+    let cases = [
+        ("spent", json!({"dataCredits": -8000.0})),
+        ("refund", json!({"dataCredits": 1e300})),
+        ("giveBack", json!({"dataCredits": "12"})),
+        ("spent", json!({"actions": -1})),
+        ("extra", json!({"actions": 18446744073709551615u64})),
+        ("failures", json!(18446744073709551615u64)),
+        ("seq", json!(0)),
+        ("lease", json!("x".repeat(30_000))),
+    ];
+    for (field, value) in cases {
+        let mut body = valid.clone();
+        body[field] = value.clone();
+        let response = http
+            .post(&url)
+            .bearer_auth(token.expose())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        assert!(
+            status == 400 || status == 413,
+            "{field}={value}: expected 400/413, got {status}"
+        );
     }
+    // Unauthenticated: refused before the body is even read.
+    let response = http
+        .post(&url)
+        .header("authorization", "bearer not-a-token")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    let after = budget_status(&env).await;
+    assert_eq!(after.used, before.used);
+    assert_eq!(after.leases, before.leases);
+    // Reporting more spend than the lease holds fails alone.
+    let refused = ledger(&[operator.api_port], token.clone())
+        .lease(&LeaseRequest {
+            spent: credits(11.0),
+            ..request(&env, "w", 2)
+        })
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(LedgerClientError::Rejected { status: 409, .. })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(budget_status(&env).await.used, before.used);
 }
 
 #[tokio::test]
@@ -372,7 +583,10 @@ async fn only_the_tables_own_service_account_may_draw() {
         .unwrap();
     let foreign = token_for(&env, &other.namespace, "kiln-leads").await;
     let refused = ledger(&endpoint, foreign)
-        .reserve(&reserve_request(&env, "x1".into(), 1.0, 1.0, 60))
+        .lease(&LeaseRequest {
+            ask: credits(1.0),
+            ..request(&env, "x1", 1)
+        })
         .await;
     assert!(
         matches!(
@@ -396,7 +610,10 @@ async fn only_the_tables_own_service_account_may_draw() {
         .unwrap();
     let stranger_token = token_for(&env, &env.namespace, "stranger").await;
     let refused = ledger(&endpoint, stranger_token)
-        .reserve(&reserve_request(&env, "x2".into(), 1.0, 1.0, 60))
+        .lease(&LeaseRequest {
+            ask: credits(1.0),
+            ..request(&env, "x2", 1)
+        })
         .await;
     assert!(
         matches!(
@@ -408,7 +625,10 @@ async fn only_the_tables_own_service_account_may_draw() {
 
     // A forged token.
     let refused = ledger(&endpoint, "not-a-token".into())
-        .reserve(&reserve_request(&env, "x3".into(), 1.0, 1.0, 60))
+        .lease(&LeaseRequest {
+            ask: credits(1.0),
+            ..request(&env, "x3", 1)
+        })
         .await;
     assert!(
         matches!(
@@ -419,11 +639,12 @@ async fn only_the_tables_own_service_account_may_draw() {
     );
 
     // The right account, but a budget its table does not reference.
-    let mut wrong_budget = reserve_request(&env, "x4".into(), 1.0, 1.0, 60);
-    wrong_budget.budget = "someone-elses".into();
-    let refused = ledger(&endpoint, token.clone())
-        .reserve(&wrong_budget)
-        .await;
+    let wrong_budget = LeaseRequest {
+        budget: "someone-elses".into(),
+        ask: credits(1.0),
+        ..request(&env, "x4", 1)
+    };
+    let refused = ledger(&endpoint, token.clone()).lease(&wrong_budget).await;
     assert!(
         matches!(
             refused,
@@ -434,7 +655,10 @@ async fn only_the_tables_own_service_account_may_draw() {
 
     // And the right request succeeds.
     ledger(&endpoint, token)
-        .reserve(&reserve_request(&env, "ok".into(), 1.0, 1.0, 60))
+        .lease(&LeaseRequest {
+            ask: credits(1.0),
+            ..request(&env, "ok", 1)
+        })
         .await
         .unwrap();
     assert_eq!(
@@ -445,16 +669,13 @@ async fn only_the_tables_own_service_account_may_draw() {
 }
 
 #[tokio::test]
-async fn pausing_a_budget_stops_grants_at_once_and_unpausing_resumes() {
+async fn pausing_a_budget_stops_drawing_within_a_second_and_unpausing_resumes() {
     let env = support::test_env("ledger-paused").await;
     support::install_kiln_crds(&env.client).await;
     let operator = support::start_operator(&env.namespace, "op-a").await;
     let token = setup(&env, json!({"limits": {"dataCredits": 100.0}})).await;
-    let client = ledger(&[operator.api_port], token);
-    client
-        .reserve(&reserve_request(&env, "before".into(), 1.0, 1.0, 60))
-        .await
-        .unwrap();
+    let lease = holder(&env, &[operator.api_port], &token, "pod");
+    lease.draw(&credits(1.0)).await.unwrap();
 
     let budgets = env.api::<CreditBudget>();
     let pause = |paused: bool| json!({"spec": {"paused": paused}});
@@ -466,26 +687,24 @@ async fn pausing_a_budget_stops_grants_at_once_and_unpausing_resumes() {
         )
         .await
         .unwrap();
-    match client
-        .reserve(&reserve_request(&env, "while-paused".into(), 1.0, 1.0, 60))
-        .await
-    {
-        Err(LedgerClientError::Denied(denial)) => {
-            assert_eq!(denial.reason, DenialReason::Paused);
-            assert!(denial.message.contains("paused"), "{}", denial.message);
+    // Credits already in the holder's pool may not be drawn either.
+    let denial = wait::until("draws refused as Paused", || async {
+        match lease.draw(&credits(1.0)).await {
+            Err(LedgerClientError::Denied(denial)) => Some(denial),
+            _ => None,
         }
-        other => panic!("expected a Paused denial, got {other:?}"),
-    }
-    let status = wait::until("the Paused state", || async {
-        let status = budget_status(&env).await;
-        (status.state == kiln::api::budget::BudgetState::Paused).then_some(status)
     })
     .await;
-    assert_eq!(
-        status.reservations.len(),
-        1,
-        "the earlier grant is untouched"
-    );
+    assert_eq!(denial.reason, DenialReason::Paused);
+    assert!(denial.message.contains("paused"), "{}", denial.message);
+    let status = wait::until("the pool handed back", || async {
+        let status = budget_status(&env).await;
+        (status.state == kiln::api::budget::BudgetState::Paused
+            && status.reserved.data_credits == 0.0)
+            .then_some(status)
+    })
+    .await;
+    assert_eq!(status.leases.len(), 1, "the lease itself lives on");
 
     budgets
         .patch(
@@ -495,8 +714,8 @@ async fn pausing_a_budget_stops_grants_at_once_and_unpausing_resumes() {
         )
         .await
         .unwrap();
-    client
-        .reserve(&reserve_request(&env, "after".into(), 1.0, 1.0, 60))
-        .await
-        .unwrap();
+    wait::until("draws granted again", || async {
+        lease.draw(&credits(1.0)).await.ok()
+    })
+    .await;
 }

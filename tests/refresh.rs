@@ -251,11 +251,10 @@ async fn scheduled_refresh_re_enriches_exactly_the_stale_rows_within_its_caps() 
     assert!(charged <= 24.0, "the run cost {charged}, over maxCredits");
 
     // An exhausted budget holds the CronJob, and a run refuses to start.
-    let used = wait::until("reservations settled", || async {
+    let total_charged = p.sim.stats().await.data_credits_charged;
+    let used = wait::until("spend settled to what Clay charged", || async {
         let status = p.env.api::<CreditBudget>().get("team").await.ok()?.status?;
-        status
-            .reservations
-            .is_empty()
+        ((status.used.data_credits - total_charged).abs() < 1e-6)
             .then_some(status.used.data_credits)
     })
     .await;

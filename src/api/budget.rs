@@ -217,10 +217,11 @@ pub struct CreditBudgetStatus {
     /// End of the current period (exclusive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub period_end: Option<Time>,
-    /// Settled spend this period.
+    /// Total spend this period: rows submitted to Clay, at their reported
+    /// cost once their result arrived, else at their worst case.
     #[serde(default)]
     pub used: CreditCost,
-    /// Credits held by outstanding reservations.
+    /// Total credits held by leases (granted, not yet spent or given back).
     #[serde(default)]
     pub reserved: CreditCost,
     /// Limit minus used minus reserved, per limited meter.
@@ -238,35 +239,41 @@ pub struct CreditBudgetStatus {
     /// Totals of past periods, newest first.
     #[serde(default)]
     pub history: Vec<PeriodUsage>,
-    /// Outstanding reservations: the ledger's durable record of credits
-    /// granted to workers and not yet settled.
+    /// Credit leases: one per data-plane process and table, each a block of
+    /// credits granted by the ledger and drawn per row by its holder. Bounded
+    /// by the number of processes, not by rows in flight.
     #[serde(default)]
-    pub reservations: Vec<Reservation>,
-    /// Reservation requests refused this period (budget exhausted, paused, breaker open).
+    pub leases: Vec<Lease>,
+    /// Lease requests refused this period (budget exhausted, paused, breaker open).
     #[serde(default)]
     pub denials: u64,
 }
 
-/// Credits granted to one holder and not yet fully settled.
+/// Credits held by one data-plane process for one table: its undrawn pool
+/// plus what it drew and has not reported as spent yet.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct Reservation {
-    /// Reservation id, as returned to the holder.
+pub struct Lease {
+    /// Lease id, chosen by the holder.
     pub id: String,
     /// The EnrichmentTable drawing the credits.
     pub table: String,
     /// The process holding it (pod name), for troubleshooting.
     pub holder: String,
-    /// Credits granted.
-    pub granted: CreditCost,
-    /// Credits settled against it so far.
-    pub settled: CreditCost,
-    /// Sequence number of the last settlement applied, so a retried
-    /// settlement is applied once.
+    /// Credits held: counted against the limit until reported spent or given back.
+    pub held: CreditCost,
+    /// One row's worst case for this holder's table: the smallest useful grant.
     #[serde(default)]
-    pub settled_seq: u64,
-    /// When the holder must have renewed or settled it; afterwards the
-    /// unsettled remainder is forfeited and counted as spent.
+    pub row_cost: CreditCost,
+    /// Sequence number of the last request applied, so a retried request
+    /// is applied once.
+    #[serde(default)]
+    pub seq: u64,
+    /// Credits granted by that request (returned again when it is retried).
+    #[serde(default)]
+    pub last_granted: CreditCost,
+    /// When the holder must have renewed it; afterwards what it holds is
+    /// forfeited and counted as spent.
     pub expires_at: Time,
 }
 

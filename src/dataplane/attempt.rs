@@ -1,8 +1,8 @@
-//! One attempt at enriching a row, shared by every tier: reserve its
-//! credits, submit it to Clay with its correlation id, and — when no result
-//! came in time — close the attempt as spent and retry it, or dead-letter it
-//! after `maxAttempts`. The rows themselves live in whichever store the
-//! tier uses ([`PendingRows`]).
+//! One attempt at enriching a row, shared by every tier: draw its credits
+//! from the process's lease, submit it to Clay with its correlation id, and
+//! — when no result came in time — count the attempt as spent and retry it,
+//! or dead-letter it after `maxAttempts`. The rows themselves live in
+//! whichever store the tier uses ([`PendingRows`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,17 +13,16 @@ use tokio::sync::watch;
 use super::TableRuntime;
 use super::store::{PendingRow, PendingRows};
 use crate::api::budget::OnExhausted;
-use crate::api::table::CreditCost;
 use crate::clay::ClayError;
 use crate::clay::limiter::RateLimiter;
 use crate::clay::rotation::{RotationPolicy, SourceRotation, SubmissionCounter};
 use crate::clay::webhook::{RowOutcome, WebhookClient, WebhookConfig};
-use crate::ledger::client::{LedgerClient, LedgerClientError};
-use crate::ledger::{DenialReason, ReserveRequest, SettleRequest};
+use crate::ledger::DenialReason;
+use crate::ledger::client::LedgerClientError;
+use crate::ledger::lease::{CreditLease, Draw};
 
-/// Extra reservation life beyond the result timeout, so a reservation never
-/// expires while its row is legitimately waiting.
-const RESERVATION_MARGIN_SECS: u64 = 300;
+/// How soon a row whose retry found no credits is looked at again.
+const RETRY_WITHOUT_CREDITS_MS: i64 = 5_000;
 /// How long a sweeper owns the expired rows it took (other sweepers skip them).
 const SWEEP_LEASE_MS: i64 = 30_000;
 
@@ -91,12 +90,11 @@ impl Live {
     }
 }
 
-/// Reserves, submits, retries and dead-letters rows of one table.
+/// Draws credits for, submits, retries and dead-letters rows of one table.
 pub struct Attempts {
     pub live: watch::Receiver<Arc<Live>>,
     pub rows: Arc<dyn PendingRows>,
-    pub ledger: LedgerClient,
-    pub identity: String,
+    pub lease: Arc<CreditLease>,
 }
 
 impl Attempts {
@@ -143,46 +141,35 @@ impl Attempts {
             + Duration::from_secs(30)
     }
 
-    pub async fn reserve(&self, id: &str, cost: &CreditCost) -> Result<(), LedgerClientError> {
-        let runtime = self.runtime();
-        let request = ReserveRequest {
-            id: id.to_string(),
-            namespace: runtime.namespace.clone(),
-            budget: runtime.table.spec.budget_ref.name.clone(),
-            table: runtime.name.clone(),
-            holder: self.identity.clone(),
-            ask: cost.clone(),
-            min: cost.clone(),
-            ttl_seconds: self.result_timeout().as_secs() + RESERVATION_MARGIN_SECS,
-        };
-        self.ledger.reserve(&request).await.map(|_| ())
+    /// Draws one row's worst case from the lease.
+    pub async fn draw(&self) -> Result<Draw, LedgerClientError> {
+        let cost = self.runtime().table.spec.clay.credits_per_row.clone();
+        self.lease.set_row_cost(&cost);
+        self.lease.draw(&cost).await
     }
 
-    /// Closes a reservation: `used` is what is counted as spent.
-    pub async fn close_reservation(&self, id: &str, used: CreditCost, failures: u64) {
-        let runtime = self.runtime();
-        let request = SettleRequest {
-            namespace: runtime.namespace.clone(),
-            budget: runtime.table.spec.budget_ref.name.clone(),
-            table: runtime.name.clone(),
-            reservation: id.to_string(),
-            seq: 1,
-            used,
-            release: true,
-            successes: 0,
-            failures,
-        };
-        match self.ledger.settle(&request).await {
-            // Already settled by the receiver, or already forfeited: either way it is closed.
-            Ok(()) | Err(LedgerClientError::Rejected { status: 409, .. }) => {}
-            Err(error) => {
-                tracing::warn!(%error, reservation = id, "closing a reservation failed; it will expire and count as spent")
-            }
+    /// A pending row for the first attempt at `row`, covered by `draw`.
+    pub fn first_attempt(
+        &self,
+        row_id: String,
+        key: String,
+        row: Value,
+        draw: &Draw,
+    ) -> PendingRow {
+        PendingRow {
+            reservation: format!("{row_id}-a1"),
+            row_id,
+            key,
+            row,
+            attempt: 1,
+            reserved_credits: draw.cost.data_credits,
+            reserved_actions: draw.cost.actions,
+            period: draw.period.clone(),
         }
     }
 
-    /// Sends a pending row to Clay with its correlation id.
-    pub async fn submit(&self, pending: &PendingRow) -> anyhow::Result<()> {
+    /// Sends a pending row to Clay with its correlation id; `draw` paid for it.
+    pub async fn submit(&self, pending: &PendingRow, draw: &Draw) -> anyhow::Result<()> {
         let mut row = pending.row.clone();
         row["kiln_row_id"] = Value::String(pending.row_id.clone());
         let outcome = self
@@ -207,17 +194,22 @@ impl Attempts {
                         | ClayError::SourcesExhausted { .. }
                 );
                 // Nothing was accepted, so nothing was charged.
-                self.close_reservation(&pending.reservation, CreditCost::default(), 1)
-                    .await;
+                self.lease.undo(draw);
+                self.lease.record_failure();
                 if permanent {
                     tracing::warn!(row = %pending.row_id, reason = error.reason(), %error, "dead-lettering a row Clay will not accept");
                     self.rows
                         .dead_letter_pending(&pending.row_id, error.reason())
                         .await?;
                 } else {
-                    // Due now: the sweeper retries it (or dead-letters it after maxAttempts).
+                    // Due now, with no credits drawn: the sweeper retries it
+                    // (or dead-letters it after maxAttempts).
+                    let waiting = PendingRow {
+                        reservation: String::new(),
+                        ..pending.clone()
+                    };
                     self.rows
-                        .replace_pending(pending, now_ms(), &pending.reservation)
+                        .replace_pending(&waiting, now_ms(), &pending.reservation)
                         .await?;
                 }
                 Ok(())
@@ -243,9 +235,13 @@ impl Attempts {
     }
 
     async fn retry_or_dead_letter(&self, pending: PendingRow) -> anyhow::Result<()> {
-        // The result is unknown, never "no charge": the attempt counts as spent.
-        self.close_reservation(&pending.reservation, pending.reserved(), 1)
-            .await;
+        // An attempt in flight whose result never came: it counts as spent
+        // (already, at its worst case) and as one failed Clay call, once —
+        // the row is replaced below, so a later sweep cannot count it again.
+        let in_flight = !pending.reservation.is_empty();
+        if in_flight {
+            self.lease.record_failure();
+        }
         if pending.attempt >= self.runtime().table.spec.clay.max_attempts {
             tracing::warn!(row = %pending.row_id, attempts = pending.attempt, "dead-lettering a row whose result never came");
             self.rows
@@ -253,13 +249,8 @@ impl Attempts {
                 .await?;
             return Ok(());
         }
-        let next = PendingRow {
-            attempt: pending.attempt + 1,
-            reservation: format!("{}-a{}", pending.row_id, pending.attempt + 1),
-            ..pending.clone()
-        };
-        match self.reserve(&next.reservation, &next.reserved()).await {
-            Ok(()) => {}
+        let draw = match self.draw().await {
+            Ok(draw) => draw,
             Err(LedgerClientError::Denied(denial))
                 if denial.on_exhausted == OnExhausted::DeadLetter
                     && denial.reason == DenialReason::Exhausted =>
@@ -269,20 +260,40 @@ impl Attempts {
                     .await?;
                 return Ok(());
             }
-            // Paused or unavailable: the row is retried when its lease ends.
-            Err(_) => return Ok(()),
-        }
+            // Paused or unavailable: the row waits, with no attempt in flight.
+            Err(_) => {
+                let waiting = PendingRow {
+                    reservation: String::new(),
+                    ..pending.clone()
+                };
+                self.rows
+                    .replace_pending(
+                        &waiting,
+                        now_ms() + RETRY_WITHOUT_CREDITS_MS,
+                        &pending.reservation,
+                    )
+                    .await?;
+                return Ok(());
+            }
+        };
+        let next = PendingRow {
+            attempt: pending.attempt + 1,
+            reservation: format!("{}-a{}", pending.row_id, pending.attempt + 1),
+            reserved_credits: draw.cost.data_credits,
+            reserved_actions: draw.cost.actions,
+            period: draw.period.clone(),
+            ..pending.clone()
+        };
         let deadline = self.first_deadline();
         if self
             .rows
             .replace_pending(&next, deadline, &pending.reservation)
             .await?
         {
-            self.submit(&next).await?;
+            self.submit(&next, &draw).await?;
         } else {
-            // The callback won the race: the new reservation is not needed.
-            self.close_reservation(&next.reservation, CreditCost::default(), 0)
-                .await;
+            // The callback won the race: the credits are not needed.
+            self.lease.undo(&draw);
         }
         Ok(())
     }

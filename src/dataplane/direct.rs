@@ -329,40 +329,29 @@ impl Direct {
         let runtime = self.attempts.runtime();
         let spec = &runtime.table.spec;
         let row_id = format!("{}-{}", runtime.name, uuid::Uuid::new_v4().simple());
-        let reservation = format!("{row_id}-a1");
-        let cost = spec.clay.credits_per_row.clone();
-        match self.attempts.reserve(&reservation, &cost).await {
-            Ok(()) => {}
+        let draw = match self.attempts.draw().await {
+            Ok(draw) => draw,
             Err(LedgerClientError::Denied(denial)) => {
                 return Err(refusal(denial.reason, denial.message));
             }
             Err(error) => {
-                tracing::warn!(%error, "reserving credits failed");
+                tracing::warn!(%error, "drawing credits failed");
                 return Err(Answer::Refused {
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     reason: "LedgerUnavailable".into(),
                     message: "the credit ledger is unavailable; retry".into(),
                 });
             }
-        }
-        let pending = PendingRow {
-            row_id,
-            key: key_of(&row, &spec.key).unwrap_or_default(),
-            row,
-            attempt: 1,
-            reservation,
-            reserved_credits: cost.data_credits,
-            reserved_actions: cost.actions,
         };
+        let key = key_of(&row, &spec.key).unwrap_or_default();
+        let pending = self.attempts.first_attempt(row_id, key, row, &draw);
         if let Err(error) = self
             .store
             .make_pending(&pending, self.attempts.first_deadline())
             .await
         {
             tracing::warn!(%error, "storing a pending row failed");
-            self.attempts
-                .close_reservation(&pending.reservation, Default::default(), 0)
-                .await;
+            self.attempts.lease.undo(&draw);
             return Err(Answer::Refused {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 reason: "StoreUnavailable".into(),
@@ -371,7 +360,7 @@ impl Direct {
         }
         // Routine rows are run by their lifecycle; webhook rows are sent now.
         if self.routine.is_none()
-            && let Err(error) = self.attempts.submit(&pending).await
+            && let Err(error) = self.attempts.submit(&pending, &draw).await
         {
             // The row is pending: the sweeper retries it.
             tracing::warn!(error = %format!("{error:#}"), row = %pending.row_id, "submitting failed; it will be retried");
@@ -487,17 +476,18 @@ impl Direct {
         }
     }
 
-    /// Dead-letters a row and closes its reservation, as spent when Clay may
-    /// have charged for it.
+    /// Dead-letters a row; its credits stay spent when Clay may have
+    /// charged for it, else they are refunded.
     async fn give_up(&self, pending: &PendingRow, reason: &str, maybe_charged: bool) -> Answer {
-        let spent = if maybe_charged {
-            pending.reserved()
-        } else {
-            Default::default()
-        };
-        self.attempts
-            .close_reservation(&pending.reservation, spent, 1)
-            .await;
+        if !maybe_charged {
+            self.attempts
+                .lease
+                .refund(&pending.reserved(), &pending.period);
+        }
+        // Our own store failing is no news about Clay.
+        if reason != "StoreUnavailable" {
+            self.attempts.lease.record_failure();
+        }
         if let Err(error) =
             super::store::PendingRows::dead_letter_pending(&self.store, &pending.row_id, reason)
                 .await

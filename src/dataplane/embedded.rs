@@ -337,7 +337,7 @@ impl EmbeddedStore {
         .await
     }
 
-    /// Settlements recorded by deliveries and not yet confirmed by the ledger.
+    /// Settlements recorded by deliveries and not yet taken by a receiver.
     pub async fn owed_settlements(&self) -> StoreResult<Vec<(String, Option<f64>, PendingRow)>> {
         self.blocking(|db| {
             let txn = db.begin_read()?;
@@ -356,13 +356,17 @@ impl EmbeddedStore {
         .await
     }
 
-    pub async fn settled(&self, row_id: &str) -> StoreResult<()> {
+    /// Takes a delivery's owed settlement; true for the one caller that did.
+    pub async fn take_owed(&self, row_id: &str) -> StoreResult<bool> {
         let row_id = row_id.to_string();
         self.blocking(move |db| {
             let txn = db.begin_write()?;
-            txn.open_table(SETTLEMENTS)?.remove(row_id.as_str())?;
+            let removed = txn
+                .open_table(SETTLEMENTS)?
+                .remove(row_id.as_str())?
+                .is_some();
             txn.commit()?;
-            Ok(())
+            Ok(removed)
         })
         .await
     }
@@ -557,6 +561,7 @@ mod tests {
             reservation: reservation.into(),
             reserved_credits: 12.0,
             reserved_actions: 0,
+            period: String::new(),
         }
     }
 
@@ -601,7 +606,8 @@ mod tests {
         );
         let owed = store.owed_settlements().await.unwrap();
         assert_eq!((owed[0].0.as_str(), owed[0].1), ("r1", Some(3.0)));
-        store.settled("r1").await.unwrap();
+        assert!(store.take_owed("r1").await.unwrap());
+        assert!(!store.take_owed("r1").await.unwrap(), "taken once");
         assert!(store.owed_settlements().await.unwrap().is_empty());
         let counters = store.counters().await.unwrap();
         assert_eq!(

@@ -25,6 +25,7 @@ use crate::api::table::KafkaConnection;
 use crate::clay::SecretString;
 use crate::clay::rotation::WebhookTarget;
 use crate::ledger::client::{LedgerClient, TokenSource};
+use crate::ledger::lease::{CreditLease, LeaseTarget};
 
 /// How a data-plane process reaches the operator's reservation API.
 #[derive(clap::Args, Clone, Debug)]
@@ -94,6 +95,20 @@ impl DataplaneArgs {
     pub fn ledger(&self) -> LedgerClient {
         self.ledger.ledger()
     }
+
+    /// This process's credit lease on the table's budget.
+    pub fn lease(&self, runtime: &TableRuntime, identity: &str) -> Arc<CreditLease> {
+        CreditLease::start(
+            LeaseTarget {
+                namespace: runtime.namespace.clone(),
+                budget: runtime.table.spec.budget_ref.name.clone(),
+                table: runtime.name.clone(),
+                holder: identity.to_string(),
+            },
+            &runtime.table.spec.clay.credits_per_row,
+            self.ledger(),
+        )
+    }
 }
 
 /// A table's spec with its Secrets resolved: what a data-plane process runs on.
@@ -147,6 +162,14 @@ impl TableRuntime {
                         reference.name, reference.key
                     )
                 })?;
+                // An empty token would switch authentication off.
+                if text.trim().is_empty() {
+                    bail!(
+                        "Secret {} key {:?} is empty or only whitespace",
+                        reference.name,
+                        reference.key
+                    );
+                }
                 anyhow::Ok(SecretString::new(text.trim()))
             }
         };
@@ -258,6 +281,7 @@ impl TableRuntime {
     pub fn needs_restart_for(&self, next: &TableRuntime) -> bool {
         let (old, new) = (&self.table.spec, &next.table.spec);
         old.tier != new.tier
+            || old.budget_ref != new.budget_ref
             || old.source != new.source
             || old.redis != new.redis
             || old.dead_letter != new.dead_letter

@@ -27,10 +27,9 @@ use super::direct::{Answer, Direct, MAX_ROWS_PER_REQUEST, Routine, requested_wai
 use super::embedded::EmbeddedStore;
 use super::store::{Keys, PendingRow, RedisStore};
 use super::{DataplaneArgs, TableRuntime};
-use crate::api::table::CreditCost;
+
 use crate::api::table::Tier;
-use crate::ledger::SettleRequest;
-use crate::ledger::client::{LedgerClient, LedgerClientError};
+use crate::ledger::lease::CreditLease;
 use crate::operator::metrics::{Readiness, serve_health};
 
 /// How often a receiver finishes settlements other receivers left behind.
@@ -63,7 +62,7 @@ struct RequestLabels {
 struct Receiver {
     runtime: tokio::sync::watch::Receiver<Arc<TableRuntime>>,
     rows: Rows,
-    ledger: LedgerClient,
+    lease: Arc<CreditLease>,
     requests: Family<RequestLabels, Counter>,
 }
 
@@ -101,12 +100,12 @@ impl Rows {
         })
     }
 
-    async fn settled(&self, row_id: &str) -> anyhow::Result<()> {
-        match self {
-            Self::Redis(store) => store.settled(row_id).await?,
-            Self::Embedded(direct) => direct.store.settled(row_id).await?,
-        }
-        Ok(())
+    /// Takes an owed settlement off the store; true for exactly one caller.
+    async fn take_owed(&self, row_id: &str) -> anyhow::Result<bool> {
+        Ok(match self {
+            Self::Redis(store) => store.take_owed(row_id).await?,
+            Self::Embedded(direct) => direct.store.take_owed(row_id).await?,
+        })
     }
 }
 
@@ -153,6 +152,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     let redis_url = runtime.redis_url.clone();
     let runtime = super::follow(client, runtime);
     let identity = args.common.identity();
+    let lease = args.common.lease(&runtime.borrow(), &identity);
     let rows = match redis_url {
         Some(url) if !direct_tier => Rows::Redis(
             RedisStore::connect(url.expose(), Keys::new(&namespace, &name))
@@ -169,8 +169,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             let attempts = Arc::new(Attempts {
                 live: Live::follow(runtime.clone(), Arc::new(store.clone())),
                 rows: Arc::new(store.clone()),
-                ledger: args.common.ledger(),
-                identity: identity.clone(),
+                lease: lease.clone(),
             });
             let routine = Routine::from_runtime(&runtime.borrow());
             let direct = Direct::new(store, attempts, routine);
@@ -187,7 +186,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         requests.clone(),
     );
     let receiver = Arc::new(Receiver {
-        ledger: args.common.ledger(),
+        lease: lease.clone(),
         runtime: runtime.clone(),
         rows,
         requests,
@@ -248,11 +247,11 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %args.listen, table = %args.common.table, "receiver started");
     readiness.set(true);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    crate::http::serve(listener, app, shutdown).await?;
     sweeper.abort();
     background.await?;
+    receiver.settle_owed().await;
+    lease.close().await;
     health.await??;
     tracing::info!("receiver stopped");
     Ok(())
@@ -269,40 +268,24 @@ impl Receiver {
             .inc();
     }
 
-    /// Settles a delivered row's reservation to its reported cost (else the
-    /// reservation) and clears the owed settlement. Idempotent: the ledger
-    /// applies settlement 1 of a reservation once, later copies are no-ops.
+    /// Charges a delivered row its reported cost instead of its worst case.
+    /// The owed settlement is taken off the store first, so a settlement
+    /// is reported at most once however many receivers see it; one lost to a
+    /// crash leaves the row charged at its worst case (never too little).
     async fn settle(&self, row_id: &str, reported: Option<f64>, pending: &PendingRow) {
-        let runtime = self.runtime();
-        let request = SettleRequest {
-            namespace: runtime.namespace.clone(),
-            budget: runtime.table.spec.budget_ref.name.clone(),
-            table: runtime.name.clone(),
-            reservation: pending.reservation.clone(),
-            seq: 1,
-            used: CreditCost {
-                data_credits: reported.unwrap_or(pending.reserved_credits),
-                actions: pending.reserved_actions,
-            },
-            release: true,
-            successes: 1,
-            failures: 0,
-        };
-        match self.ledger.settle(&request).await {
-            Ok(()) | Err(LedgerClientError::Rejected { status: 409, .. }) => {
-                if let Err(error) = self.rows.settled(row_id).await {
-                    tracing::warn!(%error, row = row_id, "clearing an owed settlement failed; it will be retried");
-                }
-            }
-            // Left owed: the settlement sweep retries it.
+        match self.rows.take_owed(row_id).await {
+            Ok(true) => self
+                .lease
+                .settle_row(&pending.reserved(), &pending.period, reported),
+            Ok(false) => {}
             Err(error) => {
-                tracing::warn!(%error, row = row_id, "settling credits failed; will retry")
+                tracing::warn!(error = %format!("{error:#}"), row = row_id, "taking an owed settlement failed; the sweep retries it")
             }
         }
     }
 
     /// Finishes settlements left by receivers that died between delivering
-    /// a row and settling its credits.
+    /// a row and settling it.
     async fn settle_owed(&self) {
         match self.rows.owed_settlements().await {
             Ok(owed) => {
@@ -321,13 +304,11 @@ fn reply(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Constant-time comparison; an empty expected token never matches (the
+/// table's Secret is refused at start, this is the second line of defence).
 fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+    let given = crate::http::bearer_token(headers).unwrap_or_default();
+    !expected.is_empty() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 /// Checks the caller's bearer token (spec.source.http); the table's runtime
@@ -554,7 +535,8 @@ async fn callback(
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     let runtime = receiver.runtime();
-    if !bool::from(given.ct_eq(runtime.callback_token.expose().as_bytes())) {
+    let expected = runtime.callback_token.expose().as_bytes();
+    if expected.is_empty() || !bool::from(given.ct_eq(expected)) {
         receiver.count("callback", "unauthorized");
         return reply(
             StatusCode::UNAUTHORIZED,

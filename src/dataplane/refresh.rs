@@ -16,8 +16,7 @@ use super::{LedgerArgs, TableRuntime};
 use crate::api::RefreshSchedule;
 use crate::api::refresh::{RefreshOutcome, RefreshRunCounts};
 use crate::api::table::CreditCost;
-use crate::ledger::client::LedgerClientError;
-use crate::ledger::{ReserveRequest, SettleRequest};
+use crate::ledger::LeaseRequest;
 
 /// Exit code of a run the budget refused, so the Job shows it failed and
 /// why (its pod failure policy does not retry it).
@@ -81,8 +80,8 @@ pub async fn run(args: RefreshArgs) -> anyhow::Result<RefreshRunCounts> {
 
     let max_age: Duration = schedule.spec.max_age.into();
     let stale_before = jiff::Timestamp::now().as_millisecond() - max_age.as_millis() as i64;
-    let lease = REFRESH_LEASE.as_millis() as i64;
-    let stale = store.count_stale(stale_before, lease).await?;
+    let lease_ms = REFRESH_LEASE.as_millis() as i64;
+    let stale = store.count_stale(stale_before, lease_ms).await?;
     let selected = stale.min(u64::from(schedule.spec.max_rows));
     let per_row = runtime.table.spec.clay.credits_per_row.clone();
     let wanted = affordable_rows(
@@ -112,23 +111,35 @@ pub async fn run(args: RefreshArgs) -> anyhow::Result<RefreshRunCounts> {
     } else {
         let identity = args.ledger.identity();
         let ledger = args.ledger.ledger();
-        let reservation = format!("refresh-{name}-{}", uuid::Uuid::new_v4().simple());
+        let lease = format!(
+            "refresh-{name}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         let times = |n: u64| CreditCost {
             data_credits: per_row.data_credits * n as f64,
             actions: per_row.actions * n,
         };
-        let request = ReserveRequest {
-            id: reservation.clone(),
+        // The run only checks that the budget can pay for its rows: it holds
+        // them while re-enqueueing, then gives them back; the worker draws
+        // each row's credits like any row's.
+        let request = LeaseRequest {
             namespace: namespace.clone(),
             budget: runtime.table.spec.budget_ref.name.clone(),
             table: table.clone(),
             holder: identity,
+            lease,
+            seq: 1,
             ask: times(wanted),
-            min: times(1),
+            row_cost: times(1),
             ttl_seconds: 300,
+            ..Default::default()
         };
-        match ledger.reserve(&request).await {
-            Err(LedgerClientError::Denied(denial)) => RefreshRunCounts {
+        let answer = ledger
+            .lease(&request)
+            .await
+            .context("asking the budget for the run's credits")?;
+        match answer.denial {
+            Some(denial) => RefreshRunCounts {
                 selected,
                 skipped_for_budget: selected,
                 outcome: RefreshOutcome::SkippedForBudget,
@@ -138,30 +149,23 @@ pub async fn run(args: RefreshArgs) -> anyhow::Result<RefreshRunCounts> {
                 ),
                 ..Default::default()
             },
-            Err(error) => return Err(error).context("reserving the run's credits"),
-            Ok(grant) => {
+            None => {
                 let rows = affordable_rows(
                     wanted,
                     per_row.data_credits,
                     schedule.spec.max_credits,
-                    Some(grant.granted.data_credits),
+                    Some(answer.granted.data_credits),
                 );
-                let outcome = requeue(&store, &runtime, stale_before, rows, lease).await;
-                // The rows are charged one by one by the worker; the run's
-                // hold only made sure the budget could pay for them.
-                let release = SettleRequest {
-                    namespace: namespace.clone(),
-                    budget: request.budget.clone(),
-                    table: table.clone(),
-                    reservation,
-                    seq: 1,
-                    used: CreditCost::default(),
+                let outcome = requeue(&store, &runtime, stale_before, rows, lease_ms).await;
+                let release = LeaseRequest {
+                    seq: 2,
+                    ask: CreditCost::default(),
+                    give_back: answer.held.clone(),
                     release: true,
-                    successes: 0,
-                    failures: 0,
+                    ..request.clone()
                 };
-                if let Err(error) = ledger.settle(&release).await {
-                    tracing::warn!(%error, "releasing the run's hold failed; it expires on its own");
+                if let Err(error) = ledger.lease(&release).await {
+                    tracing::warn!(%error, "giving back the run's credits failed; they are counted as spent when the lease expires");
                 }
                 let requeued = outcome?;
                 RefreshRunCounts {

@@ -23,14 +23,20 @@ pub struct PendingRow {
     pub key: String,
     pub row: Value,
     pub attempt: u32,
-    /// The credit reservation covering this attempt.
+    /// This attempt's id (`<row>-a<n>`), empty while the row waits for
+    /// credits to retry; replacing a pending row checks it, so a callback or
+    /// another sweeper that moved the row on first wins.
     pub reservation: String,
+    /// The credits drawn for this attempt: its worst case.
     pub reserved_credits: f64,
     pub reserved_actions: u64,
+    /// The budget period the credits were counted in (for refunds).
+    #[serde(default)]
+    pub period: String,
 }
 
 impl PendingRow {
-    /// What the attempt's reservation holds.
+    /// What the attempt drew.
     pub fn reserved(&self) -> crate::api::table::CreditCost {
         crate::api::table::CreditCost {
             data_credits: self.reserved_credits,
@@ -602,8 +608,8 @@ impl RedisStore {
         Ok(claimed.and_then(|p| serde_json::from_str(&p).ok()))
     }
 
-    /// Settlements recorded by deliveries and not yet confirmed by the
-    /// ledger: row id → (reported cost, the row as it was pending).
+    /// Settlements recorded by deliveries and not yet taken by a receiver:
+    /// row id → (reported cost, the row as it was pending).
     pub async fn owed_settlements(
         &self,
     ) -> redis::RedisResult<Vec<(String, Option<f64>, PendingRow)>> {
@@ -621,9 +627,10 @@ impl RedisStore {
             .collect())
     }
 
-    /// Marks a delivery's settlement as done.
-    pub async fn settled(&self, row_id: &str) -> redis::RedisResult<()> {
-        self.conn().hdel(self.keys.settlements(), row_id).await
+    /// Takes a delivery's owed settlement; true for the one caller that did.
+    pub async fn take_owed(&self, row_id: &str) -> redis::RedisResult<bool> {
+        let removed: u32 = self.conn().hdel(self.keys.settlements(), row_id).await?;
+        Ok(removed == 1)
     }
 
     /// Delivers a stored (de-duplicated) result and acknowledges the entry.

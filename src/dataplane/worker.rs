@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::attempt::{Attempts, Live, now_ms};
-use super::store::{Keys, PendingRow, RedisPendingRows, RedisStore, SourceEntry, text_field};
+use super::store::{Keys, RedisPendingRows, RedisStore, SourceEntry, text_field};
 use super::{DataplaneArgs, TableRuntime};
 use crate::api::budget::OnExhausted;
 use crate::ledger::DenialReason;
@@ -163,8 +163,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             store: store.clone(),
             dead_letter,
         }),
-        ledger: args.common.ledger(),
-        identity: identity.clone(),
+        lease: args.common.lease(&runtime.borrow(), &identity),
     });
     let worker = Arc::new(Worker {
         attempts,
@@ -275,9 +274,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
     }
     // Graceful: stop taking rows; in-flight rows are pending in Redis and
-    // their reservations outlive this process, so nothing is lost.
+    // already counted as spent; the lease reports the rest and is closed.
     readiness.set(false);
     sweeper.abort();
+    worker.attempts.lease.close().await;
     health.await??;
     tracing::info!("worker stopped");
     Ok(())
@@ -374,10 +374,8 @@ impl Worker {
             }
         }
 
-        let reservation = format!("{row_id}-a1");
-        let cost = spec.clay.credits_per_row.clone();
-        match self.attempts.reserve(&reservation, &cost).await {
-            Ok(()) => {}
+        let draw = match self.attempts.draw().await {
+            Ok(draw) => draw,
             Err(LedgerClientError::Denied(denial)) => {
                 if denial.reason == DenialReason::Exhausted
                     && denial.on_exhausted == OnExhausted::DeadLetter
@@ -397,24 +395,24 @@ impl Worker {
                 return Ok(Handled::Paused);
             }
             Err(other) => return Err(other.into()),
-        }
-        let pending = PendingRow {
-            row_id: row_id.clone(),
-            key,
-            row,
-            attempt: 1,
-            reservation,
-            reserved_credits: cost.data_credits,
-            reserved_actions: cost.actions,
         };
-        let created = self
+        let pending = self.attempts.first_attempt(row_id, key, row, &draw);
+        let created = match self
             .store
             .make_pending(&pending, self.attempts.first_deadline(), &entry)
-            .await?;
-        // Not created: the row was already pending or done (a replayed
-        // record); its reservation is that row's, so it is left alone.
+            .await
+        {
+            Ok(created) => created,
+            Err(error) => {
+                self.attempts.lease.undo(&draw);
+                return Err(error.into());
+            }
+        };
         if created {
-            self.attempts.submit(&pending).await?;
+            self.attempts.submit(&pending, &draw).await?;
+        } else {
+            // The row was already pending or done (a replayed record).
+            self.attempts.lease.undo(&draw);
         }
         Ok(Handled::Done)
     }

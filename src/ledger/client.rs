@@ -1,4 +1,4 @@
-//! The client the data plane uses to reserve and settle credits. It tries
+//! The client the data plane uses to reach the lease API. It tries
 //! each configured operator endpoint in turn (in a cluster, one Service that
 //! routes to the leader), so a leader failover costs a retry, not a failure.
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Denial, Grant, RenewRequest, ReserveRequest, SettleRequest};
+use super::{Denial, LeaseAnswer, LeaseRequest};
 use crate::clay::SecretString;
 
 /// Where the caller's ServiceAccount token comes from.
@@ -44,10 +44,10 @@ impl TokenSource {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LedgerClientError {
-    /// The budget refused: exhausted, paused, or breaker open.
+    /// The budget refused credits: exhausted, paused, or breaker open.
     #[error("credits denied: {}", .0.message)]
     Denied(Denial),
-    /// The request itself was refused (401/403/404/409).
+    /// The request itself was refused (400/401/403/404/409).
     #[error("ledger refused the request ({status}): {message}")]
     Rejected { status: u16, message: String },
     /// No operator endpoint answered in time.
@@ -75,29 +75,16 @@ impl LedgerClient {
                 .map(|e| e.trim_end_matches('/').to_string())
                 .collect(),
             token,
-            patience: Duration::from_secs(60),
+            patience: Duration::from_secs(10),
         }
     }
 
-    /// Reserves credits. Retrying with the same request id is safe.
-    pub async fn reserve(&self, request: &ReserveRequest) -> Result<Grant, LedgerClientError> {
-        self.post("/v1/reserve", request).await?.ok_or_else(|| {
-            LedgerClientError::Unavailable(
-                "the ledger answered a reservation without a grant".into(),
-            )
+    /// Sends a lease request. Retrying the same request is safe: the ledger
+    /// applies each sequence number of a lease once.
+    pub async fn lease(&self, request: &LeaseRequest) -> Result<LeaseAnswer, LedgerClientError> {
+        self.post("/v1/lease", request).await?.ok_or_else(|| {
+            LedgerClientError::Unavailable("the ledger answered without a body".into())
         })
-    }
-
-    pub async fn settle(&self, request: &SettleRequest) -> Result<(), LedgerClientError> {
-        self.post::<_, serde_json::Value>("/v1/settle", request)
-            .await
-            .map(|_| ())
-    }
-
-    pub async fn renew(&self, request: &RenewRequest) -> Result<(), LedgerClientError> {
-        self.post::<_, serde_json::Value>("/v1/renew", request)
-            .await
-            .map(|_| ())
     }
 
     async fn post<B: Serialize, T: DeserializeOwned>(
@@ -135,9 +122,6 @@ impl LedgerClient {
                             LedgerClientError::Unavailable(format!("bad ledger answer: {e}"))
                         })?)
                     });
-                }
-                if let Ok(denial) = serde_json::from_str::<Denial>(&text) {
-                    return Err(LedgerClientError::Denied(denial));
                 }
                 let message = serde_json::from_str::<serde_json::Value>(&text)
                     .ok()

@@ -1,75 +1,223 @@
-//! The credit ledger's wire protocol and the client workers, receivers and
-//! refresh jobs use to reserve and settle credits with the operator's leader.
+//! The credit ledger's wire protocol, the client data-plane processes use to
+//! reach the operator's leader, and the lease they draw rows from.
+//!
+//! A data-plane process holds one lease per (budget, table): a block of
+//! credits the leader recorded durably before granting. Rows draw on it in
+//! memory; one request a second (or sooner, when the pool runs low) reports
+//! what was spent, returns refunds, renews the lease and asks for more.
 
 pub mod client;
+pub mod lease;
 
 use serde::{Deserialize, Serialize};
 
 use crate::api::table::CreditCost;
 
-/// Ask for credits before submitting rows.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// Longest id, holder, table or budget name the ledger accepts (a
+/// Kubernetes object name's limit).
+pub const MAX_NAME_BYTES: usize = 253;
+/// Largest credit amount one request may carry, per meter: far above any
+/// real table's block, far below where sums could overflow.
+pub const MAX_AMOUNT: f64 = 1e9;
+/// Largest Clay-call count one request may report.
+pub const MAX_CALLS: u64 = 1_000_000_000;
+
+/// Data credits are fractional (0.5 per email); they are compared as
+/// integer thousandths so sums never drift.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Credits {
+    pub milli: i64,
+    pub actions: u64,
+}
+
+impl Credits {
+    pub fn of(cost: &CreditCost) -> Self {
+        // A non-finite or negative value (a hand-edited status) counts as 0;
+        // `as` saturates, so a huge one cannot wrap.
+        let milli = if cost.data_credits.is_finite() && cost.data_credits > 0.0 {
+            (cost.data_credits * 1000.0).round() as i64
+        } else {
+            0
+        };
+        Self {
+            milli,
+            actions: cost.actions,
+        }
+    }
+
+    pub fn cost(self) -> CreditCost {
+        CreditCost {
+            data_credits: self.milli as f64 / 1000.0,
+            actions: self.actions,
+        }
+    }
+
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            milli: self.milli.saturating_add(other.milli),
+            actions: self.actions.saturating_add(other.actions),
+        }
+    }
+
+    /// self - other, floored at zero per meter.
+    pub fn minus(self, other: Self) -> Self {
+        Self {
+            milli: self.milli.saturating_sub(other.milli).max(0),
+            actions: self.actions.saturating_sub(other.actions),
+        }
+    }
+
+    pub fn min(self, other: Self) -> Self {
+        Self {
+            milli: self.milli.min(other.milli),
+            actions: self.actions.min(other.actions),
+        }
+    }
+
+    pub fn max_each(self, other: Self) -> Self {
+        Self {
+            milli: self.milli.max(other.milli),
+            actions: self.actions.max(other.actions),
+        }
+    }
+
+    /// Every meter of self is at least other's.
+    pub fn covers(self, other: Self) -> bool {
+        self.milli >= other.milli && self.actions >= other.actions
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.milli == 0 && self.actions == 0
+    }
+}
+
+/// Everything a holder tells the ledger about its lease, in one request.
+/// Requests of one lease are numbered; the ledger applies each number once
+/// and answers a repeated one with the answer it gave, so a retry after a
+/// lost answer never grants or charges twice.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-pub struct ReserveRequest {
-    /// Chosen by the caller; repeating a request with the same id returns the
-    /// same grant, so a retry after a lost answer never reserves twice.
-    pub id: String,
+pub struct LeaseRequest {
     /// Namespace of the budget and the table (they must match the caller's).
     pub namespace: String,
     pub budget: String,
     pub table: String,
-    /// Who holds the reservation (pod name), for troubleshooting.
+    /// Who holds the lease (pod name), for troubleshooting.
     pub holder: String,
-    /// Credits wanted (a block for several rows).
-    pub ask: CreditCost,
-    /// Smallest useful grant (one row's worst case); less is a denial.
-    pub min: CreditCost,
-    /// Seconds the reservation lives without renewal.
-    pub ttl_seconds: u64,
-}
-
-/// Credits granted, durably recorded before this answer was sent.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Grant {
-    pub id: String,
-    pub granted: CreditCost,
-    /// RFC 3339.
-    pub expires_at: String,
-}
-
-/// Report actual spend against a reservation.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct SettleRequest {
-    pub namespace: String,
-    pub budget: String,
-    pub table: String,
-    pub reservation: String,
-    /// 1 for the first settlement of this reservation, then 2, 3, ...;
-    /// a settlement already applied is acknowledged without applying it again.
+    /// Chosen by the holder, unique per process.
+    pub lease: String,
+    /// 1 for the request that creates the lease, then 2, 3, ...
     pub seq: u64,
-    /// Spend since the last settlement of this reservation.
-    pub used: CreditCost,
-    /// True when the holder is done: the unspent remainder is released.
+    /// More credits wanted now (zero: none).
     #[serde(default)]
-    pub release: bool,
-    /// Clay calls that succeeded / failed since the last report (for the breaker).
+    pub ask: CreditCost,
+    /// One row's worst case: a smaller grant is useless, so less is a denial.
+    #[serde(default)]
+    pub row_cost: CreditCost,
+    /// Credits drawn for rows submitted since the last request: moved from
+    /// the lease to `used`.
+    #[serde(default)]
+    pub spent: CreditCost,
+    /// Undrawn credits handed back to the budget.
+    #[serde(default)]
+    pub give_back: CreditCost,
+    /// Spent credits Clay did not charge (a result cost less than its row's
+    /// worst case), for rows drawn in `refund_period`.
+    #[serde(default)]
+    pub refund: CreditCost,
+    /// Charges beyond a row's worst case that Clay reported.
+    #[serde(default)]
+    pub extra: CreditCost,
+    /// The period (its start, RFC 3339) the refund belongs to; a refund
+    /// for an earlier period is dropped, never taken from the current one.
+    #[serde(default)]
+    pub refund_period: String,
+    /// Clay calls that succeeded / failed since the last request (for the breaker).
     #[serde(default)]
     pub successes: u64,
     #[serde(default)]
     pub failures: u64,
+    /// Callbacks whose reported cost was not believable (negative, not a
+    /// number, or far above the row's worst case), settled at the worst case.
+    #[serde(default)]
+    pub implausible_costs: u64,
+    /// Seconds the lease lives without another request.
+    pub ttl_seconds: u64,
+    /// The holder is done: what it still holds is forfeited as spent (a
+    /// clean holder has given everything back first) and the lease is closed.
+    #[serde(default)]
+    pub release: bool,
 }
 
-/// Keep a reservation alive.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// Why a request is malformed; the reservation API answers 400.
+pub fn validate(request: &LeaseRequest) -> Result<(), String> {
+    for (field, value) in [
+        ("namespace", &request.namespace),
+        ("budget", &request.budget),
+        ("table", &request.table),
+        ("holder", &request.holder),
+        ("lease", &request.lease),
+    ] {
+        if value.is_empty() || value.len() > MAX_NAME_BYTES {
+            return Err(format!("{field} must be 1 to {MAX_NAME_BYTES} bytes"));
+        }
+    }
+    if request.refund_period.len() > 64 {
+        return Err("refundPeriod must be an RFC 3339 time".into());
+    }
+    if request.seq == 0 {
+        return Err("seq starts at 1".into());
+    }
+    for (field, amount) in [
+        ("ask", &request.ask),
+        ("rowCost", &request.row_cost),
+        ("spent", &request.spent),
+        ("giveBack", &request.give_back),
+        ("refund", &request.refund),
+        ("extra", &request.extra),
+    ] {
+        if !amount.data_credits.is_finite()
+            || amount.data_credits < 0.0
+            || amount.data_credits > MAX_AMOUNT
+            || amount.actions as f64 > MAX_AMOUNT
+        {
+            return Err(format!(
+                "{field} must be finite, at least 0 and at most {MAX_AMOUNT} per meter"
+            ));
+        }
+    }
+    for (field, count) in [
+        ("successes", request.successes),
+        ("failures", request.failures),
+        ("implausibleCosts", request.implausible_costs),
+    ] {
+        if count > MAX_CALLS {
+            return Err(format!("{field} must be at most {MAX_CALLS}"));
+        }
+    }
+    if request.ttl_seconds == 0 || request.ttl_seconds > 3600 {
+        return Err("ttlSeconds must be 1 to 3600".into());
+    }
+    Ok(())
+}
+
+/// The ledger's answer, sent after the change was durably recorded.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-pub struct RenewRequest {
-    pub namespace: String,
-    pub budget: String,
-    pub table: String,
-    pub reservation: String,
-    pub ttl_seconds: u64,
+pub struct LeaseAnswer {
+    pub lease: String,
+    pub seq: u64,
+    /// Credits added to the holder's pool by this request.
+    pub granted: CreditCost,
+    /// What the lease holds now.
+    pub held: CreditCost,
+    /// RFC 3339.
+    pub expires_at: String,
+    /// Start of the budget's current period (RFC 3339): the tag for refunds.
+    pub period: String,
+    /// Set when `ask` was refused; everything else in the request was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denial: Option<Denial>,
 }
 
 /// Why credits were refused; each maps to the table's onExhausted behaviour.
@@ -85,6 +233,14 @@ pub enum DenialReason {
     Invalid,
 }
 
+impl DenialReason {
+    /// Refusals that also stop drawing on credits already held: a paused
+    /// budget or an open breaker means no row goes to Clay at all.
+    pub fn stops_drawing(self) -> bool {
+        matches!(self, Self::Paused | Self::BreakerOpen | Self::Invalid)
+    }
+}
+
 /// The body of a refusal.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -94,4 +250,66 @@ pub struct Denial {
     /// What the budget wants tables to do while refused.
     #[serde(default)]
     pub on_exhausted: crate::api::budget::OnExhausted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> LeaseRequest {
+        LeaseRequest {
+            namespace: "sales".into(),
+            budget: "team".into(),
+            table: "leads".into(),
+            holder: "pod".into(),
+            lease: "pod-1".into(),
+            seq: 1,
+            ttl_seconds: 60,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_well_formed_request_passes() {
+        assert_eq!(validate(&request()), Ok(()));
+    }
+
+    #[test]
+    fn amounts_must_be_finite_non_negative_and_bounded() {
+        for bad in [-8000.0, f64::NAN, f64::INFINITY, 1e300] {
+            for field in 0..4 {
+                let mut r = request();
+                let cost = CreditCost {
+                    data_credits: bad,
+                    actions: 0,
+                };
+                match field {
+                    0 => r.ask = cost,
+                    1 => r.spent = cost,
+                    2 => r.refund = cost,
+                    _ => r.give_back = cost,
+                }
+                assert!(validate(&r).is_err(), "{bad} in field {field}");
+            }
+        }
+        let mut r = request();
+        r.spent.actions = u64::MAX;
+        assert!(validate(&r).is_err());
+        let mut r = request();
+        r.failures = u64::MAX;
+        assert!(validate(&r).is_err());
+    }
+
+    #[test]
+    fn names_are_length_limited_and_seq_starts_at_one() {
+        let mut r = request();
+        r.lease = "x".repeat(30_000);
+        assert!(validate(&r).unwrap_err().contains("lease"));
+        let mut r = request();
+        r.holder = String::new();
+        assert!(validate(&r).is_err());
+        let mut r = request();
+        r.seq = 0;
+        assert!(validate(&r).is_err());
+    }
 }

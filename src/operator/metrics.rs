@@ -42,10 +42,13 @@ pub struct OperatorMetrics {
     pub budget_used: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub budget_reserved: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub budget_remaining: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    /// Reservation requests refused, per budget (meter label "all").
+    /// Lease asks refused, per budget (meter label "all").
     pub budget_denials: Family<BudgetLabels, Gauge>,
-    /// Outstanding reservations per budget (meter label "all").
-    pub budget_reservations: Family<BudgetLabels, Gauge>,
+    /// Live credit leases per budget (meter label "all").
+    pub budget_leases: Family<BudgetLabels, Gauge>,
+    /// Callback costs charged at the row's worst case because they were not
+    /// believable (negative, not a number, far above creditsPerRow).
+    pub implausible_costs: Counter,
     /// 0 Closed, 1 HalfOpen, 2 Open (meter label "all").
     pub breaker_state: Family<BudgetLabels, Gauge>,
 }
@@ -63,7 +66,8 @@ impl OperatorMetrics {
             budget_reserved: Family::default(),
             budget_remaining: Family::default(),
             budget_denials: Family::default(),
-            budget_reservations: Family::default(),
+            budget_leases: Family::default(),
+            implausible_costs: Counter::default(),
             breaker_state: Family::default(),
         };
         registry.register(
@@ -88,12 +92,12 @@ impl OperatorMetrics {
         );
         registry.register(
             "kiln_budget_used",
-            "Credits settled this period",
+            "Credits spent this period",
             metrics.budget_used.clone(),
         );
         registry.register(
             "kiln_budget_reserved",
-            "Credits held by outstanding reservations",
+            "Credits held by credit leases",
             metrics.budget_reserved.clone(),
         );
         registry.register(
@@ -103,13 +107,18 @@ impl OperatorMetrics {
         );
         registry.register(
             "kiln_budget_denials",
-            "Reservation requests refused this period",
+            "Lease asks refused this period",
             metrics.budget_denials.clone(),
         );
         registry.register(
-            "kiln_budget_reservations",
-            "Outstanding reservations",
-            metrics.budget_reservations.clone(),
+            "kiln_budget_leases",
+            "Live credit leases",
+            metrics.budget_leases.clone(),
+        );
+        registry.register(
+            "kiln_ledger_implausible_costs",
+            "Callback costs not believed and charged at the row's worst case",
+            metrics.implausible_costs.clone(),
         );
         registry.register(
             "kiln_budget_breaker_state",
@@ -156,9 +165,9 @@ impl OperatorMetrics {
         self.budget_denials
             .get_or_create(&labels("all"))
             .set(status.denials as i64);
-        self.budget_reservations
+        self.budget_leases
             .get_or_create(&labels("all"))
-            .set(status.reservations.len() as i64);
+            .set(status.leases.len() as i64);
         let breaker = match status.breaker.state {
             crate::api::budget::BreakerState::Closed => 0,
             crate::api::budget::BreakerState::HalfOpen => 1,
@@ -219,10 +228,7 @@ pub async fn serve_health(
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving health and metrics");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    crate::http::serve(listener, app, shutdown).await
 }
 
 async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {

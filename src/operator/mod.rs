@@ -127,20 +127,15 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let stop = futures::future::select(shutdown.clone(), lost.clone())
         .map(|_| ())
         .shared();
-    let reservations = tokio::spawn(budget::api::serve(
-        args.api_addr,
-        client,
-        ledger,
-        stop.clone(),
-    ));
+    let lease_api = tokio::spawn(budget::api::serve(args.api_addr, ctx.clone(), stop.clone()));
     tokio::join!(
         table::run(ctx.clone(), stop.clone()),
         budget::run(ctx.clone(), stop.clone()),
-        refresh::run(ctx, stop.clone()),
+        refresh::run(ctx.clone(), stop.clone()),
     );
     readiness.set(false);
     metrics.is_leader.set(0);
-    reservations.await??;
+    lease_api.await??;
 
     if lost.now_or_never().is_some() {
         anyhow::bail!(

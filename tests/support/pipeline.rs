@@ -342,11 +342,11 @@ pub async fn wait_terminal(
                 .status
                 .unwrap_or_default();
             panic!(
-                "only {} delivered + {} dead of {expected}; {pending} pending; group {groups:?}; sim {:?}; open reservations {}; used {}",
+                "only {} delivered + {} dead of {expected}; {pending} pending; group {groups:?}; sim {:?}; open leases {}; used {}",
                 delivered.len(),
                 dead.len(),
                 p.sim.stats().await,
-                budget.reservations.len(),
+                budget.leases.len(),
                 budget.used.data_credits
             );
         }

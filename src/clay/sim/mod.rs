@@ -319,8 +319,5 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port.
     println!("clay-sim listening on http://{addr}");
     tracing::info!(%addr, seed = args.seed, rate = args.rate, "clay-sim started");
-    axum::serve(listener, router(args))
-        .with_graceful_shutdown(crate::shutdown_signal())
-        .await?;
-    Ok(())
+    crate::http::serve(listener, router(args), crate::shutdown_signal()).await
 }

@@ -1,42 +1,55 @@
-//! The reservation API the leader serves to the data plane. Callers present
-//! their ServiceAccount token; a TokenReview authenticates it, and a table's
-//! ServiceAccount (`kiln-<table>` in the table's namespace) may only draw on
-//! the budget its table references.
+//! The lease API the leader serves to the data plane. Callers present their
+//! ServiceAccount token; a TokenReview authenticates it (cached, refusals
+//! too), and a table's ServiceAccount (`kiln-<table>` in the table's
+//! namespace) may only draw on the budget its table references. Nothing is
+//! parsed, and no per-budget work starts, before the caller is known.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
+use kube::runtime::events::EventType;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::ledger::{Ledger, LedgerError};
-use crate::api::EnrichmentTable;
-use crate::ledger::{DenialReason, RenewRequest, ReserveRequest, SettleRequest};
+use super::ledger::LedgerError;
+use crate::api::{CreditBudget, EnrichmentTable};
+use crate::ledger::{LeaseRequest, validate};
+use crate::operator::context::Context;
 use crate::operator::table::build::service_account_name;
 
-/// How long a successful TokenReview is trusted.
+/// How long a TokenReview's verdict, either way, is trusted.
 const TOKEN_CACHE_TTL: Duration = Duration::from_secs(60);
+/// How long a checked (namespace, table, budget) triple is trusted.
+const REFERENCE_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Entries kept in each cache before the oldest are dropped.
+const CACHE_MAX: usize = 10_000;
+/// Largest request body.
+const BODY_LIMIT: usize = 16 * 1024;
 
-/// Authenticated users by token hash, with when they were reviewed.
-type TokenCache = Arc<Mutex<HashMap<[u8; 32], (String, Instant)>>>;
+/// A verdict with when it was reached.
+type Cache<K, V> = Arc<Mutex<HashMap<K, (V, Instant)>>>;
 
 #[derive(Clone)]
 struct ApiState {
-    client: kube::Client,
-    ledger: Ledger,
-    tokens: TokenCache,
+    ctx: Arc<Context>,
+    /// Token hash → the ServiceAccount it authenticates, or why not.
+    tokens: Cache<[u8; 32], Result<(String, String), (StatusCode, String)>>,
+    /// (namespace, table, budget) whose table exists and draws on the budget.
+    references: Cache<(String, String, String), EnrichmentTable>,
 }
 
 /// A refusal with a JSON `{"message"}` body.
+#[derive(Debug)]
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -45,127 +58,111 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Serves the reservation API until `shutdown` resolves.
-pub async fn serve(
-    addr: SocketAddr,
-    client: kube::Client,
-    ledger: Ledger,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let state = ApiState {
-        client,
-        ledger,
-        tokens: Arc::default(),
-    };
-    let app = Router::new()
-        .route("/v1/reserve", post(reserve))
-        .route("/v1/settle", post(settle))
-        .route("/v1/renew", post(renew))
-        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving the reservation API");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
-}
-
 fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError(status, message.into())
 }
 
-fn ledger_error(failure: LedgerError) -> Response {
-    let status = match &failure {
-        LedgerError::Denied(denial) => {
-            let status = match denial.reason {
-                DenialReason::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::PAYMENT_REQUIRED,
-            };
-            return (status, Json(denial)).into_response();
-        }
-        LedgerError::BudgetNotFound(_) => StatusCode::NOT_FOUND,
-        LedgerError::Book(_) => StatusCode::CONFLICT,
-        LedgerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+/// Serves the lease API until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = ApiState {
+        ctx,
+        tokens: Arc::default(),
+        references: Arc::default(),
     };
-    error(status, failure.to_string()).into_response()
+    let app = Router::new()
+        .route("/v1/lease", post(lease))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving the lease API");
+    crate::http::serve(listener, app, shutdown).await
 }
 
-/// 204 for a done settlement or renewal, else the ledger's refusal.
-fn no_content(result: Result<(), LedgerError>) -> Response {
-    match result {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => ledger_error(e),
+fn cached<K: std::hash::Hash + Eq, V: Clone>(
+    cache: &Cache<K, V>,
+    key: &K,
+    ttl: Duration,
+) -> Option<V> {
+    cache
+        .lock()
+        .unwrap()
+        .get(key)
+        .filter(|(_, at)| at.elapsed() < ttl)
+        .map(|(v, _)| v.clone())
+}
+
+fn remember<K: std::hash::Hash + Eq, V>(cache: &Cache<K, V>, key: K, value: V, ttl: Duration) {
+    let mut cache = cache.lock().unwrap();
+    if cache.len() >= CACHE_MAX {
+        cache.retain(|_, (_, at)| at.elapsed() < ttl);
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
     }
+    cache.insert(key, (value, Instant::now()));
 }
 
 /// Authenticates the bearer token; returns (namespace, service account).
 async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(String, String), ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
+    let token = crate::http::bearer_token(headers).ok_or_else(|| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "a ServiceAccount bearer token is required",
+        )
+    })?;
+    let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    if let Some(verdict) = cached(&state.tokens, &key, TOKEN_CACHE_TTL) {
+        return verdict.map_err(|(status, message)| ApiError(status, message));
+    }
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.to_string()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let reviewed = Api::<TokenReview>::all(state.ctx.client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "TokenReview failed");
             error(
-                StatusCode::UNAUTHORIZED,
-                "a ServiceAccount bearer token is required",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "could not verify the token",
             )
         })?;
-    let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    let cached = state
-        .tokens
-        .lock()
-        .unwrap()
-        .get(&key)
-        .filter(|(_, at)| at.elapsed() < TOKEN_CACHE_TTL)
-        .map(|(user, _)| user.clone());
-    let username = match cached {
-        Some(user) => user,
-        None => {
-            let review = TokenReview {
-                spec: TokenReviewSpec {
-                    token: Some(token.to_string()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let reviewed = Api::<TokenReview>::all(state.client.clone())
-                .create(&PostParams::default(), &review)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "TokenReview failed");
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "could not verify the token",
-                    )
-                })?;
-            let status = reviewed.status.unwrap_or_default();
-            let user = status
-                .user
-                .and_then(|u| u.username)
-                .filter(|_| status.authenticated == Some(true))
-                .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "the token is not valid"))?;
-            state
-                .tokens
-                .lock()
-                .unwrap()
-                .insert(key, (user.clone(), Instant::now()));
-            user
+    let status = reviewed.status.unwrap_or_default();
+    let verdict = match status
+        .user
+        .and_then(|u| u.username)
+        .filter(|_| status.authenticated == Some(true))
+    {
+        None => Err((
+            StatusCode::UNAUTHORIZED,
+            "the token is not valid".to_string(),
+        )),
+        Some(username) => {
+            let mut parts = username
+                .strip_prefix("system:serviceaccount:")
+                .unwrap_or_default()
+                .splitn(2, ':');
+            match (parts.next(), parts.next()) {
+                (Some(namespace), Some(account)) if !namespace.is_empty() => {
+                    Ok((namespace.to_string(), account.to_string()))
+                }
+                _ => Err((
+                    StatusCode::FORBIDDEN,
+                    format!("{username} is not a ServiceAccount"),
+                )),
+            }
         }
     };
-    let mut parts = username
-        .strip_prefix("system:serviceaccount:")
-        .unwrap_or_default()
-        .splitn(2, ':');
-    match (parts.next(), parts.next()) {
-        (Some(namespace), Some(account)) if !namespace.is_empty() => {
-            Ok((namespace.to_string(), account.to_string()))
-        }
-        _ => Err(error(
-            StatusCode::FORBIDDEN,
-            format!("{username} is not a ServiceAccount"),
-        )),
-    }
+    remember(&state.tokens, key, verdict.clone(), TOKEN_CACHE_TTL);
+    verdict.map_err(|(status, message)| ApiError(status, message))
 }
 
 /// Only the table's own ServiceAccount, in the table's namespace, may act for it.
@@ -182,21 +179,24 @@ fn authorize(caller: &(String, String), namespace: &str, table: &str) -> Result<
     Ok(())
 }
 
-async fn reserve(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Json(request): Json<ReserveRequest>,
-) -> Result<Response, ApiError> {
-    authorize(
-        &caller(&state, &headers).await?,
-        &request.namespace,
-        &request.table,
-    )?;
-    // The table must exist and reference this budget.
-    let table = Api::<EnrichmentTable>::namespaced(state.client.clone(), &request.namespace)
+/// The table must exist and draw on the budget, and the budget must exist.
+async fn referenced_table(
+    state: &ApiState,
+    request: &LeaseRequest,
+) -> Result<EnrichmentTable, ApiError> {
+    let key = (
+        request.namespace.clone(),
+        request.table.clone(),
+        request.budget.clone(),
+    );
+    if let Some(table) = cached(&state.references, &key, REFERENCE_CACHE_TTL) {
+        return Ok(table);
+    }
+    let unavailable = |e: kube::Error| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    let table = Api::<EnrichmentTable>::namespaced(state.ctx.client.clone(), &request.namespace)
         .get_opt(&request.table)
         .await
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .map_err(unavailable)?
         .ok_or_else(|| {
             error(
                 StatusCode::NOT_FOUND,
@@ -212,34 +212,62 @@ async fn reserve(
             ),
         ));
     }
-    Ok(match state.ledger.reserve(request).await {
-        Ok(grant) => Json(grant).into_response(),
-        Err(e) => ledger_error(e),
+    Api::<CreditBudget>::namespaced(state.ctx.client.clone(), &request.namespace)
+        .get_metadata_opt(&request.budget)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("CreditBudget {} not found", request.budget),
+            )
+        })?;
+    remember(&state.references, key, table.clone(), REFERENCE_CACHE_TTL);
+    Ok(table)
+}
+
+async fn lease(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = caller(&state, &headers).await?;
+    let request: LeaseRequest = serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid lease request: {e}"),
+        )
+    })?;
+    validate(&request).map_err(|message| error(StatusCode::BAD_REQUEST, message))?;
+    authorize(&caller, &request.namespace, &request.table)?;
+    let table = referenced_table(&state, &request).await?;
+    let implausible = request.implausible_costs;
+    let answer = state.ctx.ledger.lease(request).await;
+    if answer.is_ok() && implausible > 0 {
+        state.ctx.metrics.implausible_costs.inc_by(implausible);
+        state
+            .ctx
+            .event(
+                &table,
+                EventType::Warning,
+                "ImplausibleCost",
+                "Account",
+                format!(
+                    "{implausible} Clay callbacks reported a cost that is negative, not a number or far above spec.clay.creditsPerRow; they were charged at creditsPerRow"
+                ),
+            )
+            .await;
+    }
+    Ok(match answer {
+        Ok(answer) => Json(answer).into_response(),
+        Err(failure) => {
+            let status = match &failure {
+                LedgerError::Denied(_) => StatusCode::PAYMENT_REQUIRED,
+                LedgerError::BudgetNotFound(_) => StatusCode::NOT_FOUND,
+                LedgerError::Book(_) => StatusCode::CONFLICT,
+                LedgerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            error(status, failure.to_string()).into_response()
+        }
     })
-}
-
-async fn settle(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Json(request): Json<SettleRequest>,
-) -> Result<Response, ApiError> {
-    authorize(
-        &caller(&state, &headers).await?,
-        &request.namespace,
-        &request.table,
-    )?;
-    Ok(no_content(state.ledger.settle(request).await))
-}
-
-async fn renew(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Json(request): Json<RenewRequest>,
-) -> Result<Response, ApiError> {
-    authorize(
-        &caller(&state, &headers).await?,
-        &request.namespace,
-        &request.table,
-    )?;
-    Ok(no_content(state.ledger.renew(request).await))
 }

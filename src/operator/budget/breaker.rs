@@ -106,7 +106,7 @@ impl Breaker {
                         format!("{failures} Clay failures while probing"),
                     );
                 } else {
-                    self.probe_successes += successes;
+                    self.probe_successes = self.probe_successes.saturating_add(successes);
                     if self.probe_successes >= u64::from(spec.half_open_probes) {
                         self.transition(BreakerState::Closed, now, "probes succeeded".into());
                     }
@@ -126,10 +126,15 @@ impl Breaker {
                 let (ok, failed) = self
                     .window
                     .iter()
-                    .fold((0, 0), |(s, f), (_, ws, wf)| (s + ws, f + wf));
-                let calls = ok + failed;
+                    .fold((0u64, 0u64), |(s, f), (_, ws, wf)| {
+                        (s.saturating_add(*ws), f.saturating_add(*wf))
+                    });
+                let calls = ok.saturating_add(failed);
+                // u128: counts reported by the data plane are bounded, but
+                // the comparison must not be able to wrap whatever they are.
                 if calls >= u64::from(spec.min_calls)
-                    && failed * 100 >= u64::from(spec.error_percent) * calls
+                    && u128::from(failed) * 100
+                        >= u128::from(spec.error_percent) * u128::from(calls)
                 {
                     self.transition(
                         BreakerState::Open,
@@ -208,6 +213,19 @@ mod tests {
         breaker.record(&spec, 0, 1, t(41));
         assert_eq!(breaker.state(), BreakerState::Open);
         assert!(!breaker.allows(&spec, t(60)));
+    }
+
+    #[test]
+    fn huge_counts_saturate_instead_of_panicking() {
+        let spec = spec();
+        let mut breaker = Breaker::new(BreakerState::Closed, t(0));
+        breaker.record(&spec, u64::MAX, u64::MAX, t(1));
+        breaker.record(&spec, u64::MAX, u64::MAX, t(2));
+        assert_eq!(breaker.state(), BreakerState::Open);
+        let mut probing = Breaker::new(BreakerState::HalfOpen, t(0));
+        probing.record(&spec, u64::MAX, 0, t(1));
+        probing.record(&spec, u64::MAX, 0, t(1));
+        assert_eq!(probing.state(), BreakerState::Closed);
     }
 
     #[test]

@@ -1,23 +1,23 @@
-//! The ledger: one task per CreditBudget (on the leader) that applies
-//! reservations, settlements and renewals in small batches and records them
-//! durably in the budget's status before anyone is answered. Every write is
-//! a compare-and-swap on resourceVersion, so a stale writer (a deposed
-//! leader, a concurrent batch) can never overwrite newer bookkeeping.
+//! The ledger: one task per CreditBudget (on the leader) that applies lease
+//! requests in small batches and records them in the budget's status with a
+//! resourceVersion precondition, so a grant is durable before it is
+//! answered. The task sleeps until a lease can expire or the breaker's
+//! cooldown ends, and stops when its budget is gone or it has been idle.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use tokio::sync::{mpsc, oneshot};
 
 use super::book::{self, BookError};
 use super::breaker::Breaker;
 use super::status;
-use crate::api::budget::BreakerStatus;
+use crate::api::budget::{BreakerState, BreakerStatus};
 use crate::api::{CreditBudget, CreditBudgetStatus};
-use crate::ledger::{Denial, Grant, RenewRequest, ReserveRequest, SettleRequest};
+use crate::ledger::{Denial, LeaseAnswer, LeaseRequest};
 use crate::operator::labels::FIELD_MANAGER;
 
 /// Least time between two batch writes: bounds the ledger's writes to a few
@@ -27,8 +27,11 @@ use crate::operator::labels::FIELD_MANAGER;
 const BATCH_WINDOW: Duration = Duration::from_millis(200);
 /// Largest batch.
 const BATCH_MAX: usize = 1000;
-/// How often an idle book looks for expired reservations and breaker cooldowns.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Longest sleep of a book with nothing due (rollover is the controller's).
+const SWEEP_AT_MOST: Duration = Duration::from_secs(60);
+/// A book with no requests and nothing due for this long stops; the next
+/// request or reconcile starts it again from status.
+const IDLE_STOP: Duration = Duration::from_secs(600);
 /// Attempts of one batch against write conflicts.
 const CAS_ATTEMPTS: usize = 10;
 
@@ -49,9 +52,10 @@ pub enum LedgerError {
 }
 
 enum Command {
-    Reserve(ReserveRequest, oneshot::Sender<Result<Grant, LedgerError>>),
-    Settle(SettleRequest, oneshot::Sender<Result<(), LedgerError>>),
-    Renew(RenewRequest, oneshot::Sender<Result<(), LedgerError>>),
+    Lease(
+        Box<LeaseRequest>,
+        oneshot::Sender<Result<LeaseAnswer, LedgerError>>,
+    ),
     /// Recompute period, rollover and state (the controller's reconcile).
     Refresh(oneshot::Sender<Result<(CreditBudgetStatus, CreditBudgetStatus), LedgerError>>),
 }
@@ -122,24 +126,13 @@ impl Ledger {
             .map_err(|_| LedgerError::Unavailable("the budget's book dropped the request".into()))?
     }
 
-    pub async fn reserve(&self, request: ReserveRequest) -> Result<Grant, LedgerError> {
+    /// Applies a lease request (validated by the caller).
+    pub async fn lease(&self, request: LeaseRequest) -> Result<LeaseAnswer, LedgerError> {
         let (namespace, budget) = (request.namespace.clone(), request.budget.clone());
         self.call(&namespace, &budget, |reply| {
-            Command::Reserve(request, reply)
+            Command::Lease(Box::new(request), reply)
         })
         .await
-    }
-
-    pub async fn settle(&self, request: SettleRequest) -> Result<(), LedgerError> {
-        let (namespace, budget) = (request.namespace.clone(), request.budget.clone());
-        self.call(&namespace, &budget, |reply| Command::Settle(request, reply))
-            .await
-    }
-
-    pub async fn renew(&self, request: RenewRequest) -> Result<(), LedgerError> {
-        let (namespace, budget) = (request.namespace.clone(), request.budget.clone());
-        self.call(&namespace, &budget, |reply| Command::Renew(request, reply))
-            .await
     }
 
     /// Brings the budget's status up to date; returns (before, after).
@@ -154,8 +147,7 @@ impl Ledger {
 
 /// A command's answer, computed while applying a batch and sent after the write.
 enum Answer {
-    Grant(Result<Grant, LedgerError>),
-    Done(Result<(), LedgerError>),
+    Lease(Result<LeaseAnswer, LedgerError>),
     Refreshed(Box<(CreditBudgetStatus, CreditBudgetStatus)>),
 }
 
@@ -164,15 +156,9 @@ fn mismatched() -> LedgerError {
 }
 
 impl Answer {
-    fn into_grant(self) -> Result<Grant, LedgerError> {
+    fn into_lease(self) -> Result<LeaseAnswer, LedgerError> {
         match self {
-            Answer::Grant(result) => result,
-            _ => Err(mismatched()),
-        }
-    }
-    fn into_done(self) -> Result<(), LedgerError> {
-        match self {
-            Answer::Done(result) => result,
+            Answer::Lease(result) => result,
             _ => Err(mismatched()),
         }
     }
@@ -194,19 +180,27 @@ async fn run_book(
 ) {
     let mut breaker: Option<Breaker> = None;
     let mut last_write: Option<tokio::time::Instant> = None;
+    let mut due = tokio::time::Instant::now();
+    let mut last_request = tokio::time::Instant::now();
     loop {
         let first = tokio::select! {
             command = commands.recv() => match command {
                 Some(command) => Some(command),
                 None => return,
             },
-            _ = tokio::time::sleep(SWEEP_EVERY) => None,
+            _ = tokio::time::sleep_until(due) => None,
         };
+        let now = tokio::time::Instant::now();
         let mut batch: Vec<Command> = first.into_iter().collect();
-        if !batch.is_empty() {
+        if batch.is_empty() {
+            if now.duration_since(last_request) >= IDLE_STOP {
+                tracing::debug!(budget = name, "ledger book idle; stopping");
+                return;
+            }
+        } else {
+            last_request = now;
             // Gathers until a window after the previous write; when that has
             // passed, takes only what is already queued.
-            let now = tokio::time::Instant::now();
             let deadline = last_write.map_or(now, |at| (at + BATCH_WINDOW).max(now));
             while batch.len() < BATCH_MAX {
                 match tokio::time::timeout_at(deadline, commands.recv()).await {
@@ -216,25 +210,53 @@ async fn run_book(
             }
             last_write = Some(tokio::time::Instant::now());
         }
-        // Reservation ids and replies are fixed before the write loop, so a
-        // retried batch grants the same ids.
+        // Replies are fixed before the write loop, so a retried batch
+        // answers what it wrote.
         let (outcome, status) = apply_batch(&api, &name, &clock, &mut breaker, &batch).await;
         if let (Some(metrics), Some(status)) = (&metrics, &status) {
             metrics.observe_budget(&namespace, &name, status);
         }
+        let gone = outcome
+            .iter()
+            .any(|a| matches!(a, Err(LedgerError::BudgetNotFound(_))));
+        due = tokio::time::Instant::now()
+            + match &status {
+                Some(status) => next_due(status, breaker.as_ref(), clock()),
+                // The write failed: try again soon.
+                None => Duration::from_secs(1),
+            };
         for (command, answer) in batch.into_iter().zip(outcome) {
             send(command, answer);
         }
+        if gone {
+            tracing::debug!(budget = name, "budget deleted; its ledger book stops");
+            return;
+        }
     }
+}
+
+/// How long until something in the book changes by itself: a lease
+/// expiring, or (checked every second) the breaker's cooldown ending.
+fn next_due(status: &CreditBudgetStatus, breaker: Option<&Breaker>, now: Timestamp) -> Duration {
+    let until_expiry = status
+        .leases
+        .iter()
+        .map(|l| Duration::try_from(l.expires_at.0.duration_since(now)).unwrap_or_default())
+        .min()
+        .unwrap_or(SWEEP_AT_MOST);
+    let breaker_open = breaker.is_some_and(|b| b.state() == BreakerState::Open);
+    let until = if breaker_open {
+        until_expiry.min(Duration::from_secs(1))
+    } else {
+        until_expiry
+    };
+    until.clamp(Duration::from_millis(50), SWEEP_AT_MOST)
 }
 
 fn send(command: Command, answer: Result<Answer, LedgerError>) {
     // A caller that gave up waiting is not an error for the ledger.
     match command {
-        Command::Reserve(_, reply) => drop(reply.send(answer.and_then(Answer::into_grant))),
-        Command::Settle(_, reply) | Command::Renew(_, reply) => {
-            drop(reply.send(answer.and_then(Answer::into_done)))
-        }
+        Command::Lease(_, reply) => drop(reply.send(answer.and_then(Answer::into_lease))),
         Command::Refresh(reply) => drop(reply.send(answer.and_then(Answer::into_refreshed))),
     }
 }
@@ -268,9 +290,9 @@ async fn apply_batch(
         // Period rollover first, then forfeits, then the batch.
         let mut status = status::compute(&working, now);
         let forfeited = book::expire(&mut status, now);
-        for reservation in &forfeited {
-            tracing::warn!(budget = name, reservation = %reservation.id, table = %reservation.table, holder = %reservation.holder,
-                "reservation expired without settlement; its remainder is counted as spent");
+        for lease in &forfeited {
+            tracing::warn!(budget = name, lease = %lease.id, table = %lease.table, holder = %lease.holder,
+                held = lease.held.data_credits, "lease expired without renewal; what it held is counted as spent");
         }
         let mut attempt_breaker = breaker.clone().unwrap_or_else(|| {
             Breaker::new(
@@ -287,64 +309,10 @@ async fn apply_batch(
             .iter()
             .map(|command| {
                 Ok(match command {
-                    Command::Reserve(request, _) => {
-                        let allows = attempt_breaker.allows(&spec.circuit_breaker, now);
-                        let ttl =
-                            SignedDuration::from_secs(request.ttl_seconds.clamp(1, 3600) as i64);
-                        Answer::Grant(
-                            book::reserve(
-                                spec,
-                                &mut status,
-                                request.id.clone(),
-                                &request.table,
-                                &request.holder,
-                                &request.ask,
-                                &request.min,
-                                ttl,
-                                allows,
-                                now,
-                            )
-                            .map(|r| Grant {
-                                id: r.id,
-                                granted: r.granted,
-                                expires_at: r.expires_at.0.to_string(),
-                            })
-                            .map_err(LedgerError::Denied),
-                        )
-                    }
-                    Command::Settle(request, _) => {
-                        attempt_breaker.record(
-                            &spec.circuit_breaker,
-                            request.successes,
-                            request.failures,
-                            now,
-                        );
-                        Answer::Done(
-                            book::settle(
-                                &mut status,
-                                &request.reservation,
-                                &request.table,
-                                request.seq,
-                                &request.used,
-                                request.release,
-                            )
+                    Command::Lease(request, _) => Answer::Lease(
+                        book::apply(spec, &mut status, &mut attempt_breaker, request, now)
                             .map_err(LedgerError::from),
-                        )
-                    }
-                    Command::Renew(request, _) => {
-                        let ttl =
-                            SignedDuration::from_secs(request.ttl_seconds.clamp(1, 3600) as i64);
-                        Answer::Done(
-                            book::renew(
-                                &mut status,
-                                &request.reservation,
-                                &request.table,
-                                ttl,
-                                now,
-                            )
-                            .map_err(LedgerError::from),
-                        )
-                    }
+                    ),
                     Command::Refresh(_) => {
                         Answer::Refreshed(Box::new((before.clone(), CreditBudgetStatus::default())))
                     }

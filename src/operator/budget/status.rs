@@ -79,7 +79,10 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
     let percent = data_percent.max(action_percent);
     status.percent_used = percent.floor().clamp(0.0, 100.0) as u32;
 
-    let exhausted = percent >= 100.0;
+    // Exhausted as soon as the smallest row a live holder draws no longer
+    // fits: every table is refused from then on, whatever the percentage.
+    let refusing = super::book::refusing_rows(spec, &status);
+    let exhausted = percent >= 100.0 || refusing.is_some();
     let crossed: Option<u32> = spec
         .warning_thresholds
         .iter()
@@ -110,7 +113,7 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
             READY,
             false,
             "Exhausted",
-            format!("the limit is reached until the period ends at {end}"),
+            format!("no credits are granted until the period ends at {end} or the limit is raised"),
         )
     } else {
         cond.set(
@@ -121,12 +124,16 @@ pub fn compute(budget: &CreditBudget, now: Timestamp) -> CreditBudgetStatus {
         )
     };
     let exhausted_condition = if exhausted {
+        let left = refusing
+            .as_ref()
+            .map(|shortfall| format!("{shortfall}; "))
+            .unwrap_or_default();
         cond.set(
             EXHAUSTED,
             true,
             "LimitReached",
             format!(
-                "tables behave per onExhausted={:?} until {end}",
+                "{left}tables behave per onExhausted={:?} until {end}",
                 spec.on_exhausted
             ),
         )
@@ -181,7 +188,7 @@ mod tests {
         // 40% of data credits but 92% of actions: Warning, from the actions meter.
         let b = budget(json!({
             "periodStart": "2026-11-01T00:00:00Z", "periodEnd": "2026-12-01T00:00:00Z",
-            "used": {"dataCredits": 300.0, "actions": 80}, "reservations": [{"id": "r", "table": "t", "holder": "h", "granted": {"dataCredits": 100.0, "actions": 12}, "settled": {}, "settledSeq": 0, "expiresAt": "2026-11-27T13:00:00Z"}]
+            "used": {"dataCredits": 300.0, "actions": 80}, "leases": [{"id": "r", "table": "t", "holder": "h", "held": {"dataCredits": 100.0, "actions": 12}, "expiresAt": "2026-11-27T13:00:00Z"}]
         }));
         let status = compute(&b, at("2026-11-27T12:00:00Z"));
         assert_eq!(status.percent_used, 92);
@@ -204,6 +211,28 @@ mod tests {
         assert_eq!(
             find_condition(&status.conditions, READY).unwrap().reason,
             "Exhausted"
+        );
+    }
+
+    #[test]
+    fn less_than_one_row_left_is_exhausted_and_says_so() {
+        // 996 of 1000 used: 99%, but the table's rows cost 8.
+        let b = budget(json!({
+            "periodStart": "2026-11-01T00:00:00Z", "periodEnd": "2026-12-01T00:00:00Z",
+            "used": {"dataCredits": 996.0, "actions": 10},
+            "leases": [{"id": "w", "table": "t", "holder": "h", "held": {}, "rowCost": {"dataCredits": 8.0}, "expiresAt": "2026-11-27T13:00:00Z"}]
+        }));
+        let status = compute(&b, at("2026-11-27T12:00:00Z"));
+        assert_eq!(status.percent_used, 99);
+        assert_eq!(status.state, BudgetState::Exhausted);
+        let exhausted = find_condition(&status.conditions, EXHAUSTED).unwrap();
+        assert_eq!(exhausted.status, "True");
+        assert!(
+            exhausted
+                .message
+                .starts_with("4 data credits remain, one row needs 8; 90 actions remain"),
+            "{}",
+            exhausted.message
         );
     }
 

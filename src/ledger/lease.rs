@@ -1,0 +1,517 @@
+//! The holder's side of a credit lease: rows draw their worst case from an
+//! in-memory pool with no network round trip; one background task reports
+//! spend, refunds and Clay outcomes, renews the lease and tops the pool up
+//! before it runs dry, sized from recent spend.
+//!
+//! Safety does not depend on this process staying alive: everything drawn
+//! came from credits the ledger recorded as held by this lease, and a lease
+//! that stops being renewed is forfeited as spent.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+
+use super::client::{LedgerClient, LedgerClientError};
+use super::{Credits, Denial, LeaseAnswer, LeaseRequest};
+use crate::api::table::CreditCost;
+
+/// Lease life without renewal: how long a killed holder's credits stay held
+/// before they are forfeited.
+pub const LEASE_TTL: Duration = Duration::from_secs(60);
+/// Spend and outcomes are reported at least this often while there are any.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// The pool aims to cover this much of the recent draw rate.
+const POOL_COVERS: f64 = 5.0;
+/// ... and at least this many rows while rows are being drawn.
+const POOL_MIN_ROWS: i64 = 4;
+/// Undrawn credits are given back after this long without a draw.
+const IDLE_GIVE_BACK: Duration = Duration::from_secs(30);
+/// How long a refusal answers draws without asking again.
+const DENIAL_FRESH: Duration = Duration::from_secs(1);
+/// How long a draw waits for credits before calling the ledger unavailable.
+const DRAW_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Which budget and table a lease is for, and who holds it.
+#[derive(Clone, Debug)]
+pub struct LeaseTarget {
+    pub namespace: String,
+    pub budget: String,
+    pub table: String,
+    pub holder: String,
+}
+
+/// Credits drawn for one row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Draw {
+    pub cost: CreditCost,
+    /// The budget period the credits were counted in (tag for refunds).
+    pub period: String,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct State {
+    lease: String,
+    generation: u64,
+    next_seq: u64,
+    row_cost: Credits,
+    free: Credits,
+    unreported: Credits,
+    /// Refunds by period.
+    refunds: BTreeMap<String, Credits>,
+    extra: Credits,
+    successes: u64,
+    failures: u64,
+    implausible: u64,
+    /// Credits wanted by draws that are waiting.
+    waiting: Credits,
+    period: String,
+    /// Paused, breaker open: nothing may be drawn.
+    blocked: Option<Denial>,
+    /// The last refusal of an ask, and when.
+    refused: Option<(Denial, Instant)>,
+    /// Why the ledger cannot be used, when it refused the request itself.
+    broken: Option<String>,
+    expires: Option<Instant>,
+    drawn_total: i64,
+    last_draw: Option<Instant>,
+    /// Draw rate in milli-credits per second (moving average).
+    rate: f64,
+    /// The request sent and not acknowledged: resent unchanged until it is.
+    in_flight: Option<LeaseRequest>,
+    closing: bool,
+}
+
+/// A lease on one budget for one table, shared by a process's tasks.
+pub struct CreditLease {
+    target: LeaseTarget,
+    client: LedgerClient,
+    state: Mutex<State>,
+    wake: Notify,
+    answered: watch::Sender<u64>,
+}
+
+impl CreditLease {
+    /// Starts the lease and its reporting task (stopped by [`Self::close`]).
+    pub fn start(target: LeaseTarget, row_cost: &CreditCost, client: LedgerClient) -> Arc<Self> {
+        let lease = Arc::new(Self {
+            state: Mutex::new(State {
+                lease: new_lease_id(&target.holder),
+                next_seq: 1,
+                row_cost: Credits::of(row_cost),
+                ..Default::default()
+            }),
+            target,
+            client,
+            wake: Notify::new(),
+            answered: watch::channel(0).0,
+        });
+        tokio::spawn(lease.clone().run());
+        lease
+    }
+
+    pub fn target(&self) -> &LeaseTarget {
+        &self.target
+    }
+
+    /// The worst case of one row (the table's creditsPerRow), after an edit.
+    pub fn set_row_cost(&self, cost: &CreditCost) {
+        self.state.lock().unwrap().row_cost = Credits::of(cost);
+    }
+
+    /// Draws `cost` for one row: at once from the pool, else after the
+    /// ledger tops it up. Refused when the budget refuses.
+    pub async fn draw(&self, cost: &CreditCost) -> Result<Draw, LedgerClientError> {
+        let want = Credits::of(cost);
+        let mut answers = self.answered.subscribe();
+        let deadline = tokio::time::Instant::now() + DRAW_PATIENCE;
+        let mut asked_at: Option<Instant> = None;
+        let result = loop {
+            {
+                let mut state = self.state.lock().unwrap();
+                if let Some(result) = try_draw(&mut state, want, cost, asked_at) {
+                    break result;
+                }
+                if asked_at.is_none() {
+                    state.waiting = state.waiting.plus(want);
+                    asked_at = Some(Instant::now());
+                }
+            }
+            self.wake.notify_one();
+            let waited = tokio::time::timeout_at(deadline, answers.changed()).await;
+            if !matches!(waited, Ok(Ok(()))) {
+                break Err(LedgerClientError::Unavailable(
+                    "no credits from the ledger in time".into(),
+                ));
+            }
+        };
+        if asked_at.is_some() {
+            let mut state = self.state.lock().unwrap();
+            state.waiting = state.waiting.minus(want);
+        }
+        result
+    }
+
+    /// Returns a draw whose row never reached Clay.
+    pub fn undo(&self, draw: &Draw) {
+        let cost = Credits::of(&draw.cost);
+        let mut state = self.state.lock().unwrap();
+        if draw.generation == state.generation && state.unreported.covers(cost) {
+            state.unreported = state.unreported.minus(cost);
+            state.free = state.free.plus(cost);
+        } else {
+            // Already reported as spent (or forfeited with a lost lease).
+            add_refund(&mut state, &draw.period, cost);
+        }
+    }
+
+    /// Credits spent on a row that Clay did not charge after all.
+    pub fn refund(&self, cost: &CreditCost, period: &str) {
+        add_refund(&mut self.state.lock().unwrap(), period, Credits::of(cost));
+    }
+
+    /// A row's result arrived: charges its reported cost instead of its
+    /// worst case when the cost is believable.
+    pub fn settle_row(&self, reserved: &CreditCost, period: &str, reported: Option<f64>) {
+        let worst = Credits::of(reserved);
+        let mut state = self.state.lock().unwrap();
+        state.successes = state.successes.saturating_add(1);
+        let Some(reported) = reported else { return };
+        let plausible_max = (reserved.data_credits * 100.0).max(100.0);
+        if !reported.is_finite() || reported < 0.0 || reported > plausible_max {
+            state.implausible = state.implausible.saturating_add(1);
+            return;
+        }
+        let actual = Credits {
+            milli: (reported * 1000.0).round() as i64,
+            actions: worst.actions,
+        };
+        if worst.covers(actual) {
+            add_refund(&mut state, period, worst.minus(actual));
+        } else {
+            state.extra = state.extra.plus(actual.minus(worst));
+        }
+    }
+
+    /// A Clay call failed (a refused submission, or a result that never came).
+    pub fn record_failure(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.failures = state.failures.saturating_add(1);
+    }
+
+    /// Reports everything, gives back the pool and closes the lease.
+    pub async fn close(&self) {
+        self.state.lock().unwrap().closing = true;
+        self.wake.notify_one();
+        let mut answers = self.answered.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while !self.state.lock().unwrap().lease.is_empty() {
+                if answers.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut last_tick = Instant::now();
+        let mut drawn_at_tick = 0i64;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let due = self.next_due();
+            if !due.is_zero() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(due) => {}
+                }
+            }
+            {
+                let mut state = self.state.lock().unwrap();
+                let elapsed = last_tick.elapsed().as_secs_f64();
+                if elapsed >= 0.2 {
+                    let delta = (state.drawn_total - drawn_at_tick) as f64 / elapsed;
+                    state.rate = 0.5 * state.rate + 0.5 * delta;
+                    drawn_at_tick = state.drawn_total;
+                    last_tick = Instant::now();
+                }
+            }
+            let Some(request) = self.next_request() else {
+                continue;
+            };
+            let closing = request.release;
+            match self.client.lease(&request).await {
+                Ok(answer) => {
+                    backoff = Duration::from_millis(100);
+                    self.apply(answer, closing);
+                    if closing {
+                        return;
+                    }
+                }
+                Err(LedgerClientError::Rejected {
+                    status: 409,
+                    message,
+                }) => {
+                    tracing::warn!(lease = %request.lease, %message, "lease lost; starting a new one (what it held was counted as spent)");
+                    self.restart();
+                    if closing {
+                        self.finish_close();
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let broken = matches!(error, LedgerClientError::Rejected { .. });
+                    tracing::warn!(%error, lease = %request.lease, "lease request failed; retrying");
+                    self.state.lock().unwrap().broken = broken.then(|| error.to_string());
+                    self.answered.send_modify(|n| *n += 1);
+                    if closing && self.state.lock().unwrap().lease.is_empty() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// How long until the next request is due (zero: now).
+    fn next_due(&self) -> Duration {
+        let state = self.state.lock().unwrap();
+        if state.in_flight.is_some() || state.closing {
+            return Duration::ZERO;
+        }
+        // Refused or blocked: ask again once a second, not in a loop.
+        if state.blocked.is_some() {
+            return REPORT_EVERY;
+        }
+        if let Some((_, at)) = &state.refused
+            && at.elapsed() < DENIAL_FRESH
+        {
+            return DENIAL_FRESH - at.elapsed();
+        }
+        let target = target_pool(&state);
+        let low = !target.is_zero() && state.free.minus(target.half()).is_zero();
+        if !state.waiting.is_zero() || low {
+            return Duration::ZERO;
+        }
+        let reporting = !state.unreported.is_zero()
+            || state.refunds.values().any(|r| !r.is_zero())
+            || !state.extra.is_zero()
+            || state.successes > 0
+            || state.failures > 0
+            || state.implausible > 0;
+        if reporting {
+            return REPORT_EVERY;
+        }
+        let idle = state
+            .last_draw
+            .is_none_or(|at| at.elapsed() >= IDLE_GIVE_BACK);
+        if idle && !state.free.is_zero() {
+            return Duration::ZERO;
+        }
+        match state.expires {
+            // Renew halfway through the lease's life.
+            Some(expires) => expires
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(LEASE_TTL / 2),
+            // Nothing held and nothing to say: the first draw wakes the task.
+            None => Duration::from_secs(3600),
+        }
+    }
+
+    /// The request to send now: the unacknowledged one again, or a new one
+    /// carrying everything accumulated since.
+    fn next_request(&self) -> Option<LeaseRequest> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(request) = &state.in_flight {
+            return Some(request.clone());
+        }
+        if state.lease.is_empty() {
+            return None;
+        }
+        let target = target_pool(&state);
+        let want = target.plus(state.waiting);
+        let stopped = state.blocked.is_some() || state.closing;
+        let idle = state
+            .last_draw
+            .is_none_or(|at| at.elapsed() >= IDLE_GIVE_BACK);
+        let ask =
+            if stopped || !state.free.minus(target.half()).is_zero() && state.waiting.is_zero() {
+                Credits::default()
+            } else {
+                want.minus(state.free)
+            };
+        // Paused, breaker open, idle or closing: hand the pool back.
+        let give_back = if stopped || (idle && state.waiting.is_zero()) {
+            std::mem::take(&mut state.free)
+        } else {
+            Credits::default()
+        };
+        let period = state.period.clone();
+        let refund = state.refunds.remove(&period).unwrap_or_default();
+        // Refunds of other periods can never apply: an older period is over,
+        // and a newer one is learned before anything is drawn in it.
+        state.refunds.retain(|p, _| *p > period);
+        let request = LeaseRequest {
+            namespace: self.target.namespace.clone(),
+            budget: self.target.budget.clone(),
+            table: self.target.table.clone(),
+            holder: self.target.holder.clone(),
+            lease: state.lease.clone(),
+            seq: state.next_seq,
+            ask: ask.cost(),
+            row_cost: state.row_cost.cost(),
+            spent: std::mem::take(&mut state.unreported).cost(),
+            give_back: give_back.cost(),
+            refund: refund.cost(),
+            extra: std::mem::take(&mut state.extra).cost(),
+            refund_period: period,
+            successes: std::mem::take(&mut state.successes),
+            failures: std::mem::take(&mut state.failures),
+            implausible_costs: std::mem::take(&mut state.implausible),
+            ttl_seconds: LEASE_TTL.as_secs(),
+            release: state.closing,
+        };
+        state.next_seq += 1;
+        state.in_flight = Some(request.clone());
+        Some(request)
+    }
+
+    fn apply(&self, answer: LeaseAnswer, closed: bool) {
+        {
+            let mut state = self.state.lock().unwrap();
+            state.in_flight = None;
+            state.broken = None;
+            state.free = state.free.plus(Credits::of(&answer.granted));
+            state.period = answer.period.clone();
+            state.expires = Some(Instant::now() + LEASE_TTL);
+            match answer.denial {
+                Some(denial) if denial.reason.stops_drawing() => {
+                    state.blocked = Some(denial);
+                }
+                Some(denial) => {
+                    state.blocked = None;
+                    state.refused = Some((denial, Instant::now()));
+                }
+                None => {
+                    state.blocked = None;
+                    state.refused = None;
+                }
+            }
+            if closed {
+                state.lease.clear();
+            }
+        }
+        self.answered.send_modify(|n| *n += 1);
+    }
+
+    /// The lease is gone at the ledger (expired and forfeited): start a new
+    /// one. Its pool was counted as spent there, so it is dropped here.
+    fn restart(&self) {
+        {
+            let mut state = self.state.lock().unwrap();
+            state.in_flight = None;
+            state.lease = new_lease_id(&self.target.holder);
+            state.generation += 1;
+            state.next_seq = 1;
+            state.free = Credits::default();
+            state.unreported = Credits::default();
+            state.expires = None;
+        }
+        self.answered.send_modify(|n| *n += 1);
+    }
+
+    fn finish_close(&self) {
+        self.state.lock().unwrap().lease.clear();
+        self.answered.send_modify(|n| *n += 1);
+    }
+}
+
+/// One attempt at a draw; None when it must wait for the ledger.
+fn try_draw(
+    state: &mut State,
+    want: Credits,
+    cost: &CreditCost,
+    asked_at: Option<Instant>,
+) -> Option<Result<Draw, LedgerClientError>> {
+    if let Some(denial) = &state.blocked {
+        return Some(Err(LedgerClientError::Denied(denial.clone())));
+    }
+    if state.closing {
+        return Some(Err(LedgerClientError::Unavailable(
+            "the process is shutting down".into(),
+        )));
+    }
+    if state.free.covers(want) {
+        state.free = state.free.minus(want);
+        state.unreported = state.unreported.plus(want);
+        state.drawn_total = state.drawn_total.saturating_add(want.milli);
+        state.last_draw = Some(Instant::now());
+        return Some(Ok(Draw {
+            cost: cost.clone(),
+            period: state.period.clone(),
+            generation: state.generation,
+        }));
+    }
+    // A refusal answers this draw when it came after the draw asked, or is
+    // fresh and no request that could still grant is in flight.
+    if let Some((denial, at)) = &state.refused
+        && (asked_at.is_some_and(|asked| *at >= asked)
+            || (at.elapsed() < DENIAL_FRESH && state.in_flight.is_none()))
+    {
+        return Some(Err(LedgerClientError::Denied(denial.clone())));
+    }
+    state
+        .broken
+        .as_ref()
+        .map(|reason| Err(LedgerClientError::Unavailable(reason.clone())))
+}
+
+impl Credits {
+    fn half(self) -> Self {
+        Self {
+            milli: self.milli / 2,
+            actions: self.actions / 2,
+        }
+    }
+}
+
+/// The pool worth holding: ~[`POOL_COVERS`] seconds of the recent draw
+/// rate, at least a few rows while drawing, nothing when idle.
+fn target_pool(state: &State) -> Credits {
+    let drawing = state
+        .last_draw
+        .is_some_and(|at| at.elapsed() < IDLE_GIVE_BACK);
+    if !drawing || state.row_cost.is_zero() {
+        return Credits::default();
+    }
+    let row = state.row_cost;
+    let rows = if row.milli > 0 {
+        ((state.rate * POOL_COVERS) / row.milli as f64).ceil() as i64
+    } else {
+        0
+    }
+    .max(POOL_MIN_ROWS);
+    Credits {
+        milli: row.milli.saturating_mul(rows),
+        actions: row.actions.saturating_mul(rows as u64),
+    }
+}
+
+fn add_refund(state: &mut State, period: &str, amount: Credits) {
+    if amount.is_zero() || period.is_empty() {
+        return;
+    }
+    let entry = state.refunds.entry(period.to_string()).or_default();
+    *entry = entry.plus(amount);
+}
+
+fn new_lease_id(holder: &str) -> String {
+    let holder: String = holder.chars().take(200).collect();
+    format!(
+        "{holder}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
