@@ -1,14 +1,17 @@
-//! Reservations per second one CreditBudget sustains through the operator's
-//! reservation API, and the API-server writes per second that costs, on the
-//! real local control plane.
+//! Rows per second one CreditBudget sustains through credit leases (each
+//! holder a data-plane process's lease, rows drawn as fast as they can be),
+//! the API-server writes per second that costs, and the budget's status size,
+//! on the real local control plane.
 //!
-//! Run: `cargo bench --bench ledger` (CLIENTS=32 SECONDS=15 to change the load).
+//! Run: `cargo bench --bench ledger` (HOLDERS=8 SECONDS=15 to change the load).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use kiln::ledger::lease::{CreditLease, LeaseTarget};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
@@ -19,7 +22,6 @@ use kiln::api::table::CreditCost;
 use kiln::api::{CreditBudget, EnrichmentTable};
 use kiln::clay::SecretString;
 use kiln::ledger::client::{LedgerClient, TokenSource};
-use kiln::ledger::{ReserveRequest, SettleRequest};
 
 /// PATCHes of creditbudgets/status the API server has served so far.
 async fn status_writes(client: &kube::Client) -> f64 {
@@ -38,7 +40,7 @@ async fn status_writes(client: &kube::Client) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let clients = support::env_or("CLIENTS", 32);
+    let holders = support::env_or("HOLDERS", 8);
     let seconds = support::env_or("SECONDS", 15);
     let env = support::test_env("bench-ledger").await;
     support::install_kiln_crds(&env.client).await;
@@ -68,58 +70,44 @@ async fn main() {
     let token = kiln::devenv::service_account_token(&env.client, &env.namespace, "kiln-leads")
         .await
         .unwrap();
-    let ledger = Arc::new(LedgerClient::new(
-        vec![format!("http://127.0.0.1:{}", operator.api_port)],
-        TokenSource::Static(SecretString::new(token)),
-    ));
+    let endpoint = format!("http://127.0.0.1:{}", operator.api_port);
+    let row = CreditCost {
+        data_credits: 1.0,
+        actions: 1,
+    };
+    let leases: Vec<Arc<CreditLease>> = (0..holders)
+        .map(|h| {
+            CreditLease::start(
+                LeaseTarget {
+                    namespace: env.namespace.clone(),
+                    budget: "team".into(),
+                    table: "leads".into(),
+                    holder: format!("bench-{h}"),
+                },
+                &row,
+                LedgerClient::new(
+                    vec![endpoint.clone()],
+                    TokenSource::Static(SecretString::new(token.clone())),
+                ),
+            )
+        })
+        .collect();
 
     let writes_before = status_writes(&env.client).await;
-    let reservations = Arc::new(AtomicU64::new(0));
+    let rows = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (ledger, reservations, namespace) =
-            (ledger.clone(), reservations.clone(), env.namespace.clone());
+    for lease in &leases {
+        let (lease, rows, row) = (lease.clone(), rows.clone(), row.clone());
         tasks.push(tokio::spawn(async move {
-            let mut i = 0u64;
             while Instant::now() < deadline {
-                let request = ReserveRequest {
-                    id: format!("b{c}-{i}"),
-                    namespace: namespace.clone(),
-                    budget: "team".into(),
-                    table: "leads".into(),
-                    holder: "bench".into(),
-                    ask: CreditCost {
-                        data_credits: 10.0,
-                        actions: 10,
-                    },
-                    min: CreditCost {
-                        data_credits: 1.0,
-                        actions: 1,
-                    },
-                    ttl_seconds: 60,
-                };
-                let grant = ledger.reserve(&request).await.expect("reserve");
-                reservations.fetch_add(1, Ordering::Relaxed);
-                ledger
-                    .settle(&SettleRequest {
-                        namespace: namespace.clone(),
-                        budget: "team".into(),
-                        table: "leads".into(),
-                        reservation: grant.id,
-                        seq: 1,
-                        used: CreditCost {
-                            data_credits: 7.5,
-                            actions: 10,
-                        },
-                        release: true,
-                        successes: 10,
-                        failures: 0,
-                    })
-                    .await
-                    .expect("settle");
-                i += 1;
+                // A row costs 1 credit worst case; Clay charged 0.5 of it.
+                let draw = lease.draw(&row).await.expect("draw");
+                lease.settle_row(&draw.cost, &draw.period, Some(0.5));
+                if rows.fetch_add(1, Ordering::Relaxed) % 256 == 0 {
+                    tokio::task::yield_now().await;
+                }
             }
         }));
     }
@@ -128,7 +116,18 @@ async fn main() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let writes = status_writes(&env.client).await - writes_before;
-    let done = reservations.load(Ordering::Relaxed);
+    let in_flight = env
+        .api::<CreditBudget>()
+        .get("team")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    let status_bytes = serde_json::to_vec(&in_flight).unwrap().len();
+    for lease in &leases {
+        lease.close().await;
+    }
+    let done = rows.load(Ordering::Relaxed);
     let status = env
         .api::<CreditBudget>()
         .get("team")
@@ -136,15 +135,15 @@ async fn main() {
         .unwrap()
         .status
         .unwrap();
+    assert!(status.leases.is_empty(), "every lease closed");
     assert_eq!(
         status.used.data_credits,
-        done as f64 * 7.5,
-        "every settlement recorded once"
+        done as f64 * 0.5,
+        "every row charged once, at what Clay charged"
     );
     println!(
-        "ledger: {clients} clients, {elapsed:.1}s: {done} reservations+settlements = {:.0} reservations/s; {writes} status writes = {:.1} writes/s ({:.0} reservations per write)",
+        "ledger: {holders} holders, {elapsed:.1}s: {done} rows = {:.0} rows/s; {writes} status writes = {:.1} writes/s; budget status {status_bytes} bytes with {holders} leases and rows in flight",
         done as f64 / elapsed,
         writes / elapsed,
-        done as f64 / writes.max(1.0)
     );
 }

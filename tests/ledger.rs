@@ -719,3 +719,29 @@ async fn pausing_a_budget_stops_drawing_within_a_second_and_unpausing_resumes() 
     })
     .await;
 }
+
+/// The receiver that refunds a row is not the worker that drew it, and its
+/// refund can reach the ledger before the worker reports the spend: the
+/// part that does not fit yet is sent again until it does.
+#[tokio::test]
+async fn a_refund_that_overtakes_the_spend_it_refunds_is_applied_when_the_spend_arrives() {
+    let env = Arc::new(support::test_env("ledger-overtaken").await);
+    support::install_kiln_crds(&env.client).await;
+    let operator = support::start_operator(&env.namespace, "op-a").await;
+    let token = setup(&env, json!({"limits": {"dataCredits": 100.0}})).await;
+    let worker = holder(&env, &[operator.api_port], &token, "worker");
+    let receiver = holder(&env, &[operator.api_port], &token, "receiver");
+    let mut draws = vec![];
+    for _ in 0..5 {
+        draws.push(worker.draw(&credits(1.0)).await.unwrap());
+    }
+    for draw in &draws {
+        receiver.settle_row(&draw.cost, &draw.period, Some(0.5));
+    }
+    let status = wait::until("used down to what Clay charged", || async {
+        let status = budget_status(&env).await;
+        (status.used.data_credits == 2.5).then_some(status)
+    })
+    .await;
+    assert_eq!(status.tables[0].used.data_credits, 2.5);
+}

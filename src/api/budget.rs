@@ -46,6 +46,7 @@ pub enum OnExhausted {
     shortname = "cb",
     shortname = "budget",
     category = "kiln",
+    doc = "A namespace's Clay credit cap per period (data credits, actions or both), with warning thresholds, what tables do when it is exhausted and a circuit breaker on Clay failures. Its status is the credit ledger.",
     printcolumn = r#"{"name":"Limit","type":"number","jsonPath":".spec.limits.dataCredits"}"#,
     printcolumn = r#"{"name":"Used","type":"number","jsonPath":".status.used.dataCredits"}"#,
     printcolumn = r#"{"name":"Remaining","type":"number","jsonPath":".status.remaining.dataCredits"}"#,
@@ -220,12 +221,15 @@ pub struct CreditBudgetStatus {
     /// Total spend this period: rows submitted to Clay, at their reported
     /// cost once their result arrived, else at their worst case.
     #[serde(default)]
+    #[schemars(with = "crate::api::table::CreditTotal")]
     pub used: CreditCost,
     /// Total credits held by leases (granted, not yet spent or given back).
     #[serde(default)]
+    #[schemars(with = "crate::api::table::CreditTotal")]
     pub reserved: CreditCost,
     /// Limit minus used minus reserved, per limited meter.
     #[serde(default)]
+    #[schemars(with = "crate::api::table::CreditTotal")]
     pub remaining: CreditCost,
     /// Highest percentage of a limit used or reserved.
     #[serde(default)]
@@ -261,6 +265,7 @@ pub struct Lease {
     /// The process holding it (pod name), for troubleshooting.
     pub holder: String,
     /// Credits held: counted against the limit until reported spent or given back.
+    #[schemars(with = "crate::api::table::CreditTotal")]
     pub held: CreditCost,
     /// One row's worst case for this holder's table: the smallest useful grant.
     #[serde(default)]
@@ -271,7 +276,12 @@ pub struct Lease {
     pub seq: u64,
     /// Credits granted by that request (returned again when it is retried).
     #[serde(default)]
+    #[schemars(with = "crate::api::table::CreditTotal")]
     pub last_granted: CreditCost,
+    /// The refund that request applied (returned again when it is retried).
+    #[serde(default)]
+    #[schemars(with = "crate::api::table::CreditTotal")]
+    pub last_refunded: CreditCost,
     /// When the holder must have renewed it; afterwards what it holds is
     /// forfeited and counted as spent.
     pub expires_at: Time,
@@ -281,9 +291,13 @@ pub struct Lease {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct BreakerStatus {
+    /// Closed (credits granted), Open (refused after repeated Clay
+    /// failures) or HalfOpen (a few probe rows allowed).
     pub state: BreakerState,
+    /// When the state last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<Time>,
+    /// Why the state last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -292,7 +306,10 @@ pub struct BreakerStatus {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct TableUsage {
+    /// The EnrichmentTable's name.
     pub table: String,
+    /// Its total spend this period.
+    #[schemars(with = "crate::api::table::CreditTotal")]
     pub used: CreditCost,
 }
 
@@ -302,5 +319,6 @@ pub struct TableUsage {
 pub struct PeriodUsage {
     pub period_start: Time,
     pub period_end: Time,
+    #[schemars(with = "crate::api::table::CreditTotal")]
     pub used: CreditCost,
 }

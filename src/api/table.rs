@@ -33,8 +33,11 @@ pub enum Tier {
     shortname = "et",
     shortname = "etable",
     category = "kiln",
+    doc = "One Clay table and the pipeline around it: where rows come from, how they reach Clay, where results and dead letters go, and the CreditBudget it draws on. The operator runs its workers and receiver.",
+    validation = Rule::new("self.metadata.name.size() <= 54").message("EnrichmentTable names must be at most 54 characters: the receiver Service is named <table>-receiver and Service names are limited to 63"),
     printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Enriched","type":"integer","jsonPath":".status.rows.enriched"}"#,
     printcolumn = r#"{"name":"Credits","type":"number","jsonPath":".status.creditsThisPeriod.dataCredits"}"#,
     printcolumn = r#"{"name":"Budget","type":"string","jsonPath":".spec.budgetRef.name"}"#,
@@ -568,22 +571,41 @@ pub struct EnrichmentTableStatus {
     pub rows: RowCounters,
     /// Credits this table used in the budget's current period.
     #[serde(default)]
+    #[schemars(with = "CreditTotal")]
     pub credits_this_period: CreditCost,
     /// When a row was last enriched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_enriched_at: Option<Time>,
 }
 
+/// A total of credits (the schema of status totals; the values are
+/// [`CreditCost`]s).
+#[derive(schemars::JsonSchema, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditTotal {
+    /// Data credits in total.
+    data_credits: f64,
+    /// Actions in total.
+    actions: u64,
+}
+
 /// Rows by lifecycle stage.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct RowCounters {
+    /// Rows taken in from the source (HTTP, Redis Stream or Kafka).
     pub received: u64,
+    /// Rows answered from the de-dupe store at no charge.
     pub deduplicated: u64,
+    /// Rows sent to Clay (each attempt counts).
     pub submitted: u64,
+    /// Rows whose result came back from Clay.
     pub enriched: u64,
+    /// Results the sink accepted.
     pub delivered: u64,
+    /// Rows that ended in the dead-letter destination, with a reason.
     pub dead_lettered: u64,
+    /// Rows sent to Clay and waiting for their result.
     pub pending: u64,
 }
 

@@ -599,15 +599,35 @@ impl Direct {
     }
 }
 
-/// The wait a request asked for with `?timeout=` (a Go duration), capped.
+/// The wait a request asked for with `?timeout=`, capped: one whole number
+/// and a unit (`ms`, `s`, `m`, `h`), e.g. `250ms` or `10s`. Negative,
+/// compound and overflowing values are refused with a message, never guessed.
 pub fn requested_wait(query: Option<&str>, default: Duration) -> Result<Duration, String> {
-    match query {
-        None => Ok(default.min(MAX_SYNC_TIMEOUT)),
-        Some(text) => text
-            .parse::<kube::core::Duration>()
-            .map(|d| Duration::from(d).min(MAX_SYNC_TIMEOUT))
-            .map_err(|_| format!("timeout {text:?} is not a duration such as 10s or 1m")),
+    let Some(text) = query else {
+        return Ok(default.min(MAX_SYNC_TIMEOUT));
+    };
+    let refused = || {
+        format!(
+            "timeout {:?} must be a whole number and a unit (ms, s, m or h), e.g. 250ms or 10s, at most {}s",
+            text.chars().take(40).collect::<String>(),
+            MAX_SYNC_TIMEOUT.as_secs()
+        )
+    };
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    if digits == 0 || digits > 12 {
+        return Err(refused());
     }
+    let number: u64 = number.parse().map_err(|_| refused())?;
+    let millis_per_unit = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(refused()),
+    };
+    let millis = number.checked_mul(millis_per_unit).ok_or_else(refused)?;
+    Ok(Duration::from_millis(millis).min(MAX_SYNC_TIMEOUT))
 }
 
 #[cfg(test)]
@@ -642,7 +662,26 @@ mod tests {
             Ok(Duration::from_millis(250))
         );
         assert_eq!(requested_wait(Some("2h"), default), Ok(MAX_SYNC_TIMEOUT));
-        assert!(requested_wait(Some("soon"), default).is_err());
+        assert_eq!(requested_wait(Some("0s"), default), Ok(Duration::ZERO));
+        for bad in [
+            "soon",
+            "-1s",
+            "1s-5s",
+            "1h30m",
+            "99999999999999999999h",
+            "1.5s",
+            "",
+            "10",
+            "s",
+            " 1s",
+            "1S",
+        ] {
+            let refused = requested_wait(Some(bad), default).unwrap_err();
+            assert!(
+                refused.contains("whole number and a unit"),
+                "{bad}: {refused}"
+            );
+        }
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct ReceiverArgs {
     /// Print the HTTP API column settings to paste into Clay, then exit.
     #[arg(long)]
     pub print_clay_template: bool,
+    /// Most rows one `POST /v1/rows` request may carry.
+    #[arg(long, env = "KILN_MAX_ROWS_PER_REQUEST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_rows_per_request: u32,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,6 +67,7 @@ struct Receiver {
     rows: Rows,
     lease: Arc<CreditLease>,
     requests: Family<RequestLabels, Counter>,
+    max_rows_per_request: usize,
 }
 
 /// Where a receiver's rows live.
@@ -187,6 +191,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     );
     let receiver = Arc::new(Receiver {
         lease: lease.clone(),
+        max_rows_per_request: args.max_rows_per_request as usize,
         runtime: runtime.clone(),
         rows,
         requests,
@@ -376,10 +381,22 @@ async fn ingest(
             json!({"error": "tier Direct enriches in the request: POST /v1/enrich"}),
         );
     };
-    let rows = match parse_rows(&receiver, &body, "rows", usize::MAX) {
+    let rows = match parse_rows(&receiver, &body, "rows", receiver.max_rows_per_request) {
         Ok((rows, _)) => rows,
         Err(response) => return *response,
     };
+    // Refused here as on every tier, rather than dead-lettered later.
+    let key = &runtime.table.spec.key;
+    if let Some(index) = rows
+        .iter()
+        .position(|row| super::key_of(row, key).is_none())
+    {
+        receiver.count("rows", "invalid");
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("row {index} has no {key:?}: the key must be a non-empty string or a number")}),
+        );
+    }
     let with_ids: Vec<(String, Value)> = rows
         .into_iter()
         .map(|row| {

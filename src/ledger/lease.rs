@@ -30,6 +30,9 @@ const POOL_MIN_ROWS: i64 = 4;
 const IDLE_GIVE_BACK: Duration = Duration::from_secs(30);
 /// How long a refusal answers draws without asking again.
 const DENIAL_FRESH: Duration = Duration::from_secs(1);
+/// Longest a refund is sent again while the ledger cannot apply it: past a
+/// killed holder's lease forfeiture, which makes room for it.
+const REFUND_CARRY: Duration = Duration::from_secs(150);
 /// How long a draw waits for credits before calling the ledger unavailable.
 const DRAW_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -79,8 +82,11 @@ struct State {
     last_draw: Option<Instant>,
     /// Draw rate in milli-credits per second (moving average).
     rate: f64,
+    /// How long a refund the ledger could not apply yet is sent again.
+    carry_until: Option<Instant>,
     /// The request sent and not acknowledged: resent unchanged until it is.
     in_flight: Option<LeaseRequest>,
+    last_sent: Option<Instant>,
     closing: bool,
 }
 
@@ -131,7 +137,14 @@ impl CreditLease {
         let result = loop {
             {
                 let mut state = self.state.lock().unwrap();
+                let first_unreported = state.unreported.is_zero();
                 if let Some(result) = try_draw(&mut state, want, cost, asked_at) {
+                    // The task schedules a report for the first spend since
+                    // the last one, and tops up a pool running low.
+                    let low = state.free.minus(target_pool(&state).half()).is_zero();
+                    if result.is_ok() && (first_unreported || low) {
+                        self.wake.notify_one();
+                    }
                     break result;
                 }
                 if asked_at.is_none() {
@@ -165,17 +178,21 @@ impl CreditLease {
             // Already reported as spent (or forfeited with a lost lease).
             add_refund(&mut state, &draw.period, cost);
         }
+        drop(state);
+        self.wake.notify_one();
     }
 
     /// Credits spent on a row that Clay did not charge after all.
     pub fn refund(&self, cost: &CreditCost, period: &str) {
         add_refund(&mut self.state.lock().unwrap(), period, Credits::of(cost));
+        self.wake.notify_one();
     }
 
     /// A row's result arrived: charges its reported cost instead of its
     /// worst case when the cost is believable.
     pub fn settle_row(&self, reserved: &CreditCost, period: &str, reported: Option<f64>) {
         let worst = Credits::of(reserved);
+        self.wake.notify_one();
         let mut state = self.state.lock().unwrap();
         state.successes = state.successes.saturating_add(1);
         let Some(reported) = reported else { return };
@@ -199,6 +216,8 @@ impl CreditLease {
     pub fn record_failure(&self) {
         let mut state = self.state.lock().unwrap();
         state.failures = state.failures.saturating_add(1);
+        drop(state);
+        self.wake.notify_one();
     }
 
     /// Reports everything, gives back the pool and closes the lease.
@@ -222,10 +241,10 @@ impl CreditLease {
         let mut backoff = Duration::from_millis(100);
         loop {
             let due = self.next_due();
-            if !due.is_zero() {
+            if due > Instant::now() {
                 tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(due) => {}
+                    _ = self.wake.notified() => continue,
+                    _ = tokio::time::sleep_until(due.into()) => {}
                 }
             }
             {
@@ -244,6 +263,10 @@ impl CreditLease {
             let closing = request.release;
             match self.client.lease(&request).await {
                 Ok(answer) => {
+                    tracing::debug!(lease = %request.lease, seq = request.seq, ask = request.ask.data_credits,
+                        spent = request.spent.data_credits, refund = request.refund.data_credits,
+                        granted = answer.granted.data_credits, denial = ?answer.denial.as_ref().map(|d| d.reason),
+                        "lease request applied");
                     backoff = Duration::from_millis(100);
                     self.apply(answer, closing);
                     if closing {
@@ -276,25 +299,28 @@ impl CreditLease {
         }
     }
 
-    /// How long until the next request is due (zero: now).
-    fn next_due(&self) -> Duration {
+    /// When the next request is due (now or earlier: send at once). An
+    /// absolute time, so the wake-ups of busy draws cannot postpone it.
+    fn next_due(&self) -> Instant {
         let state = self.state.lock().unwrap();
+        let now = Instant::now();
         if state.in_flight.is_some() || state.closing {
-            return Duration::ZERO;
+            return now;
         }
+        let after_last = |every: Duration| state.last_sent.map_or(now, |at| at + every);
         // Refused or blocked: ask again once a second, not in a loop.
         if state.blocked.is_some() {
-            return REPORT_EVERY;
+            return after_last(REPORT_EVERY);
         }
         if let Some((_, at)) = &state.refused
             && at.elapsed() < DENIAL_FRESH
         {
-            return DENIAL_FRESH - at.elapsed();
+            return *at + DENIAL_FRESH;
         }
         let target = target_pool(&state);
         let low = !target.is_zero() && state.free.minus(target.half()).is_zero();
         if !state.waiting.is_zero() || low {
-            return Duration::ZERO;
+            return now;
         }
         let reporting = !state.unreported.is_zero()
             || state.refunds.values().any(|r| !r.is_zero())
@@ -303,21 +329,19 @@ impl CreditLease {
             || state.failures > 0
             || state.implausible > 0;
         if reporting {
-            return REPORT_EVERY;
+            return after_last(REPORT_EVERY);
         }
         let idle = state
             .last_draw
             .is_none_or(|at| at.elapsed() >= IDLE_GIVE_BACK);
         if idle && !state.free.is_zero() {
-            return Duration::ZERO;
+            return now;
         }
         match state.expires {
             // Renew halfway through the lease's life.
-            Some(expires) => expires
-                .saturating_duration_since(Instant::now())
-                .saturating_sub(LEASE_TTL / 2),
-            // Nothing held and nothing to say: the first draw wakes the task.
-            None => Duration::from_secs(3600),
+            Some(expires) => expires - LEASE_TTL / 2,
+            // Nothing held and nothing to say: a change wakes the task.
+            None => now + Duration::from_secs(3600),
         }
     }
 
@@ -376,13 +400,17 @@ impl CreditLease {
         };
         state.next_seq += 1;
         state.in_flight = Some(request.clone());
+        state.last_sent = Some(Instant::now());
         Some(request)
     }
 
     fn apply(&self, answer: LeaseAnswer, closed: bool) {
         {
             let mut state = self.state.lock().unwrap();
-            state.in_flight = None;
+            if let Some(sent) = state.in_flight.take() {
+                let left = Credits::of(&sent.refund).minus(Credits::of(&answer.refunded));
+                carry_refund(&mut state, &sent.refund_period, left);
+            }
             state.broken = None;
             state.free = state.free.plus(Credits::of(&answer.granted));
             state.period = answer.period.clone();
@@ -497,6 +525,28 @@ fn target_pool(state: &State) -> Credits {
     Credits {
         milli: row.milli.saturating_mul(rows),
         actions: row.actions.saturating_mul(rows as u64),
+    }
+}
+
+/// Keeps the part of a refund the ledger could not apply yet (the spend it
+/// refunds was not reported yet, or is held by a killed holder's lease until
+/// that is forfeited), for at most [`REFUND_CARRY`].
+fn carry_refund(state: &mut State, period: &str, left: Credits) {
+    if left.is_zero() {
+        state.carry_until = None;
+        return;
+    }
+    let until = *state
+        .carry_until
+        .get_or_insert_with(|| Instant::now() + REFUND_CARRY);
+    if Instant::now() < until {
+        add_refund(state, period, left);
+    } else {
+        tracing::debug!(
+            refund = left.milli as f64 / 1000.0,
+            "dropping a refund the ledger never took; the rows stay charged at their worst case"
+        );
+        state.carry_until = None;
     }
 }
 

@@ -209,6 +209,11 @@ pub struct LeaseAnswer {
     pub seq: u64,
     /// Credits added to the holder's pool by this request.
     pub granted: CreditCost,
+    /// The part of the request's refund that was applied; the holder sends
+    /// the rest again (a refund can arrive before the spend it refunds is
+    /// reported by the process that drew it).
+    #[serde(default)]
+    pub refunded: CreditCost,
     /// What the lease holds now.
     pub held: CreditCost,
     /// RFC 3339.

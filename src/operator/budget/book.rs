@@ -118,6 +118,7 @@ fn answer(lease: &Lease, period: &str, denial: Option<Denial>) -> LeaseAnswer {
         lease: lease.id.clone(),
         seq: lease.seq,
         granted: lease.last_granted.clone(),
+        refunded: lease.last_refunded.clone(),
         held: lease.held.clone(),
         expires_at: lease.expires_at.0.to_string(),
         period: period.to_string(),
@@ -191,6 +192,7 @@ pub fn apply(
             row_cost: CreditCost::default(),
             seq: 0,
             last_granted: CreditCost::default(),
+            last_refunded: CreditCost::default(),
             expires_at: Time(now),
         });
         status.leases.len() - 1
@@ -198,16 +200,18 @@ pub fn apply(
     status.used = add(&status.used, spent);
     charge_table(status, &request.table, spent, Credits::default());
     // A refund is taken only from this table's spend in the period it
-    // belongs to, so no report can lower another table's or period's use.
+    // belongs to, so no report can lower another table's or period's use;
+    // what does not fit yet is left to the holder to send again.
+    let mut refunded = Credits::default();
     if request.refund_period == period {
         let table_used = status
             .tables
             .iter()
             .find(|t| t.table == request.table)
             .map_or(Credits::default(), |t| Credits::of(&t.used));
-        let refund = Credits::of(&request.refund).min(table_used);
-        status.used = sub(&status.used, refund);
-        charge_table(status, &request.table, Credits::default(), refund);
+        refunded = Credits::of(&request.refund).min(table_used);
+        status.used = sub(&status.used, refunded);
+        charge_table(status, &request.table, Credits::default(), refunded);
     }
     let extra = Credits::of(&request.extra);
     status.used = add(&status.used, extra);
@@ -225,6 +229,7 @@ pub fn apply(
     lease.holder = request.holder.clone();
     lease.seq = request.seq;
     lease.last_granted = CreditCost::default();
+    lease.last_refunded = refunded.cost();
     lease.expires_at = Time(now + SignedDuration::from_secs(request.ttl_seconds as i64));
 
     let denial = grant(spec, status, breaker, index, request, now);
@@ -455,7 +460,10 @@ mod tests {
             granted += a.granted.data_credits;
             assert!(committed(&status) <= 100.0);
         }
-        assert_eq!(granted, 100.0, "in whole rows of 4, shrinking as holders join");
+        assert_eq!(
+            granted, 100.0,
+            "in whole rows of 4, shrinking as holders join"
+        );
         assert!(status.denials >= 1, "the last holders are refused");
     }
 
@@ -501,13 +509,15 @@ mod tests {
         };
         apply(&spec, &mut status, &mut b, &stale, now()).unwrap();
         assert_eq!(status.used, cost(11.0, 0));
-        // A refund never takes more than the table spent.
+        // A refund never takes more than the table spent; the rest is
+        // reported as not applied, for the holder to send again.
         let greedy = LeaseRequest {
             refund: cost(500.0, 0),
             ..request("l", 4)
         };
-        apply(&spec, &mut status, &mut b, &greedy, now()).unwrap();
+        let a = apply(&spec, &mut status, &mut b, &greedy, now()).unwrap();
         assert_eq!(status.used, cost(0.0, 0));
+        assert_eq!(a.refunded, cost(11.0, 0));
     }
 
     #[test]

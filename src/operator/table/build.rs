@@ -72,6 +72,7 @@ pub fn receiver_url(table: &str, namespace: &str) -> String {
 /// with zero replicas, so nothing spends credits it cannot account for.
 pub fn desired_children(
     table: &EnrichmentTable,
+    schedules: &[String],
     config: &BuildConfig,
     run_workloads: bool,
 ) -> TableChildren {
@@ -96,7 +97,7 @@ pub fn desired_children(
     };
     let role = Role {
         metadata: meta(sa_name.clone(), "rbac"),
-        rules: Some(pod_rules(table)),
+        rules: Some(pod_rules(table, schedules)),
     };
     let role_binding = RoleBinding {
         metadata: meta(sa_name.clone(), "rbac"),
@@ -264,31 +265,35 @@ pub fn desired_children(
     }
 }
 
-/// What the table's pods may do: read their own table and the schedules that
-/// refresh it, read exactly the Secrets the table names. Nothing else.
-fn pod_rules(table: &EnrichmentTable) -> Vec<PolicyRule> {
-    let mut rules = vec![
-        PolicyRule {
-            api_groups: Some(vec!["kiln.dev".into()]),
-            resources: Some(vec!["enrichmenttables".into()]),
-            resource_names: Some(vec![table.name_any()]),
-            verbs: vec!["get".into(), "list".into(), "watch".into()],
-            ..Default::default()
-        },
-        PolicyRule {
+/// What the table's pods may do: read their own table and the schedules
+/// that refresh it (`schedules`, by name), read exactly the Secrets the table
+/// names. Nothing else.
+fn pod_rules(table: &EnrichmentTable, schedules: &[String]) -> Vec<PolicyRule> {
+    let mut rules = vec![PolicyRule {
+        api_groups: Some(vec!["kiln.dev".into()]),
+        resources: Some(vec!["enrichmenttables".into()]),
+        resource_names: Some(vec![table.name_any()]),
+        verbs: vec!["get".into(), "list".into(), "watch".into()],
+        ..Default::default()
+    }];
+    // An empty resourceNames would mean every schedule: no rule at all then.
+    if !schedules.is_empty() {
+        rules.push(PolicyRule {
             api_groups: Some(vec!["kiln.dev".into()]),
             resources: Some(vec!["refreshschedules".into()]),
+            resource_names: Some(schedules.to_vec()),
             verbs: vec!["get".into()],
             ..Default::default()
-        },
+        });
         // `kiln refresh` reports its run in status.lastRun.
-        PolicyRule {
+        rules.push(PolicyRule {
             api_groups: Some(vec!["kiln.dev".into()]),
             resources: Some(vec!["refreshschedules/status".into()]),
+            resource_names: Some(schedules.to_vec()),
             verbs: vec!["patch".into()],
             ..Default::default()
-        },
-    ];
+        });
+    }
     let secrets = table.spec.secret_names();
     if !secrets.is_empty() {
         rules.push(PolicyRule {
@@ -420,7 +425,7 @@ pub(crate) mod tests {
 
     #[test]
     fn queue_table_gets_worker_receiver_service_and_rbac() {
-        let children = desired_children(&queue_table(), &config(), true);
+        let children = desired_children(&queue_table(), &[], &config(), true);
         let worker = children.worker.expect("Queue tables have workers");
         assert_eq!(worker.metadata.name.as_deref(), Some("leads-worker"));
         assert_eq!(worker.spec.as_ref().unwrap().replicas, Some(4));
@@ -446,8 +451,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn every_rule_of_the_table_role_names_its_objects() {
+        for schedules in [vec![], vec!["leads-nightly".to_string()]] {
+            let children = desired_children(&queue_table(), &schedules, &config(), true);
+            let rules = children.role.rules.unwrap();
+            for rule in &rules {
+                let names = rule.resource_names.clone().unwrap_or_default();
+                assert!(!names.is_empty(), "unscoped rule: {rule:?}");
+                let writes = rule
+                    .verbs
+                    .iter()
+                    .any(|v| !["get", "list", "watch"].contains(&v.as_str()));
+                if writes {
+                    assert_eq!(rule.resources, Some(vec!["refreshschedules/status".into()]));
+                    assert_eq!(names, schedules);
+                }
+            }
+            let mentions_schedules = rules
+                .iter()
+                .any(|r| r.resources.as_ref().unwrap()[0].starts_with("refreshschedules"));
+            assert_eq!(mentions_schedules, !schedules.is_empty());
+        }
+    }
+
+    #[test]
     fn pods_meet_the_restricted_profile() {
-        let children = desired_children(&queue_table(), &config(), true);
+        let children = desired_children(&queue_table(), &[], &config(), true);
         for deployment in [children.worker.unwrap(), children.receiver] {
             let pod = deployment.spec.unwrap().template.spec.unwrap();
             let pod_security = pod.security_context.unwrap();
@@ -473,7 +502,7 @@ pub(crate) mod tests {
 
     #[test]
     fn unresolved_references_scale_workloads_to_zero() {
-        let children = desired_children(&queue_table(), &config(), false);
+        let children = desired_children(&queue_table(), &[], &config(), false);
         assert_eq!(children.worker.unwrap().spec.unwrap().replicas, Some(0));
         assert_eq!(children.receiver.spec.unwrap().replicas, Some(0));
     }
@@ -484,7 +513,7 @@ pub(crate) mod tests {
         table.spec.tier = Tier::Direct;
         table.spec.receiver.replicas = 3;
         table.spec.image = Some("kiln:override".into());
-        let children = desired_children(&table, &config(), true);
+        let children = desired_children(&table, &[], &config(), true);
         assert!(children.worker.is_none());
         let store = children.store.expect("Direct tables get a store");
         assert_eq!(store.metadata.name.as_deref(), Some("leads-store"));

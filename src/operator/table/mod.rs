@@ -27,7 +27,7 @@ use super::error::{Error, Result};
 use super::labels::{MANAGED_BY, TABLE_LABEL};
 use crate::api::common::{FALSE, TRUE, find_condition};
 use crate::api::table::Tier;
-use crate::api::{CreditBudget, EnrichmentTable};
+use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule};
 
 const CONTROLLER: &str = "enrichmenttable";
 /// Re-check a healthy table this often even without events.
@@ -71,6 +71,15 @@ pub async fn run(
             },
         )
         .watches(
+            ctx.watched::<RefreshSchedule>(),
+            watcher::Config::default(),
+            |schedule| {
+                // The table's Role names its schedules.
+                let namespace = schedule.namespace()?;
+                Some(ObjectRef::new(&schedule.spec.table_ref.name).within(&namespace))
+            },
+        )
+        .watches(
             ctx.watched::<Secret>(),
             watcher::Config::default(),
             move |secret| {
@@ -104,7 +113,12 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
         .ok_or_else(|| Error::NotNamespaced(table.name_any()))?;
     let references = dereference(&ctx.client, table, &namespace).await?;
 
-    let mut children = build::desired_children(table, &ctx.build, references.resolved());
+    let mut children = build::desired_children(
+        table,
+        &references.schedules,
+        &ctx.build,
+        references.resolved(),
+    );
     let keda = matches!(references.autoscaling, Some(Autoscaling::Applied { .. }));
     let scaled = build::scaled_object(table).filter(|_| keda && references.resolved());
     if scaled.is_some()
@@ -170,8 +184,8 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     }))
 }
 
-/// Looks up the budget and Secrets the table names. Secret values are never
-/// read into memory beyond the key names.
+/// Looks up the budget and Secrets the table names. Of Secret values only
+/// whether each is blank is kept.
 async fn dereference(
     client: &Client,
     table: &EnrichmentTable,
@@ -191,11 +205,11 @@ async fn dereference(
     let mut existing = BTreeMap::new();
     for name in table.spec.secret_names() {
         if let Some(secret) = secrets.get_opt(&name).await? {
-            let keys: BTreeSet<String> = secret
+            let keys: BTreeMap<String, bool> = secret
                 .data
                 .unwrap_or_default()
-                .into_keys()
-                .chain(secret.string_data.unwrap_or_default().into_keys())
+                .into_iter()
+                .map(|(key, value)| (key, !value.0.trim_ascii().is_empty()))
                 .collect();
             existing.insert(name, keys);
         }
@@ -229,6 +243,15 @@ async fn dereference(
         }),
         _ => None,
     };
+    let mut schedules: Vec<String> = Api::<RefreshSchedule>::namespaced(client.clone(), namespace)
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| s.spec.table_ref.name == table_name)
+        .map(|s| s.name_any())
+        .collect();
+    schedules.sort();
     Ok(References {
         budget_problem,
         secret_problems,
@@ -236,6 +259,7 @@ async fn dereference(
         rows,
         kafka_problems,
         autoscaling,
+        schedules,
     })
 }
 

@@ -38,6 +38,8 @@ pub struct References {
     pub kafka_problems: Option<Vec<String>>,
     /// Whether `spec.workers.autoscaling` is in effect.
     pub autoscaling: Option<Autoscaling>,
+    /// RefreshSchedules of this table, by name (their runs use its Role).
+    pub schedules: Vec<String>,
 }
 
 /// The state of lag-based worker autoscaling.
@@ -59,22 +61,45 @@ impl References {
 /// name → set of keys. Values are never looked at.
 pub fn secret_problems(
     table: &EnrichmentTable,
-    existing: &BTreeMap<String, BTreeSet<String>>,
+    existing: &BTreeMap<String, BTreeMap<String, bool>>,
 ) -> Vec<String> {
     let mut problems = BTreeSet::new();
     for reference in table.spec.secret_refs() {
-        match existing.get(&reference.name) {
+        match existing
+            .get(&reference.name)
+            .map(|keys| keys.get(&reference.key))
+        {
             None => {
                 problems.insert(format!("Secret {:?} not found", reference.name));
             }
-            Some(keys) if !keys.contains(&reference.key) => {
+            Some(None) => {
                 problems.insert(format!(
                     "Secret {:?} has no key {:?}",
                     reference.name, reference.key
                 ));
             }
-            Some(_) => {}
+            // An empty token would switch authentication off.
+            Some(Some(false)) => {
+                problems.insert(format!(
+                    "Secret {:?} key {:?} is empty or only whitespace",
+                    reference.name, reference.key
+                ));
+            }
+            Some(Some(true)) => {}
         }
+    }
+    let headers = table
+        .spec
+        .sink
+        .as_ref()
+        .and_then(|s| s.http.as_ref())
+        .and_then(|h| h.headers_secret_name.as_ref());
+    if let Some(name) = headers
+        && !existing.contains_key(name)
+    {
+        problems.insert(format!(
+            "Secret {name:?} (spec.sink.http.headersSecretName) not found"
+        ));
     }
     problems.into_iter().collect()
 }
@@ -294,13 +319,14 @@ mod tests {
     use crate::api::common::find_condition;
     use crate::operator::table::build::tests::queue_table;
 
-    fn keys(entries: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
+    /// Secrets with the given keys, every value non-blank.
+    fn keys(entries: &[(&str, &[&str])]) -> BTreeMap<String, BTreeMap<String, bool>> {
         entries
             .iter()
             .map(|(name, keys)| {
                 (
                     name.to_string(),
-                    keys.iter().map(|k| k.to_string()).collect(),
+                    keys.iter().map(|k| (k.to_string(), true)).collect(),
                 )
             })
             .collect()
@@ -323,6 +349,35 @@ mod tests {
             vec![
                 "Secret \"clay\" has no key \"token\"".to_string(),
                 "Secret \"clay-2\" not found".to_string(),
+                "Secret \"crm-headers\" (spec.sink.http.headersSecretName) not found".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn blank_values_and_a_missing_headers_secret_are_named() {
+        let mut existing = keys(&[
+            ("clay", &["url-a", "token"]),
+            ("clay-2", &["url"]),
+            ("callback", &["token"]),
+            ("redis", &["url"]),
+        ]);
+        existing
+            .get_mut("callback")
+            .unwrap()
+            .insert("token".into(), false);
+        let mut table = queue_table();
+        table.spec.sink = Some(
+            serde_json::from_value(
+                serde_json::json!({"http": {"urlTemplate": "https://crm/{id}", "headersSecretName": "crm-headers"}}),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            secret_problems(&table, &existing),
+            vec![
+                "Secret \"callback\" key \"token\" is empty or only whitespace".to_string(),
+                "Secret \"crm-headers\" (spec.sink.http.headersSecretName) not found".to_string(),
             ]
         );
     }
@@ -336,6 +391,7 @@ mod tests {
             rows: None,
             kafka_problems: None,
             autoscaling: None,
+            schedules: vec![],
         };
         let status = compute(
             &queue_table(),
@@ -369,6 +425,7 @@ mod tests {
             rows: None,
             kafka_problems: None,
             autoscaling: None,
+            schedules: vec![],
         };
         let mut table = queue_table();
         let first = compute(
@@ -404,6 +461,7 @@ mod tests {
             rows: None,
             kafka_problems: Some(vec!["broker k-0:9092: connection refused".into()]),
             autoscaling: Some(Autoscaling::KedaNotInstalled),
+            schedules: vec![],
         };
         let status = compute(
             &queue_table(),
