@@ -42,6 +42,22 @@ fn schedule(spec_patch: Value) -> Value {
     json!({"apiVersion": "kiln.dev/v1alpha1", "kind": "RefreshSchedule", "metadata": {"name": "r"}, "spec": spec})
 }
 
+/// `object` under another name.
+fn named(mut object: Value, name: &str) -> Value {
+    object["metadata"]["name"] = json!(name);
+    object
+}
+
+/// A Direct table (HTTP in, embedded store) with `spec_patch` merged in.
+fn direct(spec_patch: Value) -> Value {
+    let mut object = table(json!({
+        "tier": "Direct", "sink": null, "deadLetter": null, "redis": null,
+        "source": {"redisStream": null, "http": {"authTokenSecretRef": {"name": "a", "key": "b"}}}
+    }));
+    merge(&mut object["spec"], spec_patch);
+    object
+}
+
 /// JSON merge patch semantics: null deletes a key.
 fn merge(target: &mut Value, patch: Value) {
     match (target, patch) {
@@ -222,8 +238,236 @@ async fn invalid_objects_are_rejected_with_actionable_messages() {
             schedule(json!({"concurrencyPolicy": "Sometimes"})),
             "spec.concurrencyPolicy: Unsupported value",
         ),
+        (
+            "table name too long for its Service",
+            named(table(json!({})), &"t".repeat(55)),
+            "EnrichmentTable names must be at most 54 characters",
+        ),
+        (
+            "schedule name too long for its CronJob",
+            named(schedule(json!({})), &"r".repeat(38)),
+            "RefreshSchedule names must be at most 37 characters",
+        ),
+        (
+            "two webhook sources with one name",
+            table(json!({"clay": {"webhookSources": [
+                {"name": "s", "urlSecretRef": {"name": "clay", "key": "url"}},
+                {"name": "s", "urlSecretRef": {"name": "clay", "key": "url2"}}
+            ]}})),
+            "clay.webhookSources names must be unique",
+        ),
+        (
+            "zero credits per row",
+            table(json!({"clay": {"creditsPerRow": {"dataCredits": 0.0, "actions": 0}}})),
+            "clay.creditsPerRow must be more than zero",
+        ),
+        (
+            "no credits per row at all",
+            table(json!({"clay": {"creditsPerRow": {"dataCredits": null}}})),
+            "clay.creditsPerRow must be more than zero",
+        ),
+        (
+            "negative credits per row",
+            table(json!({"clay": {"creditsPerRow": {"dataCredits": -1.0}}})),
+            "spec.clay.creditsPerRow.dataCredits: Invalid value",
+        ),
+        (
+            "a Direct table with a routine and webhook sources",
+            direct(
+                json!({"clay": {"routine": {"routineId": "r", "apiKeySecretRef": {"name": "s", "key": "k"}}}}),
+            ),
+            "set clay.routine or clay.webhookSources, not both",
+        ),
+        (
+            "a Direct table with three receivers",
+            direct(json!({"receiver": {"replicas": 3}})),
+            "tier Direct runs exactly one receiver",
+        ),
+        (
+            "a Direct table with Redis",
+            direct(json!({"redis": {"urlSecretRef": {"name": "redis", "key": "url"}}})),
+            "tier Direct uses an embedded store: remove redis",
+        ),
+        (
+            "a Direct table with a dead-letter stream",
+            direct(json!({"deadLetter": {"redisStream": {"stream": "dead"}}})),
+            "tier Direct keeps dead letters in its embedded store",
+        ),
+        (
+            "a Direct table with a Redis sink",
+            direct(json!({"sink": {"redisStream": {"stream": "out"}}})),
+            "tier Direct can only deliver to sink.http",
+        ),
+        (
+            "a storage size that is not a quantity",
+            direct(json!({"receiver": {"storageSize": "lots"}})),
+            "receiver.storageSize must be a positive quantity",
+        ),
+        (
+            "a zero storage size",
+            direct(json!({"receiver": {"storageSize": "0"}})),
+            "receiver.storageSize must be a positive quantity",
+        ),
+        (
+            "a worker CPU request that is not a quantity",
+            table(json!({"workers": {"resources": {"requests": {"cpu": "two cores"}}}})),
+            "resources.requests values must be quantities",
+        ),
+        (
+            "a receiver memory limit that is not a quantity",
+            table(json!({"receiver": {"resources": {"limits": {"memory": "1 gig"}}}})),
+            "resources.limits values must be quantities",
+        ),
+        (
+            "an unknown resource name",
+            table(json!({"workers": {"resources": {"requests": {"gpu": "1"}}}})),
+            "resources.requests takes cpu, memory and ephemeral-storage",
+        ),
+        (
+            "autoscaling outside tier Event",
+            table(json!({"workers": {"autoscaling": {"minReplicas": 1, "maxReplicas": 3}}})),
+            "workers.autoscaling scales on Kafka consumer lag: only for tier Event",
+        ),
+        (
+            "an unknown tier",
+            table(json!({"tier": "Batch"})),
+            "spec.tier: Unsupported value: \"Batch\"",
+        ),
+        (
+            "no key field",
+            table(json!({"key": null})),
+            "spec.key: Required value",
+        ),
+        (
+            "no budget reference",
+            table(json!({"budgetRef": null})),
+            "spec.budgetRef: Required value",
+        ),
+        (
+            "no callback token",
+            table(json!({"clay": {"callbackTokenSecretRef": null}})),
+            "spec.clay.callbackTokenSecretRef: Required value",
+        ),
+        (
+            "zero max attempts",
+            table(json!({"clay": {"maxAttempts": 0}})),
+            "spec.clay.maxAttempts: Invalid value",
+        ),
+        (
+            "thirty-three webhook sources",
+            table(
+                json!({"clay": {"webhookSources": (0..33).map(|i| json!({"name": format!("s{i}"), "urlSecretRef": {"name": "clay", "key": "url"}})).collect::<Vec<_>>()}}),
+            ),
+            "spec.clay.webhookSources: Too many",
+        ),
+        (
+            "a negative worker count",
+            table(json!({"workers": {"replicas": -1}})),
+            "spec.workers.replicas: Invalid value",
+        ),
+        (
+            "zero concurrency",
+            table(json!({"workers": {"concurrency": 0}})),
+            "spec.workers.concurrency: Invalid value",
+        ),
+        (
+            "a word for a number",
+            table(json!({"workers": {"replicas": "three"}})),
+            "spec.workers.replicas: Invalid value",
+        ),
+        (
+            "a rate limit of zero rows",
+            table(json!({"clay": {"rateLimit": {"rowsPerSecond": 0}}})),
+            "spec.clay.rateLimit.rowsPerSecond: Invalid value",
+        ),
+        (
+            "a Kafka source outside tier Event",
+            table(
+                json!({"source": {"redisStream": null, "kafka": {"topic": "in", "brokers": ["k:9092"]}}}),
+            ),
+            "tier Queue takes rows from source.http or source.redisStream",
+        ),
+        (
+            "an Event table dead-lettering to Redis",
+            table(json!({
+                "tier": "Event",
+                "source": {"redisStream": null, "kafka": {"topic": "in", "brokers": ["k:9092"]}},
+                "sink": {"redisStream": null, "kafka": {"topic": "out"}}
+            })),
+            "tier Event dead-letters to Kafka: use deadLetter.kafka",
+        ),
+        (
+            "a broker without a port",
+            table(json!({
+                "tier": "Event",
+                "source": {"redisStream": null, "kafka": {"topic": "in", "brokers": ["kafka"]}},
+                "sink": {"redisStream": null, "kafka": {"topic": "out"}},
+                "deadLetter": {"redisStream": null, "kafka": {"topic": "dlq"}}
+            })),
+            "spec.source.kafka.brokers",
+        ),
+        (
+            "a zero result timeout written as minutes",
+            table(json!({"clay": {"resultTimeout": "0m"}})),
+            "resultTimeout must be a positive duration",
+        ),
+        (
+            "a negative dedupe window",
+            table(json!({"dedupeWindow": "-1h"})),
+            "dedupeWindow must be a positive duration",
+        ),
+        (
+            "an HTTP source without its token",
+            direct(json!({"source": {"http": {"authTokenSecretRef": null}}})),
+            "spec.source.http.authTokenSecretRef: Required value",
+        ),
+        (
+            "a budget limit of zero actions",
+            budget(json!({"limits": {"actions": 0}})),
+            "limits.actions must be positive",
+        ),
+        (
+            "a zero warning threshold",
+            budget(json!({"warningThresholds": [0, 50]})),
+            "warning thresholds must be percentages between 1 and 100",
+        ),
+        (
+            "an unknown onExhausted",
+            budget(json!({"onExhausted": "Ignore"})),
+            "spec.onExhausted: Unsupported value",
+        ),
+        (
+            "a breaker that can never open",
+            budget(json!({"circuitBreaker": {"errorPercent": 0}})),
+            "spec.circuitBreaker.errorPercent: Invalid value",
+        ),
+        (
+            "a breaker error percent over 100",
+            budget(json!({"circuitBreaker": {"errorPercent": 150}})),
+            "spec.circuitBreaker.errorPercent: Invalid value",
+        ),
+        (
+            "a schedule without a table",
+            schedule(json!({"tableRef": null})),
+            "spec.tableRef: Required value",
+        ),
+        (
+            "a schedule with seven fields",
+            schedule(json!({"schedule": "0 3 * * * * *"})),
+            "schedule must be a 5-field cron expression",
+        ),
+        (
+            "negative credits per run",
+            schedule(json!({"maxCredits": -10.0})),
+            "maxCredits must be positive",
+        ),
+        (
+            "a zero maxAge",
+            schedule(json!({"maxAge": "0h"})),
+            "maxAge must be a positive duration",
+        ),
     ];
-    assert!(cases.len() >= 15);
+    assert!(cases.len() >= 60, "{} cases", cases.len());
 
     let mut failures = Vec::new();
     for (what, object, expected) in &cases {
@@ -269,7 +513,7 @@ async fn printer_columns_show_the_important_fields() {
         (
             "enrichmenttables",
             vec![
-                "Name", "Tier", "Ready", "Enriched", "Credits", "Budget", "Age",
+                "Name", "Tier", "Ready", "Status", "Enriched", "Credits", "Budget", "Age",
             ],
         ),
         (
@@ -309,7 +553,7 @@ async fn printer_columns_show_the_important_fields() {
         let cells = &table["rows"][0]["cells"];
         match plural {
             "enrichmenttables" => {
-                assert_eq!((&cells[1], &cells[5]), (&json!("Queue"), &json!("b")))
+                assert_eq!((&cells[1], &cells[6]), (&json!("Queue"), &json!("b")))
             }
             "creditbudgets" => assert_eq!(cells[1], json!(100)),
             _ => assert_eq!((&cells[1], &cells[2]), (&json!("t"), &json!("0 3 * * *"))),

@@ -33,11 +33,24 @@ pub struct LocalObjectRef {
 pub struct Resources {
     /// Requested resources, e.g. `{cpu: 100m, memory: 128Mi}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(
+        validation = Rule::new(RESOURCE_NAMES_RULE).message("resources.requests takes cpu, memory and ephemeral-storage"),
+        validation = Rule::new(QUANTITIES_RULE).message("resources.requests values must be quantities such as 100m or 128Mi"),
+    )]
+    #[schemars(extend("maxProperties" = 3))]
     pub requests: BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     /// Resource limits, e.g. `{memory: 256Mi}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(
+        validation = Rule::new(RESOURCE_NAMES_RULE).message("resources.limits takes cpu, memory and ephemeral-storage"),
+        validation = Rule::new(QUANTITIES_RULE).message("resources.limits values must be quantities such as 500m or 256Mi"),
+    )]
+    #[schemars(extend("maxProperties" = 3))]
     pub limits: BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
+
+const RESOURCE_NAMES_RULE: &str = "self.all(k, k in ['cpu', 'memory', 'ephemeral-storage'])";
+const QUANTITIES_RULE: &str = "self.all(k, isQuantity(string(self[k])))";
 
 /// CEL rule for a positive Go-style duration string ("90s", "10m", "1h30m").
 /// The regex runs first so a malformed value fails with our message rather

@@ -59,6 +59,8 @@ pub enum Tier {
     validation = Rule::new("self.tier != 'Direct' || !has(self.redis)").message("tier Direct uses an embedded store: remove redis"),
     validation = Rule::new("(has(self.clay.webhookSources) && size(self.clay.webhookSources) > 0) || has(self.clay.routine)").message("set clay.webhookSources (or, for tier Direct, clay.routine)"),
     validation = Rule::new("!has(self.clay.routine) || self.tier == 'Direct'").message("clay.routine answers in the request: only for tier Direct"),
+    validation = Rule::new("!has(self.clay.routine) || !has(self.clay.webhookSources) || size(self.clay.webhookSources) == 0").message("set clay.routine or clay.webhookSources, not both: a Direct table enriches through one of them"),
+    validation = Rule::new("self.tier != 'Direct' || !has(self.receiver) || !has(self.receiver.replicas) || self.receiver.replicas == 1").message("tier Direct runs exactly one receiver (its store is embedded on one volume): set receiver.replicas to 1 or use tier Queue"),
     validation = Rule::new("self.tier == 'Event' || !has(self.workers) || !has(self.workers.autoscaling)").message("workers.autoscaling scales on Kafka consumer lag: only for tier Event"),
 )]
 #[serde(rename_all = "camelCase")]
@@ -114,6 +116,7 @@ pub struct ClaySpec {
     /// submissions in its lifetime, so Kiln moves to the next one before the cap.
     #[serde(default)]
     #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.all(s, self.exists_one(o, o.name == s.name))").message("clay.webhookSources names must be unique (they key each source's submission count)"))]
     pub webhook_sources: Vec<WebhookSource>,
     /// Tier Direct: enrich through a Clay routine (the public API: run, then
     /// poll its results) instead of webhook sources and callbacks.
@@ -127,6 +130,7 @@ pub struct ClaySpec {
     #[serde(default)]
     pub rate_limit: RateLimit,
     /// Worst-case credits one row can cost; reserved before a row is submitted.
+    #[x_kube(validation = Rule::new("(has(self.dataCredits) && self.dataCredits > 0.0) || (has(self.actions) && self.actions > 0)").message("clay.creditsPerRow must be more than zero in dataCredits or actions: it is what the budget holds for each row"))]
     pub credits_per_row: CreditCost,
     /// How long to wait for a row's callback before retrying it or dead-lettering
     /// it with reason ResultTimeout.
@@ -523,6 +527,7 @@ pub struct ReceiverSpec {
     pub resources: Resources,
     /// Size of the embedded store's volume (Direct tier).
     #[serde(default = "default_storage_size")]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))").message("receiver.storageSize must be a positive quantity such as 1Gi"))]
     pub storage_size: k8s_openapi::apimachinery::pkg::api::resource::Quantity,
 }
 

@@ -195,11 +195,15 @@ async fn dereference(
     let budget = Api::<CreditBudget>::namespaced(client.clone(), namespace)
         .get_opt(budget_name)
         .await?;
-    let budget_problem = budget.is_none().then(|| {
-        format!(
-            "CreditBudget {budget_name:?} not found in namespace {namespace:?}; create it or fix spec.budgetRef.name (workloads stay scaled to zero until then)"
-        )
-    });
+    let budget_problem = match &budget {
+        None => Some((
+            "BudgetNotFound",
+            format!(
+                "CreditBudget {budget_name:?} not found in namespace {namespace:?}; create it or fix spec.budgetRef.name (workloads stay scaled to zero until then)"
+            ),
+        )),
+        Some(budget) => status::budget_too_small(table, budget).map(|m| ("BudgetTooSmall", m)),
+    };
 
     let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
     let mut existing = BTreeMap::new();
@@ -440,22 +444,14 @@ async fn publish_transitions(
                 )
                 .await;
             }
-            (status::SECRETS_RESOLVED | status::BUDGET_RESOLVED, FALSE) => {
+            // Ready is the roll-up of the others, which say why.
+            (status::READY, FALSE) => {}
+            (_, FALSE) => {
                 ctx.event(
                     table,
                     EventType::Warning,
-                    "ReferenceMissing",
-                    "Resolve",
-                    condition.message.clone(),
-                )
-                .await;
-            }
-            (status::PROVISIONED, FALSE) => {
-                ctx.event(
-                    table,
-                    EventType::Warning,
-                    "ApplyFailed",
-                    "Provision",
+                    &condition.reason,
+                    "Reconcile",
                     condition.message.clone(),
                 )
                 .await;

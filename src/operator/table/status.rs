@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::common::{Conditions, TRUE};
 use crate::api::table::{CreditCost, RowCounters};
-use crate::api::{EnrichmentTable, EnrichmentTableStatus};
+use crate::api::{CreditBudget, EnrichmentTable, EnrichmentTableStatus};
 
 pub const READY: &str = "Ready";
 pub const SECRETS_RESOLVED: &str = "SecretsResolved";
@@ -25,8 +25,9 @@ pub const INGEST_PATH: &str = "/v1/rows";
 /// What dereferencing the table's references found.
 #[derive(Clone, Debug, PartialEq)]
 pub struct References {
-    /// None when the budget exists; otherwise why it is unusable.
-    pub budget_problem: Option<String>,
+    /// None when the budget exists and can pay for a row; otherwise the
+    /// reason and why it is unusable.
+    pub budget_problem: Option<(&'static str, String)>,
     /// Human-readable problems with Secret references, empty when all resolve.
     pub secret_problems: Vec<String>,
     /// This table's spend in the budget's current period, from the ledger.
@@ -55,6 +56,34 @@ impl References {
     pub fn resolved(&self) -> bool {
         self.budget_problem.is_none() && self.secret_problems.is_empty()
     }
+}
+
+/// Why the budget can never pay for one of this table's rows, if so: a
+/// row's worst case (spec.clay.creditsPerRow) above the budget's whole limit.
+pub fn budget_too_small(table: &EnrichmentTable, budget: &CreditBudget) -> Option<String> {
+    let row = &table.spec.clay.credits_per_row;
+    let limits = &budget.spec.limits;
+    let data = limits
+        .data_credits
+        .filter(|limit| row.data_credits > *limit)
+        .map(|limit| {
+            format!(
+                "{} data credits against a limit of {limit}",
+                row.data_credits
+            )
+        });
+    let actions = limits
+        .actions
+        .filter(|limit| row.actions > *limit)
+        .map(|limit| format!("{} actions against a limit of {limit}", row.actions));
+    let over: Vec<String> = data.into_iter().chain(actions).collect();
+    (!over.is_empty()).then(|| {
+        format!(
+            "spec.clay.creditsPerRow ({}) is more than CreditBudget {:?} allows in a whole period: no row could ever be sent; lower creditsPerRow or raise the budget's limits",
+            over.join(", "),
+            budget.metadata.name.as_deref().unwrap_or_default()
+        )
+    })
 }
 
 /// Checks every Secret reference against the Secrets that exist, given as
@@ -165,7 +194,7 @@ pub fn compute(
             "BudgetFound",
             format!("drawing on CreditBudget {:?}", table.spec.budget_ref.name),
         ),
-        Some(problem) => cond.set(BUDGET_RESOLVED, false, "BudgetNotFound", problem.clone()),
+        Some((reason, problem)) => cond.set(BUDGET_RESOLVED, false, reason, problem.clone()),
     };
     let (provisioned, workers) = match provisioning {
         Provisioning::Failed(message) => (
@@ -385,7 +414,7 @@ mod tests {
     #[test]
     fn ready_is_false_with_the_first_blocking_reason() {
         let references = References {
-            budget_problem: Some("CreditBudget \"b\" not found".into()),
+            budget_problem: Some(("BudgetNotFound", "CreditBudget \"b\" not found".into())),
             secret_problems: vec![],
             credits_this_period: CreditCost::default(),
             rows: None,
