@@ -103,6 +103,7 @@ async fn pause(shutdown: &(impl std::future::Future<Output = ()> + Clone)) -> bo
 }
 
 /// What happened to one source entry.
+#[derive(Debug)]
 enum Handled {
     Done,
     /// The budget refused credits and wants consumption paused.
@@ -306,6 +307,7 @@ impl Worker {
             tasks.push(tokio::spawn(async move {
                 let _permit = permit;
                 let outcome = worker.handle(item.clone()).await;
+                tracing::debug!(row = %item.row_id, outcome = ?outcome.as_ref().map_err(|e| format!("{e:#}")), "row handled");
                 (item, outcome)
             }));
         }

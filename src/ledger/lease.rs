@@ -28,8 +28,9 @@ const POOL_COVERS: f64 = 5.0;
 const POOL_MIN_ROWS: i64 = 4;
 /// Undrawn credits are given back after this long without a draw.
 const IDLE_GIVE_BACK: Duration = Duration::from_secs(30);
-/// How long a refusal answers draws without asking again.
-const DENIAL_FRESH: Duration = Duration::from_secs(1);
+/// After a refusal the ledger is asked again no sooner than this (room
+/// opens when refunds arrive or the limit is raised).
+const ASK_AGAIN_AFTER_REFUSAL: Duration = Duration::from_millis(500);
 /// Longest a refund is sent again while the ledger cannot apply it: past a
 /// killed holder's lease forfeiture, which makes room for it.
 const REFUND_CARRY: Duration = Duration::from_secs(150);
@@ -313,9 +314,9 @@ impl CreditLease {
             return after_last(REPORT_EVERY);
         }
         if let Some((_, at)) = &state.refused
-            && at.elapsed() < DENIAL_FRESH
+            && at.elapsed() < ASK_AGAIN_AFTER_REFUSAL
         {
-            return *at + DENIAL_FRESH;
+            return *at + ASK_AGAIN_AFTER_REFUSAL;
         }
         let target = target_pool(&state);
         let low = !target.is_zero() && state.free.minus(target.half()).is_zero();
@@ -483,11 +484,10 @@ fn try_draw(
             generation: state.generation,
         }));
     }
-    // A refusal answers this draw when it came after the draw asked, or is
-    // fresh and no request that could still grant is in flight.
+    // Only a refusal that came after this draw asked answers it: an older
+    // one may be stale (refunds arrived, the limit was raised).
     if let Some((denial, at)) = &state.refused
-        && (asked_at.is_some_and(|asked| *at >= asked)
-            || (at.elapsed() < DENIAL_FRESH && state.in_flight.is_none()))
+        && asked_at.is_some_and(|asked| *at >= asked)
     {
         return Some(Err(LedgerClientError::Denied(denial.clone())));
     }

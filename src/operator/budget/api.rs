@@ -38,12 +38,14 @@ const BODY_LIMIT: usize = 16 * 1024;
 
 /// A verdict with when it was reached.
 type Cache<K, V> = Arc<Mutex<HashMap<K, (V, Instant)>>>;
+/// A token's ServiceAccount (namespace, name), or the refusal to answer.
+type Verdict = Result<(String, String), (StatusCode, String)>;
 
 #[derive(Clone)]
 struct ApiState {
     ctx: Arc<Context>,
     /// Token hash → the ServiceAccount it authenticates, or why not.
-    tokens: Cache<[u8; 32], Result<(String, String), (StatusCode, String)>>,
+    tokens: Cache<[u8; 32], Verdict>,
     /// (namespace, table, budget) whose table exists and draws on the budget.
     references: Cache<(String, String, String), EnrichmentTable>,
 }
