@@ -462,6 +462,11 @@ async fn invalid_objects_are_rejected_with_actionable_messages() {
             "maxCredits must be positive",
         ),
         (
+            "an empty sink headers Secret name",
+            table(json!({"sink": {"redisStream": null, "http": {"urlTemplate": "https://crm/{email}", "headersSecretName": ""}}})),
+            "spec.sink.http.headersSecretName",
+        ),
+        (
             "a zero maxAge",
             schedule(json!({"maxAge": "0h"})),
             "maxAge must be a positive duration",

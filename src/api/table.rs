@@ -395,6 +395,8 @@ pub struct HttpSink {
     pub url_template: String,
     /// Secret whose keys are sent as request headers (e.g. `Authorization`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("sink.http.headersSecretName must be a Secret name (lower-case letters, digits, '-' and '.')"))]
+    #[schemars(length(min = 1, max = 253))]
     pub headers_secret_name: Option<String>,
     /// Delivery attempts before the row is dead-lettered with reason SinkFailed.
     #[serde(default = "default_max_attempts")]

@@ -96,6 +96,11 @@ pub async fn direct(
             "apiKeySecretRef": {"name": "pipeline", "key": "routine-api-key"},
             "apiUrl": format!("{}/public/v0", base.sim.url)
         });
+        // A routine table has no webhook sources (the schema refuses both).
+        spec["clay"]
+            .as_object_mut()
+            .unwrap()
+            .remove("webhookSources");
     }
     let (kubeconfig, token_file) = create_table(&base.env, test, spec).await;
     let store_path = super::work_dir().join(format!("{test}.redb"));
