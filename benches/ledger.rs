@@ -67,7 +67,7 @@ async fn main() {
         .create(&PostParams::default(), &table)
         .await
         .unwrap();
-    let token = kiln::devenv::service_account_token(&env.client, &env.namespace, "kiln-leads")
+    let token = kiln::devenv::ledger_token(&env.client, &env.namespace, "kiln-leads")
         .await
         .unwrap();
     let endpoint = format!("http://127.0.0.1:{}", operator.api_port);

@@ -463,7 +463,9 @@ async fn invalid_objects_are_rejected_with_actionable_messages() {
         ),
         (
             "an empty sink headers Secret name",
-            table(json!({"sink": {"redisStream": null, "http": {"urlTemplate": "https://crm/{email}", "headersSecretName": ""}}})),
+            table(
+                json!({"sink": {"redisStream": null, "http": {"urlTemplate": "https://crm/{email}", "headersSecretName": ""}}}),
+            ),
             "spec.sink.http.headersSecretName",
         ),
         (

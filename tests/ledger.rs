@@ -61,7 +61,7 @@ async fn setup(env: &TestEnv, budget_spec: Value) -> SecretString {
 }
 
 async fn token_for(env: &TestEnv, namespace: &str, account: &str) -> SecretString {
-    SecretString::new(support::service_account_token(&env.client, namespace, account).await)
+    SecretString::new(support::ledger_token(&env.client, namespace, account).await)
 }
 
 fn ledger(ports: &[u16], token: SecretString) -> LedgerClient {
@@ -621,6 +621,40 @@ async fn only_the_tables_own_service_account_may_draw() {
             Err(LedgerClientError::Rejected { status: 403, .. })
         ),
         "{refused:?}"
+    );
+
+    // The table's own account, but its API-server token: not for the ledger.
+    let api_token = SecretString::new(
+        support::service_account_token(&env.client, &env.namespace, "kiln-leads").await,
+    );
+    let refused = ledger(&endpoint, api_token)
+        .lease(&LeaseRequest {
+            ask: credits(1.0),
+            ..request(&env, "x0", 1)
+        })
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(LedgerClientError::Rejected { status: 401, .. })
+        ),
+        "{refused:?}"
+    );
+    // And a ledger token is refused by the API server.
+    let kubeconfig = support::kubeconfig_for_token("ledger-authz", token.expose()).await;
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let as_ledger = kube::Client::try_from(config).unwrap();
+    let denied = kube::Api::<EnrichmentTable>::namespaced(as_ledger, &env.namespace)
+        .get("leads")
+        .await;
+    assert!(
+        matches!(&denied, Err(kube::Error::Api(status)) if status.code == 401),
+        "{denied:?}"
     );
 
     // A forged token.

@@ -33,11 +33,11 @@ pub struct LedgerArgs {
     /// The operator's reservation API; several comma-separated URLs are tried in turn.
     #[arg(long, env = "KILN_OPERATOR_URL", value_delimiter = ',')]
     pub operator_url: Vec<String>,
-    /// ServiceAccount token file presented to the reservation API.
+    /// ServiceAccount token (audience kiln.dev/ledger) presented to the lease API.
     #[arg(
         long,
         env = "KILN_LEDGER_TOKEN_FILE",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        default_value = "/var/run/secrets/kiln.dev/ledger/token"
     )]
     pub ledger_token_file: PathBuf,
     /// This process's name in reservations and consumer groups (the pod name in a cluster).

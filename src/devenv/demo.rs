@@ -245,7 +245,10 @@ async fn demo(
     let token =
         super::service_account_token(&client, &args.namespace, &format!("kiln-{TABLE}")).await?;
     let token_file = workdir.join("table-token");
-    std::fs::write(&token_file, &token)?;
+    std::fs::write(
+        &token_file,
+        super::ledger_token(&client, &args.namespace, &format!("kiln-{TABLE}")).await?,
+    )?;
     let table_kubeconfig = workdir.join("table-kubeconfig");
     let mut config: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(&kubeconfig)?)?;

@@ -23,6 +23,31 @@ pub async fn service_account_token(
     namespace: &str,
     account: &str,
 ) -> anyhow::Result<String> {
+    token_for_audiences(client, namespace, account, vec![]).await
+}
+
+/// A ServiceAccount token for the lease API (what the pods' projected
+/// volume holds), refused by the API server.
+pub async fn ledger_token(
+    client: &kube::Client,
+    namespace: &str,
+    account: &str,
+) -> anyhow::Result<String> {
+    token_for_audiences(
+        client,
+        namespace,
+        account,
+        vec![crate::ledger::TOKEN_AUDIENCE.to_string()],
+    )
+    .await
+}
+
+async fn token_for_audiences(
+    client: &kube::Client,
+    namespace: &str,
+    account: &str,
+    audiences: Vec<String>,
+) -> anyhow::Result<String> {
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
     let accounts = kube::Api::<ServiceAccount>::namespaced(client.clone(), namespace);
@@ -36,7 +61,7 @@ pub async fn service_account_token(
     }
     let request = TokenRequest {
         spec: TokenRequestSpec {
-            audiences: vec![],
+            audiences,
             expiration_seconds: Some(3600),
             ..Default::default()
         },

@@ -13,6 +13,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::table::CreditCost;
 
+/// The audience of the ServiceAccount tokens data-plane pods present to the
+/// lease API: the API server refuses them, and the lease API refuses the
+/// pods' ordinary API-server tokens.
+pub const TOKEN_AUDIENCE: &str = "kiln.dev/ledger";
+/// Where data-plane pods find that token (a projected volume the kubelet
+/// rotates).
+pub const TOKEN_DIR: &str = "/var/run/secrets/kiln.dev/ledger";
+
 /// Longest id, holder, table or budget name the ledger accepts (a
 /// Kubernetes object name's limit).
 pub const MAX_NAME_BYTES: usize = 253;

@@ -3,8 +3,9 @@
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -27,8 +28,14 @@ pub struct KilnContainer<'a> {
     pub probes: bool,
 }
 
+/// The projected volume holding the pod's lease-API token.
+const LEDGER_TOKEN_VOLUME: &str = "ledger-token";
+/// Its lifetime; the kubelet rotates it well before.
+const LEDGER_TOKEN_SECONDS: i64 = 3600;
+
 /// A container running `kiln <args>` with the restricted security context,
-/// JSON logs, the pod name in the environment, and a writable /tmp.
+/// JSON logs, the pod name in the environment, a writable /tmp and the
+/// lease-API token (audience [`crate::ledger::TOKEN_AUDIENCE`]).
 pub fn kiln_container(spec: KilnContainer<'_>) -> Container {
     let probe = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
@@ -57,6 +64,11 @@ pub fn kiln_container(spec: KilnContainer<'_>) -> Container {
             }),
             ..Default::default()
         },
+        EnvVar {
+            name: "KILN_LEDGER_TOKEN_FILE".into(),
+            value: Some(format!("{}/token", crate::ledger::TOKEN_DIR)),
+            ..Default::default()
+        },
     ];
     env.extend(spec.extra_env);
     let mut ports = vec![ContainerPort {
@@ -66,11 +78,19 @@ pub fn kiln_container(spec: KilnContainer<'_>) -> Container {
         ..Default::default()
     }];
     ports.extend(spec.extra_ports);
-    let mut mounts = vec![VolumeMount {
-        name: "tmp".into(),
-        mount_path: "/tmp".into(),
-        ..Default::default()
-    }];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: LEDGER_TOKEN_VOLUME.into(),
+            mount_path: crate::ledger::TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
     mounts.extend(spec.extra_mounts);
     Container {
         name: spec.name.to_string(),
@@ -101,7 +121,7 @@ pub fn kiln_container(spec: KilnContainer<'_>) -> Container {
     }
 }
 
-/// A pod spec with the restricted pod security context and the `tmp` volume
+/// A pod spec with the restricted pod security context and the volumes
 /// every [`kiln_container`] mounts.
 pub fn restricted_pod_spec(
     service_account: &str,
@@ -109,11 +129,28 @@ pub fn restricted_pod_spec(
     extra_volumes: Vec<Volume>,
     restart_policy: Option<&str>,
 ) -> PodSpec {
-    let mut volumes = vec![Volume {
-        name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Default::default()
-    }];
+    let mut volumes = vec![
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+        Volume {
+            name: LEDGER_TOKEN_VOLUME.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(crate::ledger::TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(LEDGER_TOKEN_SECONDS),
+                        path: "token".into(),
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
     volumes.extend(extra_volumes);
     PodSpec {
         service_account_name: Some(service_account.to_string()),

@@ -335,6 +335,14 @@ pub async fn service_account_token(
         .expect("issuing a ServiceAccount token")
 }
 
+/// Issues a lease-API token (audience kiln.dev/ledger) for a ServiceAccount,
+/// as the pods' projected volume holds.
+pub async fn ledger_token(client: &kube::Client, namespace: &str, account: &str) -> String {
+    kiln::devenv::ledger_token(client, namespace, account)
+        .await
+        .expect("issuing a ledger token")
+}
+
 /// Creates a namespaced object from its JSON in the test's namespace.
 pub async fn create<K>(env: &TestEnv, value: serde_json::Value) -> K
 where

@@ -247,7 +247,8 @@ pub async fn create_table(
     .await;
     let kubeconfig = super::kubeconfig_for_token(test, &token).await;
     let token_file = super::work_dir().join(format!("token-{test}"));
-    std::fs::write(&token_file, &token).unwrap();
+    let ledger_token = super::ledger_token(&env.client, &env.namespace, "kiln-leads").await;
+    std::fs::write(&token_file, &ledger_token).unwrap();
     (kubeconfig, token_file)
 }
 

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use super::ledger::LedgerError;
 use crate::api::{CreditBudget, EnrichmentTable};
-use crate::ledger::{LeaseRequest, validate};
+use crate::ledger::{LeaseRequest, TOKEN_AUDIENCE, validate};
 use crate::operator::context::Context;
 use crate::operator::table::build::service_account_name;
 
@@ -123,7 +123,7 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(String, String
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_string()),
-            ..Default::default()
+            audiences: Some(vec![TOKEN_AUDIENCE.to_string()]),
         },
         ..Default::default()
     };
@@ -138,14 +138,19 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<(String, String
             )
         })?;
     let status = reviewed.status.unwrap_or_default();
+    // A token for the API server (or anything else) is not a ledger token.
+    let for_ledger = status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| a.iter().any(|a| a == TOKEN_AUDIENCE));
     let verdict = match status
         .user
         .and_then(|u| u.username)
-        .filter(|_| status.authenticated == Some(true))
+        .filter(|_| status.authenticated == Some(true) && for_ledger)
     {
         None => Err((
             StatusCode::UNAUTHORIZED,
-            "the token is not valid".to_string(),
+            format!("the token is not a valid ServiceAccount token for audience {TOKEN_AUDIENCE}"),
         )),
         Some(username) => {
             let mut parts = username
