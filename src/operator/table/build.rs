@@ -526,8 +526,18 @@ pub(crate) mod tests {
         assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.containers[0].image.as_deref(), Some("kiln:override"));
-        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[1];
-        assert_eq!(mount.mount_path, STORE_MOUNT_PATH);
+        let mounts: Vec<&str> = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert!(mounts.contains(&STORE_MOUNT_PATH), "{mounts:?}");
+        assert!(
+            mounts.contains(&crate::ledger::TOKEN_DIR),
+            "the lease-API token is mounted: {mounts:?}"
+        );
     }
 
     #[test]
