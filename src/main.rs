@@ -34,8 +34,33 @@ enum Command {
     ClaySim(kiln::clay::sim::SimArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Expected failures (a missing program, an unreachable API server) end
+/// with one line saying what went wrong, never a backtrace; long-running
+/// processes say it in their structured log.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let structured = matches!(
+        cli.command,
+        Command::Operator(_)
+            | Command::Worker(_)
+            | Command::Receiver(_)
+            | Command::Refresh(_)
+            | Command::ClaySim(_)
+    );
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) if structured => {
+            tracing::error!(error = %format!("{error:#}"), "exiting");
+            std::process::ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Crds => {
             print!("{}", kiln::api::crds_yaml());

@@ -308,12 +308,16 @@ async fn missing_references_scale_to_zero_and_recover() {
     })
     .await;
     assert_eq!(replicas(&worker), 0, "nothing runs without a budget");
-    wait::until("a ReferenceMissing event", || async {
+    // Each False condition comes with a Warning Event of the same reason.
+    wait::until("a BudgetNotFound event", || async {
         let events = env.api::<Event>().list(&ListParams::default()).await.ok()?;
         events
             .items
             .iter()
-            .any(|e| e.reason.as_deref() == Some("ReferenceMissing"))
+            .any(|e| {
+                e.reason.as_deref() == Some("BudgetNotFound")
+                    && e.type_.as_deref() == Some("Warning")
+            })
             .then_some(())
     })
     .await;

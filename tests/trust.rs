@@ -228,7 +228,7 @@ async fn a_blank_token_secret_is_a_named_condition_and_the_data_plane_will_not_s
         async move { exited.then_some(()) }
     })
     .await;
-    let log = receiver.process.log_tail(20);
+    let log = receiver.process.log_tail(200);
     assert!(
         log.contains("ingest-token") && log.contains("is empty or only whitespace"),
         "{log}"

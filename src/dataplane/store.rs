@@ -156,6 +156,10 @@ pub struct RedisStore {
 
 /// Longest wait for a blocking read's answer (its BLOCK time plus slack).
 const BLOCKING_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a Redis command may take before it counts as failed. The
+/// client's default (500 ms) turned slow but successful Lua steps on a loaded
+/// machine into retries of rows that were already pending.
+const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The source part of a script that makes a row pending or terminal:
 /// KEYS[n] is the source stream (acknowledged at the end) or, for a Kafka
@@ -354,7 +358,9 @@ return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 impl RedisStore {
     pub async fn connect(url: &str, keys: Keys) -> redis::RedisResult<Self> {
         let client = redis::Client::open(url)?;
-        let connection = ConnectionManager::new(client.clone()).await?;
+        let config =
+            redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
         let blocking = Self::blocking_connection(&client).await?;
         Ok(Self {
             connection,

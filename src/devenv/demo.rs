@@ -34,6 +34,10 @@ pub struct DemoArgs {
     /// Namespace for the demo objects.
     #[arg(long, default_value = "kiln-demo")]
     pub namespace: String,
+    /// Stop everything once the leads are enriched, instead of keeping the
+    /// environment up until Ctrl-C (for scripts).
+    #[arg(long)]
+    pub exit: bool,
 }
 
 const TABLE: &str = "inbound-leads";
@@ -54,6 +58,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             Ok(())
         }
     };
+    if outcome.is_ok() && !args.exit {
+        println!(
+            "\nKiln keeps running for you to look around; press Ctrl-C to stop everything and clean up."
+        );
+        tokio::signal::ctrl_c().await.ok();
+        println!("\nstopping everything");
+    }
     // Reverse start order: data plane, operator, simulator, Redis, control plane.
     while let Some(mut process) = processes.pop() {
         process.stop(Duration::from_secs(10));
@@ -116,6 +127,7 @@ async fn demo(
     .await?;
 
     step("starting Redis and clay-sim (Clay's protocol, realistic latency, ~20 rows/s)");
+    super::ensure_installed("redis-server", "redis-server")?;
     let redis_port = free_port()?;
     let mut redis = Command::new("redis-server");
     redis.args([
@@ -309,18 +321,44 @@ async fn demo(
     }
 
     step("enriching (Clay latency 0.3-1.5 s, rate-limited like a real workspace)");
-    let tables = Api::<EnrichmentTable>::namespaced(client.clone(), &args.namespace);
     let budgets = Api::<CreditBudget>::namespaced(client.clone(), &args.namespace);
+    let store = crate::dataplane::store::RedisStore::connect(
+        &format!("redis://127.0.0.1:{redis_port}"),
+        crate::dataplane::store::Keys::new(&args.namespace, TABLE),
+    )
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(600);
+    let enriching = Instant::now();
+    let mut used = (0.0, 0.0);
+    let mut last_budget_read = Instant::now() - Duration::from_secs(10);
     loop {
-        let rows = tables.get(TABLE).await?.status.unwrap_or_default().rows;
-        let budget = budgets.get(BUDGET).await?;
-        let used = budget.status.as_ref().map_or(0.0, |s| s.used.data_credits);
-        let limit = budget.spec.limits.data_credits.unwrap_or(0.0);
-        let done = rows.delivered + rows.dead_lettered;
+        // Row counts straight from the store, every half second; the
+        // budget (an API read) once a second.
+        let (rows, _) = crate::operator::table::status::row_counters(
+            &store.counters().await?,
+            store.pending_count().await?,
+        );
+        if last_budget_read.elapsed() >= Duration::from_secs(1) {
+            let status = budgets.get(BUDGET).await?.status.unwrap_or_default();
+            used = (status.used.data_credits, status.reserved.data_credits);
+            last_budget_read = Instant::now();
+        }
+        let (received, delivered, dead, pending) = (
+            rows.received,
+            rows.delivered + rows.deduplicated,
+            rows.dead_lettered,
+            rows.pending,
+        );
+        let done = delivered + dead;
+        let rate = done as f64 / enriching.elapsed().as_secs_f64().max(0.1);
+        let eta = match args.leads as u64 - done.min(args.leads as u64) {
+            0 => "done".to_string(),
+            left if rate > 0.0 => format!("~{:.0}s left", left as f64 / rate),
+            _ => "starting".to_string(),
+        };
         print!(
-            "\r    delivered {:>4} (deduplicated {:>3}) | dead-lettered {:>3} | pending {:>3} | credits {:>7.1} / {limit}   ",
-            rows.delivered, rows.deduplicated, rows.dead_lettered, rows.pending, used
+            "\r    received {received:>4} | submitted {:>4} | delivered {delivered:>4} | dead-lettered {dead:>3} | pending {pending:>3} | credits used {:>7.1} held {:>6.1} | {rate:>5.1} rows/s | {eta}   ",
+            rows.submitted, used.0, used.1,
         );
         std::io::stdout().flush().ok();
         if done >= args.leads as u64 {
@@ -331,7 +369,7 @@ async fn demo(
             println!();
             bail!("the demo did not finish in 10 minutes; see the logs");
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
     let sim_stats: crate::clay::sim::SimStats = http
@@ -351,11 +389,12 @@ async fn demo(
     for plural in ["enrichmenttables", "creditbudgets", "refreshschedules"] {
         print_table(&client, &args.namespace, plural).await?;
     }
+    let namespace = &args.namespace;
     println!(
-        "\nDone in {:.0} s. Look next:\n  KUBECONFIG={} kubectl -n {} describe enrichmenttable {TABLE}\n  the enriched rows: redis-cli -p {redis_port} XRANGE leads:enriched - + COUNT 3 (while it runs)\n  the Clay column template: kiln receiver --table {table_arg} --print-clay-template",
+        "\nDone in {:.0} s. While it runs, in another terminal:\n  export KUBECONFIG={}\n  kubectl -n {namespace} get enrichmenttables,creditbudgets,refreshschedules\n  kubectl -n {namespace} describe enrichmenttable {TABLE}\n  redis-cli -p {redis_port} XRANGE leads:enriched - + COUNT 3      # the enriched rows\n  KUBECONFIG={} cargo run -q -- dlq list --table {table_arg}    # dead letters, if any\n  cargo run -q -- receiver --table {table_arg} --print-clay-template    # the Clay HTTP API column",
         started.elapsed().as_secs_f64(),
         kubeconfig.display(),
-        args.namespace
+        table_kubeconfig.display(),
     );
     Ok(())
 }

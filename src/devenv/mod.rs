@@ -12,6 +12,52 @@ use std::net::TcpListener;
 /// A loopback port that was free a moment ago. The socket is closed before the
 /// port is handed out, so a rare race with another process is possible; callers
 /// start their servers right away.
+/// Makes sure `program` is on PATH: installs Debian's `package` when it is
+/// missing and this runs as root (as on a fresh development machine, where
+/// the README's commands must work as written); otherwise says the one
+/// command to run.
+pub fn ensure_installed(program: &str, package: &str) -> anyhow::Result<()> {
+    let present = |program: &str| {
+        std::env::var_os("PATH").is_some_and(|paths| {
+            std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())
+        })
+    };
+    if present(program) {
+        return Ok(());
+    }
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    });
+    anyhow::ensure!(
+        root && present("apt-get"),
+        "{program} is not installed; run `sudo apt-get install -y {package}` (or `bash .ci/install-deps`) and try again"
+    );
+    println!("==> installing {package} from Debian's packages (once)");
+    for args in [
+        &["update", "-qq"][..],
+        &["install", "-y", "-qq", package][..],
+    ] {
+        let status = std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| anyhow::anyhow!("running apt-get: {e}"))?;
+        anyhow::ensure!(
+            status.success(),
+            "apt-get {} failed; install {package} and try again",
+            args.join(" ")
+        );
+    }
+    anyhow::ensure!(
+        present(program),
+        "{package} installed, but {program} is still not on PATH"
+    );
+    Ok(())
+}
+
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -14,7 +14,12 @@ if [ -x "$out/kcp" ]; then
   exit 0
 fi
 mkdir -p "$out"
-echo "building control plane ${version} into $out (cold build: expect 15-30 min on 2 cores)" >&2
+echo "building control plane ${version} into $out (first time only: about 5-10 min on 2 cores, after ~1 GB of Go module downloads)" >&2
+# Progress while the Go build runs silently.
+started=$(date +%s)
+( while sleep 30; do echo "  ... still building the control plane ($(( $(date +%s) - started ))s so far)" >&2; done ) &
+ticker=$!
+trap 'kill $ticker 2>/dev/null || true' EXIT
 cd "$here"
 pkg=k8s.io/component-base/version
 minor=${version#v1.}; minor=${minor%%.*}

@@ -18,6 +18,8 @@ pub struct Kafka {
 
 /// The broker's jars (resolved once, cached outside the clone).
 fn libs() -> String {
+    super::install_once("java", "openjdk-17-jre-headless");
+    super::install_once("mvn", "maven");
     let output = std::process::Command::new("bash")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kafka/fetch.sh"))
         .output()

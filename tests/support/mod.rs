@@ -281,6 +281,7 @@ pub async fn start_redis(name: &str) -> Redis {
 pub async fn start_redis_on(name: &str, port: u16, durable: bool) -> Redis {
     let dir = work_dir().join(format!("redis-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
+    install_once("redis-server", "redis-server");
     let mut command = std::process::Command::new("redis-server");
     command.args([
         "--port",
@@ -312,6 +313,16 @@ pub async fn start_redis_on(name: &str, port: u16, durable: bool) -> Redis {
     Redis { process, url, port }
 }
 
+/// Installs a missing program from Debian's packages once per test binary
+/// (as root), so `cargo test` works on a fresh machine as the README says.
+pub fn install_once(program: &str, package: &str) {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(error) = kiln::devenv::ensure_installed(program, package) {
+        panic!("{error:#}");
+    }
+}
+
 /// A kubeconfig for the test control plane that authenticates with `token`
 /// (e.g. a table's ServiceAccount), so processes run with exactly its RBAC.
 pub async fn kubeconfig_for_token(name: &str, token: &str) -> PathBuf {
@@ -322,6 +333,18 @@ pub async fn kubeconfig_for_token(name: &str, token: &str) -> PathBuf {
     let path = work_dir().join(format!("kubeconfig-{name}"));
     std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
     path
+}
+
+/// A connection to a test Redis whose replies may take as long as a loaded
+/// 2-core machine needs (the client's default is 500 ms).
+pub async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connecting to the test Redis")
 }
 
 /// Issues a token for a ServiceAccount (waiting until it exists).

@@ -72,8 +72,7 @@ impl Pipeline {
     }
 
     pub async fn stream(&self, name: &str) -> Vec<HashMap<String, String>> {
-        let client = redis::Client::open(self.redis.url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = super::redis_connection(&self.redis.url).await;
         let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
             .arg(name)
             .arg("-")
@@ -321,8 +320,7 @@ pub async fn wait_terminal(
             return (delivered, dead);
         }
         if std::time::Instant::now() > deadline {
-            let client = redis::Client::open(p.redis.url.as_str()).unwrap();
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let mut conn = super::redis_connection(&p.redis.url).await;
             let pending: i64 = redis::cmd("HLEN")
                 .arg(format!("kiln:{}/leads:pending", p.env.namespace))
                 .query_async(&mut conn)
