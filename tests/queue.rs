@@ -552,3 +552,88 @@ async fn counters(p: &support::pipeline::Pipeline) -> HashMap<String, i64> {
         .await
         .unwrap()
 }
+
+/// The chaos case that once stuck rows for minutes: the budget runs out
+/// (onExhausted: Pause) while Clay drops callbacks, so timed-out rows wait
+/// for credits. Each timed-out attempt must count as one failure, once; and
+/// after the limit is raised every row must finish within one breaker
+/// cooldown plus the rows' remaining attempts.
+#[tokio::test]
+async fn an_exhausted_budget_with_lost_callbacks_recovers_once_the_limit_is_raised() {
+    let p = pipeline(
+        "queue-phantom",
+        &[
+            QUICK_CLAY,
+            &[
+                "--drop-rate",
+                "0.25",
+                "--provider",
+                "email:2:1.0",
+                "--seed",
+                "11",
+            ],
+        ]
+        .concat(),
+        120.0,
+        "Pause",
+        false,
+    )
+    .await;
+    let _receiver = p.receiver();
+    let _worker = p.worker();
+    p.push(&leads(60, 0)).await;
+    let budgets = p.env.api::<CreditBudget>();
+    // The budget runs out while dropped callbacks leave rows to time out.
+    support::budget_when(&p.env, "the budget to be exhausted", |status| {
+        status.state == kiln::api::budget::BudgetState::Exhausted
+    })
+    .await;
+    // Long enough for the timed-out rows to be swept several times while
+    // they wait for credits (resultTimeout is 3 s, sweeps every second).
+    wait::until_within(
+        "rows waiting for credits",
+        Duration::from_secs(60),
+        || async {
+            let mut conn = support::redis_connection(&p.redis.url).await;
+            let pending: usize = conn
+                .hlen(format!("kiln:{}/leads:pending", p.env.namespace))
+                .await
+                .ok()?;
+            let dead = p.stream("leads:dead").await.len();
+            let delivered = p.stream("leads:enriched").await.len();
+            (pending > 0 && delivered + dead < 60).then_some(())
+        },
+    )
+    .await;
+    budgets
+        .patch(
+            "team",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"limits": {"dataCredits": 100000.0}}})),
+        )
+        .await
+        .unwrap();
+    // Breaker cooldown (30 s) + 4 attempts × 3 s, with room for a loaded machine.
+    let (delivered, dead) = wait::until_within(
+        "every row delivered or dead-lettered",
+        Duration::from_secs(30 + 12 + 60),
+        || async {
+            let delivered = p.stream("leads:enriched").await;
+            let dead = p.stream("leads:dead").await;
+            (delivered.len() + dead.len() >= 60).then_some((delivered, dead))
+        },
+    )
+    .await;
+    assert_eq!(delivered.len() + dead.len(), 60);
+    assert!(
+        dead.iter().all(|d| d["reason"] == "ResultTimeout"),
+        "only rows whose every callback was lost are dead letters: {dead:?}"
+    );
+    let status = budgets.get("team").await.unwrap().status.unwrap();
+    assert_eq!(
+        status.breaker.state,
+        kiln::api::budget::BreakerState::Closed,
+        "a quarter of callbacks lost must not open the breaker: {:?}",
+        status.breaker
+    );
+}

@@ -172,6 +172,25 @@ async fn scheduled_refresh_re_enriches_exactly_the_stale_rows_within_its_caps() 
         cronjobs.get_opt("nightly-refresh").await.ok()?
     })
     .await;
+    // The table's Role names its schedules, this one now included.
+    wait::until("the table's Role to name the schedule", || async {
+        let role = p
+            .env
+            .api::<k8s_openapi::api::rbac::v1::Role>()
+            .get("kiln-leads")
+            .await
+            .ok()?;
+        role.rules?
+            .iter()
+            .any(|r| {
+                r.resource_names
+                    .as_ref()
+                    .is_some_and(|n| n.contains(&"nightly".to_string()))
+            })
+            .then_some(())
+    })
+    .await;
+    schedules_cannot_be_forged_with_the_table_token(&p).await;
 
     // Ten stale rows, lead0 the oldest; the other twenty are fresh.
     age(&p, (0..10).map(|i| (i, 100 - i as i64))).await;
@@ -297,6 +316,55 @@ async fn scheduled_refresh_re_enriches_exactly_the_stale_rows_within_its_caps() 
 
 /// Waits for the schedule's Suspended condition (and the CronJob) to say
 /// runs are held for `reason`, or (None) not held.
+/// Another team's schedule in the same namespace: the table's token can
+/// neither read it nor rewrite its status.
+async fn schedules_cannot_be_forged_with_the_table_token(p: &Pipeline) {
+    let other: RefreshSchedule = serde_json::from_value(json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "RefreshSchedule", "metadata": {"name": "someone-else"},
+        "spec": {"tableRef": {"name": "another-table"}, "schedule": "0 4 * * *", "maxAge": "1h", "maxRows": 4, "maxCredits": 10.0}
+    }))
+    .unwrap();
+    p.env
+        .api::<RefreshSchedule>()
+        .create(&PostParams::default(), &other)
+        .await
+        .unwrap();
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&p.kubeconfig).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let as_table = kube::Api::<RefreshSchedule>::namespaced(
+        kube::Client::try_from(config).unwrap(),
+        &p.env.namespace,
+    );
+    let read = as_table.get("someone-else").await;
+    assert!(
+        matches!(&read, Err(kube::Error::Api(s)) if s.code == 403),
+        "{read:?}"
+    );
+    let forged = json!({"status": {"lastRun": {"selected": 1, "requeued": 1, "skippedForBudget": 0, "outcome": "Succeeded", "message": "forged by kiln-leads"}}});
+    let forged = as_table
+        .patch_status(
+            "someone-else",
+            &PatchParams::default(),
+            &Patch::Merge(&forged),
+        )
+        .await;
+    assert!(
+        matches!(&forged, Err(kube::Error::Api(s)) if s.code == 403),
+        "{forged:?}"
+    );
+    let other = p
+        .env
+        .api::<RefreshSchedule>()
+        .get("someone-else")
+        .await
+        .unwrap();
+    assert!(other.status.and_then(|s| s.last_run).is_none());
+}
+
 async fn wait_held(p: &Pipeline, reason: Option<&str>) {
     let schedules = p.env.api::<RefreshSchedule>();
     let cronjobs = p.env.api::<CronJob>();

@@ -170,6 +170,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             let store = EmbeddedStore::open(&args.store_path).with_context(|| {
                 format!("opening the embedded store {}", args.store_path.display())
             })?;
+            lease.prefill();
             let attempts = Arc::new(Attempts {
                 live: Live::follow(runtime.clone(), Arc::new(store.clone())),
                 rows: Arc::new(store.clone()),

@@ -578,6 +578,34 @@ mod tests {
         );
     }
 
+    /// A budget shared by 100 tables, each run by 10 processes, with a pod
+    /// name as long as Deployments make them: its status stays far below
+    /// etcd's 1.5 MB object limit, however many rows are in flight.
+    #[test]
+    fn status_of_100_tables_times_10_holders_is_small() {
+        let spec = spec(Some(1e9), None);
+        let mut status = period_status();
+        let mut b = breaker();
+        for t in 0..100 {
+            for h in 0..10 {
+                let table = format!("table-{t:03}-{}", "x".repeat(40));
+                let holder = format!("{table}-worker-7d9f8c6b5d-{h:05}");
+                let r = LeaseRequest {
+                    table: table.clone(),
+                    holder: holder.clone(),
+                    lease: format!("{holder}-0123456789ab"),
+                    ask: cost(400.0, 0),
+                    ..request("unused", 1)
+                };
+                apply(&spec, &mut status, &mut b, &r, now()).unwrap();
+            }
+        }
+        assert_eq!(status.leases.len(), 1000);
+        let bytes = serde_json::to_vec(&status).unwrap().len();
+        assert!(bytes < 512 * 1024, "{bytes} bytes");
+        println!("status of 100 tables x 10 holders: {bytes} bytes");
+    }
+
     #[test]
     fn the_number_of_leases_per_table_is_capped() {
         let spec = spec(None, None);

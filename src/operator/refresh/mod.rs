@@ -270,7 +270,12 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         patch_status(&api, &schedule.name_any(), &without_last_run).await?;
         let was_suspended = find_condition(&previous, SUSPENDED).map(|c| c.reason.clone());
         if let Some(c) = find_condition(&new_status.conditions, SUSPENDED)
-            .filter(|c| Some(&c.reason) != was_suspended.as_ref() && was_suspended.is_some())
+            // Held from the start (e.g. a schedule of a Direct table) is
+            // news too; resumed only after having been held.
+            .filter(|c| {
+                Some(&c.reason) != was_suspended.as_ref()
+                    && (was_suspended.is_some() || c.status == TRUE)
+            })
         {
             let kind = if c.status == TRUE {
                 EventType::Warning
