@@ -268,18 +268,18 @@ pub struct Lease {
     #[schemars(with = "crate::api::table::CreditTotal")]
     pub held: CreditCost,
     /// One row's worst case for this holder's table: the smallest useful grant.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "CreditCost::is_zero")]
     pub row_cost: CreditCost,
     /// Sequence number of the last request applied, so a retried request
     /// is applied once.
     #[serde(default)]
     pub seq: u64,
     /// Credits granted by that request (returned again when it is retried).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "CreditCost::is_zero")]
     #[schemars(with = "crate::api::table::CreditTotal")]
     pub last_granted: CreditCost,
     /// The refund that request applied (returned again when it is retried).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "CreditCost::is_zero")]
     #[schemars(with = "crate::api::table::CreditTotal")]
     pub last_refunded: CreditCost,
     /// When the holder must have renewed it; afterwards what it holds is

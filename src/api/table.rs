@@ -585,6 +585,13 @@ pub struct EnrichmentTableStatus {
     pub last_enriched_at: Option<Time>,
 }
 
+impl CreditCost {
+    /// Nothing on either meter.
+    pub fn is_zero(&self) -> bool {
+        self.data_credits == 0.0 && self.actions == 0
+    }
+}
+
 /// A total of credits (the schema of status totals; the values are
 /// [`CreditCost`]s).
 #[derive(schemars::JsonSchema, Serialize)]
