@@ -116,25 +116,21 @@ async fn main() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let writes = status_writes(&env.client).await - writes_before;
-    let in_flight = env
-        .api::<CreditBudget>()
-        .get("team")
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let status_of_team = || async {
+        env.api::<CreditBudget>()
+            .get("team")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+    };
+    let in_flight = status_of_team().await;
     let status_bytes = serde_json::to_vec(&in_flight).unwrap().len();
     for lease in &leases {
         lease.close().await;
     }
     let done = rows.load(Ordering::Relaxed);
-    let status = env
-        .api::<CreditBudget>()
-        .get("team")
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let status = status_of_team().await;
     assert!(status.leases.is_empty(), "every lease closed");
     assert_eq!(
         status.used.data_credits,

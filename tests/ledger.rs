@@ -119,9 +119,12 @@ async fn budget_status(env: &TestEnv) -> kiln::api::CreditBudgetStatus {
         .unwrap_or_default()
 }
 
-/// Holders drawing one-credit rows as fast as they can until the budget
-/// refuses; each row's draw is counted. Returns rows drawn per holder.
-async fn draw_until_refused(holders: &[Arc<CreditLease>]) -> Vec<u64> {
+/// Holders drawing one-credit rows (`pace` apart, else as fast as they
+/// can) until the budget refuses. Returns rows drawn per holder.
+async fn draw_until_refused(
+    holders: &[Arc<CreditLease>],
+    pace: Option<std::time::Duration>,
+) -> Vec<u64> {
     let tasks = holders.iter().map(|lease| {
         let lease = lease.clone();
         tokio::spawn(async move {
@@ -134,6 +137,9 @@ async fn draw_until_refused(holders: &[Arc<CreditLease>]) -> Vec<u64> {
                         return drawn;
                     }
                     Err(other) => panic!("draw failed: {other}"),
+                }
+                if let Some(pace) = pace {
+                    tokio::time::sleep(pace).await;
                 }
             }
         })
@@ -169,6 +175,29 @@ fn watch_invariant(env: &Arc<TestEnv>, limit: f64) -> tokio::task::JoinHandle<us
     })
 }
 
+/// Closes every holder's lease, waits until the budget shows none, and
+/// checks the invariant watcher never failed.
+async fn close_all(
+    env: &TestEnv,
+    holders: &[Arc<CreditLease>],
+    invariant: tokio::task::JoinHandle<usize>,
+) -> kiln::api::CreditBudgetStatus {
+    for lease in holders {
+        lease.close().await;
+    }
+    let status = wait::until("every lease closed", || async {
+        let status = budget_status(env).await;
+        status.leases.is_empty().then_some(status)
+    })
+    .await;
+    assert!(
+        !invariant.is_finished(),
+        "the invariant held at every sample"
+    );
+    invariant.abort();
+    status
+}
+
 #[tokio::test]
 async fn concurrent_holders_drawing_through_leases_never_exceed_the_limit_and_none_starves() {
     let env = Arc::new(support::test_env("ledger-concurrent").await);
@@ -180,26 +209,14 @@ async fn concurrent_holders_drawing_through_leases_never_exceed_the_limit_and_no
         .map(|i| holder(&env, &[operator.api_port], &token, &format!("pod-{i}")))
         .collect();
 
-    let drawn = draw_until_refused(&holders).await;
+    let drawn = draw_until_refused(&holders, None).await;
     assert_eq!(
         drawn.iter().sum::<u64>(),
         200,
         "exactly the limit was drawn: {drawn:?}"
     );
     assert!(drawn.iter().all(|d| *d > 0), "no holder starved: {drawn:?}");
-    for lease in &holders {
-        lease.close().await;
-    }
-    let status = wait::until("every lease closed", || async {
-        let status = budget_status(&env).await;
-        status.leases.is_empty().then_some(status)
-    })
-    .await;
-    assert!(
-        !invariant.is_finished(),
-        "the invariant held at every sample"
-    );
-    invariant.abort();
+    let status = close_all(&env, &holders, invariant).await;
     assert_eq!(status.used.data_credits, 200.0);
     assert_eq!(status.state, kiln::api::budget::BudgetState::Exhausted);
     assert_eq!(status.tables[0].table, "leads");
@@ -301,18 +318,7 @@ async fn killing_the_leader_mid_run_loses_nothing_and_overspends_nothing() {
     let drawing = {
         let holders = holders.clone();
         tokio::spawn(async move {
-            let tasks = holders.into_iter().map(|lease| async move {
-                let mut drawn = 0u64;
-                loop {
-                    match lease.draw(&credits(1.0)).await {
-                        Ok(_) => drawn += 1,
-                        Err(LedgerClientError::Denied(_)) => return drawn,
-                        Err(other) => panic!("draw failed: {other}"),
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                }
-            });
-            futures::future::join_all(tasks).await
+            draw_until_refused(&holders, Some(std::time::Duration::from_millis(5))).await
         })
     };
     wait::until("a third of the budget spent", || async {
@@ -321,19 +327,7 @@ async fn killing_the_leader_mid_run_loses_nothing_and_overspends_nothing() {
     .await;
     first.process.kill_hard();
     let drawn: u64 = drawing.await.unwrap().into_iter().sum();
-    for lease in &holders {
-        lease.close().await;
-    }
-    let status = wait::until("every lease closed", || async {
-        let status = budget_status(&env).await;
-        status.leases.is_empty().then_some(status)
-    })
-    .await;
-    assert!(
-        !invariant.is_finished(),
-        "the invariant held at every sample"
-    );
-    invariant.abort();
+    let status = close_all(&env, &holders, invariant).await;
     assert_eq!(
         drawn, 300,
         "the holders got the whole budget across the failover"
@@ -399,7 +393,7 @@ async fn period_rollover_archives_usage_and_resets() {
     )
     .await;
     let holders = [holder(&env, &[today.api_port], &token, "pod-a")];
-    assert_eq!(draw_until_refused(&holders).await, vec![10]);
+    assert_eq!(draw_until_refused(&holders, None).await, vec![10]);
     holders[0].close().await;
     let before = budget_status(&env).await;
     let period_end = before.period_end.clone().unwrap().0;
@@ -434,7 +428,7 @@ async fn period_rollover_archives_usage_and_resets() {
         .unwrap();
     // Spending resumes in the new period.
     let holders = [holder(&env, &[tomorrow.api_port], &token, "pod-b")];
-    assert_eq!(draw_until_refused(&holders).await, vec![10]);
+    assert_eq!(draw_until_refused(&holders, None).await, vec![10]);
 }
 
 #[tokio::test]
