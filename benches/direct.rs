@@ -98,18 +98,7 @@ async fn main() {
     )
     .await;
     // The table's own rate limit out of the way too.
-    d.base
-        .env
-        .api::<kiln::api::EnrichmentTable>()
-        .patch(
-            "leads",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(
-                json!({"spec": {"clay": {"rateLimit": {"rowsPerSecond": 10000, "burst": 10000}}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    support::pipeline::lift_table_rate_limit(&d.base.env).await;
     let receiver = d.receiver("bench");
     drive(&d, 0, 10, 10).await;
     let cpu_before = support::cpu_seconds(receiver.process.pid());

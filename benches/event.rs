@@ -24,6 +24,7 @@ async fn main() {
         "Pause",
     )
     .await;
+    support::pipeline::lift_table_rate_limit(&e.base.env).await;
     let receiver = e.start("receiver", "receiver-0");
     let worker = e.start("worker", "worker-0");
     let pids = [worker.process.pid(), receiver.process.pid()];
@@ -89,6 +90,7 @@ async fn main() {
         false,
     )
     .await;
+    support::pipeline::lift_table_rate_limit(&p.env).await;
     let receiver = p.receiver();
     let worker = p.worker();
     let pids = [worker.process.pid(), receiver.process.pid()];

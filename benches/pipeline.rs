@@ -24,6 +24,7 @@ async fn main() {
         false,
     )
     .await;
+    support::pipeline::lift_table_rate_limit(&p.env).await;
     let receiver = p.receiver();
     let worker = p.worker();
     let cp = support::control_plane().await;

@@ -218,6 +218,22 @@ pub fn clay_spec(credits_per_row: f64) -> Value {
     })
 }
 
+/// Lifts the table's own rate limit to the schema's maximum, for
+/// throughput benchmarks (the test tables default to 1,000 rows/s, which
+/// would otherwise be what a benchmark measures).
+pub async fn lift_table_rate_limit(env: &TestEnv) {
+    env.api::<EnrichmentTable>()
+        .patch(
+            "leads",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"spec": {"clay": {"rateLimit": {"rowsPerSecond": 10000, "burst": 10000}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+}
+
 /// Creates the table `leads` and returns the kubeconfig and token file of
 /// its ServiceAccount once the operator provisioned it (the data plane runs
 /// with exactly those credentials).
