@@ -343,9 +343,10 @@ async fn demo(
             used = (status.used.data_credits, status.reserved.data_credits);
             last_budget_read = Instant::now();
         }
+        // De-duplicated rows are delivered too (and counted in both).
         let (received, delivered, dead, pending) = (
             rows.received,
-            rows.delivered + rows.deduplicated,
+            rows.delivered,
             rows.dead_lettered,
             rows.pending,
         );
@@ -357,8 +358,9 @@ async fn demo(
             _ => "starting".to_string(),
         };
         print!(
-            "\r    received {received:>4} | submitted {:>4} | delivered {delivered:>4} | dead-lettered {dead:>3} | pending {pending:>3} | credits used {:>7.1} held {:>6.1} | {rate:>5.1} rows/s | {eta}   ",
-            rows.submitted, used.0, used.1,
+            "\r    received {received:>4} | submitted {:>4} | delivered {delivered:>4} (deduplicated {:>3}) | dead-lettered {dead:>3} | pending {pending:>3} | credits used {:>7.1} held {:>6.1} | {rate:>5.1} rows/s | {eta}   ",
+            rows.submitted,
+            rows.deduplicated, used.0, used.1,
         );
         std::io::stdout().flush().ok();
         if done >= args.leads as u64 {
