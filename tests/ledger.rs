@@ -553,6 +553,21 @@ async fn malformed_amounts_are_refused_before_they_reach_the_ledger() {
     assert_eq!(budget_status(&env).await.used, before.used);
 }
 
+/// Asks for one credit with `token` and expects the lease API to refuse
+/// with `status`.
+async fn refused_with(env: &TestEnv, ports: &[u16], token: SecretString, lease: &str, status: u16) {
+    let refused = ledger(ports, token)
+        .lease(&LeaseRequest {
+            ask: credits(1.0),
+            ..request(env, lease, 1)
+        })
+        .await;
+    assert!(
+        matches!(&refused, Err(LedgerClientError::Rejected { status: s, .. }) if *s == status),
+        "expected {status}: {refused:?}"
+    );
+}
+
 #[tokio::test]
 async fn only_the_tables_own_service_account_may_draw() {
     let env = support::test_env("ledger-authz").await;
@@ -576,19 +591,7 @@ async fn only_the_tables_own_service_account_may_draw() {
         .await
         .unwrap();
     let foreign = token_for(&env, &other.namespace, "kiln-leads").await;
-    let refused = ledger(&endpoint, foreign)
-        .lease(&LeaseRequest {
-            ask: credits(1.0),
-            ..request(&env, "x1", 1)
-        })
-        .await;
-    assert!(
-        matches!(
-            refused,
-            Err(LedgerClientError::Rejected { status: 403, .. })
-        ),
-        "{refused:?}"
-    );
+    refused_with(&env, &endpoint, foreign, "x1", 403).await;
 
     // Another account in the same namespace.
     let stranger = ServiceAccount {
@@ -603,37 +606,13 @@ async fn only_the_tables_own_service_account_may_draw() {
         .await
         .unwrap();
     let stranger_token = token_for(&env, &env.namespace, "stranger").await;
-    let refused = ledger(&endpoint, stranger_token)
-        .lease(&LeaseRequest {
-            ask: credits(1.0),
-            ..request(&env, "x2", 1)
-        })
-        .await;
-    assert!(
-        matches!(
-            refused,
-            Err(LedgerClientError::Rejected { status: 403, .. })
-        ),
-        "{refused:?}"
-    );
+    refused_with(&env, &endpoint, stranger_token, "x2", 403).await;
 
     // The table's own account, but its API-server token: not for the ledger.
     let api_token = SecretString::new(
         support::service_account_token(&env.client, &env.namespace, "kiln-leads").await,
     );
-    let refused = ledger(&endpoint, api_token)
-        .lease(&LeaseRequest {
-            ask: credits(1.0),
-            ..request(&env, "x0", 1)
-        })
-        .await;
-    assert!(
-        matches!(
-            refused,
-            Err(LedgerClientError::Rejected { status: 401, .. })
-        ),
-        "{refused:?}"
-    );
+    refused_with(&env, &endpoint, api_token, "x0", 401).await;
     // And a ledger token is refused by the API server.
     let kubeconfig = support::kubeconfig_for_token("ledger-authz", token.expose()).await;
     let config = kube::Config::from_custom_kubeconfig(
@@ -652,19 +631,7 @@ async fn only_the_tables_own_service_account_may_draw() {
     );
 
     // A forged token.
-    let refused = ledger(&endpoint, "not-a-token".into())
-        .lease(&LeaseRequest {
-            ask: credits(1.0),
-            ..request(&env, "x3", 1)
-        })
-        .await;
-    assert!(
-        matches!(
-            refused,
-            Err(LedgerClientError::Rejected { status: 401, .. })
-        ),
-        "{refused:?}"
-    );
+    refused_with(&env, &endpoint, "not-a-token".into(), "x3", 401).await;
 
     // The right account, but a budget its table does not reference.
     let wrong_budget = LeaseRequest {

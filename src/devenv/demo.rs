@@ -359,8 +359,7 @@ async fn demo(
         };
         print!(
             "\r    received {received:>4} | submitted {:>4} | delivered {delivered:>4} (deduplicated {:>3}) | dead-lettered {dead:>3} | pending {pending:>3} | credits used {:>7.1} held {:>6.1} | {rate:>5.1} rows/s | {eta}   ",
-            rows.submitted,
-            rows.deduplicated, used.0, used.1,
+            rows.submitted, rows.deduplicated, used.0, used.1,
         );
         std::io::stdout().flush().ok();
         if done >= args.leads as u64 {
