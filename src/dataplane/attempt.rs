@@ -144,7 +144,6 @@ impl Attempts {
     /// Draws one row's worst case from the lease.
     pub async fn draw(&self) -> Result<Draw, LedgerClientError> {
         let cost = self.runtime().table.spec.clay.credits_per_row.clone();
-        self.lease.set_row_cost(&cost);
         self.lease.draw(&cost).await
     }
 

@@ -92,10 +92,6 @@ impl DataplaneArgs {
         self.ledger.identity()
     }
 
-    pub fn ledger(&self) -> LedgerClient {
-        self.ledger.ledger()
-    }
-
     /// This process's credit lease on the table's budget.
     pub fn lease(&self, runtime: &TableRuntime, identity: &str) -> Arc<CreditLease> {
         CreditLease::start(
@@ -106,7 +102,7 @@ impl DataplaneArgs {
                 holder: identity.to_string(),
             },
             &runtime.table.spec.clay.credits_per_row,
-            self.ledger(),
+            self.ledger.ledger(),
         )
     }
 }

@@ -119,10 +119,6 @@ impl CreditLease {
         lease
     }
 
-    pub fn target(&self) -> &LeaseTarget {
-        &self.target
-    }
-
     /// Asks for a pool of a few rows now, so the first rows of a process that
     /// answers callers (the Direct tier) do not wait for the ledger; given
     /// back after a quiet spell like any pool.
@@ -131,13 +127,10 @@ impl CreditLease {
         self.wake.notify_one();
     }
 
-    /// The worst case of one row (the table's creditsPerRow), after an edit.
-    pub fn set_row_cost(&self, cost: &CreditCost) {
-        self.state.lock().unwrap().row_cost = Credits::of(cost);
-    }
-
-    /// Draws `cost` for one row: at once from the pool, else after the
-    /// ledger tops it up. Refused when the budget refuses.
+    /// Draws `cost` (one row's worst case, which also sizes the pool and the
+    /// smallest useful grant, so a creditsPerRow edit takes effect here) for
+    /// one row: at once from the pool, else after the ledger tops it up.
+    /// Refused when the budget refuses.
     pub async fn draw(&self, cost: &CreditCost) -> Result<Draw, LedgerClientError> {
         let want = Credits::of(cost);
         let mut answers = self.answered.subscribe();
@@ -146,12 +139,12 @@ impl CreditLease {
         let result = loop {
             {
                 let mut state = self.state.lock().unwrap();
+                state.row_cost = want;
                 let first_unreported = state.unreported.is_zero();
                 if let Some(result) = try_draw(&mut state, want, cost, asked_at) {
                     // The task schedules a report for the first spend since
                     // the last one, and tops up a pool running low.
-                    let low = state.free.minus(target_pool(&state).half()).is_zero();
-                    if result.is_ok() && (first_unreported || low) {
+                    if result.is_ok() && (first_unreported || state.pool_low()) {
                         self.wake.notify_one();
                     }
                     break result;
@@ -298,9 +291,6 @@ impl CreditLease {
                     tracing::warn!(%error, lease = %request.lease, "lease request failed; retrying");
                     self.state.lock().unwrap().broken = broken.then(|| error.to_string());
                     self.answered.send_modify(|n| *n += 1);
-                    if closing && self.state.lock().unwrap().lease.is_empty() {
-                        return;
-                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -326,9 +316,7 @@ impl CreditLease {
         {
             return *at + ASK_AGAIN_AFTER_REFUSAL;
         }
-        let target = target_pool(&state);
-        let low = !target.is_zero() && state.free.minus(target.half()).is_zero();
-        if !state.waiting.is_zero() || low {
+        if !state.waiting.is_zero() || state.pool_low() {
             return now;
         }
         let reporting = !state.unreported.is_zero()
@@ -340,10 +328,7 @@ impl CreditLease {
         if reporting {
             return after_last(REPORT_EVERY);
         }
-        let idle = state
-            .last_draw
-            .is_none_or(|at| at.elapsed() >= IDLE_GIVE_BACK);
-        if idle && !state.free.is_zero() {
+        if state.idle() && !state.free.is_zero() {
             return now;
         }
         match state.expires {
@@ -364,20 +349,14 @@ impl CreditLease {
         if state.lease.is_empty() {
             return None;
         }
-        let target = target_pool(&state);
-        let want = target.plus(state.waiting);
         let stopped = state.blocked.is_some() || state.closing;
-        let idle = state
-            .last_draw
-            .is_none_or(|at| at.elapsed() >= IDLE_GIVE_BACK);
-        let ask =
-            if stopped || !state.free.minus(target.half()).is_zero() && state.waiting.is_zero() {
-                Credits::default()
-            } else {
-                want.minus(state.free)
-            };
+        let ask = if stopped || !state.pool_low() && state.waiting.is_zero() {
+            Credits::default()
+        } else {
+            state.target_pool().plus(state.waiting).minus(state.free)
+        };
         // Paused, breaker open, idle or closing: hand the pool back.
-        let give_back = if stopped || (idle && state.waiting.is_zero()) {
+        let give_back = if stopped || (state.idle() && state.waiting.is_zero()) {
             std::mem::take(&mut state.free)
         } else {
             Credits::default()
@@ -514,25 +493,36 @@ impl Credits {
     }
 }
 
-/// The pool worth holding: ~[`POOL_COVERS`] seconds of the recent draw
-/// rate, at least a few rows while drawing, nothing when idle.
-fn target_pool(state: &State) -> Credits {
-    let drawing = state
-        .last_draw
-        .is_some_and(|at| at.elapsed() < IDLE_GIVE_BACK);
-    if !drawing || state.row_cost.is_zero() {
-        return Credits::default();
+impl State {
+    /// No row drawn for [`IDLE_GIVE_BACK`] (or ever).
+    fn idle(&self) -> bool {
+        self.last_draw
+            .is_none_or(|at| at.elapsed() >= IDLE_GIVE_BACK)
     }
-    let row = state.row_cost;
-    let rows = if row.milli > 0 {
-        ((state.rate * POOL_COVERS) / row.milli as f64).ceil() as i64
-    } else {
-        0
+
+    /// The pool worth holding: ~[`POOL_COVERS`] seconds of the recent draw
+    /// rate, at least a few rows while drawing, nothing when idle.
+    fn target_pool(&self) -> Credits {
+        if self.idle() || self.row_cost.is_zero() {
+            return Credits::default();
+        }
+        let row = self.row_cost;
+        let rows = if row.milli > 0 {
+            ((self.rate * POOL_COVERS) / row.milli as f64).ceil() as i64
+        } else {
+            0
+        }
+        .max(POOL_MIN_ROWS);
+        Credits {
+            milli: row.milli.saturating_mul(rows),
+            actions: row.actions.saturating_mul(rows as u64),
+        }
     }
-    .max(POOL_MIN_ROWS);
-    Credits {
-        milli: row.milli.saturating_mul(rows),
-        actions: row.actions.saturating_mul(rows as u64),
+
+    /// Holding no more than half the pool worth holding: time to top it up.
+    fn pool_low(&self) -> bool {
+        let target = self.target_pool();
+        !target.is_zero() && self.free.minus(target.half()).is_zero()
     }
 }
 

@@ -197,8 +197,7 @@ pub fn apply(
         });
         status.leases.len() - 1
     });
-    status.used = add(&status.used, spent);
-    charge_table(status, &request.table, spent, Credits::default());
+    charge(status, &request.table, spent);
     // A refund is taken only from this table's spend in the period it
     // belongs to, so no report can lower another table's or period's use;
     // what does not fit yet is left to the holder to send again.
@@ -210,12 +209,9 @@ pub fn apply(
             .find(|t| t.table == request.table)
             .map_or(Credits::default(), |t| Credits::of(&t.used));
         refunded = Credits::of(&request.refund).min(table_used);
-        status.used = sub(&status.used, refunded);
-        charge_table(status, &request.table, Credits::default(), refunded);
+        refund(status, &request.table, refunded);
     }
-    let extra = Credits::of(&request.extra);
-    status.used = add(&status.used, extra);
-    charge_table(status, &request.table, extra, Credits::default());
+    charge(status, &request.table, Credits::of(&request.extra));
     breaker.record(
         &spec.circuit_breaker,
         request.successes,
@@ -235,9 +231,7 @@ pub fn apply(
     let denial = grant(spec, status, breaker, index, request, now);
     if request.release {
         let lease = status.leases.remove(index);
-        let forfeited = Credits::of(&lease.held);
-        status.used = add(&status.used, forfeited);
-        charge_table(status, &lease.table, forfeited, Credits::default());
+        charge(status, &lease.table, Credits::of(&lease.held));
         let mut closed = answer(&lease, &period, denial);
         closed.held = CreditCost::default();
         return Ok(closed);
@@ -355,27 +349,38 @@ pub fn expire(status: &mut CreditBudgetStatus, now: Timestamp) -> Vec<Lease> {
         .partition(|l| l.expires_at.0 <= now);
     status.leases = live;
     for lease in &expired {
-        let held = Credits::of(&lease.held);
-        status.used = add(&status.used, held);
-        charge_table(status, &lease.table, held, Credits::default());
+        charge(status, &lease.table, Credits::of(&lease.held));
     }
     expired
 }
 
-/// Adds `charge` to and takes `refund` from a table's spend.
-fn charge_table(status: &mut CreditBudgetStatus, table: &str, charge: Credits, refund: Credits) {
-    if charge.is_zero() && refund.is_zero() {
+/// Counts `amount` as spent, by the budget and by `table`.
+fn charge(status: &mut CreditBudgetStatus, table: &str, amount: Credits) {
+    if amount.is_zero() {
         return;
     }
+    status.used = add(&status.used, amount);
     match status.tables.iter_mut().find(|t| t.table == table) {
-        Some(usage) => usage.used = sub(&add(&usage.used, charge), refund),
+        Some(usage) => usage.used = add(&usage.used, amount),
         None => {
             status.tables.push(TableUsage {
                 table: table.to_string(),
-                used: charge.cost(),
+                used: amount.cost(),
             });
             status.tables.sort_by(|a, b| a.table.cmp(&b.table));
         }
+    }
+}
+
+/// Takes `amount` back from what the budget and `table` spent (the caller
+/// bounds it by the table's spend).
+fn refund(status: &mut CreditBudgetStatus, table: &str, amount: Credits) {
+    if amount.is_zero() {
+        return;
+    }
+    status.used = sub(&status.used, amount);
+    if let Some(usage) = status.tables.iter_mut().find(|t| t.table == table) {
+        usage.used = sub(&usage.used, amount);
     }
 }
 

@@ -212,20 +212,23 @@ async fn run_book(
         }
         // Replies are fixed before the write loop, so a retried batch
         // answers what it wrote.
-        let (outcome, status) = apply_batch(&api, &name, &clock, &mut breaker, &batch).await;
-        if let (Some(metrics), Some(status)) = (&metrics, &status) {
-            metrics.observe_budget(&namespace, &name, status);
-        }
-        let gone = outcome
-            .iter()
-            .any(|a| matches!(a, Err(LedgerError::BudgetNotFound(_))));
-        due = tokio::time::Instant::now()
-            + match &status {
-                Some(status) => next_due(status, breaker.as_ref(), clock()),
+        let outcome = apply_batch(&api, &name, &clock, &mut breaker, &batch).await;
+        let gone = matches!(outcome, Err(LedgerError::BudgetNotFound(_)));
+        let answers: Vec<Result<Answer, LedgerError>> = match outcome {
+            Ok((answers, status)) => {
+                if let Some(metrics) = &metrics {
+                    metrics.observe_budget(&namespace, &name, &status);
+                }
+                due = tokio::time::Instant::now() + next_due(&status, breaker.as_ref(), clock());
+                answers.into_iter().map(Ok).collect()
+            }
+            Err(error) => {
                 // The write failed: try again soon.
-                None => Duration::from_secs(1),
-            };
-        for (command, answer) in batch.into_iter().zip(outcome) {
+                due = tokio::time::Instant::now() + Duration::from_secs(1);
+                batch.iter().map(|_| Err(error.clone())).collect()
+            }
+        };
+        for (command, answer) in batch.into_iter().zip(answers) {
             send(command, answer);
         }
         if gone {
@@ -263,27 +266,20 @@ fn send(command: Command, answer: Result<Answer, LedgerError>) {
 
 /// Applies a batch to a fresh copy of the budget and writes it with a
 /// resourceVersion precondition, retrying on conflicts. Returns one answer
-/// per command, or an error for all when the write could not be made.
+/// per command and the status written, or why nothing could be written.
 async fn apply_batch(
     api: &Api<CreditBudget>,
     name: &str,
     clock: &Clock,
     breaker: &mut Option<Breaker>,
     batch: &[Command],
-) -> (Vec<Result<Answer, LedgerError>>, Option<CreditBudgetStatus>) {
-    let fail_all =
-        |error: LedgerError| batch.iter().map(|_| Err(error.clone())).collect::<Vec<_>>();
+) -> Result<(Vec<Answer>, CreditBudgetStatus), LedgerError> {
     for _ in 0..CAS_ATTEMPTS {
-        let budget = match api.get_opt(name).await {
-            Ok(Some(budget)) => budget,
-            Ok(None) => {
-                return (
-                    fail_all(LedgerError::BudgetNotFound(name.to_string())),
-                    None,
-                );
-            }
-            Err(error) => return (fail_all(LedgerError::Unavailable(error.to_string())), None),
-        };
+        let budget = api
+            .get_opt(name)
+            .await
+            .map_err(|error| LedgerError::Unavailable(error.to_string()))?
+            .ok_or_else(|| LedgerError::BudgetNotFound(name.to_string()))?;
         let now = clock();
         let before = budget.status.clone().unwrap_or_default();
         let mut working = budget.clone();
@@ -305,18 +301,16 @@ async fn apply_batch(
             )
         });
         let spec = &budget.spec;
-        let answers: Vec<Result<Answer, LedgerError>> = batch
+        let answers: Vec<Answer> = batch
             .iter()
-            .map(|command| {
-                Ok(match command {
-                    Command::Lease(request, _) => Answer::Lease(
-                        book::apply(spec, &mut status, &mut attempt_breaker, request, now)
-                            .map_err(LedgerError::from),
-                    ),
-                    Command::Refresh(_) => {
-                        Answer::Refreshed(Box::new((before.clone(), CreditBudgetStatus::default())))
-                    }
-                })
+            .map(|command| match command {
+                Command::Lease(request, _) => Answer::Lease(
+                    book::apply(spec, &mut status, &mut attempt_breaker, request, now)
+                        .map_err(LedgerError::from),
+                ),
+                Command::Refresh(_) => {
+                    Answer::Refreshed(Box::new((before.clone(), CreditBudgetStatus::default())))
+                }
             })
             .collect();
         attempt_breaker.tick(&spec.circuit_breaker, now);
@@ -331,18 +325,16 @@ async fn apply_batch(
         }
         working.status = Some(status);
         let after = status::compute(&working, now);
-        let answers: Vec<Result<Answer, LedgerError>> = answers
+        let answers: Vec<Answer> = answers
             .into_iter()
             .map(|a| match a {
-                Ok(Answer::Refreshed(pair)) => {
-                    Ok(Answer::Refreshed(Box::new((pair.0, after.clone()))))
-                }
+                Answer::Refreshed(pair) => Answer::Refreshed(Box::new((pair.0, after.clone()))),
                 other => other,
             })
             .collect();
         if after == before {
             *breaker = Some(attempt_breaker);
-            return (answers, Some(after));
+            return Ok((answers, after));
         }
         let patch = serde_json::json!({
             "metadata": {"resourceVersion": budget.metadata.resource_version},
@@ -355,13 +347,13 @@ async fn apply_batch(
         match api.patch_status(name, &params, &Patch::Merge(&patch)).await {
             Ok(_) => {
                 *breaker = Some(attempt_breaker);
-                return (answers, Some(after));
+                return Ok((answers, after));
             }
             Err(kube::Error::Api(status)) if status.code == 409 => continue,
-            Err(error) => return (fail_all(LedgerError::Unavailable(error.to_string())), None),
+            Err(error) => return Err(LedgerError::Unavailable(error.to_string())),
         }
     }
-    let contended =
-        LedgerError::Unavailable("too many concurrent writers to the budget's status".into());
-    (fail_all(contended), None)
+    Err(LedgerError::Unavailable(
+        "too many concurrent writers to the budget's status".into(),
+    ))
 }
