@@ -1,6 +1,6 @@
 //! Talking to Clay: the inbound webhook client (with rate limiting, retries
 //! and source rotation), the routines API, and `sim`, a local stand-in that
-//! follows shared/CLAY.md. Nothing here knows about Kubernetes.
+//! speaks the same protocol. Nothing here knows about Kubernetes.
 
 pub mod error;
 pub mod limiter;
