@@ -1,5 +1,6 @@
 //! `kiln clay-sim`: a local stand-in that speaks Clay's integration surface
-//! (webhook sources, HTTP API column callbacks, routines API, credits) for demos, tests and benchmarks. Fault injection is set by flags; an admin
+//! (webhook sources, HTTP API column callbacks, routines API, credits) for
+//! demos, tests and benchmarks. Fault injection is set by flags; an admin
 //! endpoint (which real Clay does not have) reports what it charged.
 
 mod enrich;
