@@ -86,6 +86,28 @@ pub struct CreditBudgetSpec {
     #[serde(default = "default_history_limit")]
     #[schemars(range(min = 0, max = 24))]
     pub history_limit: u32,
+    /// The Clay workspace this budget's tables send to. Clay limits inbound
+    /// rows per workspace, so its rate is shared by every process of every
+    /// table drawing on a budget that names it (in this namespace), split
+    /// fairly by demand and within each table's own clay.rateLimit. Without
+    /// it, each table's processes share that table's clay.rateLimit alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<ClayWorkspace>,
+}
+
+/// A Clay workspace and its inbound rate limit.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClayWorkspace {
+    /// A name for the workspace (a DNS label, e.g. `acme-prod`): budgets of
+    /// this namespace that name the same workspace share its limit.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("workspace.name must be a DNS label: lower-case letters, digits and '-'"))]
+    pub name: String,
+    /// Rows per second Clay accepts from the whole workspace (about 10,
+    /// burst 20). When budgets naming it disagree, the smallest holds.
+    #[serde(default)]
+    pub rate_limit: super::table::RateLimit,
 }
 
 fn default_time_zone() -> String {

@@ -583,6 +583,30 @@ pub struct EnrichmentTableStatus {
     /// When a row was last enriched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_enriched_at: Option<Time>,
+    /// The table's share of its Clay workspace's rate while its processes
+    /// send rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateStatus>,
+}
+
+/// How fast the table sends rows to Clay, and the part of the workspace's
+/// rate its processes hold (rows per second, to a tenth).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateStatus {
+    /// The workspace's limit (the budget's workspace.rateLimit), or the
+    /// table's own clay.rateLimit when the budget names no workspace.
+    pub limit_rows_per_second: f64,
+    /// Rows per second leased to the table's processes now.
+    pub share_rows_per_second: f64,
+    /// Rows per second the table sent to Clay recently.
+    pub observed_rows_per_second: f64,
+    /// Processes holding a share (workers, and Direct receivers).
+    pub holders: u32,
+    /// Rows sent to Clay in the last minute.
+    pub submitted_last_minute: u64,
+    /// Of those, rows Clay refused with 429 (over the workspace's limit).
+    pub throttled_last_minute: u64,
 }
 
 impl CreditCost {

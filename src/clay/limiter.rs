@@ -1,35 +1,92 @@
 //! A token bucket shared by every task of a process, in rows per second,
 //! that also backs off for everyone when Clay answers 429 with Retry-After.
+//!
+//! Its rate is the smaller of the table's own `clay.rateLimit` (the cap)
+//! and the share of the Clay workspace's rate the leader leased to this
+//! process, when it has one. It also counts what it let through, whether
+//! anyone had to wait and how many 429s came back: the demand the process
+//! reports when it asks for its next share.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// Longest a waiting acquirer sleeps before looking at the bucket again
+/// (a rate raised meanwhile also wakes it at once).
+const RECHECK: Duration = Duration::from_secs(1);
 
 pub struct RateLimiter {
     state: Mutex<BucketState>,
+    changed: Notify,
+}
+
+/// A rate in rows per second with its burst.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+/// What went through the limiter since the last [`RateLimiter::take_usage`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    /// Rows let through.
+    pub rows: u64,
+    /// Someone had to wait for tokens: the process wants more rate.
+    pub waited: bool,
+    /// 429s Clay answered.
+    pub throttled: u64,
 }
 
 struct BucketState {
-    rate_per_sec: f64,
-    burst: f64,
+    cap: Rate,
+    share: Option<Rate>,
     tokens: f64,
     updated: Instant,
     /// Nobody may send before this instant (set from Retry-After).
     paused_until: Option<Instant>,
+    usage: Usage,
+}
+
+impl BucketState {
+    fn effective(&self) -> Rate {
+        match self.share {
+            Some(share) => Rate {
+                per_second: share.per_second.min(self.cap.per_second),
+                burst: share.burst.min(self.cap.burst),
+            },
+            None => self.cap,
+        }
+    }
+
+    /// Adds the tokens earned since the last update, at the current rate.
+    fn refill(&mut self, now: Instant) {
+        if self.paused_until.is_some_and(|until| until > now) {
+            return;
+        }
+        self.paused_until = None;
+        let rate = self.effective();
+        let elapsed = now.duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate.per_second).min(rate.burst);
+        self.updated = now;
+    }
 }
 
 impl RateLimiter {
     pub fn new(rate_per_sec: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
+        let cap = cap_of(rate_per_sec, burst);
         Self {
             state: Mutex::new(BucketState {
-                rate_per_sec: f64::from(rate_per_sec.max(1)),
-                burst,
-                tokens: burst,
+                cap,
+                share: None,
+                tokens: cap.burst,
                 updated: Instant::now(),
                 paused_until: None,
+                usage: Usage::default(),
             }),
+            changed: Notify::new(),
         }
     }
 
@@ -37,46 +94,76 @@ impl RateLimiter {
     /// more than the burst are capped at the burst so they can ever proceed.
     pub async fn acquire(&self, rows: u32) {
         loop {
+            let changed = self.changed.notified();
             let wait = {
                 let mut state = self.state.lock().unwrap();
-                let wanted = f64::from(rows.max(1)).min(state.burst);
                 let now = Instant::now();
                 match state.paused_until {
                     Some(until) if until > now => until - now,
                     _ => {
-                        state.paused_until = None;
-                        let elapsed = now.duration_since(state.updated).as_secs_f64();
-                        state.tokens =
-                            (state.tokens + elapsed * state.rate_per_sec).min(state.burst);
-                        state.updated = now;
+                        state.refill(now);
+                        let rate = state.effective();
+                        // A bucket always holds at least one row.
+                        let wanted = f64::from(rows.max(1)).min(rate.burst.max(1.0));
                         if state.tokens >= wanted {
                             state.tokens -= wanted;
+                            state.usage.rows += u64::from(rows.max(1));
                             return;
                         }
-                        // At least a millisecond: float rounding must not turn this into a spin.
-                        Duration::from_secs_f64((wanted - state.tokens) / state.rate_per_sec)
-                            .max(Duration::from_millis(1))
+                        state.usage.waited = true;
+                        if rate.per_second <= 0.0 {
+                            RECHECK
+                        } else {
+                            // At least a millisecond: float rounding must not turn this into a spin.
+                            Duration::from_secs_f64((wanted - state.tokens) / rate.per_second)
+                                .clamp(Duration::from_millis(1), RECHECK)
+                        }
                     }
                 }
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = changed => {}
+            }
         }
     }
 
-    /// Applies a changed rate limit without resetting the bucket, so a table
-    /// edit never grants an extra burst.
-    pub fn set_rate(&self, rate_per_sec: u32, burst: u32) {
-        let mut state = self.state.lock().unwrap();
-        // Tokens earned so far were earned at the old rate.
-        let now = Instant::now();
-        if state.paused_until.is_none_or(|until| until <= now) {
-            let elapsed = now.duration_since(state.updated).as_secs_f64();
-            state.tokens = (state.tokens + elapsed * state.rate_per_sec).min(state.burst);
-            state.updated = now;
+    /// Applies a changed table rate limit without resetting the bucket, so
+    /// a table edit never grants an extra burst.
+    pub fn set_cap(&self, rate_per_sec: u32, burst: u32) {
+        self.update(|state| state.cap = cap_of(rate_per_sec, burst));
+    }
+
+    /// Applies the workspace share leased to this process (None: no share,
+    /// the table's cap alone), keeping the tokens already earned.
+    pub fn set_share(&self, share: Option<Rate>) {
+        self.update(|state| state.share = share);
+    }
+
+    fn update(&self, change: impl FnOnce(&mut BucketState)) {
+        {
+            let mut state = self.state.lock().unwrap();
+            // Tokens earned so far were earned at the old rate.
+            state.refill(Instant::now());
+            change(&mut state);
+            state.tokens = state.tokens.min(state.effective().burst);
         }
-        state.rate_per_sec = f64::from(rate_per_sec.max(1));
-        state.burst = f64::from(burst.max(1));
-        state.tokens = state.tokens.min(state.burst);
+        self.changed.notify_waiters();
+    }
+
+    /// The rate rows go through at now.
+    pub fn effective(&self) -> Rate {
+        self.state.lock().unwrap().effective()
+    }
+
+    /// The table's own limit.
+    pub fn cap(&self) -> Rate {
+        self.state.lock().unwrap().cap
+    }
+
+    /// What went through since the last call, and resets it.
+    pub fn take_usage(&self) -> Usage {
+        std::mem::take(&mut self.state.lock().unwrap().usage)
     }
 
     /// Clay said 429: nobody sends until `retry_after` has passed, and the
@@ -89,6 +176,14 @@ impl RateLimiter {
         }
         state.tokens = 0.0;
         state.updated = state.paused_until.unwrap_or(until);
+        state.usage.throttled += 1;
+    }
+}
+
+fn cap_of(rate_per_sec: u32, burst: u32) -> Rate {
+    Rate {
+        per_second: f64::from(rate_per_sec.max(1)),
+        burst: f64::from(burst.max(1)),
     }
 }
 
@@ -168,7 +263,7 @@ mod tests {
     async fn a_changed_rate_applies_to_waiting_and_later_acquirers() {
         let limiter = RateLimiter::new(100, 1);
         limiter.acquire(1).await;
-        limiter.set_rate(2, 1);
+        limiter.set_cap(2, 1);
         let start = Instant::now();
         for _ in 0..4 {
             limiter.acquire(1).await;
@@ -184,5 +279,40 @@ mod tests {
         limiter.pause_for(Duration::from_secs(3));
         limiter.acquire(1).await;
         assert!(Instant::now() - start >= Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_share_narrows_the_cap_and_a_raised_share_wakes_waiters() {
+        let limiter = Arc::new(RateLimiter::new(100, 1));
+        limiter.set_share(Some(Rate {
+            per_second: 0.0,
+            burst: 1.0,
+        }));
+        limiter.acquire(1).await;
+        let waiter = tokio::spawn({
+            let limiter = limiter.clone();
+            async move { limiter.acquire(1).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiter.is_finished(), "a zero share sends nothing more");
+        limiter.set_share(Some(Rate {
+            per_second: 50.0,
+            burst: 1.0,
+        }));
+        tokio::time::timeout(Duration::from_millis(100), waiter)
+            .await
+            .expect("a raised share lets the waiter through")
+            .unwrap();
+        let usage = limiter.take_usage();
+        assert_eq!((usage.rows, usage.waited), (2, true));
+        assert_eq!(limiter.take_usage(), Usage::default());
+        // The share never lifts the table's own cap.
+        limiter.set_share(Some(Rate {
+            per_second: 1000.0,
+            burst: 1000.0,
+        }));
+        assert_eq!(limiter.effective().per_second, 100.0);
+        limiter.pause_for(Duration::from_millis(10));
+        assert_eq!(limiter.take_usage().throttled, 1);
     }
 }

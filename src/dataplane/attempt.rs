@@ -37,8 +37,8 @@ pub struct Live {
 }
 
 /// What outlives every spec change: the connection pool, the submission
-/// counter and one rate limiter (re-rated in place, so an edit never resets
-/// the bucket or lets two buckets send at once).
+/// counter and the lease's rate limiter (re-capped in place, so an edit
+/// never resets the bucket or lets two buckets send at once).
 struct LiveParts {
     http: reqwest::Client,
     limiter: Arc<RateLimiter>,
@@ -48,7 +48,7 @@ struct LiveParts {
 impl Live {
     fn new(runtime: Arc<TableRuntime>, parts: &LiveParts) -> Self {
         let rate = &runtime.table.spec.clay.rate_limit;
-        parts.limiter.set_rate(rate.rows_per_second, rate.burst);
+        parts.limiter.set_cap(rate.rows_per_second, rate.burst);
         let clay = WebhookClient::new(
             parts.http.clone(),
             parts.limiter.clone(),
@@ -65,18 +65,17 @@ impl Live {
         Self { runtime, clay }
     }
 
-    /// Follows the table: a new client whenever its runtime changes.
+    /// Follows the table: a new client whenever its runtime changes. Rows
+    /// go to Clay through the lease's share of the workspace's rate.
     pub fn follow(
         mut runtime: watch::Receiver<Arc<TableRuntime>>,
         counter: Arc<dyn SubmissionCounter>,
+        lease: &CreditLease,
     ) -> watch::Receiver<Arc<Live>> {
         let first = runtime.borrow_and_update().clone();
         let parts = LiveParts {
             http: reqwest::Client::new(),
-            limiter: Arc::new(RateLimiter::new(
-                first.table.spec.clay.rate_limit.rows_per_second,
-                first.table.spec.clay.rate_limit.burst,
-            )),
+            limiter: lease.rate_limiter(&first.table.spec.clay.rate_limit),
             counter,
         };
         let (tx, rx) = watch::channel(Arc::new(Live::new(first, &parts)));

@@ -22,6 +22,7 @@ use crate::clay::ClayError;
 use crate::clay::routines::{RoutineItem, RoutinesClient};
 use crate::ledger::DenialReason;
 use crate::ledger::client::LedgerClientError;
+use crate::ledger::lease::CreditLease;
 
 /// How often a row's waiter re-reads the store (in case a wake-up was missed,
 /// or the sweeper dead-lettered the row).
@@ -152,19 +153,16 @@ pub struct Routine {
 }
 
 impl Routine {
-    /// From the table's `clay.routine`, if it has one.
-    pub fn from_runtime(runtime: &super::TableRuntime) -> Option<Self> {
+    /// From the table's `clay.routine`, if it has one; runs go through the
+    /// lease's share of the workspace's rate like webhook rows.
+    pub fn from_runtime(runtime: &super::TableRuntime, lease: &CreditLease) -> Option<Self> {
         let spec = runtime.table.spec.clay.routine.as_ref()?;
-        let rate = &runtime.table.spec.clay.rate_limit;
         Some(Self {
             client: RoutinesClient::new(
                 reqwest::Client::new(),
                 &spec.api_url,
                 runtime.routine_api_key.clone()?,
-                Arc::new(crate::clay::limiter::RateLimiter::new(
-                    rate.rows_per_second,
-                    rate.burst,
-                )),
+                lease.rate_limiter(&runtime.table.spec.clay.rate_limit),
                 crate::clay::retry::RetryPolicy::default(),
             ),
             routine_id: spec.routine_id.clone(),

@@ -172,11 +172,11 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             })?;
             lease.prefill();
             let attempts = Arc::new(Attempts {
-                live: Live::follow(runtime.clone(), Arc::new(store.clone())),
+                live: Live::follow(runtime.clone(), Arc::new(store.clone()), &lease),
                 rows: Arc::new(store.clone()),
                 lease: lease.clone(),
             });
-            let routine = Routine::from_runtime(&runtime.borrow());
+            let routine = Routine::from_runtime(&runtime.borrow(), &lease);
             let direct = Direct::new(store, attempts, routine);
             let resumed = direct.resume().await?;
             tracing::info!(resumed, "resumed waiting for pending rows");

@@ -8,14 +8,15 @@
 //! that stops being renewed is forfeited as spent.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
 use super::client::{LedgerClient, LedgerClientError};
-use super::{Credits, Denial, LeaseAnswer, LeaseRequest};
-use crate::api::table::CreditCost;
+use super::{Credits, Denial, LeaseAnswer, LeaseRequest, RateReport, RateShare};
+use crate::api::table::{CreditCost, RateLimit};
+use crate::clay::limiter::{Rate, RateLimiter};
 
 /// Lease life without renewal: how long a killed holder's credits stay held
 /// before they are forfeited.
@@ -36,6 +37,8 @@ const ASK_AGAIN_AFTER_REFUSAL: Duration = Duration::from_millis(500);
 const REFUND_CARRY: Duration = Duration::from_secs(150);
 /// How long a draw waits for credits before calling the ledger unavailable.
 const DRAW_PATIENCE: Duration = Duration::from_secs(30);
+/// A holder that did not wait for rate asks for this much more than it sent.
+const RATE_HEADROOM: f64 = 1.25;
 
 /// Which budget and table a lease is for, and who holds it.
 #[derive(Clone, Debug)]
@@ -89,6 +92,19 @@ struct State {
     in_flight: Option<LeaseRequest>,
     last_sent: Option<Instant>,
     closing: bool,
+    /// The share of Clay's rate last granted, and since when usage is counted.
+    share: Option<RateShare>,
+    usage_since: Option<Instant>,
+}
+
+impl State {
+    /// Holding more rate than an idle holder: others may need it, so its
+    /// use is reported every second.
+    fn holds_rate(&self) -> bool {
+        self.share
+            .as_ref()
+            .is_some_and(|s| s.rows_per_second > s.idle_rows_per_second * 1.5)
+    }
 }
 
 /// A lease on one budget for one table, shared by a process's tasks.
@@ -98,6 +114,8 @@ pub struct CreditLease {
     state: Mutex<State>,
     wake: Notify,
     answered: watch::Sender<u64>,
+    /// Set once the process submits rows to Clay: its share of the rate.
+    limiter: OnceLock<Arc<RateLimiter>>,
 }
 
 impl CreditLease {
@@ -114,9 +132,19 @@ impl CreditLease {
             client,
             wake: Notify::new(),
             answered: watch::channel(0).0,
+            limiter: OnceLock::new(),
         });
         tokio::spawn(lease.clone().run());
         lease
+    }
+
+    /// The limiter a process that submits rows to Clay sends through: the
+    /// table's `clay.rateLimit` (`cap`), narrowed to the share of the
+    /// workspace's rate this lease carries once the leader granted one.
+    pub fn rate_limiter(&self, cap: &RateLimit) -> Arc<RateLimiter> {
+        self.limiter
+            .get_or_init(|| Arc::new(RateLimiter::new(cap.rows_per_second, cap.burst)))
+            .clone()
     }
 
     /// Asks for a pool of a few rows now, so the first rows of a process that
@@ -290,6 +318,7 @@ impl CreditLease {
                     let broken = matches!(error, LedgerClientError::Rejected { .. });
                     tracing::warn!(%error, lease = %request.lease, "lease request failed; retrying");
                     self.state.lock().unwrap().broken = broken.then(|| error.to_string());
+                    self.fall_back_if_expired();
                     self.answered.send_modify(|n| *n += 1);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -325,7 +354,7 @@ impl CreditLease {
             || state.successes > 0
             || state.failures > 0
             || state.implausible > 0;
-        if reporting {
+        if reporting || state.holds_rate() {
             return after_last(REPORT_EVERY);
         }
         if state.idle() && !state.free.is_zero() {
@@ -385,6 +414,7 @@ impl CreditLease {
             implausible_costs: std::mem::take(&mut state.implausible),
             ttl_seconds: LEASE_TTL.as_secs(),
             release: state.closing,
+            rate: self.rate_report(&mut state),
         };
         state.next_seq += 1;
         state.in_flight = Some(request.clone());
@@ -392,9 +422,67 @@ impl CreditLease {
         Some(request)
     }
 
+    /// The limiter's use since the last request (None: the process does not
+    /// submit rows, so it needs no share).
+    fn rate_report(&self, state: &mut State) -> Option<RateReport> {
+        let limiter = self.limiter.get()?;
+        let usage = limiter.take_usage();
+        let now = Instant::now();
+        let seconds = state
+            .usage_since
+            .replace(now)
+            .map_or(0.0, |since| now.duration_since(since).as_secs_f64());
+        let cap = limiter.cap().per_second;
+        let sent = if seconds > 0.0 {
+            usage.rows as f64 / seconds
+        } else {
+            0.0
+        };
+        Some(RateReport {
+            wanted: if usage.waited {
+                cap
+            } else {
+                (sent * RATE_HEADROOM).min(cap)
+            },
+            held: state.share.as_ref().map_or(0.0, |s| s.rows_per_second),
+            submitted: usage.rows,
+            throttled: usage.throttled,
+            seconds: seconds.min(super::MAX_RATE),
+        })
+    }
+
+    /// The leader is unreachable and the lease expired: the share falls
+    /// back to the slice the leader said is safe without it.
+    fn fall_back_if_expired(&self) {
+        let mut state = self.state.lock().unwrap();
+        let expired = state.expires.is_some_and(|at| at <= Instant::now());
+        let (Some(limiter), Some(share), true) =
+            (self.limiter.get(), state.share.as_mut(), expired)
+        else {
+            return;
+        };
+        if share.rows_per_second > share.fallback_rows_per_second {
+            tracing::warn!(
+                share = share.rows_per_second,
+                fallback = share.fallback_rows_per_second,
+                "the lease expired without the leader; sending at the fallback rate"
+            );
+            share.burst =
+                (share.burst * share.fallback_rows_per_second / share.rows_per_second).max(1.0);
+            share.rows_per_second = share.fallback_rows_per_second;
+            limiter.set_share(Some(rate_of(share)));
+        }
+    }
+
     fn apply(&self, answer: LeaseAnswer, closed: bool) {
+        if let Some(limiter) = self.limiter.get()
+            && !closed
+        {
+            limiter.set_share(answer.rate.as_ref().map(rate_of));
+        }
         {
             let mut state = self.state.lock().unwrap();
+            state.share = answer.rate.clone();
             if let Some(sent) = state.in_flight.take() {
                 let left = Credits::of(&sent.refund).minus(Credits::of(&answer.refunded));
                 carry_refund(&mut state, &sent.refund_period, left);
@@ -442,6 +530,13 @@ impl CreditLease {
     fn finish_close(&self) {
         self.state.lock().unwrap().lease.clear();
         self.answered.send_modify(|n| *n += 1);
+    }
+}
+
+fn rate_of(share: &RateShare) -> Rate {
+    Rate {
+        per_second: share.rows_per_second,
+        burst: share.burst,
     }
 }
 

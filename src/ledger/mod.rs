@@ -155,6 +155,45 @@ pub struct LeaseRequest {
     /// clean holder has given everything back first) and the lease is closed.
     #[serde(default)]
     pub release: bool,
+    /// How the holder used its share of Clay's rate since the last request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateReport>,
+}
+
+/// Largest rate, in rows per second, a report may carry (the schema's
+/// highest rateLimit is 10,000).
+pub const MAX_RATE: f64 = 1e6;
+
+/// A holder's use of its share of the Clay workspace's rate.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateReport {
+    /// Rows per second it would send now: its table's cap when rows had to
+    /// wait for the rate, else what it sent plus headroom.
+    pub wanted: f64,
+    /// The share it applies now (rows per second), as last granted.
+    pub held: f64,
+    /// Rows it sent and 429s Clay answered since the last request.
+    pub submitted: u64,
+    pub throttled: u64,
+    /// Seconds those counts cover.
+    pub seconds: f64,
+}
+
+/// The share of the workspace's rate a holder may use until its lease
+/// expires.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateShare {
+    pub rows_per_second: f64,
+    pub burst: f64,
+    /// What every holder gets even when idle: a share at or below it
+    /// strands nothing, so the holder need not report every second.
+    pub idle_rows_per_second: f64,
+    /// What to fall back to when the lease expires without renewal (the
+    /// leader is unreachable): a slice small enough for every holder the
+    /// leader knew of, plus one.
+    pub fallback_rows_per_second: f64,
 }
 
 /// Why a request is malformed; the reservation API answers 400.
@@ -206,6 +245,22 @@ pub fn validate(request: &LeaseRequest) -> Result<(), String> {
     if request.ttl_seconds == 0 || request.ttl_seconds > 3600 {
         return Err("ttlSeconds must be 1 to 3600".into());
     }
+    if let Some(rate) = &request.rate {
+        for (field, value) in [
+            ("rate.wanted", rate.wanted),
+            ("rate.held", rate.held),
+            ("rate.seconds", rate.seconds),
+        ] {
+            if !value.is_finite() || !(0.0..=MAX_RATE).contains(&value) {
+                return Err(format!("{field} must be finite, 0 to {MAX_RATE}"));
+            }
+        }
+        if rate.submitted > MAX_CALLS || rate.throttled > MAX_CALLS {
+            return Err(format!(
+                "rate.submitted and rate.throttled must be at most {MAX_CALLS}"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -231,6 +286,9 @@ pub struct LeaseAnswer {
     /// Set when `ask` was refused; everything else in the request was applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denial: Option<Denial>,
+    /// The holder's share of Clay's rate (absent: keep the table's own limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateShare>,
 }
 
 /// Why credits were refused; each maps to the table's onExhausted behaviour.

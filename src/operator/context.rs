@@ -22,6 +22,8 @@ pub struct Context {
     pub metrics: Arc<OperatorMetrics>,
     /// The credit ledger; the only writer of CreditBudget status.
     pub ledger: super::budget::ledger::Ledger,
+    /// Shares of Clay's rate leased with the credits (leader only, in memory).
+    pub rates: Mutex<super::rate::RateShares>,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
     /// When each object's counters were last written to status.
@@ -53,6 +55,7 @@ impl Context {
             build,
             metrics,
             ledger,
+            rates: Mutex::new(super::rate::RateShares::new(std::time::Instant::now())),
             failures: Mutex::new(HashMap::new()),
             counter_writes: Mutex::new(HashMap::new()),
         }

@@ -8,6 +8,7 @@ pub mod labels;
 pub mod leader;
 pub mod metrics;
 pub mod pod;
+pub mod rate;
 pub mod refresh;
 pub mod table;
 

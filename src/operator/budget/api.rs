@@ -22,9 +22,12 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::ledger::LedgerError;
+use crate::api::budget::ClayWorkspace;
 use crate::api::{CreditBudget, EnrichmentTable};
-use crate::ledger::{LeaseRequest, TOKEN_AUDIENCE, validate};
+use crate::clay::limiter::Rate;
+use crate::ledger::{LeaseAnswer, LeaseRequest, TOKEN_AUDIENCE, validate};
 use crate::operator::context::Context;
+use crate::operator::rate::{Ask, workspace_key};
 use crate::operator::table::build::service_account_name;
 
 /// How long a TokenReview's verdict, either way, is trusted.
@@ -46,8 +49,16 @@ struct ApiState {
     ctx: Arc<Context>,
     /// Token hash → the ServiceAccount it authenticates, or why not.
     tokens: Cache<[u8; 32], Verdict>,
-    /// (namespace, table, budget) whose table exists and draws on the budget.
-    references: Cache<(String, String, String), EnrichmentTable>,
+    /// (namespace, table, budget) whose table exists and draws on the budget,
+    /// with the Clay workspace the budget names.
+    references: Cache<(String, String, String), Reference>,
+}
+
+/// A table allowed to draw on a budget, and the workspace whose rate it shares.
+#[derive(Clone)]
+struct Reference {
+    table: EnrichmentTable,
+    workspace: Option<ClayWorkspace>,
 }
 
 /// A refusal with a JSON `{"message"}` body.
@@ -187,17 +198,14 @@ fn authorize(caller: &(String, String), namespace: &str, table: &str) -> Result<
 }
 
 /// The table must exist and draw on the budget, and the budget must exist.
-async fn referenced_table(
-    state: &ApiState,
-    request: &LeaseRequest,
-) -> Result<EnrichmentTable, ApiError> {
+async fn referenced_table(state: &ApiState, request: &LeaseRequest) -> Result<Reference, ApiError> {
     let key = (
         request.namespace.clone(),
         request.table.clone(),
         request.budget.clone(),
     );
-    if let Some(table) = cached(&state.references, &key, REFERENCE_CACHE_TTL) {
-        return Ok(table);
+    if let Some(reference) = cached(&state.references, &key, REFERENCE_CACHE_TTL) {
+        return Ok(reference);
     }
     let unavailable = |e: kube::Error| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     let table = Api::<EnrichmentTable>::namespaced(state.ctx.client.clone(), &request.namespace)
@@ -219,8 +227,8 @@ async fn referenced_table(
             ),
         ));
     }
-    Api::<CreditBudget>::namespaced(state.ctx.client.clone(), &request.namespace)
-        .get_metadata_opt(&request.budget)
+    let budget = Api::<CreditBudget>::namespaced(state.ctx.client.clone(), &request.namespace)
+        .get_opt(&request.budget)
         .await
         .map_err(unavailable)?
         .ok_or_else(|| {
@@ -229,8 +237,60 @@ async fn referenced_table(
                 format!("CreditBudget {} not found", request.budget),
             )
         })?;
-    remember(&state.references, key, table.clone(), REFERENCE_CACHE_TTL);
-    Ok(table)
+    let reference = Reference {
+        table,
+        workspace: budget.spec.workspace,
+    };
+    remember(
+        &state.references,
+        key,
+        reference.clone(),
+        REFERENCE_CACHE_TTL,
+    );
+    Ok(reference)
+}
+
+/// The holder's share of its workspace's rate, decided after its request
+/// was applied (absent when the holder does not submit rows).
+fn rate_share(
+    state: &ApiState,
+    reference: &Reference,
+    request: &LeaseRequest,
+) -> Option<crate::ledger::RateShare> {
+    let report = request.rate.as_ref();
+    if report.is_none() && !request.release {
+        return None;
+    }
+    let cap = &reference.table.spec.clay.rate_limit;
+    let cap = Rate {
+        per_second: f64::from(cap.rows_per_second),
+        burst: f64::from(cap.burst),
+    };
+    let limit = reference.workspace.as_ref().map_or(cap, |w| Rate {
+        per_second: f64::from(w.rate_limit.rows_per_second),
+        burst: f64::from(w.rate_limit.burst),
+    });
+    let quiet = crate::ledger::RateReport::default();
+    let ask = Ask {
+        workspace: workspace_key(
+            &request.namespace,
+            reference.workspace.as_ref().map(|w| w.name.as_str()),
+            &request.table,
+        ),
+        limit,
+        cap,
+        namespace: &request.namespace,
+        table: &request.table,
+        holder: &request.holder,
+        report: report.unwrap_or(&quiet),
+        release: request.release,
+    };
+    state
+        .ctx
+        .rates
+        .lock()
+        .unwrap()
+        .share(ask, std::time::Instant::now())
 }
 
 async fn lease(
@@ -247,15 +307,17 @@ async fn lease(
     })?;
     validate(&request).map_err(|message| error(StatusCode::BAD_REQUEST, message))?;
     authorize(&caller, &request.namespace, &request.table)?;
-    let table = referenced_table(&state, &request).await?;
+    let reference = referenced_table(&state, &request).await?;
+    let table = &reference.table;
     let implausible = request.implausible_costs;
+    let rate = rate_share(&state, &reference, &request);
     let answer = state.ctx.ledger.lease(request).await;
     if answer.is_ok() && implausible > 0 {
         state.ctx.metrics.implausible_costs.inc_by(implausible);
         state
             .ctx
             .event(
-                &table,
+                table,
                 EventType::Warning,
                 "ImplausibleCost",
                 "Account",
@@ -266,7 +328,7 @@ async fn lease(
             .await;
     }
     Ok(match answer {
-        Ok(answer) => Json(answer).into_response(),
+        Ok(answer) => Json(LeaseAnswer { rate, ..answer }).into_response(),
         Err(failure) => {
             let status = match &failure {
                 LedgerError::Denied(_) => StatusCode::PAYMENT_REQUIRED,

@@ -123,6 +123,7 @@ fn answer(lease: &Lease, period: &str, denial: Option<Denial>) -> LeaseAnswer {
         expires_at: lease.expires_at.0.to_string(),
         period: period.to_string(),
         denial,
+        rate: None,
     }
 }
 

@@ -111,7 +111,12 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     let namespace = table
         .namespace()
         .ok_or_else(|| Error::NotNamespaced(table.name_any()))?;
-    let references = dereference(&ctx.client, table, &namespace).await?;
+    let mut references = dereference(&ctx.client, table, &namespace).await?;
+    references.rate = ctx.rates.lock().unwrap().table_view(
+        &namespace,
+        &table.name_any(),
+        std::time::Instant::now(),
+    );
 
     let mut children = build::desired_children(
         table,
@@ -170,7 +175,12 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     // While rows are moving, refresh the counters every few seconds.
     // A throttled counters update is written on the next pass.
     let unwritten = !write && table.status.as_ref() != Some(&new_status);
+    let sending = new_status
+        .rate
+        .as_ref()
+        .is_some_and(|r| r.observed_rows_per_second > 0.0 || r.throttled_last_minute > 0);
     let active = unwritten
+        || sending
         || new_status.rows.pending > 0
         || new_status.rows.received > table.status.as_ref().map_or(0, |s| s.rows.received);
     // KEDA may be installed any time; look again soon while it is missing.
@@ -264,6 +274,7 @@ async fn dereference(
         kafka_problems,
         autoscaling,
         schedules,
+        rate: None,
     })
 }
 

@@ -6,7 +6,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::common::{Conditions, TRUE};
-use crate::api::table::{CreditCost, RowCounters};
+use crate::api::table::{CreditCost, RateStatus, RowCounters};
 use crate::api::{CreditBudget, EnrichmentTable, EnrichmentTableStatus};
 
 pub const READY: &str = "Ready";
@@ -16,6 +16,12 @@ pub const PROVISIONED: &str = "Provisioned";
 pub const WORKERS_AVAILABLE: &str = "WorkersAvailable";
 pub const KAFKA_REACHABLE: &str = "KafkaReachable";
 pub const AUTOSCALING: &str = "Autoscaling";
+pub const CLAY_RATE_ACCEPTED: &str = "ClayRateAccepted";
+
+/// 429s in a minute, and their share of the rows sent, from which the
+/// workspace is called over its limit.
+const THROTTLED_MIN: u64 = 5;
+const THROTTLED_PERCENT: u64 = 1;
 
 /// The path of the receiver endpoint Clay's HTTP API column calls.
 pub const CALLBACK_PATH: &str = "/v1/clay/callback";
@@ -41,6 +47,8 @@ pub struct References {
     pub autoscaling: Option<Autoscaling>,
     /// RefreshSchedules of this table, by name (their runs use its Role).
     pub schedules: Vec<String>,
+    /// The table's share of Clay's rate, when its processes hold one.
+    pub rate: Option<crate::operator::rate::TableRate>,
 }
 
 /// The state of lag-based worker autoscaling.
@@ -284,6 +292,7 @@ pub fn compute(
             ),
         ),
     });
+    let clay_rate = rate_condition(&cond, references.rate.as_ref());
     let mut parts = vec![&secrets, &budget, &provisioned, &workers];
     parts.extend(kafka.as_ref());
     let ready = match parts.iter().find(|c| c.status != TRUE) {
@@ -302,6 +311,7 @@ pub fn compute(
             .into_iter()
             .chain(kafka)
             .chain(autoscaling)
+            .chain([clay_rate])
             .collect(),
         callback_url: Some(format!("{receiver}{CALLBACK_PATH}")),
         ingest_url: Some(format!("{receiver}{INGEST_PATH}")),
@@ -315,6 +325,49 @@ pub fn compute(
             .as_ref()
             .and_then(|(_, at)| at.clone())
             .or(current.last_enriched_at.clone()),
+        rate: references.rate.as_ref().map(|rate| RateStatus {
+            limit_rows_per_second: tenths(rate.workspace_limit),
+            share_rows_per_second: tenths(rate.share),
+            observed_rows_per_second: tenths(rate.observed),
+            holders: rate.holders,
+            submitted_last_minute: rate.submitted_last_minute,
+            throttled_last_minute: rate.throttled_last_minute,
+        }),
+    }
+}
+
+/// Rounded so that status changes with the rate, not with its noise.
+fn tenths(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+/// Whether Clay accepted the table's rows at the rate Kiln kept to: many
+/// 429s mean someone else is using the workspace's rate, or the configured
+/// limit is above Clay's.
+fn rate_condition(
+    cond: &Conditions<'_>,
+    rate: Option<&crate::operator::rate::TableRate>,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    let (submitted, throttled) = rate.map_or((0, 0), |r| {
+        (r.submitted_last_minute, r.throttled_last_minute)
+    });
+    if throttled >= THROTTLED_MIN && throttled * 100 >= submitted * THROTTLED_PERCENT {
+        let limit = rate.map_or(0.0, |r| r.workspace_limit);
+        cond.set(
+            CLAY_RATE_ACCEPTED,
+            false,
+            "ClayThrottling",
+            format!(
+                "Clay refused {throttled} of {submitted} rows with 429 in the last minute although this workspace's processes kept to {limit} rows/s: another client outside Kiln is using the workspace's rate, or the limit configured (the CreditBudget's workspace.rateLimit, else spec.clay.rateLimit) is above Clay's"
+            ),
+        )
+    } else {
+        cond.set(
+            CLAY_RATE_ACCEPTED,
+            true,
+            "WithinLimit",
+            "Clay accepts the table's rows at the rate Kiln keeps to (429s for under 1% of the rows sent in the last minute)".into(),
+        )
     }
 }
 
@@ -421,6 +474,7 @@ mod tests {
             kafka_problems: None,
             autoscaling: None,
             schedules: vec![],
+            rate: None,
         };
         let status = compute(
             &queue_table(),
@@ -455,6 +509,7 @@ mod tests {
             kafka_problems: None,
             autoscaling: None,
             schedules: vec![],
+            rate: None,
         };
         let mut table = queue_table();
         let first = compute(
@@ -482,6 +537,64 @@ mod tests {
     }
 
     #[test]
+    fn many_429s_say_the_workspace_is_over_its_limit_without_making_the_table_unready() {
+        let rate = |submitted, throttled| crate::operator::rate::TableRate {
+            workspace_limit: 10.0,
+            share: 9.96,
+            observed: 9.94,
+            holders: 3,
+            submitted_last_minute: submitted,
+            throttled_last_minute: throttled,
+        };
+        let status_with = |rate| {
+            let references = References {
+                budget_problem: None,
+                secret_problems: vec![],
+                credits_this_period: CreditCost::default(),
+                rows: None,
+                kafka_problems: None,
+                autoscaling: None,
+                schedules: vec![],
+                rate: Some(rate),
+            };
+            compute(
+                &queue_table(),
+                &references,
+                &Provisioning::Applied {
+                    deployments: vec![],
+                },
+                now(),
+            )
+        };
+        let calm = status_with(rate(600, 3));
+        assert_eq!(
+            find_condition(&calm.conditions, CLAY_RATE_ACCEPTED)
+                .unwrap()
+                .status,
+            "True"
+        );
+        let shown = calm.rate.unwrap();
+        assert_eq!((shown.share_rows_per_second, shown.holders), (10.0, 3));
+        assert_eq!(shown.observed_rows_per_second, 9.9);
+
+        let throttled = status_with(rate(600, 40));
+        let condition = find_condition(&throttled.conditions, CLAY_RATE_ACCEPTED).unwrap();
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "ClayThrottling")
+        );
+        assert!(
+            condition.message.contains("40 of 600"),
+            "{}",
+            condition.message
+        );
+        assert_eq!(
+            find_condition(&throttled.conditions, READY).unwrap().status,
+            "True"
+        );
+    }
+
+    #[test]
     fn unreachable_brokers_make_the_table_unready_and_missing_keda_is_said() {
         let references = References {
             budget_problem: None,
@@ -491,6 +604,7 @@ mod tests {
             kafka_problems: Some(vec!["broker k-0:9092: connection refused".into()]),
             autoscaling: Some(Autoscaling::KedaNotInstalled),
             schedules: vec![],
+            rate: None,
         };
         let status = compute(
             &queue_table(),
