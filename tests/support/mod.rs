@@ -10,6 +10,7 @@ pub mod event;
 pub mod kafka;
 pub mod pipeline;
 pub mod wait;
+pub mod workspace;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

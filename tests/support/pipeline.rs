@@ -242,8 +242,18 @@ pub async fn create_table(
     test: &str,
     spec: Value,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
+    create_named_table(env, test, "leads", spec).await
+}
+
+/// [`create_table`] for a table of any name.
+pub async fn create_named_table(
+    env: &TestEnv,
+    test: &str,
+    name: &str,
+    spec: Value,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let table: EnrichmentTable = serde_json::from_value(json!({
-        "apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable", "metadata": {"name": "leads"},
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable", "metadata": {"name": name},
         "spec": spec
     }))
     .unwrap();
@@ -251,18 +261,14 @@ pub async fn create_table(
         .create(&PostParams::default(), &table)
         .await
         .unwrap();
-    let token = super::service_account_token(&env.client, &env.namespace, "kiln-leads").await;
+    let account = format!("kiln-{name}");
+    let token = super::service_account_token(&env.client, &env.namespace, &account).await;
     // The Role the operator provisioned must be enough for the data plane.
-    super::wait_condition(
-        &env.api::<EnrichmentTable>(),
-        "leads",
-        "Provisioned",
-        "True",
-    )
-    .await;
-    let kubeconfig = super::kubeconfig_for_token(test, &token).await;
+    super::wait_condition(&env.api::<EnrichmentTable>(), name, "Provisioned", "True").await;
+    let test = format!("{test}-{name}");
+    let kubeconfig = super::kubeconfig_for_token(&test, &token).await;
     let token_file = super::work_dir().join(format!("token-{test}"));
-    let ledger_token = super::ledger_token(&env.client, &env.namespace, "kiln-leads").await;
+    let ledger_token = super::ledger_token(&env.client, &env.namespace, &account).await;
     std::fs::write(&token_file, &ledger_token).unwrap();
     (kubeconfig, token_file)
 }
