@@ -447,6 +447,21 @@ async fn invalid_objects_are_rejected_with_actionable_messages() {
             "spec.circuitBreaker.errorPercent: Invalid value",
         ),
         (
+            "a workspace name that is not a DNS label",
+            budget(json!({"workspace": {"name": "Acme Prod"}})),
+            "workspace.name must be a DNS label",
+        ),
+        (
+            "a workspace without a name",
+            budget(json!({"workspace": {"rateLimit": {"rowsPerSecond": 10}}})),
+            "spec.workspace.name: Required value",
+        ),
+        (
+            "a workspace rate of zero",
+            budget(json!({"workspace": {"name": "acme", "rateLimit": {"rowsPerSecond": 0}}})),
+            "spec.workspace.rateLimit.rowsPerSecond",
+        ),
+        (
             "a schedule without a table",
             schedule(json!({"tableRef": null})),
             "spec.tableRef: Required value",
@@ -494,7 +509,16 @@ async fn invalid_objects_are_rejected_with_actionable_messages() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // The valid baselines are accepted, so each rejection above is due to its one change.
-    for valid in [table(json!({})), budget(json!({})), schedule(json!({}))] {
+    let mut with_workspace = budget(
+        json!({"workspace": {"name": "acme-prod", "rateLimit": {"rowsPerSecond": 10, "burst": 20}}}),
+    );
+    with_workspace["metadata"]["name"] = json!("with-workspace");
+    for valid in [
+        table(json!({})),
+        budget(json!({})),
+        with_workspace,
+        schedule(json!({})),
+    ] {
         create_raw(&env.client, &env.namespace, &valid)
             .await
             .unwrap();

@@ -48,6 +48,8 @@ struct BucketState {
     /// Nobody may send before this instant (set from Retry-After).
     paused_until: Option<Instant>,
     usage: Usage,
+    /// When an acquirer last had to wait for tokens.
+    last_wait: Option<Instant>,
 }
 
 impl BucketState {
@@ -85,6 +87,7 @@ impl RateLimiter {
                 updated: Instant::now(),
                 paused_until: None,
                 usage: Usage::default(),
+                last_wait: None,
             }),
             changed: Notify::new(),
         }
@@ -111,6 +114,7 @@ impl RateLimiter {
                             return;
                         }
                         state.usage.waited = true;
+                        state.last_wait = Some(now);
                         if rate.per_second <= 0.0 {
                             RECHECK
                         } else {
@@ -159,6 +163,16 @@ impl RateLimiter {
     /// The table's own limit.
     pub fn cap(&self) -> Rate {
         self.state.lock().unwrap().cap
+    }
+
+    /// Whether rows waited for tokens within `window`: the process would
+    /// send faster with a larger share.
+    pub fn waited_within(&self, window: Duration) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .last_wait
+            .is_some_and(|at| at.elapsed() <= window)
     }
 
     /// What went through since the last call, and resets it.

@@ -131,12 +131,15 @@ impl Attempts {
     }
 
     /// The longest a row may wait in the rate limiter: every in-flight row
-    /// of this worker ahead of it, at the table's rate, plus a margin.
+    /// of this worker ahead of it, at this process's share of the rate,
+    /// plus a margin. Generous on purpose: it only delays the retry of rows
+    /// a crashed process had queued, while a short one would send a row
+    /// still waiting here a second time.
     pub fn queue_allowance(&self) -> Duration {
         let runtime = self.runtime();
         let spec = &runtime.table.spec;
-        let rate = f64::from(spec.clay.rate_limit.rows_per_second.max(1));
-        Duration::from_secs_f64(f64::from(spec.workers.concurrency) / rate)
+        let share = self.lease.rate_limiter(&spec.clay.rate_limit).effective();
+        Duration::from_secs_f64(f64::from(spec.workers.concurrency) / share.per_second.max(0.1))
             + Duration::from_secs(30)
     }
 

@@ -271,10 +271,15 @@ impl CreditLease {
         let mut backoff = Duration::from_millis(100);
         loop {
             let due = self.next_due();
+            let recheck = Instant::now() + REPORT_EVERY;
             if due > Instant::now() {
                 tokio::select! {
                     _ = self.wake.notified() => continue,
-                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = tokio::time::sleep_until(due.min(recheck).into()) => {}
+                }
+                // Woken only to look again (rows may be waiting for rate).
+                if due > recheck {
+                    continue;
                 }
             }
             {
@@ -354,7 +359,7 @@ impl CreditLease {
             || state.successes > 0
             || state.failures > 0
             || state.implausible > 0;
-        if reporting || state.holds_rate() {
+        if reporting || state.holds_rate() || self.wants_more_rate(&state) {
             return after_last(REPORT_EVERY);
         }
         if state.idle() && !state.free.is_zero() {
@@ -420,6 +425,16 @@ impl CreditLease {
         state.in_flight = Some(request.clone());
         state.last_sent = Some(Instant::now());
         Some(request)
+    }
+
+    /// Rows waited for rate within the last report interval while the
+    /// share is below the table's cap: the leader should hear of it.
+    fn wants_more_rate(&self, state: &State) -> bool {
+        let Some(limiter) = self.limiter.get() else {
+            return false;
+        };
+        let share = state.share.as_ref().map_or(0.0, |s| s.rows_per_second);
+        share < limiter.cap().per_second && limiter.waited_within(REPORT_EVERY)
     }
 
     /// The limiter's use since the last request (None: the process does not

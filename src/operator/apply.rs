@@ -1,10 +1,10 @@
-//! The thin layer that writes children: server-side apply under one field
-//! manager, and deletion of children that are no longer desired.
+//! The thin layer that writes objects: server-side apply under one field
+//! manager, and status patches.
 
 use std::fmt::Debug;
 
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -29,31 +29,6 @@ where
     Ok(api
         .patch(&object.name_any(), &params, &Patch::Apply(object))
         .await?)
-}
-
-/// Deletes objects of kind `K` matching `selector` whose names are not in `keep`.
-pub async fn delete_unwanted<K>(
-    client: &Client,
-    namespace: &str,
-    selector: &str,
-    keep: &[String],
-) -> Result<Vec<String>>
-where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + DeserializeOwned
-        + Clone
-        + Debug,
-{
-    let api = Api::<K>::namespaced(client.clone(), namespace);
-    let mut deleted = Vec::new();
-    for object in api.list(&ListParams::default().labels(selector)).await? {
-        let name = object.name_any();
-        if !keep.contains(&name) {
-            api.delete(&name, &DeleteParams::background()).await?;
-            deleted.push(name);
-        }
-    }
-    Ok(deleted)
 }
 
 /// Replaces an object's status with a merge patch. Callers only call this

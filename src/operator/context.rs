@@ -24,6 +24,8 @@ pub struct Context {
     pub ledger: super::budget::ledger::Ledger,
     /// Shares of Clay's rate leased with the credits (leader only, in memory).
     pub rates: Mutex<super::rate::RateShares>,
+    /// The table controller's children, once its watches started.
+    pub table_children: std::sync::OnceLock<super::table::TableChildCaches>,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
     /// When each object's counters were last written to status.
@@ -56,6 +58,7 @@ impl Context {
             metrics,
             ledger,
             rates: Mutex::new(super::rate::RateShares::new(std::time::Instant::now())),
+            table_children: std::sync::OnceLock::new(),
             failures: Mutex::new(HashMap::new()),
             counter_writes: Mutex::new(HashMap::new()),
         }

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 /// The field manager for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "kiln-operator";
-/// Value of `app.kubernetes.io/managed-by` on children.
+/// The label saying which controller manages a child.
+pub const MANAGED_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_LABEL`] on children.
 pub const MANAGED_BY: &str = "kiln-operator";
 /// Label naming the EnrichmentTable a child belongs to.
 pub const TABLE_LABEL: &str = "kiln.dev/table";
@@ -33,10 +35,7 @@ pub fn standard(
             component.to_string(),
         ),
         ("app.kubernetes.io/part-of".to_string(), "kiln".to_string()),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            MANAGED_BY.to_string(),
-        ),
+        (MANAGED_LABEL.to_string(), MANAGED_BY.to_string()),
         (owner_label.0.to_string(), owner_label.1.to_string()),
     ])
 }

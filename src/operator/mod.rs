@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod budget;
+pub mod children;
 pub mod context;
 pub mod error;
 pub mod labels;

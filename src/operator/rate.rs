@@ -30,7 +30,7 @@ const HOLDER_TTL: Duration = Duration::from_secs(60);
 /// holder reports what it holds (they report once a second).
 const WARM_UP: Duration = Duration::from_secs(3);
 /// Part of the workspace's rate kept as idle allowances, split among holders.
-const IDLE_PART: f64 = 0.05;
+const IDLE_PART: f64 = 0.01;
 /// How far back 429s and submissions are counted for status.
 const WINDOW: Duration = Duration::from_secs(60);
 /// A rate report older than this says nothing about the current rate.

@@ -127,9 +127,9 @@ fn install_exit_hooks() {
 extern "C" fn stop_everything() {
     process::kill_all_registered();
     let Some(workdir) = WORKDIR.get() else { return };
-    if ANY_TEST_FAILED.load(Ordering::SeqCst) {
+    if ANY_TEST_FAILED.load(Ordering::SeqCst) || std::env::var_os("KILN_KEEP_LOGS").is_some() {
         eprintln!(
-            "a test failed: process logs (control plane, operator, clay-sim) kept in {}",
+            "process logs (control plane, operator, clay-sim) kept in {}",
             workdir.display()
         );
     } else {

@@ -285,12 +285,16 @@ fn rate_share(
         report: report.unwrap_or(&quiet),
         release: request.release,
     };
-    state
+    let share = state
         .ctx
         .rates
         .lock()
         .unwrap()
-        .share(ask, std::time::Instant::now())
+        .share(ask, std::time::Instant::now());
+    tracing::debug!(table = %request.table, holder = %request.holder,
+        wanted = report.map(|r| r.wanted), held = report.map(|r| r.held),
+        granted = share.as_ref().map(|s| s.rows_per_second), "rate share");
+    share
 }
 
 async fn lease(

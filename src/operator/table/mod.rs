@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service, Service
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -21,15 +21,29 @@ use kube::{Client, ResourceExt};
 
 use self::build::TableChildren;
 use self::status::{Autoscaling, Provisioning, References};
-use super::apply::{apply, delete_unwanted, patch_status};
+use super::apply::patch_status;
+use super::children::Children;
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
-use super::labels::{MANAGED_BY, TABLE_LABEL};
+use super::labels::{MANAGED_BY, MANAGED_LABEL, TABLE_LABEL};
 use crate::api::common::{FALSE, TRUE, find_condition};
 use crate::api::table::Tier;
 use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule};
 
 const CONTROLLER: &str = "enrichmenttable";
+/// Tables reconciled at once: enough to provision a thousand quickly,
+/// few enough that the API server is not flooded.
+const CONCURRENCY: u16 = 16;
+
+/// The cached children of every table (filled by the controller's watches).
+pub struct TableChildCaches {
+    deployments: Arc<Children<Deployment>>,
+    services: Arc<Children<Service>>,
+    accounts: Arc<Children<ServiceAccount>>,
+    roles: Arc<Children<Role>>,
+    bindings: Arc<Children<RoleBinding>>,
+    claims: Arc<Children<PersistentVolumeClaim>>,
+}
 /// Re-check a healthy table this often even without events.
 const RESYNC: Duration = Duration::from_secs(300);
 /// Refresh row counters this often while rows are flowing.
@@ -46,16 +60,31 @@ pub async fn run(
     let owned = watcher::Config::default().labels(&format!(
         "app.kubernetes.io/managed-by={MANAGED_BY},{TABLE_LABEL}"
     ));
-    let controller = Controller::new(tables, watcher::Config::default());
+    let controller = Controller::new(tables, watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
     let budget_store = store.clone();
+    let (deployments, deployment_events) = Children::watch(ctx.watched(), owned.clone());
+    let (services, service_events) = Children::watch(ctx.watched(), owned.clone());
+    let (accounts, account_events) = Children::watch(ctx.watched(), owned.clone());
+    let (roles, role_events) = Children::watch(ctx.watched(), owned.clone());
+    let (bindings, binding_events) = Children::watch(ctx.watched(), owned.clone());
+    let (claims, claim_events) = Children::watch(ctx.watched(), owned);
+    let _ = ctx.table_children.set(TableChildCaches {
+        deployments,
+        services,
+        accounts,
+        roles,
+        bindings,
+        claims,
+    });
     controller
-        .owns(ctx.watched::<Deployment>(), owned.clone())
-        .owns(ctx.watched::<Service>(), owned.clone())
-        .owns(ctx.watched::<ServiceAccount>(), owned.clone())
-        .owns(ctx.watched::<Role>(), owned.clone())
-        .owns(ctx.watched::<RoleBinding>(), owned.clone())
-        .owns(ctx.watched::<PersistentVolumeClaim>(), owned)
+        .owns_stream(deployment_events)
+        .owns_stream(service_events)
+        .owns_stream(account_events)
+        .owns_stream(role_events)
+        .owns_stream(binding_events)
+        .owns_stream(claim_events)
         .watches(
             ctx.watched::<CreditBudget>(),
             watcher::Config::default(),
@@ -132,13 +161,24 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
         // KEDA owns the worker count; applying ours would fight it.
         spec.replicas = None;
     }
-    let applied = apply_children(&ctx.client, &namespace, &table.name_any(), &children).await;
+    let caches = ctx
+        .table_children
+        .get()
+        .expect("the caches are set before the controller starts");
+    let applied = apply_children(
+        &ctx.client,
+        caches,
+        &namespace,
+        &table.name_any(),
+        &children,
+    )
+    .await;
     if keda || scaled.is_some() {
         apply_scaled_object(&ctx.client, table, &namespace, scaled.as_ref()).await?;
     }
     let provisioning = match &applied {
         Ok(deployments) => Provisioning::Applied {
-            deployments: deployments.iter().collect(),
+            deployments: deployments.iter().map(|d| &**d).collect(),
         },
         Err(error) => Provisioning::Failed(error.message()),
     };
@@ -391,31 +431,44 @@ async fn read_row_counters(
     }
 }
 
-/// Applies every desired child and deletes the ones no longer desired.
-/// Returns the applied Deployments (with their status) for availability.
+/// Applies every desired child that changed and deletes the ones no longer
+/// desired. Returns the Deployments (with their status) for availability.
 async fn apply_children(
     client: &Client,
+    caches: &TableChildCaches,
     namespace: &str,
     table_name: &str,
     children: &TableChildren,
-) -> Result<Vec<Deployment>> {
-    apply(client, &children.service_account).await?;
-    apply(client, &children.role).await?;
-    apply(client, &children.role_binding).await?;
+) -> Result<Vec<Arc<Deployment>>> {
+    caches
+        .accounts
+        .apply(client, &children.service_account)
+        .await?;
+    caches.roles.apply(client, &children.role).await?;
+    caches
+        .bindings
+        .apply(client, &children.role_binding)
+        .await?;
     if let Some(store) = &children.store {
-        apply(client, store).await?;
+        caches.claims.apply(client, store).await?;
     }
-    let mut deployments = vec![apply(client, &children.receiver).await?];
+    let mut deployments = vec![caches.deployments.apply(client, &children.receiver).await?];
     if let Some(worker) = &children.worker {
-        deployments.push(apply(client, worker).await?);
+        deployments.push(caches.deployments.apply(client, worker).await?);
     }
-    apply(client, &children.service).await?;
+    caches.services.apply(client, &children.service).await?;
 
-    let selector = format!("app.kubernetes.io/managed-by={MANAGED_BY},{TABLE_LABEL}={table_name}");
-    let keep_deployments: Vec<String> = deployments.iter().map(|d| d.name_any()).collect();
-    delete_unwanted::<Deployment>(client, namespace, &selector, &keep_deployments).await?;
-    let keep_stores: Vec<String> = children.store.iter().map(|s| s.name_any()).collect();
-    delete_unwanted::<PersistentVolumeClaim>(client, namespace, &selector, &keep_stores).await?;
+    let labels = [(MANAGED_LABEL, MANAGED_BY), (TABLE_LABEL, table_name)];
+    let keep: Vec<String> = deployments.iter().map(|d| d.name_any()).collect();
+    caches
+        .deployments
+        .delete_unwanted(client, namespace, &labels, &keep)
+        .await?;
+    let keep: Vec<String> = children.store.iter().map(|s| s.name_any()).collect();
+    caches
+        .claims
+        .delete_unwanted(client, namespace, &labels, &keep)
+        .await?;
     Ok(deployments)
 }
 

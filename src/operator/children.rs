@@ -1,0 +1,194 @@
+//! Children of a controller, cached by the same watches that trigger its
+//! reconciles. A child is applied only when what the operator wants of it
+//! changed, or when someone else changed it since the operator last
+//! applied it: a reconcile of an unchanged object writes nothing.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::DeleteParams;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::apply::apply;
+use super::error::Result;
+
+/// What the operator last applied to a child: a hash of the desired
+/// object, and the child's generation (or resourceVersion, for kinds
+/// without one) right after.
+#[derive(Clone, Debug, PartialEq)]
+struct Applied {
+    desired: String,
+    version: String,
+}
+
+/// One kind of child: a reflector's store plus what was last applied.
+pub struct Children<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store: Store<K>,
+    applied: Mutex<HashMap<ObjectRef<K>, Applied>>,
+}
+
+impl<K> Children<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    ObjectRef<K>: Hash + Eq,
+{
+    /// The cache and the watch stream that fills it (give it to the
+    /// controller's `owns_stream`). Managed fields are dropped: they are
+    /// most of an object's size and nothing reads them.
+    pub fn watch(
+        api: Api<K>,
+        config: watcher::Config,
+    ) -> (
+        Arc<Self>,
+        impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    ) {
+        let (store, writer) = reflector::store();
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, config)
+                .default_backoff()
+                .modify(|object: &mut K| object.managed_fields_mut().clear()),
+        )
+        .touched_objects();
+        let children = Arc::new(Self {
+            store,
+            applied: Mutex::new(HashMap::new()),
+        });
+        (children, stream)
+    }
+
+    /// Applies `desired` unless the cached child is exactly what the
+    /// operator applied last for the same desired state; returns the child.
+    pub async fn apply(&self, client: &Client, desired: &K) -> Result<Arc<K>> {
+        let key = ObjectRef::from_obj(desired);
+        let fingerprint = fingerprint(desired);
+        let cached = self.store.get(&key);
+        if let Some(child) = &cached {
+            let last = self.applied.lock().unwrap().get(&key).cloned();
+            if last.is_some_and(|last| {
+                last.desired == fingerprint && last.version == version(&**child)
+            }) {
+                return Ok(child.clone());
+            }
+        }
+        let child = apply(client, desired).await?;
+        self.applied.lock().unwrap().insert(
+            key,
+            Applied {
+                desired: fingerprint,
+                version: version(&child),
+            },
+        );
+        Ok(Arc::new(child))
+    }
+
+    /// Cached children in `namespace` whose labels include all of `labels`.
+    pub fn labelled(&self, namespace: &str, labels: &[(&str, &str)]) -> Vec<Arc<K>> {
+        self.store.state_filter(|child| {
+            child.namespace().as_deref() == Some(namespace)
+                && labels
+                    .iter()
+                    .all(|(k, v)| child.labels().get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// Deletes the cached children in `namespace` labelled with all of
+    /// `labels` whose names are not in `keep`; returns their names.
+    pub async fn delete_unwanted(
+        &self,
+        client: &Client,
+        namespace: &str,
+        labels: &[(&str, &str)],
+        keep: &[String],
+    ) -> Result<Vec<String>> {
+        let api = Api::<K>::namespaced(client.clone(), namespace);
+        let mut deleted = Vec::new();
+        for child in self.labelled(namespace, labels) {
+            let name = child.name_any();
+            if keep.contains(&name) {
+                continue;
+            }
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                // Already gone: the cache had not seen it yet.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.applied
+                .lock()
+                .unwrap()
+                .remove(&ObjectRef::from_obj(&*child));
+            deleted.push(name);
+        }
+        Ok(deleted)
+    }
+}
+
+/// Changes whenever anything the operator sets on the object changes.
+fn fingerprint<K: Serialize>(desired: &K) -> String {
+    let bytes = serde_json::to_vec(desired).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..16])
+}
+
+/// What changes when anyone changes the object's spec: its generation;
+/// for kinds without one, its resourceVersion.
+fn version<K: Resource>(object: &K) -> String {
+    let meta = object.meta();
+    match meta.generation {
+        Some(generation) => format!("g{generation}"),
+        None => format!("r{}", meta.resource_version.as_deref().unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::ObjectMeta;
+
+    fn account(label: &str) -> ServiceAccount {
+        ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some("kiln-leads".into()),
+                namespace: Some("sales".into()),
+                labels: Some([("app".to_string(), label.to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_desired_object() {
+        assert_eq!(fingerprint(&account("a")), fingerprint(&account("a")));
+        assert_ne!(fingerprint(&account("a")), fingerprint(&account("b")));
+    }
+
+    #[test]
+    fn the_version_is_the_generation_when_there_is_one() {
+        let mut object = account("a");
+        object.metadata.resource_version = Some("41".into());
+        assert_eq!(version(&object), "r41");
+        object.metadata.generation = Some(3);
+        assert_eq!(version(&object), "g3");
+    }
+}

@@ -1,0 +1,156 @@
+//! An operator with nothing to do writes nothing: with 50 tables
+//! provisioned (and reconciled every 30 s, as tables without running pods
+//! are), a quiet minute brings no write request for any object the
+//! operator manages, counted by the API server itself.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ObjectMeta, PostParams};
+use serde_json::json;
+
+use kiln::api::{CreditBudget, EnrichmentTable};
+
+const TABLES: usize = 50;
+/// Kinds the operator writes (children with no subresource; tables and
+/// budgets with their status too). Leases and Events are not counted.
+const OPERATOR_RESOURCES: &[&str] = &[
+    "deployments",
+    "services",
+    "serviceaccounts",
+    "roles",
+    "rolebindings",
+    "persistentvolumeclaims",
+    "cronjobs",
+    "enrichmenttables",
+    "creditbudgets",
+    "refreshschedules",
+];
+const WRITE_VERBS: &[&str] = &[
+    "POST",
+    "PUT",
+    "PATCH",
+    "APPLY",
+    "DELETE",
+    "DELETECOLLECTION",
+];
+
+/// Write requests the API server answered for the operator's kinds, from
+/// its own `/metrics` (children's status subresources are the
+/// controller-manager's and are left out).
+async fn operator_writes(client: &kube::Client) -> u64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap();
+    let mut total = 0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let (labels, value) = rest.rsplit_once("} ").unwrap();
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let resource = label("resource");
+        let subresource = label("subresource");
+        let ours = OPERATOR_RESOURCES.contains(&resource.as_str())
+            && (subresource.is_empty()
+                || (subresource == "status" && resource.starts_with("enrichment"))
+                || (subresource == "status" && resource.starts_with("creditbudget")));
+        if ours && WRITE_VERBS.contains(&label("verb").as_str()) {
+            total += value.parse::<f64>().unwrap() as u64;
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn a_quiet_minute_with_fifty_tables_writes_nothing() {
+    let env = support::test_env("quiet").await;
+    support::install_kiln_crds(&env.client).await;
+    let _operator = support::start_operator(&env.namespace, "op").await;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("clay".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([
+            (
+                "url".to_string(),
+                "https://api.clay.com/v3/sources/webhook/x".to_string(),
+            ),
+            ("token".to_string(), "t".to_string()),
+            ("redis".to_string(), "redis://127.0.0.1:1".to_string()),
+        ])),
+        ..Default::default()
+    };
+    env.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    support::create::<CreditBudget>(
+        &env,
+        json!({"apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget", "metadata": {"name": "b"},
+               "spec": {"limits": {"dataCredits": 1000.0}}}),
+    )
+    .await;
+    for i in 0..TABLES {
+        support::create::<EnrichmentTable>(
+            &env,
+            json!({
+                "apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable", "metadata": {"name": format!("t{i}")},
+                "spec": {
+                    "tier": "Queue", "key": "email", "budgetRef": {"name": "b"},
+                    "clay": {
+                        "webhookSources": [{"name": "w", "urlSecretRef": {"name": "clay", "key": "url"}, "authTokenSecretRef": {"name": "clay", "key": "token"}}],
+                        "creditsPerRow": {"dataCredits": 1.0},
+                        "callbackTokenSecretRef": {"name": "clay", "key": "token"}
+                    },
+                    "source": {"http": {"authTokenSecretRef": {"name": "clay", "key": "token"}}},
+                    "sink": {"redisStream": {"stream": "out"}},
+                    "deadLetter": {"redisStream": {"stream": "dead"}},
+                    "redis": {"urlSecretRef": {"name": "clay", "key": "redis"}}
+                }
+            }),
+        )
+        .await;
+    }
+    let tables = env.api::<EnrichmentTable>();
+    for i in 0..TABLES {
+        support::wait_condition(&tables, &format!("t{i}"), "Provisioned", "True").await;
+    }
+    // Let the first round of status writes and events settle: wait until
+    // a 10 s window passes without a write.
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let mut before = operator_writes(&env.client).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let now = operator_writes(&env.client).await;
+        if now == before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the operator kept writing: {} writes in the last 10 s",
+            now - before
+        );
+        before = now;
+    }
+
+    let start = operator_writes(&env.client).await;
+    // Every table is reconciled at least once in this minute (tables
+    // without running pods are looked at every 30 s).
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let writes = operator_writes(&env.client).await - start;
+    assert_eq!(
+        writes, 0,
+        "the operator wrote {writes} times in a quiet minute with {TABLES} tables"
+    );
+}
