@@ -456,14 +456,19 @@ async fn refresh_schedule_gets_a_cronjob_and_next_run() {
     support::create::<RefreshSchedule>(&env, schedule).await;
     let schedules = env.api::<RefreshSchedule>();
 
-    // Without its table the CronJob exists but is suspended, and the reason is visible.
-    let waiting = wait_condition(&schedules, "weekly", "TableResolved", "False").await;
-    assert!(waiting.status.unwrap().next_schedule_time.is_none());
-    let cronjob = wait::until("the CronJob", || async {
-        env.api::<CronJob>().get_opt("weekly-refresh").await.ok()?
-    })
-    .await;
-    assert_eq!(cronjob.spec.as_ref().unwrap().suspend, Some(true));
+    // Without its table there is no CronJob, and the reason is visible.
+    let waiting = wait_condition(&schedules, "weekly", "Provisioned", "False").await;
+    let status = waiting.status.unwrap();
+    assert!(status.next_schedule_time.is_none());
+    let provisioned = kiln::api::common::find_condition(&status.conditions, "Provisioned").unwrap();
+    assert_eq!(provisioned.reason, "TableNotFound");
+    assert!(
+        env.api::<CronJob>()
+            .get_opt("weekly-refresh")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     create_all_secrets(&env).await;
     support::create::<EnrichmentTable>(&env, queue_table("leads")).await;
@@ -497,6 +502,26 @@ async fn refresh_schedule_gets_a_cronjob_and_next_run() {
             &format!("{}/weekly", env.namespace)
         ]
     );
+
+    // Deleting the table takes the CronJob with it; recreating it brings it back.
+    env.api::<EnrichmentTable>()
+        .delete("leads", &DeleteParams::background())
+        .await
+        .unwrap();
+    wait::until("the CronJob deleted with its table", || async {
+        env.api::<CronJob>()
+            .get_opt("weekly-refresh")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    support::create::<EnrichmentTable>(&env, queue_table("leads")).await;
+    wait::until("the CronJob back", || async {
+        env.api::<CronJob>().get_opt("weekly-refresh").await.ok()?
+    })
+    .await;
 
     schedules
         .delete("weekly", &DeleteParams::background())

@@ -14,63 +14,9 @@ use kube::api::{ObjectMeta, PostParams};
 use serde_json::json;
 
 use kiln::api::{CreditBudget, EnrichmentTable};
+use support::operator_writes;
 
 const TABLES: usize = 50;
-/// Kinds the operator writes (children with no subresource; tables and
-/// budgets with their status too). Leases and Events are not counted.
-const OPERATOR_RESOURCES: &[&str] = &[
-    "deployments",
-    "services",
-    "serviceaccounts",
-    "roles",
-    "rolebindings",
-    "persistentvolumeclaims",
-    "cronjobs",
-    "enrichmenttables",
-    "creditbudgets",
-    "refreshschedules",
-];
-const WRITE_VERBS: &[&str] = &[
-    "POST",
-    "PUT",
-    "PATCH",
-    "APPLY",
-    "DELETE",
-    "DELETECOLLECTION",
-];
-
-/// Write requests the API server answered for the operator's kinds, from
-/// its own `/metrics` (children's status subresources are the
-/// controller-manager's and are left out).
-async fn operator_writes(client: &kube::Client) -> u64 {
-    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(request).await.unwrap();
-    let mut total = 0;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let (labels, value) = rest.rsplit_once("} ").unwrap();
-        let label = |name: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                .map(|v| v.trim_end_matches('"').to_string())
-                .unwrap_or_default()
-        };
-        let resource = label("resource");
-        let subresource = label("subresource");
-        let ours = OPERATOR_RESOURCES.contains(&resource.as_str())
-            && (subresource.is_empty()
-                || (subresource == "status" && resource.starts_with("enrichment"))
-                || (subresource == "status" && resource.starts_with("creditbudget")));
-        if ours && WRITE_VERBS.contains(&label("verb").as_str()) {
-            total += value.parse::<f64>().unwrap() as u64;
-        }
-    }
-    total
-}
-
 #[tokio::test]
 async fn a_quiet_minute_with_fifty_tables_writes_nothing() {
     let env = support::test_env("quiet").await;

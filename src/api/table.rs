@@ -563,7 +563,9 @@ pub struct EnrichmentTableStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Provisioned, BudgetResolved, SecretsResolved, WorkersAvailable.
+    /// Ready, SecretsResolved, BudgetResolved, Provisioned, WorkersAvailable,
+    /// KafkaReachable (Event), RedisReachable (Queue, Event), Autoscaling
+    /// (with workers.autoscaling) and ClayRateAccepted.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// In-cluster URL of the receiver's Clay callback endpoint: paste it into

@@ -40,9 +40,18 @@ pub struct Usage {
     pub throttled: u64,
 }
 
+/// A share of the workspace's rate, good until `valid_until`; after that
+/// (its holder could not renew it) the smaller `fallback` applies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Share {
+    pub rate: Rate,
+    pub valid_until: Instant,
+    pub fallback: Rate,
+}
+
 struct BucketState {
     cap: Rate,
-    share: Option<Rate>,
+    share: Option<Share>,
     tokens: f64,
     updated: Instant,
     /// Nobody may send before this instant (set from Retry-After).
@@ -55,10 +64,17 @@ struct BucketState {
 impl BucketState {
     fn effective(&self) -> Rate {
         match self.share {
-            Some(share) => Rate {
-                per_second: share.per_second.min(self.cap.per_second),
-                burst: share.burst.min(self.cap.burst),
-            },
+            Some(share) => {
+                let rate = if Instant::now() < share.valid_until {
+                    share.rate
+                } else {
+                    share.fallback
+                };
+                Rate {
+                    per_second: rate.per_second.min(self.cap.per_second),
+                    burst: rate.burst.min(self.cap.burst),
+                }
+            }
             None => self.cap,
         }
     }
@@ -140,7 +156,7 @@ impl RateLimiter {
 
     /// Applies the workspace share leased to this process (None: no share,
     /// the table's cap alone), keeping the tokens already earned.
-    pub fn set_share(&self, share: Option<Rate>) {
+    pub fn set_share(&self, share: Option<Share>) {
         self.update(|state| state.share = share);
     }
 
@@ -298,10 +314,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_share_narrows_the_cap_and_a_raised_share_wakes_waiters() {
         let limiter = Arc::new(RateLimiter::new(100, 1));
-        limiter.set_share(Some(Rate {
-            per_second: 0.0,
-            burst: 1.0,
-        }));
+        let share = |per_second: f64, burst: f64| {
+            Some(Share {
+                rate: Rate { per_second, burst },
+                valid_until: Instant::now() + Duration::from_secs(3600),
+                fallback: Rate {
+                    per_second: 0.0,
+                    burst: 1.0,
+                },
+            })
+        };
+        limiter.set_share(share(0.0, 1.0));
         limiter.acquire(1).await;
         let waiter = tokio::spawn({
             let limiter = limiter.clone();
@@ -309,10 +332,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiter.is_finished(), "a zero share sends nothing more");
-        limiter.set_share(Some(Rate {
-            per_second: 50.0,
-            burst: 1.0,
-        }));
+        limiter.set_share(share(50.0, 1.0));
         tokio::time::timeout(Duration::from_millis(100), waiter)
             .await
             .expect("a raised share lets the waiter through")
@@ -321,11 +341,16 @@ mod tests {
         assert_eq!((usage.rows, usage.waited), (2, true));
         assert_eq!(limiter.take_usage(), Usage::default());
         // The share never lifts the table's own cap.
-        limiter.set_share(Some(Rate {
-            per_second: 1000.0,
-            burst: 1000.0,
-        }));
+        limiter.set_share(share(1000.0, 1000.0));
         assert_eq!(limiter.effective().per_second, 100.0);
+        // A share not renewed in time falls back.
+        limiter.set_share(Some(Share {
+            valid_until: Instant::now() + Duration::from_secs(5),
+            ..share(50.0, 10.0).unwrap()
+        }));
+        assert_eq!(limiter.effective().per_second, 50.0);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(limiter.effective().per_second, 0.0);
         limiter.pause_for(Duration::from_millis(10));
         assert_eq!(limiter.take_usage().throttled, 1);
     }

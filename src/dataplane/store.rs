@@ -898,6 +898,19 @@ impl RedisStore {
     }
 }
 
+/// A table's counters and its pending rows, in one round trip over any
+/// connection (the operator reads them over a pooled one).
+pub async fn read_counters(
+    connection: &mut ConnectionManager,
+    keys: &Keys,
+) -> redis::RedisResult<(HashMap<String, i64>, u64)> {
+    redis::pipe()
+        .hgetall(keys.counters())
+        .hlen(keys.pending())
+        .query_async(connection)
+        .await
+}
+
 impl SubmissionCounter for RedisStore {
     fn try_add<'a>(
         &'a self,

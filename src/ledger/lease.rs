@@ -14,15 +14,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 use super::client::{LedgerClient, LedgerClientError};
-use super::{Credits, Denial, LeaseAnswer, LeaseRequest, RateReport, RateShare};
+use super::{Credits, Denial, LeaseAnswer, LeaseRequest, RATE_SHARE_TTL, RateReport, RateShare};
 use crate::api::table::{CreditCost, RateLimit};
-use crate::clay::limiter::{Rate, RateLimiter};
+use crate::clay::limiter::{Rate, RateLimiter, Share};
 
 /// Lease life without renewal: how long a killed holder's credits stay held
 /// before they are forfeited.
 pub const LEASE_TTL: Duration = Duration::from_secs(60);
 /// Spend and outcomes are reported at least this often while there are any.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// A process holding more than an idle share of Clay's rate, or whose rows
+/// wait for rate, reports this often: a share moves from a process that no
+/// longer needs it to one that does within a few of these.
+const RATE_REPORT_EVERY: Duration = Duration::from_millis(250);
 /// The pool aims to cover this much of the recent draw rate.
 const POOL_COVERS: f64 = 5.0;
 /// ... and at least this many rows while rows are being drawn.
@@ -271,7 +275,7 @@ impl CreditLease {
         let mut backoff = Duration::from_millis(100);
         loop {
             let due = self.next_due();
-            let recheck = Instant::now() + REPORT_EVERY;
+            let recheck = Instant::now() + RATE_REPORT_EVERY;
             if due > Instant::now() {
                 tokio::select! {
                     _ = self.wake.notified() => continue,
@@ -323,7 +327,6 @@ impl CreditLease {
                     let broken = matches!(error, LedgerClientError::Rejected { .. });
                     tracing::warn!(%error, lease = %request.lease, "lease request failed; retrying");
                     self.state.lock().unwrap().broken = broken.then(|| error.to_string());
-                    self.fall_back_if_expired();
                     self.answered.send_modify(|n| *n += 1);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -359,7 +362,10 @@ impl CreditLease {
             || state.successes > 0
             || state.failures > 0
             || state.implausible > 0;
-        if reporting || state.holds_rate() || self.wants_more_rate(&state) {
+        if state.holds_rate() || self.wants_more_rate(&state) {
+            return after_last(RATE_REPORT_EVERY);
+        }
+        if reporting {
             return after_last(REPORT_EVERY);
         }
         if state.idle() && !state.free.is_zero() {
@@ -466,34 +472,33 @@ impl CreditLease {
         })
     }
 
-    /// The leader is unreachable and the lease expired: the share falls
-    /// back to the slice the leader said is safe without it.
-    fn fall_back_if_expired(&self) {
-        let mut state = self.state.lock().unwrap();
-        let expired = state.expires.is_some_and(|at| at <= Instant::now());
-        let (Some(limiter), Some(share), true) =
-            (self.limiter.get(), state.share.as_mut(), expired)
-        else {
-            return;
-        };
-        if share.rows_per_second > share.fallback_rows_per_second {
-            tracing::warn!(
-                share = share.rows_per_second,
-                fallback = share.fallback_rows_per_second,
-                "the lease expired without the leader; sending at the fallback rate"
-            );
-            share.burst =
-                (share.burst * share.fallback_rows_per_second / share.rows_per_second).max(1.0);
-            share.rows_per_second = share.fallback_rows_per_second;
-            limiter.set_share(Some(rate_of(share)));
-        }
-    }
-
     fn apply(&self, answer: LeaseAnswer, closed: bool) {
         if let Some(limiter) = self.limiter.get()
             && !closed
         {
-            limiter.set_share(answer.rate.as_ref().map(rate_of));
+            // Valid from when the request was sent: never later than the
+            // leader's own clock for it.
+            let sent = self
+                .state
+                .lock()
+                .unwrap()
+                .last_sent
+                .unwrap_or_else(Instant::now);
+            limiter.set_share(answer.rate.as_ref().map(|share| {
+                Share {
+                    rate: Rate {
+                        per_second: share.rows_per_second,
+                        burst: share.burst,
+                    },
+                    valid_until: (sent + RATE_SHARE_TTL).into(),
+                    fallback: Rate {
+                        per_second: share.fallback_rows_per_second,
+                        burst: (share.burst * share.fallback_rows_per_second
+                            / share.rows_per_second.max(f64::MIN_POSITIVE))
+                        .clamp(1.0, share.burst.max(1.0)),
+                    },
+                }
+            }));
         }
         {
             let mut state = self.state.lock().unwrap();
@@ -545,13 +550,6 @@ impl CreditLease {
     fn finish_close(&self) {
         self.state.lock().unwrap().lease.clear();
         self.answered.send_modify(|n| *n += 1);
-    }
-}
-
-fn rate_of(share: &RateShare) -> Rate {
-    Rate {
-        per_second: share.rows_per_second,
-        burst: share.burst,
     }
 }
 

@@ -160,6 +160,11 @@ pub struct LeaseRequest {
     pub rate: Option<RateReport>,
 }
 
+/// How long a share of Clay's rate is good without renewal. Past it the
+/// holder sends at its fallback, and the leader counts no more than that
+/// for it: a share of a holder that died is free again this soon.
+pub const RATE_SHARE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest rate, in rows per second, a report may carry (the schema's
 /// highest rateLimit is 10,000).
 pub const MAX_RATE: f64 = 1e6;
@@ -190,9 +195,9 @@ pub struct RateShare {
     /// What every holder gets even when idle: a share at or below it
     /// strands nothing, so the holder need not report every second.
     pub idle_rows_per_second: f64,
-    /// What to fall back to when the lease expires without renewal (the
-    /// leader is unreachable): a slice small enough for every holder the
-    /// leader knew of, plus one.
+    /// What to fall back to when the share is not renewed within
+    /// [`RATE_SHARE_TTL`] (the leader is unreachable): a slice small enough
+    /// for every holder the leader knew of, plus one.
     pub fallback_rows_per_second: f64,
 }
 

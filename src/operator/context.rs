@@ -24,8 +24,11 @@ pub struct Context {
     pub ledger: super::budget::ledger::Ledger,
     /// Shares of Clay's rate leased with the credits (leader only, in memory).
     pub rates: Mutex<super::rate::RateShares>,
-    /// The table controller's children, once its watches started.
-    pub table_children: std::sync::OnceLock<super::table::TableChildCaches>,
+    /// What the table controller reads, once its watches started.
+    pub table_caches: std::sync::OnceLock<super::table::TableCaches>,
+    /// The refresh controller's CronJobs, once its watch started.
+    pub cronjobs:
+        std::sync::OnceLock<Arc<super::cache::Children<k8s_openapi::api::batch::v1::CronJob>>>,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
     /// When each object's counters were last written to status.
@@ -58,7 +61,8 @@ impl Context {
             metrics,
             ledger,
             rates: Mutex::new(super::rate::RateShares::new(std::time::Instant::now())),
-            table_children: std::sync::OnceLock::new(),
+            table_caches: std::sync::OnceLock::new(),
+            cronjobs: std::sync::OnceLock::new(),
             failures: Mutex::new(HashMap::new()),
             counter_writes: Mutex::new(HashMap::new()),
         }

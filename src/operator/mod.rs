@@ -2,7 +2,7 @@
 
 pub mod apply;
 pub mod budget;
-pub mod children;
+pub mod cache;
 pub mod context;
 pub mod error;
 pub mod labels;

@@ -22,13 +22,14 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::clay::limiter::Rate;
-use crate::ledger::{RateReport, RateShare};
+use crate::ledger::{RATE_SHARE_TTL, RateReport, RateShare};
 
 /// A holder not heard from for this long is gone (the lease's life).
 const HOLDER_TTL: Duration = Duration::from_secs(60);
-/// A fresh leader raises nobody's share for this long, while every busy
-/// holder reports what it holds (they report once a second).
-const WARM_UP: Duration = Duration::from_secs(3);
+/// A fresh leader raises nobody's share for this long, while every holder
+/// reports what it holds (busy ones report every 250 ms; one retrying after
+/// errors within 5 s), and shares granted by the old leader run out.
+const WARM_UP: Duration = Duration::from_secs(10);
 /// Part of the workspace's rate kept as idle allowances, split among holders.
 const IDLE_PART: f64 = 0.01;
 /// How far back 429s and submissions are counted for status.
@@ -77,6 +78,19 @@ struct HolderKey {
     holder: String,
 }
 
+impl Holder {
+    /// The most this holder may be sending at now: its share while it is
+    /// renewed, its fallback once it has not been for [`RATE_SHARE_TTL`]
+    /// (it dropped to it by itself, or it is gone).
+    fn committed(&self, now: Instant) -> f64 {
+        if now.duration_since(self.seen) < RATE_SHARE_TTL {
+            self.granted
+        } else {
+            self.granted.min(self.fallback)
+        }
+    }
+}
+
 struct Holder {
     limit: Rate,
     cap: Rate,
@@ -85,6 +99,8 @@ struct Holder {
     /// the most it may be sending at now, as it applies an answer the
     /// moment it arrives.
     granted: f64,
+    /// The fallback it was given with it.
+    fallback: f64,
     observed: f64,
     seen: Instant,
     /// (when, submitted, throttled) per report, for the last [`WINDOW`].
@@ -127,6 +143,7 @@ impl RateShares {
             cap: ask.cap,
             wanted: 0.0,
             granted: report.held,
+            fallback: 0.0,
             observed: 0.0,
             seen: now,
             history: VecDeque::new(),
@@ -160,12 +177,12 @@ impl RateShares {
                 burst: a.burst.min(b.burst),
             });
         let idle = limit.per_second * IDLE_PART / holders.len() as f64;
-        let fair = fair_shares(limit.per_second, idle, holders);
+        let fair = fair_shares(limit.per_second, idle, holders, now);
         let others = |same_table: bool| -> f64 {
             holders
                 .iter()
                 .filter(|(k, _)| **k != key && (!same_table || k.table == key.table))
-                .map(|(_, h)| h.granted)
+                .map(|(_, h)| h.committed(now))
                 .sum()
         };
         let mut grant = fair[&key]
@@ -175,14 +192,15 @@ impl RateShares {
         if now.duration_since(self.started) < WARM_UP {
             grant = grant.min(report.held.max(idle));
         }
+        let fallback = (limit.per_second / (holders.len() as f64 + 1.0)).min(grant);
         let holder = holders.get_mut(&key).expect("inserted above");
         holder.granted = grant;
-        let count = holders.len() as f64;
+        holder.fallback = fallback;
         Some(RateShare {
             rows_per_second: grant,
             burst: (limit.burst * grant / limit.per_second).max(1.0),
             idle_rows_per_second: idle,
-            fallback_rows_per_second: limit.per_second / (count + 1.0),
+            fallback_rows_per_second: fallback,
         })
     }
 
@@ -200,7 +218,7 @@ impl RateShares {
                 }
                 let view = view.get_or_insert_with(TableRate::default);
                 view.workspace_limit = holder.limit.per_second;
-                view.share += holder.granted;
+                view.share += holder.committed(now);
                 if now.duration_since(holder.seen) < OBSERVED_FRESH {
                     view.observed += holder.observed;
                 }
@@ -239,10 +257,16 @@ fn fair_shares(
     limit: f64,
     idle: f64,
     holders: &HashMap<HolderKey, Holder>,
+    now: Instant,
 ) -> HashMap<HolderKey, f64> {
     let mut tables: HashMap<(&str, &str), Vec<(&HolderKey, f64)>> = HashMap::new();
     for (key, holder) in holders {
-        let demand = holder.wanted.max(idle).min(holder.cap.per_second);
+        // A holder that stopped renewing wants no more than it still holds.
+        let demand = if now.duration_since(holder.seen) < RATE_SHARE_TTL {
+            holder.wanted.max(idle).min(holder.cap.per_second)
+        } else {
+            holder.committed(now)
+        };
         tables
             .entry((&key.namespace, &key.table))
             .or_default()
@@ -454,7 +478,21 @@ mod tests {
         let b = shares.share(ask("leads", "b", &r), now).unwrap();
         assert!((b.rows_per_second - 10.0).abs() < 1e-9);
 
-        // A killed holder's share is freed once its lease would have expired.
+        // A killed holder's share shrinks to its fallback once it was not
+        // renewed in time, and is freed once its lease would have expired.
+        let (mut shares, now) = after_warm_up();
+        settle(
+            &mut shares,
+            &[("leads", "a", 1000.0), ("leads", "b", 1000.0)],
+            now,
+        );
+        let later = now + RATE_SHARE_TTL;
+        let r = report(1000.0, 5.0);
+        let b = shares.share(ask("leads", "b", &r), later).unwrap();
+        assert!(
+            (b.rows_per_second - (10.0 - 10.0 / 3.0)).abs() < 1e-9,
+            "{b:?}"
+        );
         let (mut shares, now) = after_warm_up();
         settle(
             &mut shares,

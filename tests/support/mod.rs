@@ -162,6 +162,18 @@ pub async fn start_operator(namespace: &str, identity: &str) -> KilnProcess {
 
 /// [`start_operator`] with extra flags.
 pub async fn start_operator_with(namespace: &str, identity: &str, extra: &[&str]) -> KilnProcess {
+    let mut args = vec!["--watch-namespace", namespace];
+    args.extend_from_slice(extra);
+    start_operator_in(namespace, identity, &args).await
+}
+
+/// `kiln operator` with its leader-election Lease in `lease_namespace`,
+/// watching every namespace unless `extra` says otherwise.
+pub async fn start_operator_in(
+    lease_namespace: &str,
+    identity: &str,
+    extra: &[&str],
+) -> KilnProcess {
     let plane = control_plane().await;
     let health_port = kiln::devenv::free_port().unwrap();
     let api_port = kiln::devenv::free_port().unwrap();
@@ -170,12 +182,7 @@ pub async fn start_operator_with(namespace: &str, identity: &str, extra: &[&str]
         .env("KUBECONFIG", plane.kubeconfig_path())
         .env("RUST_LOG", "info,kiln=debug")
         .args(["--log-format", "json", "operator"])
-        .args([
-            "--watch-namespace",
-            namespace,
-            "--lease-namespace",
-            namespace,
-        ])
+        .args(["--lease-namespace", lease_namespace])
         .args(["--identity", identity, "--image", "kiln:test"])
         .args([
             "--operator-url",
@@ -453,4 +460,59 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Kinds the operator writes (children with no subresource; tables and
+/// budgets with their status too). Leases and Events are not counted.
+const OPERATOR_RESOURCES: &[&str] = &[
+    "deployments",
+    "services",
+    "serviceaccounts",
+    "roles",
+    "rolebindings",
+    "persistentvolumeclaims",
+    "cronjobs",
+    "enrichmenttables",
+    "creditbudgets",
+    "refreshschedules",
+];
+const WRITE_VERBS: &[&str] = &[
+    "POST",
+    "PUT",
+    "PATCH",
+    "APPLY",
+    "DELETE",
+    "DELETECOLLECTION",
+];
+
+/// Write requests the API server answered for the operator's kinds, from
+/// its own `/metrics` (children's status subresources are the
+/// controller-manager's and are left out).
+pub async fn operator_writes(client: &kube::Client) -> u64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap();
+    let mut total = 0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let (labels, value) = rest.rsplit_once("} ").unwrap();
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let resource = label("resource");
+        let subresource = label("subresource");
+        let ours = OPERATOR_RESOURCES.contains(&resource.as_str())
+            && (subresource.is_empty()
+                || (subresource == "status" && resource.starts_with("enrichment"))
+                || (subresource == "status" && resource.starts_with("creditbudget")));
+        if ours && WRITE_VERBS.contains(&label("verb").as_str()) {
+            total += value.parse::<f64>().unwrap() as u64;
+        }
+    }
+    total
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::ResourceExt;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 
@@ -23,6 +23,8 @@ use crate::api::CreditBudget;
 use crate::api::common::{TRUE, find_condition};
 
 const CONTROLLER: &str = "creditbudget";
+/// Budgets reconciled at once.
+const CONCURRENCY: u16 = 8;
 const RESYNC: Duration = Duration::from_secs(300);
 
 /// Runs the controller until `shutdown` resolves.
@@ -32,6 +34,7 @@ pub async fn run(
 ) {
     let budgets = ctx.watched::<CreditBudget>();
     Controller::new(budgets, watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

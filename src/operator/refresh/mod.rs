@@ -11,15 +11,16 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
-use super::apply::{apply, patch_status};
+use super::apply::patch_status;
+use super::cache::Children;
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
-use super::labels::{MANAGED_BY, SCHEDULE_LABEL};
+use super::labels::{MANAGED_BY, MANAGED_LABEL, SCHEDULE_LABEL};
 use crate::api::budget::BudgetState;
 use crate::api::common::{Conditions, FALSE, TRUE, find_condition};
 use crate::api::refresh::REFRESH_NOW_ANNOTATION;
@@ -27,6 +28,8 @@ use crate::api::table::Tier;
 use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule, RefreshScheduleStatus};
 
 const CONTROLLER: &str = "refreshschedule";
+/// Schedules reconciled at once.
+const CONCURRENCY: u16 = 8;
 const RESYNC: Duration = Duration::from_secs(300);
 
 pub const READY: &str = "Ready";
@@ -78,15 +81,18 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let controller = Controller::new(ctx.watched::<RefreshSchedule>(), watcher::Config::default());
+    let controller = Controller::new(ctx.watched::<RefreshSchedule>(), watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
+    let (cronjobs, cronjob_events) = Children::watch(
+        ctx.watched(),
+        watcher::Config::default().labels(&format!(
+            "app.kubernetes.io/managed-by={MANAGED_BY},{SCHEDULE_LABEL}"
+        )),
+    );
+    let _ = ctx.cronjobs.set(cronjobs);
     controller
-        .owns(
-            ctx.watched::<CronJob>(),
-            watcher::Config::default().labels(&format!(
-                "app.kubernetes.io/managed-by={MANAGED_BY},{SCHEDULE_LABEL}"
-            )),
-        )
+        .owns_stream(cronjob_events)
         .watches(ctx.watched::<CreditBudget>(), watcher::Config::default(), {
             let store = store.clone();
             // A budget change (exhausted, rolled over, paused) may hold or
@@ -146,6 +152,11 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
     let generation = schedule.metadata.generation;
     let cond = Conditions::new(&previous, generation, now_time.clone());
 
+    let cronjobs = ctx
+        .cronjobs
+        .get()
+        .expect("the cache is set before the controller starts");
+    let schedule_name = schedule.name_any();
     let table_name = &schedule.spec.table_ref.name;
     let table = Api::<EnrichmentTable>::namespaced(ctx.client.clone(), &namespace)
         .get_opt(table_name)
@@ -197,11 +208,36 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
             ),
             None,
         ),
+        Ok(_) if table.is_none() => {
+            // The table is gone (deleted, or not created yet): so is the CronJob.
+            let labels = [
+                (MANAGED_LABEL, MANAGED_BY),
+                (SCHEDULE_LABEL, schedule_name.as_str()),
+            ];
+            cronjobs
+                .delete_unwanted(&ctx.client, &namespace, &labels, &[])
+                .await?;
+            (
+                cond.set(
+                    SCHEDULE_VALID,
+                    true,
+                    "Valid",
+                    "the schedule and time zone parse".into(),
+                ),
+                cond.set(
+                    PROVISIONED,
+                    false,
+                    "TableNotFound",
+                    format!("no CronJob while EnrichmentTable {table_name:?} does not exist"),
+                ),
+                None,
+            )
+        }
         Ok(_) => {
             let image = table.as_ref().and_then(|t| t.spec.image.as_deref());
-            let runnable = table.is_some() && hold.is_none();
+            let runnable = hold.is_none();
             let desired = build::desired_cronjob(schedule, image, &ctx.build, runnable);
-            let applied = apply(&ctx.client, &desired).await?;
+            let applied = cronjobs.apply(&ctx.client, &desired).await?;
             (
                 cond.set(
                     SCHEDULE_VALID,

@@ -1,6 +1,7 @@
 //! The EnrichmentTable controller: dereference → build → apply → status.
 
 pub mod build;
+pub mod counters;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,14 +16,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 
 use self::build::TableChildren;
 use self::status::{Autoscaling, Provisioning, References};
 use super::apply::patch_status;
-use super::children::Children;
+use super::cache::{Children, cached};
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use super::labels::{MANAGED_BY, MANAGED_LABEL, TABLE_LABEL};
@@ -35,21 +36,42 @@ const CONTROLLER: &str = "enrichmenttable";
 /// few enough that the API server is not flooded.
 const CONCURRENCY: u16 = 16;
 
-/// The cached children of every table (filled by the controller's watches).
-pub struct TableChildCaches {
-    deployments: Arc<Children<Deployment>>,
-    services: Arc<Children<Service>>,
-    accounts: Arc<Children<ServiceAccount>>,
-    roles: Arc<Children<Role>>,
-    bindings: Arc<Children<RoleBinding>>,
-    claims: Arc<Children<PersistentVolumeClaim>>,
-}
 /// Re-check a healthy table this often even without events.
 const RESYNC: Duration = Duration::from_secs(300);
 /// Refresh row counters this often while rows are flowing.
 const COUNTERS_RESYNC: Duration = Duration::from_secs(5);
 /// Re-check a table that is waiting on references or pods this often.
 const WAITING_RESYNC: Duration = Duration::from_secs(30);
+
+/// What a table's reconcile reads and writes, cached by the controller's
+/// watches: its children, the budgets, schedules and Secrets it refers to
+/// (Secrets slimmed to whether each value is blank), and its row counters'
+/// Redis connections.
+pub struct TableCaches {
+    deployments: Arc<Children<Deployment>>,
+    services: Arc<Children<Service>>,
+    accounts: Arc<Children<ServiceAccount>>,
+    roles: Arc<Children<Role>>,
+    bindings: Arc<Children<RoleBinding>>,
+    claims: Arc<Children<PersistentVolumeClaim>>,
+    budgets: Store<CreditBudget>,
+    schedules: Store<RefreshSchedule>,
+    secrets: Store<Secret>,
+    counters: counters::RowCounterReader,
+}
+
+/// Keeps of a Secret only its name, labels, version and whether each value
+/// is blank: the operator never needs the values, and they may be large.
+fn slim_secret(secret: &mut Secret) {
+    secret.metadata.annotations = None;
+    secret.string_data = None;
+    if let Some(data) = secret.data.as_mut() {
+        for value in data.values_mut() {
+            let blank = value.0.trim_ascii().is_empty();
+            value.0 = if blank { Vec::new() } else { vec![1] };
+        }
+    }
+}
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
@@ -64,19 +86,27 @@ pub async fn run(
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
     let budget_store = store.clone();
+    let all = watcher::Config::default;
     let (deployments, deployment_events) = Children::watch(ctx.watched(), owned.clone());
     let (services, service_events) = Children::watch(ctx.watched(), owned.clone());
     let (accounts, account_events) = Children::watch(ctx.watched(), owned.clone());
     let (roles, role_events) = Children::watch(ctx.watched(), owned.clone());
     let (bindings, binding_events) = Children::watch(ctx.watched(), owned.clone());
     let (claims, claim_events) = Children::watch(ctx.watched(), owned);
-    let _ = ctx.table_children.set(TableChildCaches {
+    let (budgets, budget_events) = cached(ctx.watched(), all(), |_| {});
+    let (schedules, schedule_events) = cached(ctx.watched(), all(), |_| {});
+    let (secrets, secret_events) = cached(ctx.watched(), all(), slim_secret);
+    let _ = ctx.table_caches.set(TableCaches {
         deployments,
         services,
         accounts,
         roles,
         bindings,
         claims,
+        budgets,
+        schedules,
+        secrets,
+        counters: Default::default(),
     });
     controller
         .owns_stream(deployment_events)
@@ -85,43 +115,31 @@ pub async fn run(
         .owns_stream(role_events)
         .owns_stream(binding_events)
         .owns_stream(claim_events)
-        .watches(
-            ctx.watched::<CreditBudget>(),
-            watcher::Config::default(),
-            move |budget| {
-                let namespace = budget.namespace();
-                let name = budget.name_any();
-                budget_store
-                    .state()
-                    .into_iter()
-                    .filter(|t| t.namespace() == namespace && t.spec.budget_ref.name == name)
-                    .map(|t| ObjectRef::from_obj(&*t))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .watches(
-            ctx.watched::<RefreshSchedule>(),
-            watcher::Config::default(),
-            |schedule| {
-                // The table's Role names its schedules.
-                let namespace = schedule.namespace()?;
-                Some(ObjectRef::new(&schedule.spec.table_ref.name).within(&namespace))
-            },
-        )
-        .watches(
-            ctx.watched::<Secret>(),
-            watcher::Config::default(),
-            move |secret| {
-                let namespace = secret.namespace();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|t| t.namespace() == namespace && t.spec.secret_names().contains(&name))
-                    .map(|t| ObjectRef::from_obj(&*t))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(budget_events, move |budget: CreditBudget| {
+            let namespace = budget.namespace();
+            let name = budget.name_any();
+            budget_store
+                .state()
+                .into_iter()
+                .filter(|t| t.namespace() == namespace && t.spec.budget_ref.name == name)
+                .map(|t| ObjectRef::from_obj(&*t))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(schedule_events, |schedule: RefreshSchedule| {
+            // The table's Role names its schedules.
+            let namespace = schedule.namespace()?;
+            Some(ObjectRef::new(&schedule.spec.table_ref.name).within(&namespace))
+        })
+        .watches_stream(secret_events, move |secret: Secret| {
+            let namespace = secret.namespace();
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|t| t.namespace() == namespace && t.spec.secret_names().contains(&name))
+                .map(|t| ObjectRef::from_obj(&*t))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -140,7 +158,11 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     let namespace = table
         .namespace()
         .ok_or_else(|| Error::NotNamespaced(table.name_any()))?;
-    let mut references = dereference(&ctx.client, table, &namespace).await?;
+    let caches = ctx
+        .table_caches
+        .get()
+        .expect("the caches are set before the controller starts");
+    let mut references = dereference(&ctx.client, caches, table, &namespace).await?;
     references.rate = ctx.rates.lock().unwrap().table_view(
         &namespace,
         &table.name_any(),
@@ -161,10 +183,6 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
         // KEDA owns the worker count; applying ours would fight it.
         spec.replicas = None;
     }
-    let caches = ctx
-        .table_children
-        .get()
-        .expect("the caches are set before the controller starts");
     let applied = apply_children(
         &ctx.client,
         caches,
@@ -234,17 +252,19 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     }))
 }
 
-/// Looks up the budget and Secrets the table names. Of Secret values only
-/// whether each is blank is kept.
+/// Looks up, in the caches, the budget, Secrets and schedules the table
+/// names, and reads its row counters. Of Secret values only whether each is
+/// blank is known.
 async fn dereference(
     client: &Client,
+    caches: &TableCaches,
     table: &EnrichmentTable,
     namespace: &str,
 ) -> Result<References> {
     let budget_name = &table.spec.budget_ref.name;
-    let budget = Api::<CreditBudget>::namespaced(client.clone(), namespace)
-        .get_opt(budget_name)
-        .await?;
+    let budget = caches
+        .budgets
+        .get(&ObjectRef::new(budget_name).within(namespace));
     let budget_problem = match &budget {
         None => Some((
             "BudgetNotFound",
@@ -255,28 +275,42 @@ async fn dereference(
         Some(budget) => status::budget_too_small(table, budget).map(|m| ("BudgetTooSmall", m)),
     };
 
-    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
     let mut existing = BTreeMap::new();
     for name in table.spec.secret_names() {
-        if let Some(secret) = secrets.get_opt(&name).await? {
+        if let Some(secret) = caches.secrets.get(&ObjectRef::new(&name).within(namespace)) {
             let keys: BTreeMap<String, bool> = secret
                 .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(key, value)| (key, !value.0.trim_ascii().is_empty()))
+                .iter()
+                .flatten()
+                .map(|(key, value)| (key.clone(), !value.0.trim_ascii().is_empty()))
                 .collect();
             existing.insert(name, keys);
         }
     }
     let table_name = table.name_any();
     let credits_this_period = budget
-        .and_then(|b| b.status)
-        .and_then(|s| s.tables.into_iter().find(|t| t.table == table_name))
-        .map(|t| t.used)
+        .as_ref()
+        .and_then(|b| b.status.as_ref())
+        .and_then(|s| s.tables.iter().find(|t| t.table == table_name))
+        .map(|t| t.used.clone())
         .unwrap_or_default();
     let secret_problems = status::secret_problems(table, &existing);
-    let rows = if secret_problems.is_empty() {
-        read_row_counters(client, table, namespace).await
+    let redis = if secret_problems.is_empty() {
+        let version = table
+            .spec
+            .redis
+            .as_ref()
+            .and_then(|r| {
+                caches
+                    .secrets
+                    .get(&ObjectRef::new(&r.url_secret_ref.name).within(namespace))
+            })
+            .and_then(|s| s.metadata.resource_version.clone())
+            .unwrap_or_default();
+        caches
+            .counters
+            .read(client, table, namespace, &version)
+            .await
     } else {
         None
     };
@@ -297,12 +331,13 @@ async fn dereference(
         }),
         _ => None,
     };
-    let mut schedules: Vec<String> = Api::<RefreshSchedule>::namespaced(client.clone(), namespace)
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|s| s.spec.table_ref.name == table_name)
+    let mut schedules: Vec<String> = caches
+        .schedules
+        .state()
+        .iter()
+        .filter(|s| {
+            s.namespace().as_deref() == Some(namespace) && s.spec.table_ref.name == table_name
+        })
         .map(|s| s.name_any())
         .collect();
     schedules.sort();
@@ -310,7 +345,8 @@ async fn dereference(
         budget_problem,
         secret_problems,
         credits_this_period,
-        rows,
+        rows: redis.as_ref().and_then(|r| r.as_ref().ok().cloned()),
+        redis_problem: redis.and_then(|r| r.err()),
         kafka_problems,
         autoscaling,
         schedules,
@@ -398,44 +434,11 @@ async fn apply_scaled_object(
     Ok(())
 }
 
-/// Reads the data plane's counters from the table's Redis store. Failures
-/// only mean the counters are not refreshed this time.
-async fn read_row_counters(
-    client: &Client,
-    table: &EnrichmentTable,
-    namespace: &str,
-) -> Option<(crate::api::table::RowCounters, Option<Time>)> {
-    let reference = &table.spec.redis.as_ref()?.url_secret_ref;
-    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
-        .get(&reference.name)
-        .await
-        .ok()?;
-    let url = String::from_utf8(secret.data?.get(&reference.key)?.0.clone()).ok()?;
-    let read = async {
-        let store = crate::dataplane::store::RedisStore::connect(
-            url.trim(),
-            crate::dataplane::store::Keys::new(namespace, &table.name_any()),
-        )
-        .await?;
-        let counters = store.counters().await?;
-        let pending = store.pending_count().await?;
-        redis::RedisResult::Ok((counters, pending))
-    };
-    match tokio::time::timeout(Duration::from_secs(3), read).await {
-        Ok(Ok((counters, pending))) => Some(status::row_counters(&counters, pending)),
-        Ok(Err(error)) => {
-            tracing::debug!(%error, table = %table.name_any(), "reading row counters failed");
-            None
-        }
-        Err(_) => None,
-    }
-}
-
 /// Applies every desired child that changed and deletes the ones no longer
 /// desired. Returns the Deployments (with their status) for availability.
 async fn apply_children(
     client: &Client,
-    caches: &TableChildCaches,
+    caches: &TableCaches,
     namespace: &str,
     table_name: &str,
     children: &TableChildren,

@@ -17,6 +17,7 @@ pub const WORKERS_AVAILABLE: &str = "WorkersAvailable";
 pub const KAFKA_REACHABLE: &str = "KafkaReachable";
 pub const AUTOSCALING: &str = "Autoscaling";
 pub const CLAY_RATE_ACCEPTED: &str = "ClayRateAccepted";
+pub const REDIS_REACHABLE: &str = "RedisReachable";
 
 /// 429s in a minute, and their share of the rows sent, from which the
 /// workspace is called over its limit.
@@ -41,6 +42,8 @@ pub struct References {
     /// Row counters and last enrichment time read from the table's store,
     /// when it could be reached.
     pub rows: Option<(RowCounters, Option<Time>)>,
+    /// Why the table's Redis could not be read, when it could not.
+    pub redis_problem: Option<String>,
     /// Tier Event: why brokers could not be reached (empty when all were).
     pub kafka_problems: Option<Vec<String>>,
     /// Whether `spec.workers.autoscaling` is in effect.
@@ -293,8 +296,26 @@ pub fn compute(
         ),
     });
     let clay_rate = rate_condition(&cond, references.rate.as_ref());
+    // Known only once the Secrets resolve (the URL is in one).
+    let redis = (table.spec.redis.is_some() && references.secret_problems.is_empty()).then(|| {
+        match &references.redis_problem {
+            None => cond.set(
+                REDIS_REACHABLE,
+                true,
+                "Connected",
+                "the operator reads the table's row counters from Redis".into(),
+            ),
+            Some(problem) => cond.set(
+                REDIS_REACHABLE,
+                false,
+                "RedisUnreachable",
+                format!("{problem}; workers and receivers need it (check the address, the password in the URL and NetworkPolicies)"),
+            ),
+        }
+    });
     let mut parts = vec![&secrets, &budget, &provisioned, &workers];
     parts.extend(kafka.as_ref());
+    parts.extend(redis.as_ref());
     let ready = match parts.iter().find(|c| c.status != TRUE) {
         None => cond.set(
             READY,
@@ -310,6 +331,7 @@ pub fn compute(
         conditions: [ready, secrets, budget, provisioned, workers]
             .into_iter()
             .chain(kafka)
+            .chain(redis)
             .chain(autoscaling)
             .chain([clay_rate])
             .collect(),
@@ -471,6 +493,7 @@ mod tests {
             secret_problems: vec![],
             credits_this_period: CreditCost::default(),
             rows: None,
+            redis_problem: None,
             kafka_problems: None,
             autoscaling: None,
             schedules: vec![],
@@ -506,6 +529,7 @@ mod tests {
                 actions: 3,
             },
             rows: None,
+            redis_problem: None,
             kafka_problems: None,
             autoscaling: None,
             schedules: vec![],
@@ -552,6 +576,7 @@ mod tests {
                 secret_problems: vec![],
                 credits_this_period: CreditCost::default(),
                 rows: None,
+                redis_problem: None,
                 kafka_problems: None,
                 autoscaling: None,
                 schedules: vec![],
@@ -595,12 +620,44 @@ mod tests {
     }
 
     #[test]
+    fn an_unreachable_redis_is_a_condition_that_holds_readiness() {
+        let references = References {
+            budget_problem: None,
+            secret_problems: vec![],
+            credits_this_period: CreditCost::default(),
+            rows: None,
+            redis_problem: Some("Redis at 10.0.0.9:6379: connection refused".into()),
+            kafka_problems: None,
+            autoscaling: None,
+            schedules: vec![],
+            rate: None,
+        };
+        let status = compute(
+            &queue_table(),
+            &references,
+            &Provisioning::Applied {
+                deployments: vec![],
+            },
+            now(),
+        );
+        let redis = find_condition(&status.conditions, REDIS_REACHABLE).unwrap();
+        assert_eq!(
+            (redis.status.as_str(), redis.reason.as_str()),
+            ("False", "RedisUnreachable")
+        );
+        assert!(redis.message.contains("10.0.0.9:6379"));
+        let ready = find_condition(&status.conditions, READY).unwrap();
+        assert_eq!(ready.reason, "RedisUnreachable");
+    }
+
+    #[test]
     fn unreachable_brokers_make_the_table_unready_and_missing_keda_is_said() {
         let references = References {
             budget_problem: None,
             secret_problems: vec![],
             credits_this_period: CreditCost::default(),
             rows: None,
+            redis_problem: None,
             kafka_problems: Some(vec!["broker k-0:9092: connection refused".into()]),
             autoscaling: Some(Autoscaling::KedaNotInstalled),
             schedules: vec![],

@@ -1,7 +1,8 @@
-//! Children of a controller, cached by the same watches that trigger its
-//! reconciles. A child is applied only when what the operator wants of it
-//! changed, or when someone else changed it since the operator last
-//! applied it: a reconcile of an unchanged object writes nothing.
+//! Objects a controller reads, cached by the same watches that trigger its
+//! reconciles, so a reconcile reads memory instead of the API server. Its
+//! children are applied only when what the operator wants of them changed,
+//! or when someone else changed them since the operator last applied them:
+//! a reconcile of an unchanged object writes nothing.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -141,6 +142,36 @@ where
         }
         Ok(deleted)
     }
+}
+
+/// A store of `K` kept current by a watch, and the stream of changed
+/// objects that drives it (give it to a controller). `slim` trims each
+/// object before it is stored; managed fields are always dropped (they are
+/// most of an object's size and nothing reads them).
+pub fn cached<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    slim: fn(&mut K),
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    ObjectRef<K>: Hash + Eq,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, config)
+            .default_backoff()
+            .modify(move |object: &mut K| {
+                object.managed_fields_mut().clear();
+                slim(object);
+            }),
+    )
+    .touched_objects();
+    (store, stream)
 }
 
 /// Changes whenever anything the operator sets on the object changes.
