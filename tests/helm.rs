@@ -99,6 +99,8 @@ async fn chart_renders_and_the_api_server_accepts_it() {
         "RoleBinding",
         "Deployment",
         "Service",
+        "PriorityLevelConfiguration",
+        "FlowSchema",
     ] {
         assert!(
             kinds.iter().any(|k| k == kind),

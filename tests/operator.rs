@@ -401,7 +401,7 @@ async fn budget_status_reports_the_period_and_remaining_credits() {
     );
     // Give the operator a chance to react, then verify it made no status write:
     // wait for a reconcile to be observable through the metrics counter.
-    let reconciles_before = reconcile_count(&_operator, "creditbudget").await;
+    let reconciles_before = _operator.reconciles("creditbudget").await;
     budgets
         .patch(
             "monthly",
@@ -411,7 +411,7 @@ async fn budget_status_reports_the_period_and_remaining_credits() {
         .await
         .unwrap();
     wait::until("a further creditbudget reconcile", || async {
-        (reconcile_count(&_operator, "creditbudget").await > reconciles_before).then_some(())
+        (_operator.reconciles("creditbudget").await > reconciles_before).then_some(())
     })
     .await;
     let after = budgets.get("monthly").await.unwrap();
@@ -427,19 +427,6 @@ async fn budget_status_reports_the_period_and_remaining_credits() {
         1,
         "one status manager"
     );
-}
-
-async fn reconcile_count(operator: &support::KilnProcess, controller: &str) -> u64 {
-    let Some((_, body)) = operator.health_get("/metrics").await else {
-        return 0;
-    };
-    body.lines()
-        .find(|l| {
-            l.starts_with("kiln_reconciles_total")
-                && l.contains(&format!("controller=\"{controller}\""))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test]

@@ -146,6 +146,20 @@ pub struct KilnProcess {
 }
 
 impl KilnProcess {
+    /// Reconciles the operator's `controller` has run, from its metrics.
+    pub async fn reconciles(&self, controller: &str) -> u64 {
+        let Some((_, body)) = self.health_get("/metrics").await else {
+            return 0;
+        };
+        body.lines()
+            .find(|l| {
+                l.starts_with("kiln_reconciles_total")
+                    && l.contains(&format!("controller=\"{controller}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// GETs a path on the process's health server; None when unreachable.
     pub async fn health_get(&self, path: &str) -> Option<(u16, String)> {
         let url = format!("http://127.0.0.1:{}{path}", self.health_port);
@@ -421,6 +435,16 @@ pub fn start_dataplane(
 }
 
 /// User + system CPU seconds a process has used so far.
+/// Resident memory of a process, in MiB (VmRSS).
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.

@@ -228,8 +228,6 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     }
     // Status says why provisioning failed; the error itself drives the backoff.
     applied?;
-    let ready =
-        find_condition(&new_status.conditions, status::READY).is_some_and(|c| c.status == TRUE);
     // While rows are moving, refresh the counters every few seconds.
     // A throttled counters update is written on the next pass.
     let unwritten = !write && table.status.as_ref() != Some(&new_status);
@@ -241,14 +239,21 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
         || sending
         || new_status.rows.pending > 0
         || new_status.rows.received > table.status.as_ref().map_or(0, |s| s.rows.received);
-    // KEDA may be installed any time; look again soon while it is missing.
-    let keda_missing = matches!(references.autoscaling, Some(Autoscaling::KedaNotInstalled));
+    // What no watch reports is looked at again soon: KEDA being installed,
+    // a broker or Redis coming back. Everything else (Secrets, the budget,
+    // pods becoming available) arrives as an event.
+    let polling = matches!(references.autoscaling, Some(Autoscaling::KedaNotInstalled))
+        || references
+            .kafka_problems
+            .as_ref()
+            .is_some_and(|p| !p.is_empty())
+        || references.redis_problem.is_some();
     Ok(Action::requeue(if active {
         COUNTERS_RESYNC
-    } else if ready && !keda_missing {
-        RESYNC
-    } else {
+    } else if polling {
         WAITING_RESYNC
+    } else {
+        RESYNC
     }))
 }
 
