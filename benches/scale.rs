@@ -10,12 +10,10 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::Api;
 use serde_json::json;
 
 use kiln::api::{CreditBudget, EnrichmentTable, RefreshSchedule};
@@ -30,7 +28,8 @@ async fn main() {
     let lease = support::test_env("scale-operator").await;
     support::install_kiln_crds(&lease.client).await;
     let redis = support::start_redis_on("scale", kiln::devenv::free_port().unwrap(), false).await;
-    let operator = support::start_operator_in(&lease.namespace, "op", &[]).await;
+    // Logging as installed (info), not as the tests run it (debug).
+    let operator = support::start_operator_in(&lease.namespace, "op", &[], "info").await;
     let pid = operator.process.pid();
 
     let mut envs = Vec::new();
@@ -111,25 +110,7 @@ async fn main() {
 
 /// A Secret, a budget, `tables` Queue tables and the schedules of one namespace.
 async fn create_namespace_objects(env: &support::TestEnv, redis_url: &str, tables: usize) {
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("clay".into()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([
-            (
-                "url".to_string(),
-                "https://api.clay.com/v3/sources/webhook/x".to_string(),
-            ),
-            ("token".to_string(), "t".to_string()),
-            ("redis".to_string(), redis_url.to_string()),
-        ])),
-        ..Default::default()
-    };
-    env.api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    support::create_clay_secret(env, redis_url).await;
     support::create::<CreditBudget>(
         env,
         json!({"apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget", "metadata": {"name": "b"},
@@ -140,21 +121,7 @@ async fn create_namespace_objects(env: &support::TestEnv, redis_url: &str, table
         .map(|i| {
             support::create::<EnrichmentTable>(
                 env,
-                json!({
-                    "apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable", "metadata": {"name": format!("t{i}")},
-                    "spec": {
-                        "tier": "Queue", "key": "email", "budgetRef": {"name": "b"},
-                        "clay": {
-                            "webhookSources": [{"name": "w", "urlSecretRef": {"name": "clay", "key": "url"}, "authTokenSecretRef": {"name": "clay", "key": "token"}}],
-                            "creditsPerRow": {"dataCredits": 1.0},
-                            "callbackTokenSecretRef": {"name": "clay", "key": "token"}
-                        },
-                        "source": {"http": {"authTokenSecretRef": {"name": "clay", "key": "token"}}},
-                        "sink": {"redisStream": {"stream": "out"}},
-                        "deadLetter": {"redisStream": {"stream": "dead"}},
-                        "redis": {"urlSecretRef": {"name": "clay", "key": "redis"}}
-                    }
-                }),
+                support::minimal_queue_table(&format!("t{i}"), "b"),
             )
         })
         .buffer_unordered(8)

@@ -6,11 +6,10 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 use kiln::api::{CreditBudget, EnrichmentTable};
@@ -22,25 +21,7 @@ async fn a_quiet_minute_with_fifty_tables_writes_nothing() {
     let env = support::test_env("quiet").await;
     support::install_kiln_crds(&env.client).await;
     let operator = support::start_operator(&env.namespace, "op").await;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("clay".into()),
-            ..Default::default()
-        },
-        string_data: Some(BTreeMap::from([
-            (
-                "url".to_string(),
-                "https://api.clay.com/v3/sources/webhook/x".to_string(),
-            ),
-            ("token".to_string(), "t".to_string()),
-            ("redis".to_string(), "redis://127.0.0.1:1".to_string()),
-        ])),
-        ..Default::default()
-    };
-    env.api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    support::create_clay_secret(&env, "redis://127.0.0.1:1").await;
     support::create::<CreditBudget>(
         &env,
         json!({"apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget", "metadata": {"name": "b"},
@@ -50,21 +31,7 @@ async fn a_quiet_minute_with_fifty_tables_writes_nothing() {
     for i in 0..TABLES {
         support::create::<EnrichmentTable>(
             &env,
-            json!({
-                "apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable", "metadata": {"name": format!("t{i}")},
-                "spec": {
-                    "tier": "Queue", "key": "email", "budgetRef": {"name": "b"},
-                    "clay": {
-                        "webhookSources": [{"name": "w", "urlSecretRef": {"name": "clay", "key": "url"}, "authTokenSecretRef": {"name": "clay", "key": "token"}}],
-                        "creditsPerRow": {"dataCredits": 1.0},
-                        "callbackTokenSecretRef": {"name": "clay", "key": "token"}
-                    },
-                    "source": {"http": {"authTokenSecretRef": {"name": "clay", "key": "token"}}},
-                    "sink": {"redisStream": {"stream": "out"}},
-                    "deadLetter": {"redisStream": {"stream": "dead"}},
-                    "redis": {"urlSecretRef": {"name": "clay", "key": "redis"}}
-                }
-            }),
+            support::minimal_queue_table(&format!("t{i}"), "b"),
         )
         .await;
     }

@@ -53,23 +53,18 @@ where
     ObjectRef<K>: Hash + Eq,
 {
     /// The cache and the watch stream that fills it (give it to the
-    /// controller's `owns_stream`). Managed fields are dropped: they are
-    /// most of an object's size and nothing reads them.
+    /// controller's `owns_stream`). `slim` drops what the controller never
+    /// reads of a cached child (whether to apply it again depends only on
+    /// its metadata).
     pub fn watch(
         api: Api<K>,
         config: watcher::Config,
+        slim: fn(&mut K),
     ) -> (
         Arc<Self>,
         impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
     ) {
-        let (store, writer) = reflector::store();
-        let stream = reflector::reflector(
-            writer,
-            watcher(api, config)
-                .default_backoff()
-                .modify(|object: &mut K| object.managed_fields_mut().clear()),
-        )
-        .touched_objects();
+        let (store, stream) = cached(api, config, slim);
         let children = Arc::new(Self {
             store,
             applied: Mutex::new(HashMap::new()),

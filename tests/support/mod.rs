@@ -178,15 +178,17 @@ pub async fn start_operator(namespace: &str, identity: &str) -> KilnProcess {
 pub async fn start_operator_with(namespace: &str, identity: &str, extra: &[&str]) -> KilnProcess {
     let mut args = vec!["--watch-namespace", namespace];
     args.extend_from_slice(extra);
-    start_operator_in(namespace, identity, &args).await
+    start_operator_in(namespace, identity, &args, "info,kiln=debug").await
 }
 
 /// `kiln operator` with its leader-election Lease in `lease_namespace`,
-/// watching every namespace unless `extra` says otherwise.
+/// watching every namespace unless `extra` says otherwise, logging at `log`
+/// (a RUST_LOG filter).
 pub async fn start_operator_in(
     lease_namespace: &str,
     identity: &str,
     extra: &[&str],
+    log: &str,
 ) -> KilnProcess {
     let plane = control_plane().await;
     let health_port = kiln::devenv::free_port().unwrap();
@@ -194,7 +196,7 @@ pub async fn start_operator_in(
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
         .env("KUBECONFIG", plane.kubeconfig_path())
-        .env("RUST_LOG", "info,kiln=debug")
+        .env("RUST_LOG", log)
         .args(["--log-format", "json", "operator"])
         .args(["--lease-namespace", lease_namespace])
         .args(["--identity", identity, "--image", "kiln:test"])
@@ -539,4 +541,48 @@ pub async fn operator_writes(client: &kube::Client) -> u64 {
         }
     }
     total
+}
+
+/// The Secret `clay` a [`minimal_queue_table`] names: a webhook URL, a
+/// token, and `redis_url`.
+pub async fn create_clay_secret(env: &TestEnv, redis_url: &str) {
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: ObjectMeta {
+            name: Some("clay".into()),
+            ..Default::default()
+        },
+        string_data: Some(std::collections::BTreeMap::from([
+            (
+                "url".to_string(),
+                "https://api.clay.com/v3/sources/webhook/x".to_string(),
+            ),
+            ("token".to_string(), "t".to_string()),
+            ("redis".to_string(), redis_url.to_string()),
+        ])),
+        ..Default::default()
+    };
+    env.api::<k8s_openapi::api::core::v1::Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+}
+
+/// The smallest valid Queue table drawing on `budget`, with its Secrets in
+/// `clay` ([`create_clay_secret`]), for tests that only need many tables.
+pub fn minimal_queue_table(name: &str, budget: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable", "metadata": {"name": name},
+        "spec": {
+            "tier": "Queue", "key": "email", "budgetRef": {"name": budget},
+            "clay": {
+                "webhookSources": [{"name": "w", "urlSecretRef": {"name": "clay", "key": "url"}, "authTokenSecretRef": {"name": "clay", "key": "token"}}],
+                "creditsPerRow": {"dataCredits": 1.0},
+                "callbackTokenSecretRef": {"name": "clay", "key": "token"}
+            },
+            "source": {"http": {"authTokenSecretRef": {"name": "clay", "key": "token"}}},
+            "sink": {"redisStream": {"stream": "out"}},
+            "deadLetter": {"redisStream": {"stream": "dead"}},
+            "redis": {"urlSecretRef": {"name": "clay", "key": "redis"}}
+        }
+    })
 }

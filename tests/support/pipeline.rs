@@ -55,20 +55,7 @@ impl Pipeline {
     }
 
     pub async fn push(&self, rows: &[Value]) {
-        let http = reqwest::Client::new();
-        for chunk in rows.chunks(50) {
-            wait::until("the receiver to accept rows", || async {
-                let response = http
-                    .post(format!("http://127.0.0.1:{}/v1/rows", self.receiver_port))
-                    .bearer_auth("crm-secret")
-                    .json(&chunk)
-                    .send()
-                    .await
-                    .ok()?;
-                (response.status() == 202).then_some(())
-            })
-            .await;
-        }
+        post_rows(self.receiver_port, rows, 50).await;
     }
 
     pub async fn stream(&self, name: &str) -> Vec<HashMap<String, String>> {
@@ -317,6 +304,25 @@ pub async fn pipeline(
         kubeconfig,
         token_file,
         receiver_port,
+    }
+}
+
+/// POSTs `rows` to the receiver on `port` in chunks, each retried until
+/// accepted (the receiver may still be starting).
+pub async fn post_rows(port: u16, rows: &[Value], chunk: usize) {
+    let http = reqwest::Client::new();
+    for chunk in rows.chunks(chunk) {
+        wait::until("the receiver to accept rows", || async {
+            let response = http
+                .post(format!("http://127.0.0.1:{port}/v1/rows"))
+                .bearer_auth("crm-secret")
+                .json(&chunk)
+                .send()
+                .await
+                .ok()?;
+            (response.status() == 202).then_some(())
+        })
+        .await;
     }
 }
 

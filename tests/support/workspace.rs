@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-use super::pipeline::{Base, base, create_named_table, leads};
-use super::{KilnProcess, wait};
+use super::KilnProcess;
+use super::pipeline::{Base, base, create_named_table, leads, post_rows};
 use kiln::api::{CreditBudget, EnrichmentTable};
 
 pub struct Workspace {
@@ -193,20 +193,7 @@ impl WorkspaceTable {
 
     /// POSTs `n` leads (ids from `offset`) to the receiver.
     pub async fn push(&self, n: usize, offset: usize) {
-        let http = reqwest::Client::new();
-        for chunk in leads(n, offset).chunks(100) {
-            wait::until("the receiver to accept rows", || async {
-                let response = http
-                    .post(format!("http://127.0.0.1:{}/v1/rows", self.receiver_port))
-                    .bearer_auth("crm-secret")
-                    .json(&chunk)
-                    .send()
-                    .await
-                    .ok()?;
-                (response.status() == 202).then_some(())
-            })
-            .await;
-        }
+        post_rows(self.receiver_port, &leads(n, offset), 100).await;
     }
 
     /// Rows delivered to the table's sink stream.

@@ -84,11 +84,17 @@ pub async fn run(
     let controller = Controller::new(ctx.watched::<RefreshSchedule>(), watcher::Config::default())
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
+    // Status reads the CronJobs' status and metadata only.
     let (cronjobs, cronjob_events) = Children::watch(
         ctx.watched(),
         watcher::Config::default().labels(&format!(
             "app.kubernetes.io/managed-by={MANAGED_BY},{SCHEDULE_LABEL}"
         )),
+        |c: &mut CronJob| {
+            if let Some(spec) = c.spec.as_mut() {
+                spec.job_template = Default::default();
+            }
+        },
     );
     let _ = ctx.cronjobs.set(cronjobs);
     controller
@@ -197,6 +203,14 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         None => cond.set(SUSPENDED, false, "Active", "runs on schedule".into()),
     };
     let next = build::next_run(schedule, now);
+    let schedule_valid = || {
+        cond.set(
+            SCHEDULE_VALID,
+            true,
+            "Valid",
+            "the schedule and time zone parse".into(),
+        )
+    };
     let (schedule_condition, provisioned, cronjob) = match &next {
         Err(message) => (
             cond.set(SCHEDULE_VALID, false, "InvalidSchedule", message.clone()),
@@ -218,12 +232,7 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
                 .delete_unwanted(&ctx.client, &namespace, &labels, &[])
                 .await?;
             (
-                cond.set(
-                    SCHEDULE_VALID,
-                    true,
-                    "Valid",
-                    "the schedule and time zone parse".into(),
-                ),
+                schedule_valid(),
                 cond.set(
                     PROVISIONED,
                     false,
@@ -238,20 +247,22 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
             let runnable = hold.is_none();
             let desired = build::desired_cronjob(schedule, image, &ctx.build, runnable);
             let applied = cronjobs.apply(&ctx.client, &desired).await?;
+            // The cache keeps no job template; a manual run is built from
+            // the desired one, owned by the live CronJob.
+            let cronjob = CronJob {
+                metadata: applied.metadata.clone(),
+                status: applied.status.clone(),
+                ..desired
+            };
             (
-                cond.set(
-                    SCHEDULE_VALID,
-                    true,
-                    "Valid",
-                    "the schedule and time zone parse".into(),
-                ),
+                schedule_valid(),
                 cond.set(
                     PROVISIONED,
                     true,
                     "CronJobApplied",
-                    format!("CronJob {:?} is applied", applied.name_any()),
+                    format!("CronJob {:?} is applied", cronjob.name_any()),
                 ),
-                Some(applied),
+                Some(cronjob),
             )
         }
     };

@@ -87,12 +87,28 @@ pub async fn run(
     let store = controller.store();
     let budget_store = store.clone();
     let all = watcher::Config::default;
-    let (deployments, deployment_events) = Children::watch(ctx.watched(), owned.clone());
-    let (services, service_events) = Children::watch(ctx.watched(), owned.clone());
-    let (accounts, account_events) = Children::watch(ctx.watched(), owned.clone());
-    let (roles, role_events) = Children::watch(ctx.watched(), owned.clone());
-    let (bindings, binding_events) = Children::watch(ctx.watched(), owned.clone());
-    let (claims, claim_events) = Children::watch(ctx.watched(), owned);
+    // Of children, status only reads Deployments' replicas and availability.
+    let (deployments, deployment_events) =
+        Children::watch(ctx.watched(), owned.clone(), |d: &mut Deployment| {
+            if let Some(spec) = d.spec.as_mut() {
+                spec.template = Default::default();
+            }
+        });
+    let (services, service_events) =
+        Children::watch(ctx.watched(), owned.clone(), |s: &mut Service| {
+            s.spec = None
+        });
+    let (accounts, account_events) = Children::watch(ctx.watched(), owned.clone(), |_| {});
+    let (roles, role_events) =
+        Children::watch(ctx.watched(), owned.clone(), |r: &mut Role| r.rules = None);
+    let (bindings, binding_events) =
+        Children::watch(ctx.watched(), owned.clone(), |b: &mut RoleBinding| {
+            b.subjects = None
+        });
+    let (claims, claim_events) =
+        Children::watch(ctx.watched(), owned, |c: &mut PersistentVolumeClaim| {
+            c.spec = None
+        });
     let (budgets, budget_events) = cached(ctx.watched(), all(), |_| {});
     let (schedules, schedule_events) = cached(ctx.watched(), all(), |_| {});
     let (secrets, secret_events) = cached(ctx.watched(), all(), slim_secret);

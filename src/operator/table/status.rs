@@ -420,6 +420,21 @@ pub fn row_counters(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// References that resolve, with nothing read yet.
+    fn references() -> References {
+        References {
+            budget_problem: None,
+            secret_problems: vec![],
+            credits_this_period: CreditCost::default(),
+            rows: None,
+            redis_problem: None,
+            kafka_problems: None,
+            autoscaling: None,
+            schedules: vec![],
+            rate: None,
+        }
+    }
     use crate::api::common::find_condition;
     use crate::operator::table::build::tests::queue_table;
 
@@ -490,14 +505,7 @@ mod tests {
     fn ready_is_false_with_the_first_blocking_reason() {
         let references = References {
             budget_problem: Some(("BudgetNotFound", "CreditBudget \"b\" not found".into())),
-            secret_problems: vec![],
-            credits_this_period: CreditCost::default(),
-            rows: None,
-            redis_problem: None,
-            kafka_problems: None,
-            autoscaling: None,
-            schedules: vec![],
-            rate: None,
+            ..references()
         };
         let status = compute(
             &queue_table(),
@@ -522,18 +530,11 @@ mod tests {
     #[test]
     fn recomputing_an_unchanged_table_yields_an_identical_status() {
         let references = References {
-            budget_problem: None,
-            secret_problems: vec![],
             credits_this_period: CreditCost {
                 data_credits: 12.5,
                 actions: 3,
             },
-            rows: None,
-            redis_problem: None,
-            kafka_problems: None,
-            autoscaling: None,
-            schedules: vec![],
-            rate: None,
+            ..references()
         };
         let mut table = queue_table();
         let first = compute(
@@ -572,15 +573,8 @@ mod tests {
         };
         let status_with = |rate| {
             let references = References {
-                budget_problem: None,
-                secret_problems: vec![],
-                credits_this_period: CreditCost::default(),
-                rows: None,
-                redis_problem: None,
-                kafka_problems: None,
-                autoscaling: None,
-                schedules: vec![],
                 rate: Some(rate),
+                ..references()
             };
             compute(
                 &queue_table(),
@@ -622,15 +616,8 @@ mod tests {
     #[test]
     fn an_unreachable_redis_is_a_condition_that_holds_readiness() {
         let references = References {
-            budget_problem: None,
-            secret_problems: vec![],
-            credits_this_period: CreditCost::default(),
-            rows: None,
             redis_problem: Some("Redis at 10.0.0.9:6379: connection refused".into()),
-            kafka_problems: None,
-            autoscaling: None,
-            schedules: vec![],
-            rate: None,
+            ..references()
         };
         let status = compute(
             &queue_table(),
@@ -653,15 +640,9 @@ mod tests {
     #[test]
     fn unreachable_brokers_make_the_table_unready_and_missing_keda_is_said() {
         let references = References {
-            budget_problem: None,
-            secret_problems: vec![],
-            credits_this_period: CreditCost::default(),
-            rows: None,
-            redis_problem: None,
             kafka_problems: Some(vec!["broker k-0:9092: connection refused".into()]),
             autoscaling: Some(Autoscaling::KedaNotInstalled),
-            schedules: vec![],
-            rate: None,
+            ..references()
         };
         let status = compute(
             &queue_table(),
