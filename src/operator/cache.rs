@@ -97,6 +97,11 @@ where
         Ok(Arc::new(child))
     }
 
+    /// Waits until the cache holds what the first list returned.
+    pub async fn ready(&self) {
+        let _ = self.store.wait_until_ready().await;
+    }
+
     /// Cached children in `namespace` whose labels include all of `labels`.
     pub fn labelled(&self, namespace: &str, labels: &[(&str, &str)]) -> Vec<Arc<K>> {
         self.store.state_filter(|child| {

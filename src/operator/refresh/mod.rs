@@ -162,6 +162,7 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         .cronjobs
         .get()
         .expect("the cache is set before the controller starts");
+    cronjobs.ready().await;
     let schedule_name = schedule.name_any();
     let table_name = &schedule.spec.table_ref.name;
     let table = Api::<EnrichmentTable>::namespaced(ctx.client.clone(), &namespace)

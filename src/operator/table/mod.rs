@@ -60,6 +60,23 @@ pub struct TableCaches {
     counters: counters::RowCounterReader,
 }
 
+impl TableCaches {
+    /// Waits until every cache holds what its first list returned: before
+    /// that, a Secret or budget missing from a cache may only not be
+    /// listed yet.
+    async fn ready(&self) {
+        self.deployments.ready().await;
+        self.services.ready().await;
+        self.accounts.ready().await;
+        self.roles.ready().await;
+        self.bindings.ready().await;
+        self.claims.ready().await;
+        let _ = self.budgets.wait_until_ready().await;
+        let _ = self.schedules.wait_until_ready().await;
+        let _ = self.secrets.wait_until_ready().await;
+    }
+}
+
 /// Keeps of a Secret only its name, labels, version and whether each value
 /// is blank: the operator never needs the values, and they may be large.
 fn slim_secret(secret: &mut Secret) {
@@ -178,6 +195,7 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
         .table_caches
         .get()
         .expect("the caches are set before the controller starts");
+    caches.ready().await;
     let mut references = dereference(&ctx.client, caches, table, &namespace).await?;
     references.rate = ctx.rates.lock().unwrap().table_view(
         &namespace,
