@@ -3,11 +3,6 @@ use clap::{Parser, Subcommand};
 use kiln::operator::OperatorArgs;
 use kiln::telemetry::{self, LogFormat};
 
-// mimalloc returns freed memory to the system where glibc's per-thread
-// arenas keep it: the operator's caches churn with every watch event.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Kiln runs Clay data enrichment on Kubernetes.
 #[derive(Parser)]
 #[command(name = "kiln", version, about)]

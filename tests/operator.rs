@@ -495,15 +495,15 @@ async fn refresh_schedule_gets_a_cronjob_and_next_run() {
         .delete("leads", &DeleteParams::background())
         .await
         .unwrap();
-    wait::until("the CronJob deleted with its table", || async {
+    let cronjob_gone = || async {
         env.api::<CronJob>()
             .get_opt("weekly-refresh")
             .await
             .ok()?
             .is_none()
             .then_some(())
-    })
-    .await;
+    };
+    wait::until("the CronJob deleted with its table", cronjob_gone).await;
     support::create::<EnrichmentTable>(&env, queue_table("leads")).await;
     wait::until("the CronJob back", || async {
         env.api::<CronJob>().get_opt("weekly-refresh").await.ok()?
@@ -514,15 +514,7 @@ async fn refresh_schedule_gets_a_cronjob_and_next_run() {
         .delete("weekly", &DeleteParams::background())
         .await
         .unwrap();
-    wait::until("the CronJob garbage-collected", || async {
-        env.api::<CronJob>()
-            .get_opt("weekly-refresh")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait::until("the CronJob garbage-collected", cronjob_gone).await;
 }
 
 #[tokio::test]

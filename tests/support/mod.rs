@@ -543,28 +543,39 @@ pub async fn operator_writes(client: &kube::Client) -> u64 {
     total
 }
 
-/// The Secret `clay` a [`minimal_queue_table`] names: a webhook URL, a
-/// token, and `redis_url`.
-pub async fn create_clay_secret(env: &TestEnv, redis_url: &str) {
+/// Creates a Secret `name` holding `data` (as stringData).
+pub async fn create_string_secret(env: &TestEnv, name: &str, data: &[(&str, &str)]) {
     let secret = k8s_openapi::api::core::v1::Secret {
         metadata: ObjectMeta {
-            name: Some("clay".into()),
+            name: Some(name.into()),
             ..Default::default()
         },
-        string_data: Some(std::collections::BTreeMap::from([
-            (
-                "url".to_string(),
-                "https://api.clay.com/v3/sources/webhook/x".to_string(),
-            ),
-            ("token".to_string(), "t".to_string()),
-            ("redis".to_string(), redis_url.to_string()),
-        ])),
+        string_data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
         ..Default::default()
     };
     env.api::<k8s_openapi::api::core::v1::Secret>()
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
+}
+
+/// The Secret `clay` a [`minimal_queue_table`] names: a webhook URL, a
+/// token, and `redis_url`.
+pub async fn create_clay_secret(env: &TestEnv, redis_url: &str) {
+    create_string_secret(
+        env,
+        "clay",
+        &[
+            ("url", "https://api.clay.com/v3/sources/webhook/x"),
+            ("token", "t"),
+            ("redis", redis_url),
+        ],
+    )
+    .await;
 }
 
 /// The smallest valid Queue table drawing on `budget`, with its Secrets in

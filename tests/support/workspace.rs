@@ -2,11 +2,9 @@
 //! with its own webhook source, receiver and workers, for the rate-sharing
 //! tests and benchmark. Rates are measured as clay-sim sees them.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
 use super::KilnProcess;
@@ -88,7 +86,16 @@ pub async fn workspace(
                 json!({"token": "clay-source-token", "callbackUrl": format!("http://127.0.0.1:{receiver_port}/v1/clay/callback"), "callbackHeaders": {"x-kiln-token": "callback-secret"}}),
             )
             .await;
-        create_secret(&base.env, &secret, &url).await;
+        super::create_string_secret(
+            &base.env,
+            &secret,
+            &[
+                ("webhook-url", &url),
+                ("webhook-token", "clay-source-token"),
+                ("callback-token", "callback-secret"),
+            ],
+        )
+        .await;
         let (rate, burst) = table_rate;
         let (kubeconfig, token_file) = create_named_table(
             &base.env,
@@ -124,26 +131,6 @@ pub async fn workspace(
         redis,
         tables,
     }
-}
-
-async fn create_secret(env: &super::TestEnv, name: &str, webhook_url: &str) {
-    let data = BTreeMap::from([
-        ("webhook-url".to_string(), webhook_url.to_string()),
-        ("webhook-token".to_string(), "clay-source-token".to_string()),
-        ("callback-token".to_string(), "callback-secret".to_string()),
-    ]);
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        string_data: Some(data),
-        ..Default::default()
-    };
-    env.api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
 }
 
 impl Workspace {
