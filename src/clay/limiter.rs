@@ -210,6 +210,12 @@ impl RateLimiter {
     }
 }
 
+impl From<&crate::api::table::RateLimit> for Rate {
+    fn from(limit: &crate::api::table::RateLimit) -> Self {
+        cap_of(limit.rows_per_second, limit.burst)
+    }
+}
+
 fn cap_of(rate_per_sec: u32, burst: u32) -> Rate {
     Rate {
         per_second: f64::from(rate_per_sec.max(1)),

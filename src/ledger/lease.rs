@@ -101,16 +101,6 @@ struct State {
     usage_since: Option<Instant>,
 }
 
-impl State {
-    /// Holding more rate than an idle holder: others may need it, so its
-    /// use is reported every second.
-    fn holds_rate(&self) -> bool {
-        self.share
-            .as_ref()
-            .is_some_and(|s| s.rows_per_second > s.idle_rows_per_second * 1.5)
-    }
-}
-
 /// A lease on one budget for one table, shared by a process's tasks.
 pub struct CreditLease {
     target: LeaseTarget,
@@ -602,6 +592,14 @@ impl Credits {
 }
 
 impl State {
+    /// Holding more rate than an idle holder: others may need it, so its
+    /// use is reported every [`RATE_REPORT_EVERY`].
+    fn holds_rate(&self) -> bool {
+        self.share
+            .as_ref()
+            .is_some_and(|s| s.rows_per_second > s.idle_rows_per_second * 1.5)
+    }
+
     /// No row drawn for [`IDLE_GIVE_BACK`] (or ever).
     fn idle(&self) -> bool {
         self.last_draw

@@ -261,15 +261,11 @@ fn rate_share(
     if report.is_none() && !request.release {
         return None;
     }
-    let cap = &reference.table.spec.clay.rate_limit;
-    let cap = Rate {
-        per_second: f64::from(cap.rows_per_second),
-        burst: f64::from(cap.burst),
-    };
-    let limit = reference.workspace.as_ref().map_or(cap, |w| Rate {
-        per_second: f64::from(w.rate_limit.rows_per_second),
-        burst: f64::from(w.rate_limit.burst),
-    });
+    let cap = Rate::from(&reference.table.spec.clay.rate_limit);
+    let limit = reference
+        .workspace
+        .as_ref()
+        .map_or(cap, |w| Rate::from(&w.rate_limit));
     let quiet = crate::ledger::RateReport::default();
     let ask = Ask {
         workspace: workspace_key(
