@@ -305,7 +305,7 @@ async fn killing_the_leader_mid_run_loses_nothing_and_overspends_nothing() {
     let mut first = support::start_operator(&env.namespace, "op-first").await;
     let token = setup(&env, json!({"limits": {"dataCredits": 300.0}})).await;
     wait::until("op-first leads", || async {
-        (first.health_get("/readyz").await?.0 == 200).then_some(())
+        first.leads().await?.then_some(())
     })
     .await;
     let second = support::start_operator(&env.namespace, "op-second").await;

@@ -540,11 +540,12 @@ async fn one_leader_and_failover() {
         second.health_get("/healthz").await.map(|_| ())
     })
     .await;
-    // Only the leader reports ready.
-    wait::until("leader ready, standby not", || async {
+    // Both replicas are ready (a standby is healthy); only one leads.
+    wait::until("both ready, one leader", || async {
         let (first_ready, _) = first.health_get("/readyz").await?;
         let (second_ready, _) = second.health_get("/readyz").await?;
-        (first_ready == 200 && second_ready == 503).then_some(())
+        let leaders = (first.leads().await?, second.leads().await?);
+        (first_ready == 200 && second_ready == 200 && leaders == (true, false)).then_some(())
     })
     .await;
     assert_eq!(holder(leases.clone()).await.as_deref(), Some("op-first"));
@@ -555,8 +556,8 @@ async fn one_leader_and_failover() {
         (holder(leases.clone()).await? == "op-second").then_some(())
     })
     .await;
-    wait::until("the new leader is ready", || async {
-        (second.health_get("/readyz").await?.0 == 200).then_some(())
+    wait::until("the new leader leads", || async {
+        second.leads().await?.then_some(())
     })
     .await;
 

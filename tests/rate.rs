@@ -169,7 +169,7 @@ async fn killing_the_leader_mid_run_keeps_rows_flowing_within_the_rate() {
     .await;
     let env = &ws.base.env;
     wait::until("the first operator leads", || async {
-        (ws.base.operator.health_get("/readyz").await?.0 == 200).then_some(())
+        ws.base.operator.leads().await?.then_some(())
     })
     .await;
     let standby = support::start_operator(&env.namespace, "op-standby").await;

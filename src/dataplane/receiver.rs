@@ -167,9 +167,8 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             anyhow::bail!("this receiver needs spec.redis (tiers Queue and Event)")
         }
         _ => {
-            let store = EmbeddedStore::open(&args.store_path).with_context(|| {
-                format!("opening the embedded store {}", args.store_path.display())
-            })?;
+            let store = EmbeddedStore::open(&args.store_path)
+                .map_err(|error| store_open_error(&args.store_path, error))?;
             lease.prefill();
             let attempts = Arc::new(Attempts {
                 live: Live::follow(runtime.clone(), Arc::new(store.clone()), &lease),
@@ -608,6 +607,25 @@ async fn callback(
     receiver.settle(&row_id, reported, &pending).await;
     receiver.count("callback", "delivered");
     reply(StatusCode::OK, json!({"status": "delivered"}))
+}
+
+/// Why the embedded store could not be opened, with the fix when the volume
+/// is not writable (hostPath and `local` volumes ignore the pod's fsGroup).
+fn store_open_error(path: &std::path::Path, error: redb::Error) -> anyhow::Error {
+    let denied =
+        matches!(&error, redb::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied);
+    let error =
+        anyhow::Error::new(error).context(format!("opening the embedded store {}", path.display()));
+    if denied {
+        error.context(format!(
+            "the store's volume is not writable by uid {uid}: volume types that ignore fsGroup \
+             (hostPath, local) need the directory owned by {uid}, or use a StorageClass whose \
+             volumes honour fsGroup",
+            uid = crate::operator::pod::KILN_UID
+        ))
+    } else {
+        error
+    }
 }
 
 #[cfg(test)]

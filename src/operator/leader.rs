@@ -6,9 +6,42 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Client;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+
+/// Label the leader puts on its own pod. The operator Service selects it, so
+/// reservation traffic reaches the leader while every healthy replica reports
+/// Ready (and `helm install --wait` or a rollout can succeed).
+pub const LEADER_POD_LABEL: &str = "kiln.dev/leader";
+
+/// This replica's pod, when running in one (POD_NAME and POD_NAMESPACE set).
+pub struct LeaderPodLabel {
+    api: Api<Pod>,
+    name: String,
+}
+
+impl LeaderPodLabel {
+    pub fn new(client: Client, namespace: Option<&str>, name: Option<&str>) -> Option<Self> {
+        Some(Self {
+            api: Api::namespaced(client, namespace?),
+            name: name?.to_string(),
+        })
+    }
+
+    /// Adds or removes the leader label. A container restarted after losing
+    /// leadership keeps its pod's labels, so every replica clears the label
+    /// before it campaigns.
+    pub async fn set(&self, leader: bool) -> Result<(), kube::Error> {
+        let value = leader.then_some("true");
+        let patch = serde_json::json!({"metadata": {"labels": {LEADER_POD_LABEL: value}}});
+        self.api
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+    }
+}
 
 /// Timing of the election.
 #[derive(Clone, Debug)]

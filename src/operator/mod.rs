@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 
 use self::budget::ledger::Ledger;
 use self::context::Context;
-use self::leader::{LeaderElector, LeaseTiming};
+use self::leader::{LeaderElector, LeaderPodLabel, LeaseTiming};
 use self::metrics::{OperatorMetrics, Readiness, serve_health};
 use self::table::build::BuildConfig;
 
@@ -88,6 +88,19 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    // A healthy standby is Ready too; the leader label routes reservations.
+    readiness.set(true);
+    let pod_label = LeaderPodLabel::new(
+        client.clone(),
+        std::env::var("POD_NAMESPACE").ok().as_deref(),
+        std::env::var("POD_NAME").ok().as_deref(),
+    );
+    if let Some(label) = &pod_label {
+        label
+            .set(false)
+            .await
+            .context("clearing this pod's leader label")?;
+    }
     let elector = Arc::new(LeaderElector::new(
         client.clone(),
         &args.lease_namespace,
@@ -103,8 +116,13 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         }
     }
     metrics.is_leader.set(1);
-    // Only the leader is ready: the operator Service routes to the leader alone.
-    readiness.set(true);
+    if let Some(label) = &pod_label {
+        // Without the label no reservation reaches this replica: retry.
+        while let Err(error) = label.set(true).await {
+            tracing::warn!(%error, "labelling this pod as the leader failed; retrying");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
 
     let build = BuildConfig {
         default_image: args.image.clone(),
@@ -135,8 +153,12 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         budget::run(ctx.clone(), stop.clone()),
         refresh::run(ctx.clone(), stop.clone()),
     );
-    readiness.set(false);
     metrics.is_leader.set(0);
+    if let Some(label) = &pod_label
+        && let Err(error) = label.set(false).await
+    {
+        tracing::warn!(%error, "removing this pod's leader label failed");
+    }
     lease_api.await??;
 
     if lost.now_or_never().is_some() {

@@ -107,6 +107,9 @@ pub fn kiln_container(spec: KilnContainer<'_>) -> Container {
         }),
         liveness_probe: spec.probes.then(|| probe("/healthz")),
         readiness_probe: spec.probes.then(|| probe("/readyz")),
+        // The last log line (the error a process exits with) becomes the
+        // termination message the operator reports in the table's status.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),

@@ -8,6 +8,7 @@ pub mod crm;
 pub mod direct;
 pub mod event;
 pub mod kafka;
+pub mod node;
 pub mod pipeline;
 pub mod wait;
 pub mod workspace;
@@ -124,8 +125,14 @@ fn install_exit_hooks() {
     }
 }
 
+/// Marks the run as failed, so logs are kept.
+pub fn mark_failed() {
+    ANY_TEST_FAILED.store(true, Ordering::SeqCst);
+}
+
 extern "C" fn stop_everything() {
     process::kill_all_registered();
+    node::keep_logs_on_failure(ANY_TEST_FAILED.load(Ordering::SeqCst));
     let Some(workdir) = WORKDIR.get() else { return };
     if ANY_TEST_FAILED.load(Ordering::SeqCst) || std::env::var_os("KILN_KEEP_LOGS").is_some() {
         eprintln!(
@@ -158,6 +165,12 @@ impl KilnProcess {
             })
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Whether this operator replica leads, from its metrics; None when unreachable.
+    pub async fn leads(&self) -> Option<bool> {
+        let (_, body) = self.health_get("/metrics").await?;
+        Some(body.lines().any(|l| l == "kiln_operator_leader 1"))
     }
 
     /// GETs a path on the process's health server; None when unreachable.

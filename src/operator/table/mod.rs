@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
@@ -57,6 +57,8 @@ pub struct TableCaches {
     budgets: Store<CreditBudget>,
     schedules: Store<RefreshSchedule>,
     secrets: Store<Secret>,
+    /// The tables' pods, reduced to their container states.
+    pods: Store<Pod>,
     counters: counters::RowCounterReader,
 }
 
@@ -74,6 +76,18 @@ impl TableCaches {
         let _ = self.budgets.wait_until_ready().await;
         let _ = self.schedules.wait_until_ready().await;
         let _ = self.secrets.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+    }
+}
+
+/// Keeps of a pod its name, labels and container states: status reports why
+/// a table's pods crash or cannot start.
+fn slim_pod(pod: &mut Pod) {
+    pod.metadata.annotations = None;
+    pod.spec = None;
+    if let Some(status) = pod.status.as_mut() {
+        status.conditions = None;
+        status.init_container_statuses = None;
     }
 }
 
@@ -122,10 +136,12 @@ pub async fn run(
         Children::watch(ctx.watched(), owned.clone(), |b: &mut RoleBinding| {
             b.subjects = None
         });
-    let (claims, claim_events) =
-        Children::watch(ctx.watched(), owned, |c: &mut PersistentVolumeClaim| {
-            c.spec = None
-        });
+    let (claims, claim_events) = Children::watch(
+        ctx.watched(),
+        owned.clone(),
+        |c: &mut PersistentVolumeClaim| c.spec = None,
+    );
+    let (pods, pod_events) = cached(ctx.watched(), owned, slim_pod);
     let (budgets, budget_events) = cached(ctx.watched(), all(), |_| {});
     let (schedules, schedule_events) = cached(ctx.watched(), all(), |_| {});
     let (secrets, secret_events) = cached(ctx.watched(), all(), slim_secret);
@@ -139,6 +155,7 @@ pub async fn run(
         budgets,
         schedules,
         secrets,
+        pods,
         counters: Default::default(),
     });
     controller
@@ -172,6 +189,11 @@ pub async fn run(
                 .filter(|t| t.namespace() == namespace && t.spec.secret_names().contains(&name))
                 .map(|t| ObjectRef::from_obj(&*t))
                 .collect::<Vec<_>>()
+        })
+        .watches_stream(pod_events, |pod: Pod| {
+            // Pods belong to ReplicaSets; the label names their table.
+            let table = pod.labels().get(TABLE_LABEL)?.clone();
+            Some(ObjectRef::new(&table).within(&pod.namespace()?))
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -228,9 +250,27 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     if keda || scaled.is_some() {
         apply_scaled_object(&ctx.client, table, &namespace, scaled.as_ref()).await?;
     }
+    let pod_failures = match &applied {
+        Ok(deployments) if deployments.iter().any(|d| status::short_of_replicas(d)) => {
+            let name = table.name_any();
+            let pods: Vec<Pod> = caches
+                .pods
+                .state()
+                .iter()
+                .filter(|p| {
+                    p.namespace().as_deref() == Some(namespace.as_str())
+                        && p.labels().get(TABLE_LABEL) == Some(&name)
+                })
+                .map(|p| (**p).clone())
+                .collect();
+            status::pod_failures(&pods)
+        }
+        _ => Vec::new(),
+    };
     let provisioning = match &applied {
         Ok(deployments) => Provisioning::Applied {
             deployments: deployments.iter().map(|d| &**d).collect(),
+            pod_failures,
         },
         Err(error) => Provisioning::Failed(error.message()),
     };

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::common::{Conditions, TRUE};
@@ -161,8 +162,76 @@ fn availability(deployment: &Deployment) -> (i32, i32) {
 
 /// The outcome of applying the children.
 pub enum Provisioning<'a> {
-    Applied { deployments: Vec<&'a Deployment> },
+    Applied {
+        deployments: Vec<&'a Deployment>,
+        /// Why pods of a workload that is short of replicas fail, one line
+        /// each (see [`pod_failures`]); empty while they only start.
+        pod_failures: Vec<String>,
+    },
     Failed(String),
+}
+
+/// Fewer replicas available than desired.
+pub fn short_of_replicas(deployment: &Deployment) -> bool {
+    let (desired, available) = availability(deployment);
+    available < desired
+}
+
+/// Pods whose containers crash or cannot start, with the reason and the last
+/// words of the process (its termination message), for the status.
+pub fn pod_failures(pods: &[Pod]) -> Vec<String> {
+    const STUCK: [&str; 5] = [
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    ];
+    // Pods failing the same way are reported once, with their names.
+    let mut failures: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for pod in pods {
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let statuses = pod
+            .status
+            .iter()
+            .flat_map(|s| s.container_statuses.iter().flatten());
+        for container in statuses {
+            let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+                continue;
+            };
+            let reason = waiting.reason.as_deref().unwrap_or_default();
+            if !STUCK.contains(&reason) {
+                continue;
+            }
+            let last_words = container
+                .last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .and_then(|t| t.message.as_deref())
+                .map(process_error)
+                .or(waiting.message.clone())
+                .unwrap_or_default();
+            failures
+                .entry(format!("{reason}: {last_words}"))
+                .or_default()
+                .push(name);
+        }
+    }
+    failures
+        .into_iter()
+        .map(|(failure, pods)| format!("pod {}: {failure}", pods.join(", ")))
+        .collect()
+}
+
+/// The error a Kiln process exited with, from its last (JSON) log line;
+/// other text as it is, bounded.
+fn process_error(message: &str) -> String {
+    let last_line = message.trim().lines().last().unwrap_or_default();
+    let error = serde_json::from_str::<serde_json::Value>(last_line)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| last_line.to_string());
+    error.chars().take(400).collect()
 }
 
 /// Computes the table's status. Counters and credits are carried over from
@@ -217,7 +286,10 @@ pub fn compute(
                 "children could not be applied".into(),
             ),
         ),
-        Provisioning::Applied { deployments } => {
+        Provisioning::Applied {
+            deployments,
+            pod_failures,
+        } => {
             let provisioned = cond.set(
                 PROVISIONED,
                 true,
@@ -228,7 +300,7 @@ pub fn compute(
                 .iter()
                 .filter_map(|d| {
                     let (desired, available) = availability(d);
-                    (available < desired).then(|| {
+                    short_of_replicas(d).then(|| {
                         format!(
                             "{}: {available}/{desired} available",
                             d.metadata.name.as_deref().unwrap_or_default()
@@ -251,6 +323,9 @@ pub fn compute(
                     "Available",
                     "all worker and receiver replicas are available".into(),
                 )
+            } else if !pod_failures.is_empty() {
+                let message = format!("{}; {}", short.join(", "), pod_failures.join("; "));
+                cond.set(WORKERS_AVAILABLE, false, "PodsFailing", message)
             } else {
                 cond.set(WORKERS_AVAILABLE, false, "WaitingForPods", short.join(", "))
             };
@@ -512,6 +587,7 @@ mod tests {
             &references,
             &Provisioning::Applied {
                 deployments: vec![],
+                pod_failures: vec![],
             },
             now(),
         );
@@ -542,6 +618,7 @@ mod tests {
             &references,
             &Provisioning::Applied {
                 deployments: vec![],
+                pod_failures: vec![],
             },
             now(),
         );
@@ -552,6 +629,7 @@ mod tests {
             &references,
             &Provisioning::Applied {
                 deployments: vec![],
+                pod_failures: vec![],
             },
             later,
         );
@@ -581,6 +659,7 @@ mod tests {
                 &references,
                 &Provisioning::Applied {
                     deployments: vec![],
+                    pod_failures: vec![],
                 },
                 now(),
             )
@@ -624,6 +703,7 @@ mod tests {
             &references,
             &Provisioning::Applied {
                 deployments: vec![],
+                pod_failures: vec![],
             },
             now(),
         );
@@ -649,6 +729,7 @@ mod tests {
             &references,
             &Provisioning::Applied {
                 deployments: vec![],
+                pod_failures: vec![],
             },
             Time::from(jiff::Timestamp::UNIX_EPOCH),
         );
@@ -671,6 +752,36 @@ mod tests {
         assert_eq!(
             (scaling.status.as_str(), scaling.reason.as_str()),
             ("False", "KedaNotInstalled")
+        );
+    }
+
+    #[test]
+    fn crashing_pods_are_reported_once_per_failure_with_the_process_error() {
+        let crashing = |name: &str, message: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "status": {"containerStatuses": [{
+                    "name": "receiver", "image": "kiln", "imageID": "", "ready": false,
+                    "restartCount": 3,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                    "lastState": {"terminated": {"exitCode": 1, "message": message}}
+                }]}
+            }))
+            .unwrap()
+        };
+        let starting: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "c"},
+            "status": {"containerStatuses": [{
+                "name": "worker", "image": "kiln", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}}
+            }]}
+        }))
+        .unwrap();
+        let log = r#"{"level":"ERROR","message":"exiting","error":"opening the embedded store: Permission denied"}"#;
+        let failures = pod_failures(&[crashing("a", log), crashing("b", log), starting]);
+        assert_eq!(
+            failures,
+            vec!["pod a, b: CrashLoopBackOff: opening the embedded store: Permission denied"]
         );
     }
 }

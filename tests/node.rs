@@ -1,0 +1,562 @@
+//! Kiln in real pods: a one-node cluster on this machine (kubelet, containerd,
+//! kube-proxy, CoreDNS), Kiln's image built from this build, the chart
+//! installed with `helm install --wait`, and each tier's traffic through
+//! real Services. Each test has its own namespace on the shared node.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, LogParams};
+use serde_json::{Value, json};
+
+use kiln::api::{EnrichmentTable, RefreshSchedule};
+use support::node::{self, KILN_NAMESPACE, KILN_RELEASE};
+use support::{TestEnv, wait, wait_condition};
+
+/// Pods start, pull nothing and probe: minutes on a loaded 2-core machine at worst.
+const POD_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A Deployment of one container and a Service in front of it.
+async fn deploy(env: &TestEnv, name: &str, image: &str, args: &[&str], port: u16) {
+    support::create::<k8s_openapi::api::apps::v1::Deployment>(
+        env,
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{
+                        "name": name, "image": image, "imagePullPolicy": "IfNotPresent",
+                        "args": args, "ports": [{"containerPort": port}],
+                        "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1}
+                    }]}
+                }
+            }
+        }),
+    )
+    .await;
+    support::create::<Service>(
+        env,
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"selector": {"app": name}, "ports": [{"port": port}]}
+        }),
+    )
+    .await;
+    node::wait_available(&env.client, &env.namespace, name).await;
+}
+
+async fn cluster_ip(env: &TestEnv, service: &str) -> String {
+    let service = env.api::<Service>().get(service).await.unwrap();
+    service.spec.unwrap().cluster_ip.unwrap()
+}
+
+/// Kiln's image as the chart names it by default.
+fn kiln_image() -> String {
+    format!("ghcr.io/kiln-dev/kiln:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Every line every container of the selected pods logged is a JSON object.
+async fn logs_are_json(client: &kube::Client, namespace: &str, selector: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .unwrap();
+    assert!(
+        !list.items.is_empty(),
+        "pods matching {selector} in {namespace}"
+    );
+    for pod in list.items {
+        let name = pod.metadata.name.unwrap();
+        // A pod's status can lag its container: logs are readable a moment later.
+        let logs = wait::until_within(
+            &format!("logs of {namespace}/{name}"),
+            POD_TIMEOUT,
+            || async {
+                let logs = pods.logs(&name, &LogParams::default()).await.ok()?;
+                (!logs.trim().is_empty()).then_some(logs)
+            },
+        )
+        .await;
+        for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+            let parsed: Result<serde_json::Map<String, Value>, _> = serde_json::from_str(line);
+            assert!(
+                parsed.is_ok(),
+                "{namespace}/{name} logged a non-JSON line: {line}"
+            );
+        }
+    }
+}
+
+/// The operator pods and which of them carries the leader label.
+async fn operator_pods(client: &kube::Client) -> (Vec<Pod>, Vec<String>) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), KILN_NAMESPACE);
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=kiln"))
+        .await
+        .unwrap();
+    let leaders = list
+        .items
+        .iter()
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.get("kiln.dev/leader").map(String::as_str) == Some("true"))
+        })
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    (list.items, leaders)
+}
+
+/// Pod IPs behind the operator's reservation API Service.
+async fn api_endpoints(client: &kube::Client) -> BTreeSet<String> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), KILN_NAMESPACE);
+    let selector = format!("kubernetes.io/service-name={KILN_RELEASE}");
+    let list = slices
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap();
+    list.items
+        .into_iter()
+        .flat_map(|s| s.endpoints)
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses)
+        .collect()
+}
+
+/// The leader's pod IP, once exactly one pod leads and the API Service
+/// routes to it alone.
+async fn leader_behind_the_service(client: &kube::Client) -> (String, String) {
+    wait::until_within(
+        "one labelled leader, alone behind the API Service",
+        POD_TIMEOUT,
+        || async {
+            let (pods, leaders) = operator_pods(client).await;
+            let [leader] = leaders.as_slice() else {
+                return None;
+            };
+            let pod = pods
+                .iter()
+                .find(|p| p.metadata.name.as_ref() == Some(leader))?;
+            let ip = pod.status.as_ref()?.pod_ip.clone()?;
+            let endpoints = api_endpoints(client).await;
+            (endpoints == BTreeSet::from([ip.clone()])).then(|| (leader.clone(), ip))
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn helm_install_waits_for_every_replica_and_the_api_service_reaches_the_leader() {
+    let node = node::node().await;
+    let client = node.client().await;
+    let deployment = node::wait_available(&client, KILN_NAMESPACE, KILN_RELEASE).await;
+    assert_eq!(
+        deployment.status.unwrap().ready_replicas,
+        Some(2),
+        "both replicas are Ready"
+    );
+    let (leader, _) = leader_behind_the_service(&client).await;
+    let (pods, _) = operator_pods(&client).await;
+    assert_eq!(pods.len(), 2);
+    let image = pods[0].spec.as_ref().unwrap().containers[0].image.clone();
+    assert_eq!(image.as_deref(), Some(kiln_image().as_str()));
+    let lease: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), KILN_NAMESPACE);
+    let holder = lease
+        .get(KILN_RELEASE)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity;
+    assert_eq!(
+        holder.as_deref(),
+        Some(leader.as_str()),
+        "the labelled pod holds the Lease"
+    );
+    logs_are_json(&client, KILN_NAMESPACE, "app.kubernetes.io/name=kiln").await;
+}
+
+/// examples/<file> without its Secrets (their values are placeholders).
+fn example_without_secrets(file: &str) -> Vec<kube::api::DynamicObject> {
+    let text = std::fs::read_to_string(format!("examples/{file}")).unwrap();
+    node::yaml_documents(&text)
+        .into_iter()
+        .filter(|o| o.types.as_ref().is_some_and(|t| t.kind != "Secret"))
+        .collect()
+}
+
+/// clay-sim as a pod, with one webhook source (requiring `source_token` when
+/// given) calling `receiver` back.
+async fn clay_sim_pod(
+    env: &TestEnv,
+    receiver: &str,
+    source_token: Option<&str>,
+    callback_token: &str,
+) -> String {
+    deploy(
+        env,
+        "clay-sim",
+        &kiln_image(),
+        &[
+            "--log-format",
+            "json",
+            "clay-sim",
+            "--listen",
+            "0.0.0.0:8780",
+            "--latency-min-ms",
+            "50",
+            "--latency-max-ms",
+            "300",
+        ],
+        8780,
+    )
+    .await;
+    let sim = format!("http://{}:8780", cluster_ip(env, "clay-sim").await);
+    let callback = format!(
+        "http://{receiver}.{}.svc:8080/v1/clay/callback",
+        env.namespace
+    );
+    let config = json!({
+        "token": source_token,
+        "callbackUrl": callback,
+        "callbackHeaders": {"x-kiln-token": callback_token},
+    });
+    // kube-proxy may program a new Service a moment after it has endpoints.
+    wait::until_within(
+        "clay-sim's admin API through its Service",
+        POD_TIMEOUT,
+        || async {
+            let response = reqwest::Client::new()
+                .put(format!("{sim}/admin/sources/main"))
+                .json(&config)
+                .send()
+                .await
+                .ok()?;
+            response.status().is_success().then_some(())
+        },
+    )
+    .await;
+    format!(
+        "http://clay-sim.{}.svc:8780/v3/sources/webhook/main",
+        env.namespace
+    )
+}
+
+/// POSTs rows to a receiver Service, retrying until the Service answers.
+async fn post_rows(url: &str, token: &str, rows: &[Value]) {
+    for chunk in rows.chunks(50) {
+        wait::until_within(&format!("POST {url}"), POD_TIMEOUT, || async {
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!(chunk))
+                .send()
+                .await
+                .ok()?;
+            response.status().is_success().then_some(())
+        })
+        .await;
+    }
+}
+
+/// Entries on a Redis Stream, through the Redis Service.
+async fn stream_length(redis_url: &str, stream: &str) -> Option<u64> {
+    let client = redis::Client::open(redis_url).ok()?;
+    let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+    redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(&mut connection)
+        .await
+        .ok()
+}
+
+#[tokio::test]
+async fn queue_rows_flow_through_pods_and_survive_losing_the_leader_pod() {
+    let node = node::node().await;
+    let env = node.test_env("queue").await;
+    deploy(
+        &env,
+        "redis",
+        "localhost/kiln/redis:local",
+        &[
+            "--bind",
+            "0.0.0.0",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        6379,
+    )
+    .await;
+    let webhook = clay_sim_pod(
+        &env,
+        "inbound-leads-receiver",
+        Some("source-token"),
+        "callback-secret",
+    )
+    .await;
+    let redis_url = format!("redis://redis.{}.svc:6379/0", env.namespace);
+    support::create_string_secret(
+        &env,
+        "clay-leads",
+        &[
+            ("webhook-url", &webhook),
+            ("webhook-token", "source-token"),
+            ("callback-token", "callback-secret"),
+        ],
+    )
+    .await;
+    support::create_string_secret(&env, "crm-ingest", &[("token", "crm-secret")]).await;
+    support::create_string_secret(&env, "redis", &[("url", &redis_url)]).await;
+    let applied = node::apply_yaml(
+        &env.client,
+        Some(&env.namespace),
+        &example_without_secrets("queue.yaml"),
+        "kiln-node-test",
+    )
+    .await;
+    assert_eq!(applied.len(), 3, "budget, table and schedule: {applied:?}");
+
+    let tables = env.api::<EnrichmentTable>();
+    wait::until_within("the Queue table Ready", POD_TIMEOUT, || async {
+        let table = tables.get("inbound-leads").await.ok()?;
+        let ready = table
+            .status?
+            .conditions
+            .into_iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(())
+    })
+    .await;
+
+    let receiver = format!(
+        "http://{}:8080/v1/rows",
+        cluster_ip(&env, "inbound-leads-receiver").await
+    );
+    let sink = format!("redis://{}:6379/0", cluster_ip(&env, "redis").await);
+    post_rows(&receiver, "crm-secret", &support::pipeline::leads(60, 0)).await;
+    wait::until_within("60 rows delivered", POD_TIMEOUT, || async {
+        (stream_length(&sink, "leads:enriched").await? >= 60).then_some(())
+    })
+    .await;
+
+    // Losing the leader's pod: the standby takes the Lease, labels its pod,
+    // the API Service follows, and the workers' credit leases keep working.
+    let (old_leader, old_ip) = leader_behind_the_service(&env.client).await;
+    Api::<Pod>::namespaced(env.client.clone(), KILN_NAMESPACE)
+        .delete(&old_leader, &DeleteParams::default())
+        .await
+        .unwrap();
+    let (new_leader, _) =
+        wait::until_within("a new leader behind the Service", POD_TIMEOUT, || async {
+            let (leader, ip) = leader_behind_the_service(&env.client).await;
+            (leader != old_leader && ip != old_ip).then_some((leader, ip))
+        })
+        .await;
+    assert_ne!(new_leader, old_leader);
+    post_rows(&receiver, "crm-secret", &support::pipeline::leads(40, 60)).await;
+    wait::until_within(
+        "100 rows delivered after the failover",
+        POD_TIMEOUT,
+        || async { (stream_length(&sink, "leads:enriched").await? >= 100).then_some(()) },
+    )
+    .await;
+    let enriched = stream_length(&sink, "leads:enriched").await;
+    assert_eq!(enriched, Some(100), "every row delivered once to the sink");
+
+    // A refresh run from the CronJob, on demand.
+    let schedules = env.api::<RefreshSchedule>();
+    let patch = json!({"metadata": {"annotations": {"kiln.dev/refresh-now": "node-test"}}});
+    schedules
+        .patch(
+            "inbound-leads-weekly",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    wait::until_within("the refresh run's lastRun", POD_TIMEOUT, || async {
+        let schedule = schedules.get("inbound-leads-weekly").await.ok()?;
+        let status = serde_json::to_value(schedule.status?).ok()?;
+        (status["lastRun"]["outcome"] == "Succeeded").then_some(())
+    })
+    .await;
+
+    logs_are_json(
+        &env.client,
+        &env.namespace,
+        "app.kubernetes.io/managed-by=kiln-operator",
+    )
+    .await;
+}
+
+/// A hostPath PersistentVolume bound to `claim`, its directory owned by `owner` (root otherwise).
+async fn store_volume(node: &node::Node, env: &TestEnv, claim: &str, owner: Option<u32>) {
+    let dir = node
+        .state
+        .join(format!("volumes/{}/{claim}", env.namespace));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, owner, owner).unwrap();
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": format!("{claim}-{}", env.namespace)},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "claimRef": {"namespace": env.namespace, "name": claim},
+            "hostPath": {"path": dir.to_str().unwrap(), "type": "Directory"}
+        }
+    }))
+    .unwrap();
+    Api::<PersistentVolume>::all(env.client.clone())
+        .create(&kube::api::PostParams::default(), &volume)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_store_volume_kiln_cannot_write_is_named_in_the_table_status() {
+    let node = node::node().await;
+    let env = node.test_env("store").await;
+    support::create_string_secret(
+        &env,
+        "clay-accounts",
+        &[
+            ("webhook-url", "http://clay.invalid/hook"),
+            ("callback-token", "callback-secret"),
+            ("api-token", "api-secret"),
+        ],
+    )
+    .await;
+    store_volume(node, &env, "account-lookup-store", None).await;
+    node::apply_yaml(
+        &env.client,
+        Some(&env.namespace),
+        &example_without_secrets("direct.yaml"),
+        "kiln-node-test",
+    )
+    .await;
+    let tables = env.api::<EnrichmentTable>();
+    let message = wait::until_within(
+        "WorkersAvailable=False/PodsFailing",
+        POD_TIMEOUT,
+        || async {
+            let table = tables.get("account-lookup").await.ok()?;
+            let condition = table
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "WorkersAvailable" && c.reason == "PodsFailing")?;
+            Some(condition.message)
+        },
+    )
+    .await;
+    assert!(message.contains("not writable by uid 65532"), "{message}");
+    assert!(message.contains("CrashLoopBackOff"), "{message}");
+}
+
+#[tokio::test]
+async fn direct_enrich_answers_through_its_service_before_and_after_the_pod_moves() {
+    let node = node::node().await;
+    let env = node.test_env("direct").await;
+    let webhook = clay_sim_pod(&env, "account-lookup-receiver", None, "callback-secret").await;
+    support::create_string_secret(
+        &env,
+        "clay-accounts",
+        &[
+            ("webhook-url", &webhook),
+            ("callback-token", "callback-secret"),
+            ("api-token", "api-secret"),
+        ],
+    )
+    .await;
+    // A local volume for the receiver's store, its directory owned by Kiln's
+    // user: hostPath and local volumes ignore fsGroup.
+    store_volume(node, &env, "account-lookup-store", Some(65532)).await;
+    node::apply_yaml(
+        &env.client,
+        Some(&env.namespace),
+        &example_without_secrets("direct.yaml"),
+        "kiln-node-test",
+    )
+    .await;
+    let tables = env.api::<EnrichmentTable>();
+    wait_condition(&tables, "account-lookup", "Provisioned", "True").await;
+    let url = format!(
+        "http://{}:8080",
+        cluster_ip(&env, "account-lookup-receiver").await
+    );
+    let enrich = |domain: &'static str| {
+        let url = url.clone();
+        async move {
+            wait::until_within(&format!("/v1/enrich {domain}"), POD_TIMEOUT, || async {
+                let response = reqwest::Client::new()
+                    .post(format!("{url}/v1/enrich"))
+                    .bearer_auth("api-secret")
+                    .json(&json!({"domain": domain}))
+                    .send()
+                    .await
+                    .ok()?;
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.ok()?;
+                (status == 200).then_some(body)
+            })
+            .await
+        }
+    };
+    let first = enrich("example.com").await;
+    assert_eq!(
+        first["result"]["domain"], "example.com",
+        "the enriched record: {first}"
+    );
+
+    let pods: Api<Pod> = env.api();
+    let selector = "app.kubernetes.io/instance=account-lookup,app.kubernetes.io/component=receiver";
+    let before = pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .unwrap();
+    let old = before.items[0].metadata.name.clone().unwrap();
+    pods.delete(&old, &DeleteParams::default()).await.unwrap();
+    wait::until_within("the receiver pod replaced", POD_TIMEOUT, || async {
+        let now = pods
+            .list(&ListParams::default().labels(selector))
+            .await
+            .ok()?;
+        let replaced = now
+            .items
+            .iter()
+            .all(|p| p.metadata.name.as_deref() != Some(old.as_str()));
+        (replaced && !now.items.is_empty()).then_some(())
+    })
+    .await;
+    let second = enrich("example.org").await;
+    assert_eq!(second["result"]["domain"], "example.org", "{second}");
+    // The store moved with the claim: the first row is answered from it.
+    let again = enrich("example.com").await;
+    assert_eq!(
+        again["result"]["kiln_row_id"], first["result"]["kiln_row_id"],
+        "{again}"
+    );
+    logs_are_json(
+        &env.client,
+        &env.namespace,
+        "app.kubernetes.io/managed-by=kiln-operator",
+    )
+    .await;
+}
