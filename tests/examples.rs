@@ -4,42 +4,21 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::discovery::pinned_kind;
-use serde::Deserialize;
+use kube::api::Api;
 
 use kiln::api::{CreditBudget, EnrichmentTable, RefreshSchedule};
 use support::{wait, wait_condition};
 
 async fn apply_file(env: &support::TestEnv, path: &str) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(path).unwrap();
-    let mut applied = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_yaml::Value::deserialize(document).unwrap();
-        if value.is_null() {
-            continue;
-        }
-        let object: DynamicObject = serde_yaml::from_value(value).unwrap();
-        let types = object.types.clone().unwrap();
-        let (group, version) = types
-            .api_version
-            .split_once('/')
-            .unwrap_or(("", &types.api_version));
-        let gvk = kube::core::GroupVersionKind::gvk(group, version, &types.kind);
-        let (resource, _) = pinned_kind(&env.client, &gvk).await.unwrap();
-        let api =
-            Api::<DynamicObject>::namespaced_with(env.client.clone(), &env.namespace, &resource);
-        let name = object.metadata.name.clone().unwrap();
-        api.patch(
-            &name,
-            &PatchParams::apply("kiln-examples-test"),
-            &Patch::Apply(&object),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{path}: applying {} {name}: {e}", types.kind));
-        applied.push((types.kind, name));
-    }
-    applied
+    let objects = support::yaml_documents(&text);
+    support::apply_objects(
+        &env.client,
+        Some(&env.namespace),
+        &objects,
+        "kiln-examples-test",
+    )
+    .await
 }
 
 #[tokio::test]

@@ -188,13 +188,21 @@ async fn helm_install_waits_for_every_replica_and_the_api_service_reaches_the_le
     logs_are_json(&client, KILN_NAMESPACE, "app.kubernetes.io/name=kiln").await;
 }
 
-/// examples/<file> without its Secrets (their values are placeholders).
-fn example_without_secrets(file: &str) -> Vec<kube::api::DynamicObject> {
+/// Applies examples/<file> without its Secrets (their values are
+/// placeholders; each test creates its own); returns (kind, name) of each.
+async fn apply_example(env: &TestEnv, file: &str) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(format!("examples/{file}")).unwrap();
-    node::yaml_documents(&text)
+    let objects: Vec<_> = support::yaml_documents(&text)
         .into_iter()
         .filter(|o| o.types.as_ref().is_some_and(|t| t.kind != "Secret"))
-        .collect()
+        .collect();
+    support::apply_objects(
+        &env.client,
+        Some(&env.namespace),
+        &objects,
+        "kiln-node-test",
+    )
+    .await
 }
 
 /// clay-sim as a pod, with one webhook source (requiring `source_token` when
@@ -323,13 +331,7 @@ async fn queue_rows_flow_through_pods_and_survive_losing_the_leader_pod() {
     .await;
     support::create_string_secret(&env, "crm-ingest", &[("token", "crm-secret")]).await;
     support::create_string_secret(&env, "redis", &[("url", &redis_url)]).await;
-    let applied = node::apply_yaml(
-        &env.client,
-        Some(&env.namespace),
-        &example_without_secrets("queue.yaml"),
-        "kiln-node-test",
-    )
-    .await;
+    let applied = apply_example(&env, "queue.yaml").await;
     assert_eq!(applied.len(), 3, "budget, table and schedule: {applied:?}");
 
     let tables = env.api::<EnrichmentTable>();
@@ -444,13 +446,7 @@ async fn a_store_volume_kiln_cannot_write_is_named_in_the_table_status() {
     )
     .await;
     store_volume(node, &env, "account-lookup-store", None).await;
-    node::apply_yaml(
-        &env.client,
-        Some(&env.namespace),
-        &example_without_secrets("direct.yaml"),
-        "kiln-node-test",
-    )
-    .await;
+    apply_example(&env, "direct.yaml").await;
     let tables = env.api::<EnrichmentTable>();
     let message = wait::until_within(
         "WorkersAvailable=False/PodsFailing",
@@ -488,13 +484,7 @@ async fn direct_enrich_answers_through_its_service_before_and_after_the_pod_move
     // A local volume for the receiver's store, its directory owned by Kiln's
     // user: hostPath and local volumes ignore fsGroup.
     store_volume(node, &env, "account-lookup-store", Some(65532)).await;
-    node::apply_yaml(
-        &env.client,
-        Some(&env.namespace),
-        &example_without_secrets("direct.yaml"),
-        "kiln-node-test",
-    )
-    .await;
+    apply_example(&env, "direct.yaml").await;
     let tables = env.api::<EnrichmentTable>();
     wait_condition(&tables, "account-lookup", "Provisioned", "True").await;
     let url = format!(

@@ -75,6 +75,11 @@ impl TestEnv {
 pub async fn test_env(test_name: &str) -> TestEnv {
     let plane = control_plane().await;
     let client = plane.client().await.expect("building a client");
+    env_in_new_namespace(client, test_name).await
+}
+
+/// A new namespace named after the test, on the cluster `client` talks to.
+pub async fn env_in_new_namespace(client: kube::Client, test_name: &str) -> TestEnv {
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
     let namespace = format!("{}-{suffix}", test_name.replace('_', "-"));
     let ns = Namespace {
@@ -89,6 +94,53 @@ pub async fn test_env(test_name: &str) -> TestEnv {
         .await
         .expect("creating the test namespace");
     TestEnv { client, namespace }
+}
+
+/// The YAML documents of a manifest file, as dynamic objects.
+pub fn yaml_documents(text: &str) -> Vec<kube::api::DynamicObject> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|document| serde_yaml::Value::deserialize(document).unwrap())
+        .filter(|value| !value.is_null())
+        .map(|value| serde_yaml::from_value(value).unwrap())
+        .collect()
+}
+
+/// Server-side applies objects of any kind; namespaced ones into `namespace`
+/// (or the namespace they name). Returns (kind, name) of each.
+pub async fn apply_objects(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    objects: &[kube::api::DynamicObject],
+    manager: &str,
+) -> Vec<(String, String)> {
+    use kube::api::DynamicObject;
+    use kube::discovery::{Scope, pinned_kind};
+    let mut applied = Vec::new();
+    for object in objects {
+        let types = object.types.clone().unwrap();
+        let (group, version) = types
+            .api_version
+            .split_once('/')
+            .unwrap_or(("", &types.api_version));
+        let gvk = kube::core::GroupVersionKind::gvk(group, version, &types.kind);
+        let (resource, capabilities) = pinned_kind(client, &gvk).await.unwrap();
+        let name = object.metadata.name.clone().unwrap();
+        let api = match capabilities.scope {
+            Scope::Cluster => Api::<DynamicObject>::all_with(client.clone(), &resource),
+            Scope::Namespaced => {
+                let ns = namespace
+                    .or(object.metadata.namespace.as_deref())
+                    .expect("a namespace for a namespaced object");
+                Api::namespaced_with(client.clone(), ns, &resource)
+            }
+        };
+        api.patch(&name, &PatchParams::apply(manager), &Patch::Apply(object))
+            .await
+            .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
+        applied.push((types.kind, name));
+    }
+    applied
 }
 
 /// Applies Kiln's CRDs (server-side) and waits until each is Established.

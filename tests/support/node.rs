@@ -10,10 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Node as KubeNode};
-use kube::api::{Api, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::discovery::{Scope, pinned_kind};
-use serde::Deserialize;
+use k8s_openapi::api::core::v1::Node as KubeNode;
+use kube::api::Api;
 use tokio::sync::OnceCell;
 
 use super::{TestEnv, wait};
@@ -56,7 +54,13 @@ pub async fn node() -> &'static Node {
         })
         .await;
         let dns = std::fs::read_to_string("tests/node/coredns.yaml").unwrap();
-        apply_yaml(&client, None, &yaml_documents(&dns), "kiln-node-test").await;
+        super::apply_objects(
+            &client,
+            None,
+            &super::yaml_documents(&dns),
+            "kiln-node-test",
+        )
+        .await;
         wait_available(&client, "kube-system", "coredns").await;
         node.helm_install_kiln();
         node
@@ -73,21 +77,7 @@ impl Node {
 
     /// A fresh namespace on the node, with a client bound to the calling test's runtime.
     pub async fn test_env(&self, name: &str) -> TestEnv {
-        let client = self.client().await;
-        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
-        let namespace = format!("{name}-{suffix}");
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(namespace.clone()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("creating the test namespace");
-        TestEnv { client, namespace }
+        super::env_in_new_namespace(self.client().await, name).await
     }
 
     /// `helm install --wait` of charts/kiln with its defaults: the image is
@@ -135,50 +125,6 @@ pub async fn wait_available(client: &kube::Client, namespace: &str, name: &str) 
         },
     )
     .await
-}
-
-/// The YAML documents of a manifest file, as dynamic objects.
-pub fn yaml_documents(text: &str) -> Vec<DynamicObject> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|document| serde_yaml::Value::deserialize(document).unwrap())
-        .filter(|value| !value.is_null())
-        .map(|value| serde_yaml::from_value(value).unwrap())
-        .collect()
-}
-
-/// Server-side applies objects of any kind; namespaced ones into `namespace`
-/// (or the namespace they name). Returns (kind, name) of each.
-pub async fn apply_yaml(
-    client: &kube::Client,
-    namespace: Option<&str>,
-    objects: &[DynamicObject],
-    manager: &str,
-) -> Vec<(String, String)> {
-    let mut applied = Vec::new();
-    for object in objects {
-        let types = object.types.clone().unwrap();
-        let (group, version) = types
-            .api_version
-            .split_once('/')
-            .unwrap_or(("", &types.api_version));
-        let gvk = kube::core::GroupVersionKind::gvk(group, version, &types.kind);
-        let (resource, capabilities) = pinned_kind(client, &gvk).await.unwrap();
-        let name = object.metadata.name.clone().unwrap();
-        let api = match capabilities.scope {
-            Scope::Cluster => Api::<DynamicObject>::all_with(client.clone(), &resource),
-            Scope::Namespaced => {
-                let ns = namespace
-                    .or(object.metadata.namespace.as_deref())
-                    .expect("a namespace for a namespaced object");
-                Api::namespaced_with(client.clone(), ns, &resource)
-            }
-        };
-        api.patch(&name, &PatchParams::apply(manager), &Patch::Apply(object))
-            .await
-            .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
-        applied.push((types.kind, name));
-    }
-    applied
 }
 
 /// Runs a script of this repository, its stderr into `log`; stdout's lines.
