@@ -88,7 +88,9 @@ async fn main() {
                 LedgerClient::new(
                     vec![endpoint.clone()],
                     TokenSource::Static(SecretString::new(token.clone())),
-                ),
+                    None,
+                )
+                .expect("a ledger client"),
             )
         })
         .collect();

@@ -33,6 +33,27 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_with(listener, app, None, shutdown).await
+}
+
+/// [`serve`] over TLS, each new connection with the latest configuration
+/// `tls` holds (so a re-issued certificate applies without a restart). The
+/// handshake must finish within the header-read timeout.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    tls: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve_with(listener, app, Some(tls), shutdown).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let app = app.layer(RequestBodyTimeoutLayer::new(BODY_READ_TIMEOUT));
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
@@ -57,16 +78,39 @@ pub async fn serve(
             );
             continue;
         };
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            // A client hanging up mid-request is its business.
-            let _ = connection.await;
-            drop(permit);
-        });
+        let service = TowerToHyperService::new(app.clone());
+        let http = || {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+        };
+        // A client hanging up mid-request (or mid-handshake) is its business.
+        match &tls {
+            None => {
+                let connection =
+                    graceful.watch(http().serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                    drop(permit);
+                });
+            }
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream));
+                    if let Ok(Ok(stream)) = handshake.await {
+                        let _ = watcher
+                            .watch(http().serve_connection(TokioIo::new(stream), service))
+                            .await;
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
     tokio::select! {

@@ -10,43 +10,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::Message as _;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use serde_json::json;
 
 use kiln::api::CreditBudget;
 use support::event::{Event, event, produce};
+use support::kafka::read_topic;
 use support::pipeline::{FAULTY_CLAY, QUICK_CLAY};
 use support::wait;
-
-/// Reads a topic from the beginning with a fresh group until `until` holds
-/// for what was read (or the deadline passes), and returns the records.
-async fn read_topic(
-    bootstrap: &str,
-    topics: &[&str],
-    until: impl Fn(&[OwnedMessage]) -> bool,
-) -> Vec<OwnedMessage> {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set(
-            "group.id",
-            format!("test-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(topics).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
-    let mut read = Vec::new();
-    while !until(&read) && tokio::time::Instant::now() < deadline {
-        if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
-        {
-            read.push(message.detach());
-        }
-    }
-    read
-}
 
 fn header(message: &OwnedMessage, name: &str) -> String {
     kiln::dataplane::kafka::header(message, name).unwrap_or_default()

@@ -71,7 +71,9 @@ fn ledger(ports: &[u16], token: SecretString) -> LedgerClient {
             .map(|p| format!("http://127.0.0.1:{p}"))
             .collect(),
         TokenSource::Static(token),
+        None,
     )
+    .unwrap()
 }
 
 fn credits(data: f64) -> CreditCost {

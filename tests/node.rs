@@ -15,53 +15,51 @@ use kube::api::{Api, DeleteParams, ListParams, LogParams};
 use serde_json::{Value, json};
 
 use kiln::api::{EnrichmentTable, RefreshSchedule};
-use support::node::{self, KILN_NAMESPACE, KILN_RELEASE};
+use kiln::devenv::node::{
+    self, CLAY_SIM_ARGS, KILN_NAMESPACE, KILN_RELEASE, NodeCluster, REDIS_ARGS, REDIS_IMAGE,
+    kiln_image, service_deployment,
+};
+use kube::api::DynamicObject;
+use support::node::{node as test_node, setting, test_env};
 use support::{TestEnv, wait, wait_condition};
 
 /// Pods start, pull nothing and probe: minutes on a loaded 2-core machine at worst.
 const POD_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// A Deployment of one container and a Service in front of it.
+/// Waits until the table's pods serve and it reports Ready=True.
+async fn wait_ready(env: &TestEnv, table: &str) {
+    let tables = env.api::<EnrichmentTable>();
+    wait::until_within(&format!("table {table} Ready"), POD_TIMEOUT, || async {
+        let table = tables.get(table).await.ok()?;
+        let conditions = table.status?.conditions;
+        conditions
+            .into_iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+}
+
+/// A Deployment of one container and a Service in front of it, available.
 async fn deploy(env: &TestEnv, name: &str, image: &str, args: &[&str], port: u16) {
-    support::create::<k8s_openapi::api::apps::v1::Deployment>(
-        env,
-        json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name},
-            "spec": {
-                "selector": {"matchLabels": {"app": name}},
-                "template": {
-                    "metadata": {"labels": {"app": name}},
-                    "spec": {"containers": [{
-                        "name": name, "image": image, "imagePullPolicy": "IfNotPresent",
-                        "args": args, "ports": [{"containerPort": port}],
-                        "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1}
-                    }]}
-                }
-            }
-        }),
-    )
-    .await;
-    support::create::<Service>(
-        env,
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name},
-            "spec": {"selector": {"app": name}, "ports": [{"port": port}]}
-        }),
-    )
-    .await;
-    node::wait_available(&env.client, &env.namespace, name).await;
+    for object in service_deployment(name, image, args, port) {
+        let object: DynamicObject = serde_json::from_value(object).unwrap();
+        support::apply_objects(
+            &env.client,
+            Some(&env.namespace),
+            &[object],
+            "kiln-node-test",
+        )
+        .await;
+    }
+    node::wait_available(&env.client, &env.namespace, name)
+        .await
+        .unwrap();
 }
 
 async fn cluster_ip(env: &TestEnv, service: &str) -> String {
     let service = env.api::<Service>().get(service).await.unwrap();
     service.spec.unwrap().cluster_ip.unwrap()
-}
-
-/// Kiln's image as the chart names it by default.
-fn kiln_image() -> String {
-    format!("ghcr.io/kiln-dev/kiln:{}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Every line every container of the selected pods logged is a JSON object.
@@ -158,9 +156,11 @@ async fn leader_behind_the_service(client: &kube::Client) -> (String, String) {
 
 #[tokio::test]
 async fn helm_install_waits_for_every_replica_and_the_api_service_reaches_the_leader() {
-    let node = node::node().await;
-    let client = node.client().await;
-    let deployment = node::wait_available(&client, KILN_NAMESPACE, KILN_RELEASE).await;
+    let node = test_node().await;
+    let client = node.client().await.unwrap();
+    let deployment = node::wait_available(&client, KILN_NAMESPACE, KILN_RELEASE)
+        .await
+        .unwrap();
     assert_eq!(
         deployment.status.unwrap().ready_replicas,
         Some(2),
@@ -213,24 +213,7 @@ async fn clay_sim_pod(
     source_token: Option<&str>,
     callback_token: &str,
 ) -> String {
-    deploy(
-        env,
-        "clay-sim",
-        &kiln_image(),
-        &[
-            "--log-format",
-            "json",
-            "clay-sim",
-            "--listen",
-            "0.0.0.0:8780",
-            "--latency-min-ms",
-            "50",
-            "--latency-max-ms",
-            "300",
-        ],
-        8780,
-    )
-    .await;
+    deploy(env, "clay-sim", &kiln_image(), CLAY_SIM_ARGS, 8780).await;
     let sim = format!("http://{}:8780", cluster_ip(env, "clay-sim").await);
     let callback = format!(
         "http://{receiver}.{}.svc:8080/v1/clay/callback",
@@ -292,25 +275,9 @@ async fn stream_length(redis_url: &str, stream: &str) -> Option<u64> {
 
 #[tokio::test]
 async fn queue_rows_flow_through_pods_and_survive_losing_the_leader_pod() {
-    let node = node::node().await;
-    let env = node.test_env("queue").await;
-    deploy(
-        &env,
-        "redis",
-        "localhost/kiln/redis:local",
-        &[
-            "--bind",
-            "0.0.0.0",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        6379,
-    )
-    .await;
+    let node = test_node().await;
+    let env = test_env(node, "queue").await;
+    deploy(&env, "redis", REDIS_IMAGE, REDIS_ARGS, 6379).await;
     let webhook = clay_sim_pod(
         &env,
         "inbound-leads-receiver",
@@ -408,7 +375,7 @@ async fn queue_rows_flow_through_pods_and_survive_losing_the_leader_pod() {
 }
 
 /// A hostPath PersistentVolume bound to `claim`, its directory owned by `owner` (root otherwise).
-async fn store_volume(node: &node::Node, env: &TestEnv, claim: &str, owner: Option<u32>) {
+async fn store_volume(node: &NodeCluster, env: &TestEnv, claim: &str, owner: Option<u32>) {
     let dir = node
         .state
         .join(format!("volumes/{}/{claim}", env.namespace));
@@ -432,9 +399,85 @@ async fn store_volume(node: &node::Node, env: &TestEnv, claim: &str, owner: Opti
 }
 
 #[tokio::test]
+async fn event_records_flow_from_kafka_through_pods_to_the_result_topic() {
+    let node = test_node().await;
+    let env = test_env(node, "event").await;
+    // The broker runs on the host, listening on the node's address.
+    let kafka = support::kafka::start_kafka_on("node-event", &setting("NODE_IP")).await;
+    deploy(&env, "redis", REDIS_IMAGE, REDIS_ARGS, 6379).await;
+    let webhook = clay_sim_pod(
+        &env,
+        "contact-stream-receiver",
+        Some("source-token"),
+        "callback-secret",
+    )
+    .await;
+    support::create_string_secret(
+        &env,
+        "clay-contacts",
+        &[
+            ("webhook-url-1", &webhook),
+            ("webhook-url-2", &webhook),
+            ("webhook-token", "source-token"),
+            ("callback-token", "callback-secret"),
+        ],
+    )
+    .await;
+    let redis_url = format!("redis://redis.{}.svc:6379/0", env.namespace);
+    support::create_string_secret(&env, "redis", &[("url", &redis_url)]).await;
+    // examples/event.yaml, pointed at this broker (plain text, no SASL) and
+    // sized for one node.
+    let text = std::fs::read_to_string("examples/event.yaml").unwrap();
+    let mut objects: Vec<_> = support::yaml_documents(&text)
+        .into_iter()
+        .filter(|o| {
+            o.types
+                .as_ref()
+                .is_some_and(|t| t.kind == "CreditBudget" || t.kind == "EnrichmentTable")
+        })
+        .collect();
+    let table = objects
+        .iter_mut()
+        .find(|o| o.types.as_ref().unwrap().kind == "EnrichmentTable")
+        .unwrap();
+    table.data["spec"]["source"]["kafka"] =
+        json!({"brokers": [kafka.bootstrap], "topic": "contacts.raw"});
+    table.data["spec"]["workers"] = json!({"replicas": 1, "concurrency": 16});
+    table.data["spec"]["receiver"] = json!({"replicas": 1});
+    support::apply_objects(
+        &env.client,
+        Some(&env.namespace),
+        &objects,
+        "kiln-node-test",
+    )
+    .await;
+    wait_ready(&env, "contact-stream").await;
+
+    let records: Vec<Value> = (0..40)
+        .map(|i| json!({"email": format!("contact{i}@example.com"), "company": format!("Co {i}")}))
+        .collect();
+    support::event::produce(&kafka.bootstrap, "contacts.raw", &records).await;
+    let enriched = support::kafka::read_topic(&kafka.bootstrap, &["contacts.enriched"], |read| {
+        read.len() >= 40
+    })
+    .await;
+    assert_eq!(
+        enriched.len(),
+        40,
+        "every record enriched once onto the result topic"
+    );
+    logs_are_json(
+        &env.client,
+        &env.namespace,
+        "app.kubernetes.io/managed-by=kiln-operator",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_store_volume_kiln_cannot_write_is_named_in_the_table_status() {
-    let node = node::node().await;
-    let env = node.test_env("store").await;
+    let node = test_node().await;
+    let env = test_env(node, "store").await;
     support::create_string_secret(
         &env,
         "clay-accounts",
@@ -468,8 +511,8 @@ async fn a_store_volume_kiln_cannot_write_is_named_in_the_table_status() {
 
 #[tokio::test]
 async fn direct_enrich_answers_through_its_service_before_and_after_the_pod_moves() {
-    let node = node::node().await;
-    let env = node.test_env("direct").await;
+    let node = test_node().await;
+    let env = test_env(node, "direct").await;
     let webhook = clay_sim_pod(&env, "account-lookup-receiver", None, "callback-secret").await;
     support::create_string_secret(
         &env,

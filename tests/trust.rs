@@ -1,6 +1,6 @@
 //! Outside input at Kiln's edges, against running processes: blank tokens,
-//! slow clients, malformed waits, oversized and keyless batches, and a
-//! SIGTERM while a request is half sent.
+//! slow clients, malformed waits, oversized and keyless batches, a SIGTERM
+//! while a request is half sent, and the lease API's TLS.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -233,4 +233,67 @@ async fn a_blank_token_secret_is_a_named_condition_and_the_data_plane_will_not_s
         log.contains("ingest-token") && log.contains("is empty or only whitespace"),
         "{log}"
     );
+}
+
+/// The lease API's CA from the Secret the operator keeps, once it exists.
+async fn lease_api_ca(env: &support::TestEnv) -> String {
+    let secrets = env.api::<Secret>();
+    wait::until("the lease API's TLS Secret", || async {
+        let secret = secrets.get_opt("kiln-operator-tls").await.ok()??;
+        let ca = secret.data?.get("ca.crt")?.0.clone();
+        String::from_utf8(ca).ok()
+    })
+    .await
+}
+
+/// POSTs an empty, unauthenticated lease request; the status, or None when
+/// no HTTP answer came (refused connection, failed handshake).
+async fn lease_status(client: &reqwest::Client, url: &str) -> Option<u16> {
+    let response = client
+        .post(format!("{url}/v1/lease"))
+        .json(&json!({}))
+        .send()
+        .await;
+    response.ok().map(|r| r.status().as_u16())
+}
+
+#[tokio::test]
+async fn the_lease_api_speaks_only_tls_with_a_ca_that_outlives_the_leader() {
+    let env = support::test_env("lease-tls").await;
+    support::install_kiln_crds(&env.client).await;
+    let https = ["--operator-url", "https://127.0.0.1:8443"];
+    let mut first = support::start_operator_in(&env.namespace, "op-tls-1", &https, "info").await;
+    let ca = lease_api_ca(&env).await;
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{}", first.api_port);
+    let status = wait::until("an answer over TLS", || lease_status(&trusting, &url)).await;
+    assert_eq!(
+        status, 401,
+        "TLS up, and still no work for an unauthenticated caller"
+    );
+
+    let untrusting = reqwest::Client::new();
+    assert_eq!(
+        lease_status(&untrusting, &url).await,
+        None,
+        "a client without Kiln's CA refuses the certificate"
+    );
+    let plain = format!("http://127.0.0.1:{}", first.api_port);
+    assert_eq!(
+        lease_status(&untrusting, &plain).await,
+        None,
+        "plain HTTP gets no answer"
+    );
+
+    // A new leader serves with a certificate from the same CA: pods keep
+    // trusting it across failovers.
+    let second = support::start_operator_in(&env.namespace, "op-tls-2", &https, "info").await;
+    first.process.kill_hard();
+    let url = format!("https://127.0.0.1:{}", second.api_port);
+    let status = wait::until("the new leader over TLS", || lease_status(&trusting, &url)).await;
+    assert_eq!(status, 401);
+    assert_eq!(lease_api_ca(&env).await, ca, "the CA is kept");
 }

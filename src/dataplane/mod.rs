@@ -43,6 +43,10 @@ pub struct LedgerArgs {
     /// This process's name in reservations and consumer groups (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// PEM CA certificate the lease API's serving certificate is checked
+    /// against (https operator URLs); the operator puts it in pod templates.
+    #[arg(long, env = "KILN_OPERATOR_CA", hide_env_values = true)]
+    pub operator_ca: Option<String>,
 }
 
 impl LedgerArgs {
@@ -52,10 +56,11 @@ impl LedgerArgs {
             .unwrap_or_else(|| format!("kiln-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
     }
 
-    pub fn ledger(&self) -> LedgerClient {
+    pub fn ledger(&self) -> anyhow::Result<LedgerClient> {
         LedgerClient::new(
             self.operator_url.clone(),
             TokenSource::File(self.ledger_token_file.clone()),
+            self.operator_ca.as_deref(),
         )
     }
 }
@@ -93,8 +98,12 @@ impl DataplaneArgs {
     }
 
     /// This process's credit lease on the table's budget.
-    pub fn lease(&self, runtime: &TableRuntime, identity: &str) -> Arc<CreditLease> {
-        CreditLease::start(
+    pub fn lease(
+        &self,
+        runtime: &TableRuntime,
+        identity: &str,
+    ) -> anyhow::Result<Arc<CreditLease>> {
+        Ok(CreditLease::start(
             LeaseTarget {
                 namespace: runtime.namespace.clone(),
                 budget: runtime.table.spec.budget_ref.name.clone(),
@@ -102,8 +111,8 @@ impl DataplaneArgs {
                 holder: identity.to_string(),
             },
             &runtime.table.spec.clay.credits_per_row,
-            self.ledger.ledger(),
-        )
+            self.ledger.ledger()?,
+        ))
     }
 }
 

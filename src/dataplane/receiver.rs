@@ -156,7 +156,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     let redis_url = runtime.redis_url.clone();
     let runtime = super::follow(client, runtime);
     let identity = args.common.identity();
-    let lease = args.common.lease(&runtime.borrow(), &identity);
+    let lease = args.common.lease(&runtime.borrow(), &identity)?;
     let rows = match redis_url {
         Some(url) if !direct_tier => Rows::Redis(
             RedisStore::connect(url.expose(), Keys::new(&namespace, &name))
@@ -341,27 +341,45 @@ fn authorize(
     Ok(runtime)
 }
 
-/// A JSON object, or a non-empty array of at most `max` objects.
+/// Rows of a request body: a JSON object, or a non-empty array of at most
+/// `max` objects (then `true`: the caller sent a batch). None otherwise.
+pub fn rows_of_body(body: &[u8], max: usize) -> Option<(Vec<Value>, bool)> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(row)) => Some((vec![Value::Object(row)], false)),
+        Ok(Value::Array(rows))
+            if !rows.is_empty() && rows.len() <= max && rows.iter().all(Value::is_object) =>
+        {
+            Some((rows, true))
+        }
+        _ => None,
+    }
+}
+
 fn parse_rows(
     receiver: &Receiver,
     body: &[u8],
     endpoint: &'static str,
     max: usize,
 ) -> Result<(Vec<Value>, bool), Box<Response>> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(row)) => Ok((vec![Value::Object(row)], false)),
-        Ok(Value::Array(rows))
-            if !rows.is_empty() && rows.len() <= max && rows.iter().all(Value::is_object) =>
-        {
-            Ok((rows, true))
-        }
-        _ => {
-            receiver.count(endpoint, "invalid");
-            Err(Box::new(reply(
-                StatusCode::BAD_REQUEST,
-                json!({"error": format!("body must be a JSON object or an array of 1 to {max} objects")}),
-            )))
-        }
+    rows_of_body(body, max).ok_or_else(|| {
+        receiver.count(endpoint, "invalid");
+        Box::new(reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("body must be a JSON object or an array of 1 to {max} objects")}),
+        ))
+    })
+}
+
+/// A Clay callback body: the result object and the row id it echoes
+/// (non-empty), or why it is refused.
+pub fn callback_of_body(body: &[u8]) -> Result<(String, Value), &'static str> {
+    let result = match serde_json::from_slice::<Value>(body) {
+        Ok(value @ Value::Object(_)) => value,
+        _ => return Err("body must be a JSON object"),
+    };
+    match result.get("kiln_row_id").and_then(Value::as_str) {
+        Some(row_id) if !row_id.is_empty() => Ok((row_id.to_string(), result)),
+        _ => Err("kiln_row_id is missing: the HTTP API column must echo it"),
     }
 }
 
@@ -560,26 +578,12 @@ async fn callback(
             json!({"error": format!("missing or wrong {CALLBACK_TOKEN_HEADER} header")}),
         );
     }
-    let result = match serde_json::from_slice::<Value>(&body) {
-        Ok(value @ Value::Object(_)) => value,
-        _ => {
+    let (row_id, result) = match callback_of_body(&body) {
+        Ok(callback) => callback,
+        Err(problem) => {
             receiver.count("callback", "invalid");
-            return reply(
-                StatusCode::BAD_REQUEST,
-                json!({"error": "body must be a JSON object"}),
-            );
+            return reply(StatusCode::BAD_REQUEST, json!({"error": problem}));
         }
-    };
-    let Some(row_id) = result
-        .get("kiln_row_id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-    else {
-        receiver.count("callback", "invalid");
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "kiln_row_id is missing: the HTTP API column must echo it"}),
-        );
     };
     let reported = result
         .pointer(&runtime.table.spec.clay.cost_pointer)

@@ -110,7 +110,7 @@ pub async fn run(args: RefreshArgs) -> anyhow::Result<RefreshRunCounts> {
         }
     } else {
         let identity = args.ledger.identity();
-        let ledger = args.ledger.ledger();
+        let ledger = args.ledger.ledger()?;
         let lease = format!(
             "refresh-{name}-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]

@@ -158,7 +158,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let dead_letter = super::dead_letter_stream(&runtime);
     let runtime = super::follow(client, runtime);
     let identity = args.common.identity();
-    let lease = args.common.lease(&runtime.borrow(), &identity);
+    let lease = args.common.lease(&runtime.borrow(), &identity)?;
     let attempts = Arc::new(Attempts {
         live: Live::follow(runtime.clone(), Arc::new(store.clone()), &lease),
         rows: Arc::new(RedisPendingRows {

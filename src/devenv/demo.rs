@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, ObjectMeta, Patch, PatchParams};
-use kube::discovery::pinned_kind;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -38,14 +37,22 @@ pub struct DemoArgs {
     /// environment up until Ctrl-C (for scripts).
     #[arg(long)]
     pub exit: bool,
+    /// Run Kiln in real pods: a one-node cluster on this machine (kubelet,
+    /// containerd, kube-proxy, CoreDNS), the image built from this binary,
+    /// `helm install` of the chart. Needs root and a Kiln checkout.
+    #[arg(long, conflicts_with = "use_current_cluster")]
+    pub node: bool,
 }
 
-const TABLE: &str = "inbound-leads";
+pub(super) const TABLE: &str = "inbound-leads";
 const BUDGET: &str = "sales";
-const FIELD_MANAGER: &str = "kiln-demo";
+pub(super) const FIELD_MANAGER: &str = "kiln-demo";
 
 /// Runs the demo; Ctrl-C stops it early, cleaning up the same way.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.node {
+        return super::node_demo::run(args).await;
+    }
     let workdir = tempfile::Builder::new()
         .prefix("kiln-demo-")
         .tempdir()?
@@ -82,7 +89,7 @@ fn kiln_command(kubeconfig: &Path) -> Command {
     command
 }
 
-fn step(message: &str) {
+pub(super) fn step(message: &str) {
     println!("==> {message}");
 }
 
@@ -230,26 +237,7 @@ async fn demo(
             json!({"url": format!("redis://127.0.0.1:{redis_port}/0")}),
         ),
     ]);
-    let example =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/queue.yaml"))?;
-    for document in serde_yaml::Deserializer::from_str(&example) {
-        let mut value = serde_json::to_value(serde_yaml::Value::deserialize(document)?)?;
-        if value.is_null() {
-            continue;
-        }
-        if value["kind"] == "Secret"
-            && let Some(local) =
-                local_values.get(value["metadata"]["name"].as_str().unwrap_or_default())
-        {
-            value["stringData"] = local.clone();
-        }
-        if value["kind"] == "EnrichmentTable" {
-            // The demo has one clay-sim workspace: stay under its 20 rows/s.
-            value["spec"]["clay"]["rateLimit"] = json!({"rowsPerSecond": 18, "burst": 18});
-            value["spec"]["clay"]["resultTimeout"] = json!("30s");
-        }
-        apply(&client, &args.namespace, serde_json::from_value(value)?).await?;
-    }
+    apply_queue_example(&client, &args.namespace, &local_values).await?;
 
     step(
         "starting the worker and receiver as their pod templates say, with the table's ServiceAccount",
@@ -292,24 +280,89 @@ async fn demo(
         processes.push(ManagedProcess::spawn(role, command, workdir)?);
     }
 
-    let leads: Vec<Value> = (0..args.leads)
-        .map(|i| {
-            let n = if i % 10 == 9 { i - 9 } else { i };
-            json!({"email": format!("lead{n}@example.com"), "company": format!("Company {}", n % 37), "source": "demo"})
-        })
-        .collect();
+    let leads = sample_leads(args.leads);
     step(&format!(
         "pushing {} sample leads to POST /v1/rows",
         leads.len()
     ));
+    push_leads(
+        &format!("http://127.0.0.1:{receiver_port}/v1/rows"),
+        &ingest_token,
+        &leads,
+    )
+    .await?;
+
+    follow_enrichment(
+        &client,
+        &args.namespace,
+        &format!("redis://127.0.0.1:{redis_port}"),
+        &sim_url,
+        args.leads,
+    )
+    .await?;
+    let namespace = &args.namespace;
+    println!(
+        "\nDone in {:.0} s. While it runs, in another terminal:\n  export KUBECONFIG={}\n  kubectl -n {namespace} get enrichmenttables,creditbudgets,refreshschedules\n  kubectl -n {namespace} describe enrichmenttable {TABLE}\n  redis-cli -p {redis_port} XRANGE leads:enriched - + COUNT 3      # the enriched rows\n  KUBECONFIG={} cargo run -q -- dlq list --table {table_arg}    # dead letters, if any\n  cargo run -q -- receiver --table {table_arg} --print-clay-template    # the Clay HTTP API column",
+        started.elapsed().as_secs_f64(),
+        kubeconfig.display(),
+        table_kubeconfig.display(),
+    );
+    Ok(())
+}
+
+/// Applies examples/queue.yaml to `namespace`, its Secrets' values replaced
+/// by `local_values` (Secret name → stringData), within one clay-sim's rate.
+pub(super) async fn apply_queue_example(
+    client: &kube::Client,
+    namespace: &str,
+    local_values: &BTreeMap<&str, Value>,
+) -> anyhow::Result<()> {
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/queue.yaml"))?;
+    let mut objects = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&example) {
+        let mut value = serde_json::to_value(serde_yaml::Value::deserialize(document)?)?;
+        if value.is_null() {
+            continue;
+        }
+        if value["kind"] == "Secret"
+            && let Some(local) =
+                local_values.get(value["metadata"]["name"].as_str().unwrap_or_default())
+        {
+            value["stringData"] = local.clone();
+        }
+        if value["kind"] == "EnrichmentTable" {
+            // The demo has one clay-sim workspace: stay under its 20 rows/s.
+            value["spec"]["clay"]["rateLimit"] = json!({"rowsPerSecond": 18, "burst": 18});
+            value["spec"]["clay"]["resultTimeout"] = json!("30s");
+        }
+        objects.push(serde_json::from_value(value)?);
+    }
+    super::node::apply_objects(client, Some(namespace), &objects, FIELD_MANAGER).await?;
+    Ok(())
+}
+
+/// Sample leads; a tenth of them repeat a key, to show de-duplication.
+pub(super) fn sample_leads(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let n = if i % 10 == 9 { i - 9 } else { i };
+            json!({"email": format!("lead{n}@example.com"), "company": format!("Company {}", n % 37), "source": "demo"})
+        })
+        .collect()
+}
+
+/// POSTs leads to a receiver's /v1/rows in chunks, waiting for it to accept.
+pub(super) async fn push_leads(url: &str, token: &str, leads: &[Value]) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
     for chunk in leads.chunks(50) {
         wait_for(
             "the receiver to accept rows",
-            Duration::from_secs(60),
+            Duration::from_secs(120),
             || async {
                 let response = http
-                    .post(format!("http://127.0.0.1:{receiver_port}/v1/rows"))
-                    .bearer_auth(&ingest_token)
+                    .post(url)
+                    .bearer_auth(token)
                     .json(&chunk)
                     .send()
                     .await
@@ -319,12 +372,24 @@ async fn demo(
         )
         .await?;
     }
+    Ok(())
+}
 
+/// Shows the enrichment's progress from the table's row store until every
+/// lead is delivered or dead-lettered, then what Clay charged and the three
+/// kinds as kubectl would list them.
+pub(super) async fn follow_enrichment(
+    client: &kube::Client,
+    namespace: &str,
+    redis_url: &str,
+    sim_url: &str,
+    leads: usize,
+) -> anyhow::Result<()> {
     step("enriching (Clay latency 0.3-1.5 s, rate-limited like a real workspace)");
-    let budgets = Api::<CreditBudget>::namespaced(client.clone(), &args.namespace);
+    let budgets = Api::<CreditBudget>::namespaced(client.clone(), namespace);
     let store = crate::dataplane::store::RedisStore::connect(
-        &format!("redis://127.0.0.1:{redis_port}"),
-        crate::dataplane::store::Keys::new(&args.namespace, TABLE),
+        redis_url,
+        crate::dataplane::store::Keys::new(namespace, TABLE),
     )
     .await?;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -352,7 +417,7 @@ async fn demo(
         );
         let done = delivered + dead;
         let rate = done as f64 / enriching.elapsed().as_secs_f64().max(0.1);
-        let eta = match args.leads as u64 - done.min(args.leads as u64) {
+        let eta = match leads as u64 - done.min(leads as u64) {
             0 => "done".to_string(),
             left if rate > 0.0 => format!("~{:.0}s left", left as f64 / rate),
             _ => "starting".to_string(),
@@ -362,7 +427,7 @@ async fn demo(
             rows.submitted, rows.deduplicated, used.0, used.1,
         );
         std::io::stdout().flush().ok();
-        if done >= args.leads as u64 {
+        if done >= leads as u64 {
             println!();
             break;
         }
@@ -373,7 +438,7 @@ async fn demo(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    let sim_stats: crate::clay::sim::SimStats = http
+    let sim_stats: crate::clay::sim::SimStats = reqwest::Client::new()
         .get(format!("{sim_url}/admin/stats"))
         .send()
         .await?
@@ -388,45 +453,8 @@ async fn demo(
     );
     step("kubectl get enrichmenttables,creditbudgets,refreshschedules");
     for plural in ["enrichmenttables", "creditbudgets", "refreshschedules"] {
-        print_table(&client, &args.namespace, plural).await?;
+        print_table(client, namespace, plural).await?;
     }
-    let namespace = &args.namespace;
-    println!(
-        "\nDone in {:.0} s. While it runs, in another terminal:\n  export KUBECONFIG={}\n  kubectl -n {namespace} get enrichmenttables,creditbudgets,refreshschedules\n  kubectl -n {namespace} describe enrichmenttable {TABLE}\n  redis-cli -p {redis_port} XRANGE leads:enriched - + COUNT 3      # the enriched rows\n  KUBECONFIG={} cargo run -q -- dlq list --table {table_arg}    # dead letters, if any\n  cargo run -q -- receiver --table {table_arg} --print-clay-template    # the Clay HTTP API column",
-        started.elapsed().as_secs_f64(),
-        kubeconfig.display(),
-        table_kubeconfig.display(),
-    );
-    Ok(())
-}
-
-async fn apply(
-    client: &kube::Client,
-    namespace: &str,
-    object: DynamicObject,
-) -> anyhow::Result<()> {
-    let types = object
-        .types
-        .clone()
-        .context("an object without apiVersion/kind")?;
-    let (group, version) = types
-        .api_version
-        .split_once('/')
-        .unwrap_or(("", &types.api_version));
-    let (resource, _) = pinned_kind(
-        client,
-        &kube::core::GroupVersionKind::gvk(group, version, &types.kind),
-    )
-    .await?;
-    let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
-    let name = object.metadata.name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&object),
-    )
-    .await
-    .with_context(|| format!("applying {} {name}", types.kind))?;
     Ok(())
 }
 
@@ -493,7 +521,11 @@ async fn print_table(client: &kube::Client, namespace: &str, plural: &str) -> an
 }
 
 /// Polls `check` until it yields, or fails after `timeout` naming `what`.
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+pub(super) async fn wait_for<F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<()>>,

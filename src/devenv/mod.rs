@@ -5,13 +5,21 @@
 pub mod certs;
 pub mod controlplane;
 pub mod demo;
+pub mod node;
+mod node_demo;
 pub mod process;
 
 use std::net::TcpListener;
 
-/// A loopback port that was free a moment ago. The socket is closed before the
-/// port is handed out, so a rare race with another process is possible; callers
-/// start their servers right away.
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    })
+}
+
 /// Makes sure `program` is on PATH: installs Debian's `package` when it is
 /// missing and this runs as root (as on a fresh development machine, where
 /// the README's commands must work as written); otherwise says the one
@@ -25,13 +33,8 @@ pub fn ensure_installed(program: &str, package: &str) -> anyhow::Result<()> {
     if present(program) {
         return Ok(());
     }
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-    });
     anyhow::ensure!(
-        root && present("apt-get"),
+        is_root() && present("apt-get"),
         "{program} is not installed; run `sudo apt-get install -y {package}` (or `bash .ci/install-deps`) and try again"
     );
     println!("==> installing {package} from Debian's packages (once)");
@@ -58,6 +61,9 @@ pub fn ensure_installed(program: &str, package: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A loopback port that was free a moment ago. The socket is closed before the
+/// port is handed out, so a rare race with another process is possible; callers
+/// start their servers right away.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -64,19 +64,29 @@ pub struct LedgerClient {
 }
 
 impl LedgerClient {
-    pub fn new(endpoints: Vec<String>, token: TokenSource) -> Self {
-        Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .expect("building the HTTP client"),
+    /// `ca`: a PEM CA certificate to trust for https endpoints (the
+    /// operator's own CA), besides the system's.
+    pub fn new(
+        endpoints: Vec<String>,
+        token: TokenSource,
+        ca: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        if let Some(ca) = ca.filter(|ca| !ca.trim().is_empty()) {
+            let certificate = reqwest::Certificate::from_pem(ca.as_bytes()).map_err(|e| {
+                anyhow::anyhow!("the operator CA (KILN_OPERATOR_CA) is not a PEM certificate: {e}")
+            })?;
+            http = http.add_root_certificate(certificate);
+        }
+        Ok(Self {
+            http: http.build()?,
             endpoints: endpoints
                 .into_iter()
                 .map(|e| e.trim_end_matches('/').to_string())
                 .collect(),
             token,
             patience: Duration::from_secs(10),
-        }
+        })
     }
 
     /// Sends a lease request. Retrying the same request is safe: the ledger

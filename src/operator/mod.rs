@@ -12,6 +12,7 @@ pub mod pod;
 pub mod rate;
 pub mod refresh;
 pub mod table;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -124,9 +125,19 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         }
     }
 
+    let tls = if args.operator_url.starts_with("https://") {
+        Some(
+            LeaseApiTls::prepare(&client, &args)
+                .await
+                .context("preparing the lease API's TLS certificate")?,
+        )
+    } else {
+        None
+    };
     let build = BuildConfig {
         default_image: args.image.clone(),
         operator_url: args.operator_url.clone(),
+        operator_ca: tls.as_ref().map(|t| t.ca_cert.clone()),
     };
     let skew = jiff::SignedDuration::from_secs(args.clock_skew_seconds);
     let ledger = Ledger::new(
@@ -147,7 +158,13 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let stop = futures::future::select(shutdown.clone(), lost.clone())
         .map(|_| ())
         .shared();
-    let lease_api = tokio::spawn(budget::api::serve(args.api_addr, ctx.clone(), stop.clone()));
+    let serving = tls.map(|tls| tls.keep_renewed(client.clone(), stop.clone()));
+    let lease_api = tokio::spawn(budget::api::serve(
+        args.api_addr,
+        ctx.clone(),
+        serving,
+        stop.clone(),
+    ));
     tokio::join!(
         table::run(ctx.clone(), stop.clone()),
         budget::run(ctx.clone(), stop.clone()),
@@ -172,4 +189,67 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     health.await??;
     tracing::info!("operator stopped");
     Ok(())
+}
+
+/// The lease API's certificate (https operator URLs): its CA for pod
+/// templates, and the serving configuration the leader keeps renewed.
+struct LeaseApiTls {
+    ca_cert: String,
+    material: tls::ServingMaterial,
+    namespace: String,
+    secret: String,
+    names: Vec<String>,
+}
+
+impl LeaseApiTls {
+    async fn prepare(client: &kube::Client, args: &OperatorArgs) -> anyhow::Result<Self> {
+        let names = tls::serving_names(&args.operator_url);
+        let secret = format!("{}-tls", args.lease_name);
+        let material = tls::ensure(client, &args.lease_namespace, &secret, &names).await?;
+        Ok(Self {
+            ca_cert: material.ca_cert.clone(),
+            material,
+            namespace: args.lease_namespace.clone(),
+            secret,
+            names,
+        })
+    }
+
+    /// The serving configuration, re-issued from the Secret when it nears
+    /// expiry, until `stop`.
+    fn keep_renewed(
+        self,
+        client: kube::Client,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>> {
+        let config = self
+            .material
+            .server_config()
+            .expect("a certificate Kiln issued parses");
+        let (sender, receiver) = tokio::sync::watch::channel(config);
+        tokio::spawn(async move {
+            let mut current = self.material;
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(tls::CHECK_EVERY) => {}
+                }
+                let renewed = tls::ensure(&client, &self.namespace, &self.secret, &self.names)
+                    .await
+                    .and_then(|m| Ok((m.server_config()?, m)));
+                match renewed {
+                    Ok((config, material)) if material != current => {
+                        current = material;
+                        let _ = sender.send(config);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(error = %format!("{error:#}"), "renewing the lease API certificate failed; serving the current one");
+                    }
+                }
+            }
+        });
+        receiver
+    }
 }

@@ -45,6 +45,12 @@ fn java(libs: &str) -> std::process::Command {
 }
 
 pub async fn start_kafka(name: &str) -> Kafka {
+    start_kafka_on(name, "127.0.0.1").await
+}
+
+/// A broker listening (and advertised) on `host`, e.g. the test node's
+/// address so pods reach it.
+pub async fn start_kafka_on(name: &str, host: &str) -> Kafka {
     let libs = libs();
     let dir = work_dir().join(format!("kafka-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -54,8 +60,8 @@ pub async fn start_kafka(name: &str) -> Kafka {
         "process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners=PLAINTEXT://{host}:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://{host}:{port}
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
@@ -95,7 +101,7 @@ auto.create.topics.enable=true
     );
     let kafka = Kafka {
         process: spawn(name, &libs, &dir),
-        bootstrap: format!("127.0.0.1:{port}"),
+        bootstrap: format!("{host}:{port}"),
         name: name.to_string(),
         dir,
         libs,
@@ -147,4 +153,34 @@ impl Kafka {
         self.process = spawn(&self.name, &self.libs, &self.dir);
         self.wait_ready().await;
     }
+}
+
+/// Reads topics from the beginning with a fresh group until `until` holds
+/// for what was read (or 240 s pass), and returns the records.
+pub async fn read_topic(
+    bootstrap: &str,
+    topics: &[&str],
+    until: impl Fn(&[rdkafka::message::OwnedMessage]) -> bool,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("test-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(topics).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut read = Vec::new();
+    while !until(&read) && tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
+        {
+            read.push(message.detach());
+        }
+    }
+    read
 }

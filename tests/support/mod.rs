@@ -98,12 +98,7 @@ pub async fn env_in_new_namespace(client: kube::Client, test_name: &str) -> Test
 
 /// The YAML documents of a manifest file, as dynamic objects.
 pub fn yaml_documents(text: &str) -> Vec<kube::api::DynamicObject> {
-    use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(text)
-        .map(|document| serde_yaml::Value::deserialize(document).unwrap())
-        .filter(|value| !value.is_null())
-        .map(|value| serde_yaml::from_value(value).unwrap())
-        .collect()
+    kiln::devenv::node::yaml_documents(text).expect("valid YAML documents")
 }
 
 /// Server-side applies objects of any kind; namespaced ones into `namespace`
@@ -114,33 +109,9 @@ pub async fn apply_objects(
     objects: &[kube::api::DynamicObject],
     manager: &str,
 ) -> Vec<(String, String)> {
-    use kube::api::DynamicObject;
-    use kube::discovery::{Scope, pinned_kind};
-    let mut applied = Vec::new();
-    for object in objects {
-        let types = object.types.clone().unwrap();
-        let (group, version) = types
-            .api_version
-            .split_once('/')
-            .unwrap_or(("", &types.api_version));
-        let gvk = kube::core::GroupVersionKind::gvk(group, version, &types.kind);
-        let (resource, capabilities) = pinned_kind(client, &gvk).await.unwrap();
-        let name = object.metadata.name.clone().unwrap();
-        let api = match capabilities.scope {
-            Scope::Cluster => Api::<DynamicObject>::all_with(client.clone(), &resource),
-            Scope::Namespaced => {
-                let ns = namespace
-                    .or(object.metadata.namespace.as_deref())
-                    .expect("a namespace for a namespaced object");
-                Api::namespaced_with(client.clone(), ns, &resource)
-            }
-        };
-        api.patch(&name, &PatchParams::apply(manager), &Patch::Apply(object))
-            .await
-            .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
-        applied.push((types.kind, name));
-    }
-    applied
+    kiln::devenv::node::apply_objects(client, namespace, objects, manager)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Applies Kiln's CRDs (server-side) and waits until each is Established.
@@ -264,11 +235,14 @@ pub async fn start_operator_in(
         .env("RUST_LOG", log)
         .args(["--log-format", "json", "operator"])
         .args(["--lease-namespace", lease_namespace])
-        .args(["--identity", identity, "--image", "kiln:test"])
-        .args([
+        .args(["--identity", identity, "--image", "kiln:test"]);
+    if !extra.contains(&"--operator-url") {
+        command.args([
             "--operator-url",
             "http://kiln-operator.kiln-system.svc:8443",
-        ])
+        ]);
+    }
+    command
         .args(["--health-addr", &format!("127.0.0.1:{health_port}")])
         .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
         .args(extra);

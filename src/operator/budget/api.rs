@@ -76,9 +76,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
 }
 
 /// Serves the lease API until `shutdown` resolves.
+/// Serves the lease API on `addr`, over TLS when `tls` is given.
 pub async fn serve(
     addr: SocketAddr,
     ctx: Arc<Context>,
+    tls: Option<tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = ApiState {
@@ -91,8 +93,11 @@ pub async fn serve(
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving the lease API");
-    crate::http::serve(listener, app, shutdown).await
+    tracing::info!(%addr, tls = tls.is_some(), "serving the lease API");
+    match tls {
+        Some(tls) => crate::http::serve_tls(listener, app, tls, shutdown).await,
+        None => crate::http::serve(listener, app, shutdown).await,
+    }
 }
 
 fn cached<K: std::hash::Hash + Eq, V: Clone>(

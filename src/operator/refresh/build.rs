@@ -64,11 +64,7 @@ pub fn desired_cronjob(
             format!("{namespace}/{name}"),
         ],
         resources: &Default::default(),
-        extra_env: vec![k8s_openapi::api::core::v1::EnvVar {
-            name: "KILN_OPERATOR_URL".into(),
-            value: Some(config.operator_url.clone()),
-            ..Default::default()
-        }],
+        extra_env: config.operator_env(),
         extra_ports: vec![],
         extra_mounts: vec![],
         probes: false,

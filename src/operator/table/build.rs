@@ -27,6 +27,28 @@ pub struct BuildConfig {
     pub default_image: String,
     /// URL of the operator's reservation API, handed to data-plane pods.
     pub operator_url: String,
+    /// PEM CA the lease API's serving certificate chains to (https only),
+    /// handed to data-plane pods to trust.
+    pub operator_ca: Option<String>,
+}
+
+impl BuildConfig {
+    /// How data-plane containers reach the lease API.
+    pub fn operator_env(&self) -> Vec<EnvVar> {
+        let mut env = vec![EnvVar {
+            name: "KILN_OPERATOR_URL".into(),
+            value: Some(self.operator_url.clone()),
+            ..Default::default()
+        }];
+        if let Some(ca) = &self.operator_ca {
+            env.push(EnvVar {
+                name: "KILN_OPERATOR_CA".into(),
+                value: Some(ca.clone()),
+                ..Default::default()
+            });
+        }
+        env
+    }
 }
 
 /// Where the Direct tier's embedded store lives inside the receiver.
@@ -117,11 +139,7 @@ pub fn desired_children(
     let direct = table.spec.tier == Tier::Direct;
     let image = table.spec.image.as_deref().unwrap_or(&config.default_image);
     let table_arg = format!("{namespace}/{name}");
-    let env = vec![EnvVar {
-        name: "KILN_OPERATOR_URL".into(),
-        value: Some(config.operator_url.clone()),
-        ..Default::default()
-    }];
+    let env = config.operator_env();
 
     let worker = (!direct).then(|| {
         let container = kiln_container(KilnContainer {
@@ -420,6 +438,7 @@ pub(crate) mod tests {
         BuildConfig {
             default_image: "kiln:1".into(),
             operator_url: "http://op:8443".into(),
+            operator_ca: None,
         }
     }
 

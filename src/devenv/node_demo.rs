@@ -1,0 +1,205 @@
+//! `kiln demo --node`: the demo with Kiln in real pods. A one-node cluster
+//! on this machine (see [`super::node`]), Kiln's image built from this very
+//! binary, `helm install --wait` of the chart, Redis and clay-sim as pods,
+//! examples/queue.yaml applied: the operator provisions the worker and
+//! receiver Deployments, the kubelet runs them, and `kubectl get
+//! enrichmenttables` shows READY True. The leads reach the receiver through
+//! its Service's ClusterIP.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::api::{Api, DynamicObject, ObjectMeta, Patch, PatchParams};
+use serde_json::json;
+
+use super::demo::{
+    DemoArgs, FIELD_MANAGER, TABLE, apply_queue_example, follow_enrichment, push_leads,
+    sample_leads, step, wait_for,
+};
+use super::node::{
+    NodeCluster, REDIS_ARGS, REDIS_IMAGE, apply_objects, kiln_image, service_deployment,
+    wait_available,
+};
+use crate::api::EnrichmentTable;
+
+/// clay-sim as the local demo runs it: a workspace's rate, Clay-like latency.
+const SIM_ARGS: &[&str] = &[
+    "--log-format",
+    "json",
+    "clay-sim",
+    "--listen",
+    "0.0.0.0:8780",
+    "--rate",
+    "20",
+    "--burst",
+    "40",
+    "--latency-min-ms",
+    "300",
+    "--latency-max-ms",
+    "1500",
+    "--seed",
+    "1",
+];
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let repo = std::env::current_dir()?;
+    if !repo.join("tests/node/up.sh").is_file() {
+        bail!(
+            "run `kiln demo --node` from a Kiln checkout: it brings the node up with tests/node/"
+        );
+    }
+    let state = tempfile::Builder::new()
+        .prefix("kiln-demo-node-")
+        .tempdir()?
+        .keep();
+    step(
+        "building Kiln's image from this binary and bringing up a one-node cluster (containerd, kubelet, kube-proxy, CoreDNS)",
+    );
+    println!("    progress: {}", state.join("bring-up.log").display());
+    let binary = std::env::current_exe().context("the kiln binary's path")?;
+    let started = {
+        let (repo, state) = (repo.clone(), state.clone());
+        tokio::task::spawn_blocking(move || {
+            NodeCluster::start(&repo, &state, &binary, |_, _| Ok(()))
+        })
+        .await?
+    };
+    let node = started?;
+    let outcome = tokio::select! {
+        result = demo(&args, &node) => result,
+        _ = tokio::signal::ctrl_c() => {
+            println!("\ninterrupted");
+            Ok(())
+        }
+    };
+    if outcome.is_ok() && !args.exit {
+        println!("\nThe node keeps running for you to look around; press Ctrl-C to tear it down.");
+        tokio::signal::ctrl_c().await.ok();
+    }
+    step("tearing the node down (pods, containerd, iptables rules, the bridge)");
+    let stopped = tokio::task::spawn_blocking(move || node.stop()).await?;
+    println!("logs: {}/logs", state.display());
+    outcome.and(stopped)
+}
+
+async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
+    let started = Instant::now();
+    step("waiting for the node, then cluster DNS");
+    node.wait_ready_with_dns().await?;
+    step("helm install kiln charts/kiln --wait (two operator replicas, the leader labelled)");
+    tokio::task::block_in_place(|| node.helm_install_kiln())?;
+    let client = node.client().await?;
+    let namespace = &args.namespace;
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(namespace.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            namespace,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(&ns),
+        )
+        .await?;
+
+    step("starting Redis and clay-sim as pods");
+    let mut objects = Vec::new();
+    objects.extend(service_deployment("redis", REDIS_IMAGE, REDIS_ARGS, 6379));
+    objects.extend(service_deployment(
+        "clay-sim",
+        &kiln_image(),
+        SIM_ARGS,
+        8780,
+    ));
+    let objects: Vec<DynamicObject> = objects
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<Result<_, _>>()?;
+    apply_objects(&client, Some(namespace), &objects, FIELD_MANAGER).await?;
+    wait_available(&client, namespace, "redis").await?;
+    wait_available(&client, namespace, "clay-sim").await?;
+    let services = Api::<Service>::namespaced(client.clone(), namespace);
+    let sim_url = format!("http://{}:8780", cluster_ip(&services, "clay-sim").await?);
+    let redis_url = format!("redis://{}:6379", cluster_ip(&services, "redis").await?);
+
+    step("applying examples/queue.yaml (Secrets pointed at the Redis and clay-sim pods)");
+    let callback_token = uuid::Uuid::new_v4().simple().to_string();
+    let ingest_token = uuid::Uuid::new_v4().simple().to_string();
+    let receiver = format!("{TABLE}-receiver");
+    let source = json!({
+        "token": "demo-source-token",
+        "callbackUrl": format!("http://{receiver}.{namespace}.svc:8080/v1/clay/callback"),
+        "callbackHeaders": {"x-kiln-token": callback_token},
+    });
+    let http = reqwest::Client::new();
+    // kube-proxy programs a new Service a moment after it has endpoints.
+    wait_for("clay-sim's Service", Duration::from_secs(60), || async {
+        let response = http
+            .put(format!("{sim_url}/admin/sources/demo"))
+            .json(&source)
+            .send()
+            .await
+            .ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await?;
+    let local_values = BTreeMap::from([
+        (
+            "clay-leads",
+            json!({"webhook-url": format!("http://clay-sim.{namespace}.svc:8780/v3/sources/webhook/demo"), "webhook-token": "demo-source-token", "callback-token": callback_token}),
+        ),
+        ("crm-ingest", json!({"token": ingest_token})),
+        (
+            "redis",
+            json!({"url": format!("redis://redis.{namespace}.svc:6379/0")}),
+        ),
+    ]);
+    apply_queue_example(&client, namespace, &local_values).await?;
+
+    step("waiting for the operator's worker and receiver pods (READY True)");
+    let tables = Api::<EnrichmentTable>::namespaced(client.clone(), namespace);
+    wait_for(
+        "the table to be Ready",
+        Duration::from_secs(300),
+        || async {
+            let table = tables.get(TABLE).await.ok()?;
+            let conditions = table.status?.conditions;
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await?;
+
+    let leads = sample_leads(args.leads);
+    let receiver_url = format!(
+        "http://{}:8080/v1/rows",
+        cluster_ip(&services, &receiver).await?
+    );
+    step(&format!(
+        "pushing {} sample leads to the receiver's Service ({receiver_url})",
+        leads.len()
+    ));
+    push_leads(&receiver_url, &ingest_token, &leads).await?;
+    follow_enrichment(&client, namespace, &redis_url, &sim_url, args.leads).await?;
+    println!(
+        "\nDone in {:.0} s. While it runs, in another terminal:\n  export KUBECONFIG={}\n  kubectl get pods -A\n  kubectl -n {namespace} get enrichmenttables,creditbudgets,refreshschedules\n  kubectl -n {namespace} logs deploy/{TABLE}-worker\n  kubectl -n kiln-system get pods -L kiln.dev/leader",
+        started.elapsed().as_secs_f64(),
+        node.kubeconfig.display(),
+    );
+    Ok(())
+}
+
+async fn cluster_ip(services: &Api<Service>, name: &str) -> anyhow::Result<String> {
+    let service = services.get(name).await?;
+    service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .with_context(|| format!("Service {name} has no ClusterIP"))
+}
