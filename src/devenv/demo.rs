@@ -155,23 +155,8 @@ async fn demo(
     let sim_port = free_port()?;
     let sim_url = format!("http://127.0.0.1:{sim_port}");
     let mut sim = kiln_command(&kubeconfig);
-    sim.args([
-        "clay-sim",
-        "--listen",
-        &format!("127.0.0.1:{sim_port}"),
-        "--rate",
-        "20",
-        "--burst",
-        "40",
-    ])
-    .args([
-        "--latency-min-ms",
-        "300",
-        "--latency-max-ms",
-        "1500",
-        "--seed",
-        "1",
-    ]);
+    sim.args(["clay-sim", "--listen", &format!("127.0.0.1:{sim_port}")])
+        .args(SIM_FLAGS);
     processes.push(ManagedProcess::spawn("clay-sim", sim, workdir)?);
 
     step("starting the operator");
@@ -192,20 +177,7 @@ async fn demo(
             "--health-addr",
             &format!("127.0.0.1:{}", free_port()?),
         ]);
-    let namespace = Namespace {
-        metadata: ObjectMeta {
-            name: Some(args.namespace.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            &args.namespace,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&namespace),
-        )
-        .await?;
+    apply_namespace(&client, &args.namespace).await?;
     processes.push(ManagedProcess::spawn("operator", operator, workdir)?);
 
     step("applying examples/queue.yaml (Secrets pointed at the local Redis and clay-sim)");
@@ -222,22 +194,17 @@ async fn demo(
     let callback_token = uuid::Uuid::new_v4().simple().to_string();
     let ingest_token = uuid::Uuid::new_v4().simple().to_string();
     http.put(format!("{sim_url}/admin/sources/demo"))
-        .json(&json!({"token": "demo-source-token", "callbackUrl": format!("http://127.0.0.1:{receiver_port}/v1/clay/callback"), "callbackHeaders": {"x-kiln-token": callback_token}}))
+        .json(&json!({"token": SOURCE_TOKEN, "callbackUrl": format!("http://127.0.0.1:{receiver_port}/v1/clay/callback"), "callbackHeaders": {"x-kiln-token": callback_token}}))
         .send()
         .await?
         .error_for_status()?;
-    let local_values = BTreeMap::from([
-        (
-            "clay-leads",
-            json!({"webhook-url": format!("{sim_url}/v3/sources/webhook/demo"), "webhook-token": "demo-source-token", "callback-token": callback_token}),
-        ),
-        ("crm-ingest", json!({"token": ingest_token})),
-        (
-            "redis",
-            json!({"url": format!("redis://127.0.0.1:{redis_port}/0")}),
-        ),
-    ]);
-    apply_queue_example(&client, &args.namespace, &local_values).await?;
+    let secrets = DemoSecrets {
+        webhook_url: format!("{sim_url}/v3/sources/webhook/demo"),
+        callback_token: callback_token.clone(),
+        ingest_token: ingest_token.clone(),
+        redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
+    };
+    apply_queue_example(&client, &args.namespace, &secrets).await?;
 
     step(
         "starting the worker and receiver as their pod templates say, with the table's ServiceAccount",
@@ -310,13 +277,65 @@ async fn demo(
     Ok(())
 }
 
-/// Applies examples/queue.yaml to `namespace`, its Secrets' values replaced
-/// by `local_values` (Secret name → stringData), within one clay-sim's rate.
+/// Creates (or keeps) the demo's namespace.
+pub(super) async fn apply_namespace(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&namespace),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The values of examples/queue.yaml's Secrets for a demo.
+pub(super) struct DemoSecrets {
+    pub webhook_url: String,
+    pub callback_token: String,
+    pub ingest_token: String,
+    pub redis_url: String,
+}
+
+/// clay-sim as the demo runs it: a workspace's rate, Clay-like latency.
+pub(super) const SIM_FLAGS: &[&str] = &[
+    "--rate",
+    "20",
+    "--burst",
+    "40",
+    "--latency-min-ms",
+    "300",
+    "--latency-max-ms",
+    "1500",
+    "--seed",
+    "1",
+];
+
+/// The token clay-sim's demo source requires.
+pub(super) const SOURCE_TOKEN: &str = "demo-source-token";
+
+/// Applies examples/queue.yaml to `namespace` with the demo's Secret
+/// values, within one clay-sim's rate.
 pub(super) async fn apply_queue_example(
     client: &kube::Client,
     namespace: &str,
-    local_values: &BTreeMap<&str, Value>,
+    secrets: &DemoSecrets,
 ) -> anyhow::Result<()> {
+    let local_values = BTreeMap::from([
+        (
+            "clay-leads",
+            json!({"webhook-url": secrets.webhook_url, "webhook-token": SOURCE_TOKEN, "callback-token": secrets.callback_token}),
+        ),
+        ("crm-ingest", json!({"token": secrets.ingest_token})),
+        ("redis", json!({"url": secrets.redis_url})),
+    ]);
     let example =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/queue.yaml"))?;
     let mut objects = Vec::new();

@@ -6,42 +6,22 @@
 //! enrichmenttables` shows READY True. The leads reach the receiver through
 //! its Service's ClusterIP.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use kube::api::{Api, DynamicObject, ObjectMeta, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, DynamicObject};
 use serde_json::json;
 
 use super::demo::{
-    DemoArgs, FIELD_MANAGER, TABLE, apply_queue_example, follow_enrichment, push_leads,
-    sample_leads, step, wait_for,
+    DemoArgs, DemoSecrets, FIELD_MANAGER, SIM_FLAGS, SOURCE_TOKEN, TABLE, apply_namespace,
+    apply_queue_example, follow_enrichment, push_leads, sample_leads, step, wait_for,
 };
 use super::node::{
     NodeCluster, REDIS_ARGS, REDIS_IMAGE, apply_objects, kiln_image, service_deployment,
     wait_available,
 };
 use crate::api::EnrichmentTable;
-
-/// clay-sim as the local demo runs it: a workspace's rate, Clay-like latency.
-const SIM_ARGS: &[&str] = &[
-    "--log-format",
-    "json",
-    "clay-sim",
-    "--listen",
-    "0.0.0.0:8780",
-    "--rate",
-    "20",
-    "--burst",
-    "40",
-    "--latency-min-ms",
-    "300",
-    "--latency-max-ms",
-    "1500",
-    "--seed",
-    "1",
-];
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let repo = std::env::current_dir()?;
@@ -92,20 +72,7 @@ async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
     tokio::task::block_in_place(|| node.helm_install_kiln())?;
     let client = node.client().await?;
     let namespace = &args.namespace;
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(namespace.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            namespace,
-            &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Apply(&ns),
-        )
-        .await?;
+    apply_namespace(&client, namespace).await?;
 
     step("starting Redis and clay-sim as pods");
     let mut objects = Vec::new();
@@ -132,7 +99,7 @@ async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
     let ingest_token = uuid::Uuid::new_v4().simple().to_string();
     let receiver = format!("{TABLE}-receiver");
     let source = json!({
-        "token": "demo-source-token",
+        "token": SOURCE_TOKEN,
         "callbackUrl": format!("http://{receiver}.{namespace}.svc:8080/v1/clay/callback"),
         "callbackHeaders": {"x-kiln-token": callback_token},
     });
@@ -148,18 +115,13 @@ async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
         response.status().is_success().then_some(())
     })
     .await?;
-    let local_values = BTreeMap::from([
-        (
-            "clay-leads",
-            json!({"webhook-url": format!("http://clay-sim.{namespace}.svc:8780/v3/sources/webhook/demo"), "webhook-token": "demo-source-token", "callback-token": callback_token}),
-        ),
-        ("crm-ingest", json!({"token": ingest_token})),
-        (
-            "redis",
-            json!({"url": format!("redis://redis.{namespace}.svc:6379/0")}),
-        ),
-    ]);
-    apply_queue_example(&client, namespace, &local_values).await?;
+    let secrets = DemoSecrets {
+        webhook_url: format!("http://clay-sim.{namespace}.svc:8780/v3/sources/webhook/demo"),
+        callback_token: callback_token.clone(),
+        ingest_token: ingest_token.clone(),
+        redis_url: format!("redis://redis.{namespace}.svc:6379/0"),
+    };
+    apply_queue_example(&client, namespace, &secrets).await?;
 
     step("waiting for the operator's worker and receiver pods (READY True)");
     let tables = Api::<EnrichmentTable>::namespaced(client.clone(), namespace);
