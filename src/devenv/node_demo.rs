@@ -77,10 +77,18 @@ async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
     step("starting Redis and clay-sim as pods");
     let mut objects = Vec::new();
     objects.extend(service_deployment("redis", REDIS_IMAGE, REDIS_ARGS, 6379));
+    let listen = [
+        "--log-format",
+        "json",
+        "clay-sim",
+        "--listen",
+        "0.0.0.0:8780",
+    ];
+    let sim_args = [&listen[..], SIM_FLAGS].concat();
     objects.extend(service_deployment(
         "clay-sim",
         &kiln_image(),
-        SIM_ARGS,
+        &sim_args,
         8780,
     ));
     let objects: Vec<DynamicObject> = objects
