@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod devenv;
 pub mod http;
 pub mod ledger;
+pub mod metrics;
 pub mod operator;
 pub mod telemetry;
 

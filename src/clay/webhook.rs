@@ -142,7 +142,12 @@ impl WebhookClient {
         let policy = &self.config.retry;
         let mut last = String::new();
         for attempt in 1..=policy.max_attempts {
+            let waited = std::time::Instant::now();
             self.limiter.acquire(rows).await;
+            let metrics = crate::metrics::dataplane();
+            metrics
+                .rate_wait_seconds
+                .observe(waited.elapsed().as_secs_f64());
             let mut request = self
                 .http
                 .post(target.url.expose())
@@ -151,7 +156,11 @@ impl WebhookClient {
             if let Some(token) = &target.token {
                 request = request.header(AUTH_HEADER, token.expose());
             }
-            let delay = match request.send().await {
+            let sent = std::time::Instant::now();
+            let answer = request.send().await;
+            let status = answer.as_ref().ok().map(|r| r.status().as_u16());
+            metrics.clay_answer(status, sent.elapsed());
+            let delay = match answer {
                 Ok(response) if response.status().is_success() => return Ok(()),
                 Ok(response) => {
                     let status = response.status().as_u16();

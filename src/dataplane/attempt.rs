@@ -181,6 +181,7 @@ impl Attempts {
             .remove(0);
         match outcome {
             RowOutcome::Accepted { .. } => {
+                crate::metrics::dataplane().rows("submitted", "accepted", 1);
                 // The result timeout runs from acceptance.
                 let deadline = now_ms() + self.result_timeout().as_millis() as i64;
                 self.rows.set_deadline(&pending.row_id, deadline).await?;
@@ -194,11 +195,13 @@ impl Attempts {
                         | ClayError::Unauthorized { .. }
                         | ClayError::SourcesExhausted { .. }
                 );
+                crate::metrics::dataplane().rows("submitted", "failed", 1);
                 // Nothing was accepted, so nothing was charged.
                 self.lease.undo(draw);
                 self.lease.record_failure();
                 if permanent {
                     tracing::warn!(row = %pending.row_id, reason = error.reason(), %error, "dead-lettering a row Clay will not accept");
+                    crate::metrics::dataplane().rows("dead_lettered", error.reason(), 1);
                     self.rows
                         .dead_letter_pending(&pending.row_id, error.reason())
                         .await?;
@@ -245,6 +248,7 @@ impl Attempts {
         }
         if pending.attempt >= self.runtime().table.spec.clay.max_attempts {
             tracing::warn!(row = %pending.row_id, attempts = pending.attempt, "dead-lettering a row whose result never came");
+            crate::metrics::dataplane().rows("dead_lettered", "ResultTimeout", 1);
             self.rows
                 .dead_letter_pending(&pending.row_id, "ResultTimeout")
                 .await?;
@@ -256,6 +260,7 @@ impl Attempts {
                 if denial.on_exhausted == OnExhausted::DeadLetter
                     && denial.reason == DenialReason::Exhausted =>
             {
+                crate::metrics::dataplane().rows("dead_lettered", "BudgetExhausted", 1);
                 self.rows
                     .dead_letter_pending(&pending.row_id, "BudgetExhausted")
                     .await?;

@@ -486,6 +486,7 @@ impl Direct {
         if reason != "StoreUnavailable" {
             self.attempts.lease.record_failure();
         }
+        crate::metrics::dataplane().rows("dead_lettered", reason, 1);
         if let Err(error) =
             super::store::PendingRows::dead_letter_pending(&self.store, &pending.row_id, reason)
                 .await

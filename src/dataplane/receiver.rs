@@ -89,9 +89,14 @@ impl Rows {
         match self {
             Self::Redis(store) => {
                 let sink = super::sink::route(runtime, store.keys());
-                Ok(store
+                let claimed = store
                     .claim_callback(row_id, result, now_ms(), &sink, reported)
-                    .await?)
+                    .await?;
+                if claimed.is_some() && !sink.through_outbox {
+                    // Written to the sink stream in the same step.
+                    crate::metrics::dataplane().rows("delivered", "ok", 1);
+                }
+                Ok(claimed)
             }
             Self::Embedded(direct) => direct.claim(row_id, result, reported).await,
         }
@@ -183,6 +188,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         }
     };
     let mut registry = Registry::default();
+    crate::metrics::dataplane().register(&mut registry);
     let requests = Family::<RequestLabels, Counter>::default();
     registry.register(
         "kiln_receiver_requests",
@@ -428,6 +434,7 @@ async fn ingest(
     match store.enqueue(&inbox, &with_ids).await {
         Ok(_) => {
             receiver.count("rows", "accepted");
+            crate::metrics::dataplane().rows("received", "ok", with_ids.len() as u64);
             let ids: Vec<&str> = with_ids.iter().map(|(id, _)| id.as_str()).collect();
             reply(
                 StatusCode::ACCEPTED,
@@ -513,7 +520,14 @@ async fn enrich(
     let answers =
         futures::future::join_all(rows.into_iter().map(|row| direct.enrich(row, wait))).await;
     for answer in &answers {
-        receiver.count("enrich", outcome_label(answer));
+        let outcome = outcome_label(answer);
+        receiver.count("enrich", outcome);
+        if outcome != "invalid" {
+            crate::metrics::dataplane().rows("received", "ok", 1);
+        }
+        if outcome == "deduplicated" {
+            crate::metrics::dataplane().rows("deduplicated", "ok", 1);
+        }
     }
     if !batch {
         return answer_response(&answers[0]);
@@ -610,6 +624,7 @@ async fn callback(
     };
     receiver.settle(&row_id, reported, &pending).await;
     receiver.count("callback", "delivered");
+    crate::metrics::dataplane().rows("enriched", "ok", 1);
     reply(StatusCode::OK, json!({"status": "delivered"}))
 }
 

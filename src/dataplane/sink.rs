@@ -261,6 +261,8 @@ impl OutboxDelivery {
     }
 
     async fn deliver(&self, entry: OutboxEntry, producers: &Producers) {
+        let started = std::time::Instant::now();
+        let metrics = crate::metrics::dataplane();
         let runtime = self.runtime.borrow().clone();
         let outbox = self.store.keys().outbox();
         let kafka_target = runtime
@@ -294,6 +296,10 @@ impl OutboxDelivery {
                     },
                     Err(error) => {
                         // Kept in the outbox (unacknowledged) and tried again.
+                        crate::metrics::DataPlaneMetrics::outcome(
+                            &metrics.sink_deliveries,
+                            "retried",
+                        );
                         tracing::warn!(%error, row = %entry.row_id, "publishing a result failed; will retry");
                         tokio::time::sleep(KAFKA_RETRY).await;
                         return;
@@ -319,14 +325,23 @@ impl OutboxDelivery {
                 .await
             }
         };
+        if !matches!(outcome, Delivery::NoHttpSink) {
+            metrics
+                .sink_delivery_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         match outcome {
             Delivery::Delivered => {
+                crate::metrics::DataPlaneMetrics::outcome(&metrics.sink_deliveries, "delivered");
+                metrics.rows("delivered", "ok", 1);
                 if let Err(error) = self.store.outbox_delivered(OUTBOX_GROUP, &entry.id).await {
                     tracing::warn!(%error, row = %entry.row_id, "completing a delivered outbox entry failed; it will be delivered again");
                 }
             }
             Delivery::NoHttpSink => {}
             Delivery::Failed { detail, attempts } => {
+                crate::metrics::DataPlaneMetrics::outcome(&metrics.sink_deliveries, "failed");
+                metrics.rows("dead_lettered", "SinkFailed", 1);
                 let dead_letter = super::dead_letter_stream(&runtime);
                 if let Err(error) = self
                     .store

@@ -176,9 +176,11 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
     let shutdown = super::stop_signal(runtime).shared();
     let readiness = Readiness::default();
+    let mut registry = Registry::default();
+    crate::metrics::dataplane().register(&mut registry);
     let health = tokio::spawn(serve_health(
         args.common.health_addr,
-        Registry::default(),
+        registry,
         readiness.clone(),
         shutdown.clone(),
     ));
@@ -238,6 +240,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                         continue;
                     }
                 };
+                crate::metrics::dataplane().rows("received", "ok", messages.len() as u64);
                 let name = worker.runtime().name.clone();
                 let mut items: Vec<Item> = messages
                     .iter()
@@ -350,6 +353,7 @@ impl Worker {
                 self.store
                     .dead_letter_entry(&dead_letter, &row_id, "InvalidRow", &raw, 0, &entry)
                     .await?;
+                crate::metrics::dataplane().rows("dead_lettered", "InvalidRow", 1);
                 return Ok(Handled::Done);
             }
         };
@@ -359,6 +363,7 @@ impl Worker {
                 self.store
                     .dead_letter_entry(&dead_letter, &row_id, "MissingKey", &row, 0, &entry)
                     .await?;
+                crate::metrics::dataplane().rows("dead_lettered", "MissingKey", 1);
                 return Ok(Handled::Done);
             }
         };
@@ -373,6 +378,11 @@ impl Worker {
                 self.store
                     .deliver_stored(&row_id, &key, &result, &row, &sink, &entry)
                     .await?;
+                let metrics = crate::metrics::dataplane();
+                metrics.rows("deduplicated", "ok", 1);
+                if !sink.through_outbox {
+                    metrics.rows("delivered", "ok", 1);
+                }
                 return Ok(Handled::Done);
             }
         }
@@ -393,6 +403,7 @@ impl Worker {
                             &entry,
                         )
                         .await?;
+                    crate::metrics::dataplane().rows("dead_lettered", "BudgetExhausted", 1);
                     return Ok(Handled::Done);
                 }
                 return Ok(Handled::Paused);

@@ -92,9 +92,31 @@ impl LedgerClient {
     /// Sends a lease request. Retrying the same request is safe: the ledger
     /// applies each sequence number of a lease once.
     pub async fn lease(&self, request: &LeaseRequest) -> Result<LeaseAnswer, LedgerClientError> {
-        self.post("/v1/lease", request).await?.ok_or_else(|| {
-            LedgerClientError::Unavailable("the ledger answered without a body".into())
-        })
+        let started = std::time::Instant::now();
+        let answer = self.post("/v1/lease", request).await.and_then(|answer| {
+            answer.ok_or_else(|| {
+                LedgerClientError::Unavailable("the ledger answered without a body".into())
+            })
+        });
+        let metrics = crate::metrics::dataplane();
+        metrics
+            .lease_request_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &answer {
+            Ok(_) => "ok",
+            Err(LedgerClientError::Denied(denial)) => {
+                let reason = serde_json::to_value(denial.reason).unwrap_or_default();
+                crate::metrics::DataPlaneMetrics::outcome(
+                    &metrics.lease_denials,
+                    reason.as_str().unwrap_or("unknown"),
+                );
+                "denied"
+            }
+            Err(LedgerClientError::Rejected { .. }) => "rejected",
+            Err(LedgerClientError::Unavailable(_)) => "unavailable",
+        };
+        crate::metrics::DataPlaneMetrics::outcome(&metrics.lease_requests, outcome);
+        answer
     }
 
     async fn post<B: Serialize, T: DeserializeOwned>(
