@@ -22,7 +22,11 @@ pub fn init(format: LogFormat) {
                 fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_current_span(false),
+                    // The innermost span's fields (a row's id, a reconcile's
+                    // object) on every line logged within it, so grepping
+                    // the logs for a row id tells its story.
+                    .with_current_span(true)
+                    .with_span_list(false),
             )
             .init(),
         LogFormat::Text => registry.with(fmt::layer().with_target(false)).init(),

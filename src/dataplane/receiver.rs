@@ -599,12 +599,26 @@ async fn callback(
             return reply(StatusCode::BAD_REQUEST, json!({"error": problem}));
         }
     };
+    use tracing::Instrument as _;
+    let span = tracing::info_span!("row", row = %row_id, table = %runtime.name);
+    complete_row(&receiver, &runtime, &row_id, &result)
+        .instrument(span)
+        .await
+}
+
+/// A callback's row: claimed once, settled, delivered (or a duplicate).
+async fn complete_row(
+    receiver: &Receiver,
+    runtime: &TableRuntime,
+    row_id: &str,
+    result: &Value,
+) -> Response {
     let reported = result
         .pointer(&runtime.table.spec.clay.cost_pointer)
         .and_then(Value::as_f64);
     let claimed = receiver
         .rows
-        .claim_callback(&runtime, &row_id, &result, reported)
+        .claim_callback(runtime, row_id, result, reported)
         .await;
     let pending = match claimed {
         Ok(Some(pending)) => pending,
@@ -622,7 +636,7 @@ async fn callback(
             );
         }
     };
-    receiver.settle(&row_id, reported, &pending).await;
+    receiver.settle(row_id, reported, &pending).await;
     receiver.count("callback", "delivered");
     crate::metrics::dataplane().rows("enriched", "ok", 1);
     reply(StatusCode::OK, json!({"status": "delivered"}))

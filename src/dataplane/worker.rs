@@ -338,6 +338,12 @@ impl Worker {
     }
 
     async fn handle(&self, item: Item) -> anyhow::Result<Handled> {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!("row", row = %item.row_id, table = %self.runtime().name);
+        self.handle_in_span(item).instrument(span).await
+    }
+
+    async fn handle_in_span(&self, item: Item) -> anyhow::Result<Handled> {
         let Item { entry, row_id, raw } = item;
         if matches!(entry, SourceEntry::Kafka) && self.store.seen(&row_id).await? {
             // A replayed record whose row is already pending or terminal.

@@ -137,8 +137,15 @@ where
     K: Resource<DynamicType = ()> + kube::runtime::reflector::Lookup<DynamicType = ()>,
     F: std::future::Future<Output = Result<Action>>,
 {
+    use tracing::Instrument as _;
     let started = std::time::Instant::now();
-    let result = reconcile.await;
+    let span = tracing::info_span!(
+        "reconcile",
+        controller,
+        object = %ObjectRef::from_obj(object),
+        generation = object.meta().generation.unwrap_or_default(),
+    );
+    let result = reconcile.instrument(span).await;
     ctx.metrics
         .observe(controller, started.elapsed(), result.is_err());
     if result.is_ok() {
