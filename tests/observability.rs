@@ -58,20 +58,20 @@ fn exported() -> BTreeSet<String> {
     let controller = ControllerLabels {
         controller: "table",
     };
-    operator.reconciles.get_or_create(&controller);
-    operator.reconcile_errors.get_or_create(&controller);
-    operator.reconcile_duration.get_or_create(&controller);
+    let _ = operator.reconciles.get_or_create(&controller);
+    let _ = operator.reconcile_errors.get_or_create(&controller);
+    let _ = operator.reconcile_duration.get_or_create(&controller);
     let budget = BudgetLabels {
         namespace: "ns".into(),
         budget: "b".into(),
         meter: "all",
     };
-    operator.budget_used.get_or_create(&budget);
-    operator.budget_reserved.get_or_create(&budget);
-    operator.budget_remaining.get_or_create(&budget);
-    operator.budget_denials.get_or_create(&budget);
-    operator.budget_leases.get_or_create(&budget);
-    operator.breaker_state.get_or_create(&budget);
+    let _ = operator.budget_used.get_or_create(&budget);
+    let _ = operator.budget_reserved.get_or_create(&budget);
+    let _ = operator.budget_remaining.get_or_create(&budget);
+    let _ = operator.budget_denials.get_or_create(&budget);
+    let _ = operator.budget_leases.get_or_create(&budget);
+    let _ = operator.breaker_state.get_or_create(&budget);
     let data_plane = kiln::metrics::dataplane();
     data_plane.register(&mut registry);
     data_plane.rows("received", "ok", 1);
