@@ -4,6 +4,7 @@ pub mod api;
 pub mod clay;
 pub mod dataplane;
 pub mod devenv;
+pub mod doctor;
 pub mod http;
 pub mod ledger;
 pub mod metrics;

@@ -28,6 +28,9 @@ enum Command {
     Refresh(kiln::dataplane::refresh::RefreshArgs),
     /// Inspect or replay a table's dead letters.
     Dlq(kiln::dataplane::dlq::DlqArgs),
+    /// Check a namespace's Kiln resources: tier fit, callbacks, budgets,
+    /// refresh, dead letters; exit 1 when something needs attention.
+    Doctor(kiln::doctor::DoctorArgs),
     /// Run Kiln end to end on this machine: control plane, Redis, clay-sim, operator, data plane.
     Demo(kiln::devenv::demo::DemoArgs),
     /// Run a local stand-in for Clay (webhook sources, callbacks, routines API).
@@ -88,6 +91,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq(args) => runtime()?.block_on(kiln::dataplane::dlq::run(args)),
+        Command::Doctor(args) => {
+            if !runtime()?.block_on(kiln::doctor::run(args))? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Demo(args) => runtime()?.block_on(kiln::devenv::demo::run(args)),
         Command::ClaySim(args) => {
             telemetry::init(cli.log_format);

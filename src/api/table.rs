@@ -102,6 +102,69 @@ pub struct EnrichmentTableSpec {
     /// Container image for this table's pods; defaults to the operator's configured image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// When the observed volume says another tier fits better (the TierFit
+    /// condition), and how soon missing results are reported
+    /// (CallbacksArriving). Defaults follow Kiln's tier matrix.
+    #[serde(default)]
+    pub tier_advice: TierAdvice,
+}
+
+/// The volume bands of the tier matrix and how long a volume must be seen
+/// before the TierFit condition judges it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.directMaxRowsPerDay < self.queueMaxRowsPerDay").message("tierAdvice.directMaxRowsPerDay must be below queueMaxRowsPerDay"))]
+#[x_kube(validation = Rule::new("self.eventMinRowsPerDay <= self.queueMaxRowsPerDay").message("tierAdvice.eventMinRowsPerDay must not exceed queueMaxRowsPerDay"))]
+pub struct TierAdvice {
+    /// Above this many rows a day, a Direct table should move to Queue.
+    #[serde(default = "default_direct_max")]
+    #[schemars(range(min = 1, max = 100000000))]
+    pub direct_max_rows_per_day: u64,
+    /// Above this many rows a day, a Queue table should move to Event.
+    #[serde(default = "default_queue_max")]
+    #[schemars(range(min = 1, max = 100000000))]
+    pub queue_max_rows_per_day: u64,
+    /// Below this many rows a day, an Event table costs Kafka for little: Queue fits.
+    #[serde(default = "default_event_min")]
+    #[schemars(range(min = 0, max = 100000000))]
+    pub event_min_rows_per_day: u64,
+    /// How long traffic must be observed before TierFit judges it (Go duration, 1m..24h).
+    #[serde(default = "default_sustained_for")]
+    #[schemars(with = "String", length(min = 2, max = 32))]
+    pub sustained_for: Duration,
+    /// Results missing for this many result timeouts while rows are sent
+    /// make CallbacksArriving False.
+    #[serde(default = "default_missing_after")]
+    #[schemars(range(min = 1, max = 100))]
+    pub callbacks_missing_after_timeouts: u32,
+}
+
+impl Default for TierAdvice {
+    fn default() -> Self {
+        Self {
+            direct_max_rows_per_day: default_direct_max(),
+            queue_max_rows_per_day: default_queue_max(),
+            event_min_rows_per_day: default_event_min(),
+            sustained_for: default_sustained_for(),
+            callbacks_missing_after_timeouts: default_missing_after(),
+        }
+    }
+}
+
+fn default_direct_max() -> u64 {
+    1_000
+}
+fn default_queue_max() -> u64 {
+    50_000
+}
+fn default_event_min() -> u64 {
+    5_000
+}
+fn default_sustained_for() -> Duration {
+    std::time::Duration::from_secs(3600).into()
+}
+fn default_missing_after() -> u32 {
+    3
 }
 
 fn default_dedupe_window() -> Duration {
@@ -585,10 +648,27 @@ pub struct EnrichmentTableStatus {
     /// When a row was last enriched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_enriched_at: Option<Time>,
+    /// Rows the table sent to Clay, as the operator observed them: the
+    /// figures the TierFit condition judges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<ObservedVolume>,
     /// The table's share of its Clay workspace's rate while its processes
     /// send rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<RateStatus>,
+}
+
+/// The table's traffic as the operator's leader observed it (since it
+/// became leader, over the last day at most).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedVolume {
+    /// Rows sent to Clay in the last 24 hours (or since observed).
+    pub rows_last_day: u64,
+    /// Rows a day at the last hour's rate.
+    pub rows_per_day_recent: u64,
+    /// How long the traffic has been observed, in seconds (at most a day).
+    pub observed_seconds: i64,
 }
 
 /// How fast the table sends rows to Clay, and the part of the workspace's

@@ -24,6 +24,8 @@ pub struct Context {
     pub ledger: super::budget::ledger::Ledger,
     /// Shares of Clay's rate leased with the credits (leader only, in memory).
     pub rates: Mutex<super::rate::RateShares>,
+    /// Each table's traffic, from its processes' lease requests.
+    pub volumes: Mutex<super::table::volume::Volumes>,
     /// What the table controller reads, once its watches started.
     pub table_caches: std::sync::OnceLock<super::table::TableCaches>,
     /// The refresh controller's CronJobs, once its watch started.
@@ -61,6 +63,7 @@ impl Context {
             metrics,
             ledger,
             rates: Mutex::new(super::rate::RateShares::new(std::time::Instant::now())),
+            volumes: Mutex::default(),
             table_caches: std::sync::OnceLock::new(),
             cronjobs: std::sync::OnceLock::new(),
             failures: Mutex::new(HashMap::new()),

@@ -316,7 +316,23 @@ async fn lease(
     let table = &reference.table;
     let implausible = request.implausible_costs;
     let rate = rate_share(&state, &reference, &request);
+    let traffic = (
+        request.namespace.clone(),
+        request.table.clone(),
+        request.rate.as_ref().map_or(0, |r| r.submitted),
+        request.successes,
+    );
     let answer = state.ctx.ledger.lease(request).await;
+    if answer.is_ok() {
+        let (namespace, table, sent, results) = traffic;
+        state.ctx.volumes.lock().unwrap().record(
+            &namespace,
+            &table,
+            sent,
+            results,
+            jiff::Timestamp::now(),
+        );
+    }
     if answer.is_ok() && implausible > 0 {
         state.ctx.metrics.implausible_costs.inc_by(implausible);
         state

@@ -1,8 +1,10 @@
 //! The EnrichmentTable controller: dereference → build → apply → status.
 
+pub mod advice;
 pub mod build;
 pub mod counters;
 pub mod status;
+pub mod volume;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -224,6 +226,15 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
         &table.name_any(),
         std::time::Instant::now(),
     );
+    let advice = &table.spec.tier_advice;
+    let results_window = std::time::Duration::from(table.spec.clay.result_timeout)
+        * advice.callbacks_missing_after_timeouts;
+    references.volume = ctx.volumes.lock().unwrap().view(
+        &namespace,
+        &table.name_any(),
+        jiff::Timestamp::now(),
+        results_window,
+    );
 
     let mut children = build::desired_children(
         table,
@@ -321,7 +332,13 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
             .kafka_problems
             .as_ref()
             .is_some_and(|p| !p.is_empty())
-        || references.redis_problem.is_some();
+        || references.redis_problem.is_some()
+        // Traffic in the last hour: TierFit and CallbacksArriving follow it.
+        || ctx
+            .volumes
+            .lock()
+            .unwrap()
+            .active(&namespace, &table.name_any(), jiff::Timestamp::now());
     Ok(Action::requeue(if active {
         COUNTERS_RESYNC
     } else if polling {
@@ -430,6 +447,7 @@ async fn dereference(
         autoscaling,
         schedules,
         rate: None,
+        volume: None,
     })
 }
 

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::common::{Conditions, TRUE};
-use crate::api::table::{CreditCost, RateStatus, RowCounters};
+use crate::api::table::{CreditCost, ObservedVolume, RateStatus, RowCounters};
 use crate::api::{CreditBudget, EnrichmentTable, EnrichmentTableStatus};
 
 pub const READY: &str = "Ready";
@@ -53,6 +53,8 @@ pub struct References {
     pub schedules: Vec<String>,
     /// The table's share of Clay's rate, when its processes hold one.
     pub rate: Option<crate::operator::rate::TableRate>,
+    /// The table's traffic as the leader observed it, when there was any.
+    pub volume: Option<super::volume::VolumeView>,
 }
 
 /// The state of lag-based worker autoscaling.
@@ -371,6 +373,21 @@ pub fn compute(
         ),
     });
     let clay_rate = rate_condition(&cond, references.rate.as_ref());
+    let spec = &table.spec;
+    let volume = references.volume.as_ref();
+    let (holds, reason, message) = super::advice::tier_fit(spec.tier, &spec.tier_advice, volume);
+    let tier_fit = cond.set(super::advice::TIER_FIT, holds, reason, message);
+    let callback_url = format!(
+        "{}{CALLBACK_PATH}",
+        super::build::receiver_url(&name, &namespace)
+    );
+    let (holds, reason, message) = super::advice::callbacks_arriving(
+        &spec.tier_advice,
+        spec.clay.result_timeout.into(),
+        volume,
+        &callback_url,
+    );
+    let callbacks = cond.set(super::advice::CALLBACKS_ARRIVING, holds, reason, message);
     // Known only once the Secrets resolve (the URL is in one).
     let redis = (table.spec.redis.is_some() && references.secret_problems.is_empty()).then(|| {
         match &references.redis_problem {
@@ -408,7 +425,7 @@ pub fn compute(
             .chain(kafka)
             .chain(redis)
             .chain(autoscaling)
-            .chain([clay_rate])
+            .chain([clay_rate, tier_fit, callbacks])
             .collect(),
         callback_url: Some(format!("{receiver}{CALLBACK_PATH}")),
         ingest_url: Some(format!("{receiver}{INGEST_PATH}")),
@@ -422,6 +439,11 @@ pub fn compute(
             .as_ref()
             .and_then(|(_, at)| at.clone())
             .or(current.last_enriched_at.clone()),
+        observed: references.volume.as_ref().map(|v| ObservedVolume {
+            rows_last_day: v.rows_last_day,
+            rows_per_day_recent: v.rows_per_day_recent,
+            observed_seconds: v.observed_seconds,
+        }),
         rate: references.rate.as_ref().map(|rate| RateStatus {
             limit_rows_per_second: tenths(rate.workspace_limit),
             share_rows_per_second: tenths(rate.share),
@@ -508,6 +530,7 @@ mod tests {
             autoscaling: None,
             schedules: vec![],
             rate: None,
+            volume: None,
         }
     }
     use crate::api::common::find_condition;

@@ -1,0 +1,182 @@
+//! What each table's processes actually do, as the leader sees it in their
+//! lease requests: rows sent to Clay and results that came back, per minute
+//! over the last day. Pure bookkeeping; the table's status and its TierFit
+//! and CallbacksArriving conditions are computed from it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use jiff::Timestamp;
+
+/// Minutes kept: one day.
+const WINDOW_MINUTES: i64 = 24 * 60;
+
+/// One table's per-minute counts.
+#[derive(Clone, Debug, Default)]
+struct Minutes {
+    /// (minute since the epoch, rows sent, results back), oldest first.
+    counts: VecDeque<(i64, u64, u64)>,
+    /// When the leader first heard of the table's traffic.
+    since: Option<Timestamp>,
+}
+
+/// Every table's traffic, keyed by (namespace, table).
+#[derive(Debug, Default)]
+pub struct Volumes {
+    tables: BTreeMap<(String, String), Minutes>,
+}
+
+/// A table's traffic for its status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeView {
+    /// Rows sent to Clay over the last 24 hours (or since observed).
+    pub rows_last_day: u64,
+    /// Rows a day at the recent rate: the last hour's rows × 24, or the
+    /// rows since observation began, scaled to a day, when that is shorter.
+    pub rows_per_day_recent: u64,
+    /// How long the traffic has been observed (at most a day), in seconds.
+    pub observed_seconds: i64,
+    /// Rows sent and results back within `recent` of now (see [`Volumes::view`]).
+    pub sent_recently: u64,
+    pub results_recently: u64,
+}
+
+impl Volumes {
+    /// Records what one lease request reported.
+    pub fn record(
+        &mut self,
+        namespace: &str,
+        table: &str,
+        sent: u64,
+        results: u64,
+        now: Timestamp,
+    ) {
+        if sent == 0 && results == 0 {
+            return;
+        }
+        let minute = now.as_second().div_euclid(60);
+        let entry = self
+            .tables
+            .entry((namespace.to_string(), table.to_string()))
+            .or_default();
+        entry.since.get_or_insert(now);
+        match entry.counts.back_mut() {
+            Some((m, s, r)) if *m == minute => {
+                *s = s.saturating_add(sent);
+                *r = r.saturating_add(results);
+            }
+            _ => entry.counts.push_back((minute, sent, results)),
+        }
+        while entry
+            .counts
+            .front()
+            .is_some_and(|(m, _, _)| *m <= minute - WINDOW_MINUTES)
+        {
+            entry.counts.pop_front();
+        }
+    }
+
+    /// The table's traffic, or None when none was seen in the last day.
+    /// `recent`: the window for the sent/results pair (e.g. a few result
+    /// timeouts).
+    pub fn view(
+        &self,
+        namespace: &str,
+        table: &str,
+        now: Timestamp,
+        recent: std::time::Duration,
+    ) -> Option<VolumeView> {
+        let entry = self
+            .tables
+            .get(&(namespace.to_string(), table.to_string()))?;
+        let now_minute = now.as_second().div_euclid(60);
+        let within = |minutes: i64| {
+            entry
+                .counts
+                .iter()
+                .filter(move |(m, _, _)| *m > now_minute - minutes)
+        };
+        let rows_last_day: u64 = within(WINDOW_MINUTES).map(|(_, s, _)| s).sum();
+        if rows_last_day == 0 && within(WINDOW_MINUTES).all(|(_, _, r)| *r == 0) {
+            return None;
+        }
+        let since = entry.since.unwrap_or(now);
+        let observed_seconds = (now - since).get_seconds().clamp(0, WINDOW_MINUTES * 60);
+        // The last hour, or the whole observation when shorter (at least a minute).
+        let span_minutes = (observed_seconds / 60 + 1).clamp(1, 60);
+        let rows_in_span: u64 = within(span_minutes).map(|(_, s, _)| s).sum();
+        let rows_per_day_recent =
+            rows_in_span.saturating_mul(WINDOW_MINUTES as u64) / span_minutes as u64;
+        let recent_minutes = ((recent.as_secs() as i64 + 59) / 60).max(1);
+        let (sent_recently, results_recently) =
+            within(recent_minutes).fold((0, 0), |(s, r), (_, ds, dr)| (s + ds, r + dr));
+        Some(VolumeView {
+            rows_last_day,
+            rows_per_day_recent,
+            observed_seconds,
+            sent_recently,
+            results_recently,
+        })
+    }
+
+    /// Tables with traffic in the last hour (their status is refreshed sooner).
+    pub fn active(&self, namespace: &str, table: &str, now: Timestamp) -> bool {
+        let now_minute = now.as_second().div_euclid(60);
+        self.tables
+            .get(&(namespace.to_string(), table.to_string()))
+            .and_then(|t| t.counts.back())
+            .is_some_and(|(m, _, _)| *m > now_minute - 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    #[test]
+    fn a_steady_rate_extrapolates_to_a_day_and_old_minutes_fall_out() {
+        let mut volumes = Volumes::default();
+        // One row a second for ten minutes.
+        for s in 0..600 {
+            volumes.record("ns", "t", 1, 1, at(s));
+        }
+        let view = volumes
+            .view("ns", "t", at(600), Duration::from_secs(120))
+            .unwrap();
+        assert_eq!(view.rows_last_day, 600);
+        assert!(
+            (70_000..=90_000).contains(&view.rows_per_day_recent),
+            "≈86,400 a day: {view:?}"
+        );
+        assert_eq!(view.observed_seconds, 600);
+        assert!(view.sent_recently >= 60 && view.results_recently == view.sent_recently);
+        // A day later nothing is left.
+        assert_eq!(
+            volumes.view("ns", "t", at(600 + 86_400), Duration::from_secs(60)),
+            None
+        );
+        assert!(!volumes.active("ns", "t", at(600 + 3_700)));
+        assert!(volumes.active("ns", "t", at(700)));
+    }
+
+    #[test]
+    fn results_that_stop_coming_show_in_the_recent_pair() {
+        let mut volumes = Volumes::default();
+        for s in 0..300 {
+            volumes.record("ns", "t", 2, 0, at(s));
+        }
+        let view = volumes
+            .view("ns", "t", at(300), Duration::from_secs(90))
+            .unwrap();
+        assert!(view.sent_recently > 0);
+        assert_eq!(view.results_recently, 0);
+        assert_eq!(
+            volumes.view("ns", "other", at(300), Duration::from_secs(90)),
+            None
+        );
+    }
+}
