@@ -1,0 +1,144 @@
+//! The tier matrix and the failure table as conditions, on real components:
+//! a Direct table fed at a rate worth far more than 1,000 rows a day is told
+//! to move to Queue (and `kiln doctor` reports it, in text and JSON, with
+//! exit code 1); a Queue table whose callbacks never come is told its HTTP
+//! API column does not reach the receiver; doctor passes a healthy namespace.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Patch, PatchParams};
+use serde_json::{Value, json};
+
+use kiln::api::EnrichmentTable;
+use support::direct::direct;
+use support::pipeline::{QUICK_CLAY, leads, pipeline};
+use support::{TestEnv, wait};
+
+/// Short observation windows, so conditions follow within a test.
+async fn quick_advice(env: &TestEnv, table: &str) {
+    let patch = json!({"spec": {"tierAdvice": {"sustainedFor": "20s", "callbacksMissingAfterTimeouts": 2}}});
+    env.api::<EnrichmentTable>()
+        .patch(table, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+async fn condition_when(env: &TestEnv, table: &str, type_: &str, reason: &str) -> Condition {
+    let tables = env.api::<EnrichmentTable>();
+    wait::until_within(
+        &format!("{type_}={reason} on {table}"),
+        Duration::from_secs(180),
+        || async {
+            let table = tables.get(table).await.ok()?;
+            table
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == type_ && c.reason == reason)
+        },
+    )
+    .await
+}
+
+/// Runs `kiln doctor` against the test control plane; (exit code, stdout).
+async fn doctor(env: &TestEnv, args: &[&str]) -> (i32, String) {
+    let plane = support::control_plane().await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KUBECONFIG", plane.kubeconfig_path())
+        .args(["doctor", "--namespace", &env.namespace])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_direct_table_fed_like_a_queue_is_told_to_move_and_doctor_says_so() {
+    let d = direct("advice-direct", QUICK_CLAY, 1_000_000.0, None, false).await;
+    let env = &d.base.env;
+    quick_advice(env, "leads").await;
+    let _receiver = d.receiver("receiver-0");
+    let http = reqwest::Client::new();
+    // About two rows a second: ~170,000 a day, against Direct's 1,000.
+    let feed = async {
+        for i in 0.. {
+            let row = json!({"domain": format!("company{i}.example")});
+            d.enrich(&http, &row, "?timeout=0s").await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let outgrown = tokio::select! {
+        condition = condition_when(env, "leads", "TierFit", "VolumeAboveTier") => condition,
+        _ = feed => unreachable!("the feed runs until the condition shows"),
+    };
+    assert_eq!(outgrown.status, "False");
+    assert!(
+        outgrown.message.contains("move to tier Queue"),
+        "{}",
+        outgrown.message
+    );
+    let table = env.api::<EnrichmentTable>().get("leads").await.unwrap();
+    let observed = table.status.unwrap().observed.expect("status.observed");
+    assert!(observed.rows_per_day_recent > 1_000, "{observed:?}");
+
+    let (code, out) = doctor(env, &[]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("TierFit: VolumeAboveTier"), "{out}");
+    let (code, json) = doctor(env, &["-o", "json"]).await;
+    assert_eq!(code, 1);
+    let report: Value = serde_json::from_str(&json).expect("JSON output");
+    assert_eq!(report["healthy"], false);
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["check"] == "TierFit" && f["severity"] == "Warning"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn a_queue_table_whose_callbacks_never_come_is_told_where_they_should_go() {
+    let p = pipeline(
+        "advice-callbacks",
+        &[QUICK_CLAY, &["--drop-rate", "1.0"]].concat(),
+        1_000_000.0,
+        "Pause",
+        false,
+    )
+    .await;
+    quick_advice(&p.env, "leads").await;
+    let _receiver = p.receiver();
+    let _worker = p.worker();
+    p.push(&leads(20, 0)).await;
+    let missing = condition_when(&p.env, "leads", "CallbacksArriving", "NoCallbacks").await;
+    assert_eq!(missing.status, "False");
+    assert!(
+        missing.message.contains("/v1/clay/callback"),
+        "{}",
+        missing.message
+    );
+    assert!(
+        missing.message.contains("x-kiln-token"),
+        "{}",
+        missing.message
+    );
+}
+
+#[tokio::test]
+async fn doctor_passes_a_healthy_namespace() {
+    let env = support::test_env("advice-healthy").await;
+    support::install_kiln_crds(&env.client).await;
+    let (code, out) = doctor(&env, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("nothing needs attention"), "{out}");
+}
