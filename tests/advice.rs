@@ -142,3 +142,40 @@ async fn doctor_passes_a_healthy_namespace() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("nothing needs attention"), "{out}");
 }
+
+#[tokio::test]
+async fn a_steady_burn_forecasts_when_the_budget_runs_out() {
+    // 8 credits a row at 10 rows/s: 4,800 credits last about a minute.
+    let clay = [QUICK_CLAY, &["--provider", "email:8:1.0"]].concat();
+    let p = pipeline("advice-forecast", &clay, 4_800.0, "Pause", false).await;
+    let steady = json!({"spec": {"clay": {"rateLimit": {"rowsPerSecond": 10, "burst": 10}}}});
+    p.env
+        .api::<EnrichmentTable>()
+        .patch("leads", &PatchParams::default(), &Patch::Merge(&steady))
+        .await
+        .unwrap();
+    let _receiver = p.receiver();
+    let _worker = p.worker();
+    let started = jiff::Timestamp::now();
+    p.push(&leads(700, 0)).await;
+    let budgets = p.env.api::<kiln::api::CreditBudget>();
+    // Halfway, the forecast's projection...
+    let projected = wait::until("half spent, and a forecast", || async {
+        let status = budgets.get("team").await.ok()?.status?;
+        let half = status.used.data_credits >= 2_400.0;
+        status.forecast?.exhausts_at.filter(|_| half).map(|t| t.0)
+    })
+    .await;
+    // ... against when it was actually all spent (to the last row).
+    let exhausted = wait::until_within("the budget spent", Duration::from_secs(180), || async {
+        let status = budgets.get("team").await.ok()?.status?;
+        (status.used.data_credits >= 4_800.0 - 8.0).then(jiff::Timestamp::now)
+    })
+    .await;
+    let actual = exhausted.duration_since(started).as_secs_f64();
+    let error = projected.duration_since(exhausted).as_secs_f64().abs();
+    assert!(
+        error <= actual * 0.1,
+        "projected {projected}, exhausted {exhausted}: off by {error:.1} s of {actual:.1} s"
+    );
+}

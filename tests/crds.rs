@@ -549,7 +549,15 @@ async fn printer_columns_show_the_important_fields() {
         ),
         (
             "creditbudgets",
-            vec!["Name", "Limit", "Used", "Remaining", "State", "Age"],
+            vec![
+                "Name",
+                "Limit",
+                "Used",
+                "Remaining",
+                "State",
+                "Exhausts",
+                "Age",
+            ],
         ),
         (
             "refreshschedules",

@@ -51,6 +51,7 @@ pub enum OnExhausted {
     printcolumn = r#"{"name":"Used","type":"number","jsonPath":".status.used.dataCredits"}"#,
     printcolumn = r#"{"name":"Remaining","type":"number","jsonPath":".status.remaining.dataCredits"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"Exhausts","type":"date","jsonPath":".status.forecast.exhaustsAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -221,6 +222,21 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+/// When the budget runs out at the rate it is spent (data credits).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetForecast {
+    /// Data credits committed per hour over the last hour.
+    pub data_credits_per_hour_last_hour: f64,
+    /// ... and over the last day (or as long as observed).
+    pub data_credits_per_hour_last_day: f64,
+    /// When the period's data credits are all spent at the last hour's
+    /// rate (new draws are refused a little earlier, once what remains is
+    /// held by leases); absent when not this period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exhausts_at: Option<Time>,
+}
+
 /// Observed state of a CreditBudget.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -259,6 +275,10 @@ pub struct CreditBudgetStatus {
     /// Circuit breaker state.
     #[serde(default)]
     pub breaker: BreakerStatus,
+    /// The burn rate and when the period's data credits run out at it
+    /// (from the leader's own observations since it became leader).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<BudgetForecast>,
     /// Spend per table this period.
     #[serde(default)]
     pub tables: Vec<TableUsage>,

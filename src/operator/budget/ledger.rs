@@ -179,6 +179,7 @@ async fn run_book(
     mut commands: mpsc::Receiver<Command>,
 ) {
     let mut breaker: Option<Breaker> = None;
+    let mut burn = super::forecast::BurnHistory::default();
     let mut last_write: Option<tokio::time::Instant> = None;
     let mut due = tokio::time::Instant::now();
     let mut last_request = tokio::time::Instant::now();
@@ -212,7 +213,7 @@ async fn run_book(
         }
         // Replies are fixed before the write loop, so a retried batch
         // answers what it wrote.
-        let outcome = apply_batch(&api, &name, &clock, &mut breaker, &batch).await;
+        let outcome = apply_batch(&api, &name, &clock, &mut breaker, &mut burn, &batch).await;
         let gone = matches!(outcome, Err(LedgerError::BudgetNotFound(_)));
         let answers: Vec<Result<Answer, LedgerError>> = match outcome {
             Ok((answers, status)) => {
@@ -272,6 +273,7 @@ async fn apply_batch(
     name: &str,
     clock: &Clock,
     breaker: &mut Option<Breaker>,
+    burn: &mut super::forecast::BurnHistory,
     batch: &[Command],
 ) -> Result<(Vec<Answer>, CreditBudgetStatus), LedgerError> {
     for _ in 0..CAS_ATTEMPTS {
@@ -324,7 +326,14 @@ async fn apply_batch(
             };
         }
         working.status = Some(status);
-        let after = status::compute(&working, now);
+        let mut after = status::compute(&working, now);
+        // Measured on credits used: what leases hold arrives in blocks.
+        let used = after.used.data_credits;
+        burn.observe(now, used);
+        after.forecast = match (spec.limits.data_credits, &after.period_end) {
+            (Some(limit), Some(end)) => burn.forecast(now, used, (limit - used).max(0.0), end.0),
+            _ => None,
+        };
         let answers: Vec<Answer> = answers
             .into_iter()
             .map(|a| match a {

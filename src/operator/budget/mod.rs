@@ -4,6 +4,7 @@
 pub mod api;
 pub mod book;
 pub mod breaker;
+pub mod forecast;
 pub mod ledger;
 pub mod period;
 pub mod status;
