@@ -166,6 +166,18 @@ async fn a_steady_burn_forecasts_when_the_budget_runs_out() {
         status.forecast?.exhausts_at.filter(|_| half).map(|t| t.0)
     })
     .await;
+    // The owner is told once, by a Warning Event on the budget.
+    let events = p.env.api::<k8s_openapi::api::events::v1::Event>();
+    let warned = wait::until("an ExhaustionForecast event", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("ExhaustionForecast")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("team")
+        })
+    })
+    .await;
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+    assert!(warned.note.unwrap_or_default().contains("run out at"));
     // ... against when it was actually all spent (to the last row).
     let exhausted = wait::until_within("the budget spent", Duration::from_secs(180), || async {
         let status = budgets.get("team").await.ok()?.status?;

@@ -26,6 +26,9 @@ pub struct Context {
     pub rates: Mutex<super::rate::RateShares>,
     /// Each table's traffic, from its processes' lease requests.
     pub volumes: Mutex<super::table::volume::Volumes>,
+    /// The period each budget's exhaustion forecast was last announced for
+    /// (one Warning Event per budget and period).
+    pub forecasts_announced: Mutex<std::collections::HashMap<String, String>>,
     /// What the table controller reads, once its watches started.
     pub table_caches: std::sync::OnceLock<super::table::TableCaches>,
     /// The refresh controller's CronJobs, once its watch started.
@@ -64,6 +67,7 @@ impl Context {
             ledger,
             rates: Mutex::new(super::rate::RateShares::new(std::time::Instant::now())),
             volumes: Mutex::default(),
+            forecasts_announced: Mutex::default(),
             table_caches: std::sync::OnceLock::new(),
             cronjobs: std::sync::OnceLock::new(),
             failures: Mutex::new(HashMap::new()),

@@ -98,6 +98,25 @@ async fn reconcile_inner(budget: &CreditBudget, ctx: &Context) -> Result<Action>
         )
         .await;
     }
+    if let Some((period, message)) = status::forecast_warning(&new_status) {
+        let key = format!("{namespace}/{}", budget.name_any());
+        let first = ctx
+            .forecasts_announced
+            .lock()
+            .unwrap()
+            .insert(key, period.clone())
+            .is_none_or(|announced| announced != period);
+        if first {
+            ctx.event(
+                budget,
+                EventType::Warning,
+                "ExhaustionForecast",
+                "Forecast",
+                message,
+            )
+            .await;
+        }
+    }
     // Wake up at the period boundary so rollover is prompt.
     let now = ctx.ledger.now();
     let until_end = new_status

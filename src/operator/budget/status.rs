@@ -14,6 +14,24 @@ pub const READY: &str = "Ready";
 pub const EXHAUSTED: &str = "Exhausted";
 pub const WARNING: &str = "Warning";
 
+/// When the forecast says the period's credits run out before it ends:
+/// the period it is about (its start) and what to tell the budget's owner.
+pub fn forecast_warning(status: &CreditBudgetStatus) -> Option<(String, String)> {
+    let forecast = status.forecast.as_ref()?;
+    let at = forecast.exhausts_at.as_ref()?;
+    let period = status.period_start.as_ref()?.0.to_string();
+    let end = status.period_end.as_ref().map_or_else(String::new, |e| {
+        format!(", before the period ends at {}", e.0)
+    });
+    Some((
+        period,
+        format!(
+            "at the last hour's burn ({:.0} data credits/h) the period's credits run out at {}{end}; raise spec.limits or slow the tables down",
+            forecast.data_credits_per_hour_last_hour, at.0
+        ),
+    ))
+}
+
 /// Computes the budget's status at `now`. Usage (`used`, `reserved`, per-table)
 /// is carried over from the current status, which the ledger maintains; when
 /// `now` is past the recorded period, usage moves into history and resets.
