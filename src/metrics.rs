@@ -29,6 +29,12 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// A webhook source, by its name in the table's spec.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
 /// Clay's answers by status class: 2xx, 429, 4xx, 5xx, or transport (no answer).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
@@ -45,6 +51,8 @@ pub struct DataPlaneMetrics {
     pub lease_denials: Family<OutcomeLabels, Counter>,
     pub sink_deliveries: Family<OutcomeLabels, Counter>,
     pub sink_delivery_seconds: Histogram,
+    /// Rows submitted to each webhook source over its lifetime (Clay caps it at 50,000).
+    pub source_rows: Family<SourceLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 static METRICS: OnceLock<DataPlaneMetrics> = OnceLock::new();
@@ -71,6 +79,7 @@ impl DataPlaneMetrics {
             lease_denials: Family::default(),
             sink_deliveries: Family::default(),
             sink_delivery_seconds: latency(),
+            source_rows: Family::default(),
         }
     }
 
@@ -120,6 +129,11 @@ impl DataPlaneMetrics {
             "kiln_sink_delivery_duration_seconds",
             "Time a sink delivery took",
             self.sink_delivery_seconds.clone(),
+        );
+        registry.register(
+            "kiln_webhook_source_rows",
+            "Rows submitted to each webhook source over its lifetime (Clay takes 50,000 per source)",
+            self.source_rows.clone(),
         );
     }
 

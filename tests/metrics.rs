@@ -132,6 +132,11 @@ async fn data_plane_metrics_match_what_clay_and_the_streams_saw() {
     )
     .await;
     assert_eq!(dead_counted as usize, timed_out);
+    let source_rows = total(&processes, r#"kiln_webhook_source_rows{source="leads"}"#).await;
+    assert_eq!(
+        source_rows as u64, sim.source_submissions["leads"],
+        "{sim:?}"
+    );
     assert!(total(&processes, r#"kiln_lease_requests_total{outcome="ok"}"#).await > 0.0);
     assert!(total(&processes, "kiln_rate_limiter_wait_seconds_count").await >= accepted);
     assert!(total(&processes, "kiln_clay_request_duration_seconds_count").await >= accepted);

@@ -76,6 +76,10 @@ fn exported() -> BTreeSet<String> {
     data_plane.register(&mut registry);
     data_plane.rows("received", "ok", 1);
     data_plane.clay_answer(Some(200), std::time::Duration::ZERO);
+    data_plane
+        .source_rows
+        .get_or_create(&kiln::metrics::SourceLabels { source: "s".into() })
+        .set(1);
     for family in [
         &data_plane.lease_requests,
         &data_plane.lease_denials,

@@ -121,6 +121,12 @@ impl SourceRotation {
                 .try_add(&source.name, rows, self.policy.rotate_at)
                 .await?
             {
+                crate::metrics::dataplane()
+                    .source_rows
+                    .get_or_create(&crate::metrics::SourceLabels {
+                        source: source.name.clone(),
+                    })
+                    .set(count as i64);
                 if count >= self.policy.warn_at && count - rows < self.policy.warn_at {
                     tracing::warn!(
                         source = %source.name, count, cap = self.policy.cap,
