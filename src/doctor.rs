@@ -67,7 +67,7 @@ pub struct Report {
 }
 
 /// Conditions whose False is advice, not breakage.
-const ADVISORY: [&str; 3] = ["TierFit", "CallbacksArriving", "ClayRateAccepted"];
+const ADVISORY: [&str; 4] = ["TierFit", "CallbacksArriving", "Fresh", "ClayRateAccepted"];
 
 fn finding<K: Resource<DynamicType = ()>>(
     object: &K,

@@ -191,3 +191,43 @@ async fn a_steady_burn_forecasts_when_the_budget_runs_out() {
         "projected {projected}, exhausted {exhausted}: off by {error:.1} s of {actual:.1} s"
     );
 }
+
+#[tokio::test]
+async fn old_rows_without_a_refresh_schedule_are_stale_until_one_is_added() {
+    let p = pipeline("advice-fresh", QUICK_CLAY, 1_000_000.0, "Pause", false).await;
+    // A row enriched 100 days ago, as the store records it.
+    let mut redis = support::redis_connection(&p.redis.url).await;
+    let long_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 100);
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("kiln:{}/leads:enriched-at", p.env.namespace))
+        .arg(long_ago.as_millisecond())
+        .arg("lead0@example.com")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // Any change makes the operator look again.
+    let touch = json!({"metadata": {"annotations": {"test/touch": "1"}}});
+    p.env
+        .api::<EnrichmentTable>()
+        .patch("leads", &PatchParams::default(), &Patch::Merge(&touch))
+        .await
+        .unwrap();
+    let stale = condition_when(&p.env, "leads", "Fresh", "StaleRows").await;
+    assert_eq!(stale.status, "False");
+    assert!(
+        stale.message.contains("RefreshSchedule"),
+        "{}",
+        stale.message
+    );
+    support::create::<kiln::api::RefreshSchedule>(
+        &p.env,
+        json!({
+            "apiVersion": "kiln.dev/v1alpha1", "kind": "RefreshSchedule",
+            "metadata": {"name": "weekly"},
+            "spec": {"tableRef": {"name": "leads"}, "schedule": "0 3 * * 1", "maxAge": "2160h", "maxRows": 500, "maxCredits": 1000}
+        }),
+    )
+    .await;
+    let scheduled = condition_when(&p.env, "leads", "Fresh", "RefreshScheduled").await;
+    assert_eq!(scheduled.status, "True");
+}

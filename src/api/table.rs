@@ -132,6 +132,11 @@ pub struct TierAdvice {
     #[serde(default = "default_sustained_for")]
     #[schemars(with = "String", length(min = 2, max = 32))]
     pub sustained_for: Duration,
+    /// Enriched rows older than this, with no RefreshSchedule to redo them,
+    /// make Fresh False (Go duration).
+    #[serde(default = "default_stale_after")]
+    #[schemars(with = "String", length(min = 2, max = 32))]
+    pub stale_after: Duration,
     /// Results missing for this many result timeouts while rows are sent
     /// make CallbacksArriving False.
     #[serde(default = "default_missing_after")]
@@ -146,6 +151,7 @@ impl Default for TierAdvice {
             queue_max_rows_per_day: default_queue_max(),
             event_min_rows_per_day: default_event_min(),
             sustained_for: default_sustained_for(),
+            stale_after: default_stale_after(),
             callbacks_missing_after_timeouts: default_missing_after(),
         }
     }
@@ -162,6 +168,9 @@ fn default_event_min() -> u64 {
 }
 fn default_sustained_for() -> Duration {
     std::time::Duration::from_secs(3600).into()
+}
+fn default_stale_after() -> Duration {
+    std::time::Duration::from_secs(90 * 24 * 3600).into()
 }
 fn default_missing_after() -> u32 {
     3
@@ -648,6 +657,10 @@ pub struct EnrichmentTableStatus {
     /// When a row was last enriched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_enriched_at: Option<Time>,
+    /// When the row enriched longest ago was enriched (Queue and Event:
+    /// read from Redis); what the Fresh condition judges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_enriched_at: Option<Time>,
     /// Rows the table sent to Clay, as the operator observed them: the
     /// figures the TierFit condition judges.
     #[serde(default, skip_serializing_if = "Option::is_none")]

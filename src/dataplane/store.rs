@@ -69,7 +69,7 @@ impl Keys {
     fn dedupe(&self) -> String {
         format!("{}:dedupe", self.prefix)
     }
-    fn enriched_at(&self) -> String {
+    pub fn enriched_at(&self) -> String {
         format!("{}:enriched-at", self.prefix)
     }
     fn counters(&self) -> String {
@@ -898,17 +898,21 @@ impl RedisStore {
     }
 }
 
-/// A table's counters and its pending rows, in one round trip over any
-/// connection (the operator reads them over a pooled one).
+/// A table's counters, its pending rows and its oldest enriched row's time
+/// (ms), in one round trip over any connection (the operator reads them over
+/// a pooled one).
 pub async fn read_counters(
     connection: &mut ConnectionManager,
     keys: &Keys,
-) -> redis::RedisResult<(HashMap<String, i64>, u64)> {
-    redis::pipe()
-        .hgetall(keys.counters())
-        .hlen(keys.pending())
-        .query_async(connection)
-        .await
+) -> redis::RedisResult<(HashMap<String, i64>, u64, Option<i64>)> {
+    let (counters, pending, oldest): (HashMap<String, i64>, u64, Vec<(String, i64)>) =
+        redis::pipe()
+            .hgetall(keys.counters())
+            .hlen(keys.pending())
+            .zrange_withscores(keys.enriched_at(), 0, 0)
+            .query_async(connection)
+            .await?;
+    Ok((counters, pending, oldest.first().map(|(_, ms)| *ms)))
 }
 
 impl SubmissionCounter for RedisStore {

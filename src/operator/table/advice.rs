@@ -8,6 +8,44 @@ use super::volume::VolumeView;
 
 pub const TIER_FIT: &str = "TierFit";
 pub const CALLBACKS_ARRIVING: &str = "CallbacksArriving";
+pub const FRESH: &str = "Fresh";
+
+/// Whether enriched data is kept fresh: rows older than `staleAfter` with no
+/// RefreshSchedule to redo them is the stale-data failure.
+pub fn fresh(
+    advice: &TierAdvice,
+    schedules: &[String],
+    oldest_enriched: Option<jiff::Timestamp>,
+    now: jiff::Timestamp,
+) -> (bool, &'static str, String) {
+    if !schedules.is_empty() {
+        return (
+            true,
+            "RefreshScheduled",
+            format!(
+                "RefreshSchedule {} re-enriches stale rows",
+                schedules.join(", ")
+            ),
+        );
+    }
+    let stale_after = jiff::SignedDuration::try_from(std::time::Duration::from(advice.stale_after))
+        .unwrap_or(jiff::SignedDuration::MAX);
+    match oldest_enriched {
+        Some(oldest) if now.duration_since(oldest) > stale_after => (
+            false,
+            "StaleRows",
+            format!(
+                "the oldest enriched row dates from {oldest}, older than {} (tierAdvice.staleAfter), and no RefreshSchedule re-enriches rows: add one (examples/queue.yaml has a weekly refresh)",
+                advice.stale_after
+            ),
+        ),
+        _ => (
+            true,
+            "RowsFresh",
+            format!("no enriched row is older than {}", advice.stale_after),
+        ),
+    }
+}
 
 /// Whether the table's tier fits its observed volume.
 pub fn tier_fit(
@@ -153,6 +191,21 @@ mod tests {
             "NotEnoughTraffic"
         );
         assert!(tier_fit(Tier::Direct, &advice, None).0);
+    }
+
+    #[test]
+    fn old_rows_without_a_schedule_are_stale() {
+        let advice = TierAdvice::default();
+        let now: jiff::Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
+        let old = now - jiff::SignedDuration::from_hours(24 * 100);
+        let recent = now - jiff::SignedDuration::from_hours(24);
+        assert_eq!(fresh(&advice, &[], Some(old), now).1, "StaleRows");
+        assert_eq!(fresh(&advice, &[], Some(recent), now).1, "RowsFresh");
+        assert_eq!(fresh(&advice, &[], None, now).1, "RowsFresh");
+        assert_eq!(
+            fresh(&advice, &["weekly".into()], Some(old), now).1,
+            "RefreshScheduled"
+        );
     }
 
     #[test]

@@ -41,8 +41,17 @@ pub struct RowCounterReader {
     pool: Mutex<HashMap<Endpoint, Connection>>,
 }
 
+/// What a table's store says about its rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreReading {
+    pub rows: RowCounters,
+    pub last_enriched: Option<Time>,
+    /// When the row enriched longest ago was enriched (what a refresh would redo first).
+    pub oldest_enriched: Option<Time>,
+}
+
 /// What reading a table's counters found.
-pub type Reading = Result<(RowCounters, Option<Time>), String>;
+pub type Reading = Result<StoreReading, String>;
 
 impl RowCounterReader {
     /// The table's counters, or why its Redis could not be read (never a
@@ -69,7 +78,16 @@ impl RowCounterReader {
         let keys = Keys::new(namespace, &table.name_any());
         let read = tokio::time::timeout(REDIS_TIMEOUT, read_counters(&mut connection, &keys)).await;
         Some(match read {
-            Ok(Ok((counters, pending))) => Ok(super::status::row_counters(&counters, pending)),
+            Ok(Ok((counters, pending, oldest))) => {
+                let (rows, last_enriched) = super::status::row_counters(&counters, pending);
+                Ok(StoreReading {
+                    rows,
+                    last_enriched,
+                    oldest_enriched: oldest
+                        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+                        .map(Time),
+                })
+            }
             Ok(Err(error)) => Err(format!("reading row counters: {error}")),
             Err(_) => Err(format!(
                 "reading row counters: no answer within {}s",

@@ -40,9 +40,9 @@ pub struct References {
     pub secret_problems: Vec<String>,
     /// This table's spend in the budget's current period, from the ledger.
     pub credits_this_period: CreditCost,
-    /// Row counters and last enrichment time read from the table's store,
-    /// when it could be reached.
-    pub rows: Option<(RowCounters, Option<Time>)>,
+    /// Row counters and enrichment times read from the table's store, when
+    /// it could be reached.
+    pub rows: Option<super::counters::StoreReading>,
     /// Why the table's Redis could not be read, when it could not.
     pub redis_problem: Option<String>,
     /// Tier Event: why brokers could not be reached (empty when all were).
@@ -388,6 +388,17 @@ pub fn compute(
         &callback_url,
     );
     let callbacks = cond.set(super::advice::CALLBACKS_ARRIVING, holds, reason, message);
+    let oldest_enriched = references
+        .rows
+        .as_ref()
+        .and_then(|r| r.oldest_enriched.clone());
+    let (holds, reason, message) = super::advice::fresh(
+        &spec.tier_advice,
+        &references.schedules,
+        oldest_enriched.as_ref().map(|t| t.0),
+        now.0,
+    );
+    let fresh = cond.set(super::advice::FRESH, holds, reason, message);
     // Known only once the Secrets resolve (the URL is in one).
     let redis = (table.spec.redis.is_some() && references.secret_problems.is_empty()).then(|| {
         match &references.redis_problem {
@@ -425,7 +436,7 @@ pub fn compute(
             .chain(kafka)
             .chain(redis)
             .chain(autoscaling)
-            .chain([clay_rate, tier_fit, callbacks])
+            .chain([clay_rate, tier_fit, callbacks, fresh])
             .collect(),
         callback_url: Some(format!("{receiver}{CALLBACK_PATH}")),
         ingest_url: Some(format!("{receiver}{INGEST_PATH}")),
@@ -433,12 +444,13 @@ pub fn compute(
         rows: references
             .rows
             .as_ref()
-            .map_or(current.rows.clone(), |(rows, _)| rows.clone()),
+            .map_or(current.rows.clone(), |r| r.rows.clone()),
         last_enriched_at: references
             .rows
             .as_ref()
-            .and_then(|(_, at)| at.clone())
+            .and_then(|r| r.last_enriched.clone())
             .or(current.last_enriched_at.clone()),
+        oldest_enriched_at: oldest_enriched.or(current.oldest_enriched_at.clone()),
         observed: references.volume.as_ref().map(|v| ObservedVolume {
             rows_last_day: v.rows_last_day,
             rows_per_day_recent: v.rows_per_day_recent,
