@@ -327,13 +327,19 @@ async fn apply_batch(
         }
         working.status = Some(status);
         let mut after = status::compute(&working, now);
-        // Measured on credits used: what leases hold arrives in blocks.
-        let used = after.used.data_credits;
-        burn.observe(now, used);
-        after.forecast = match (spec.limits.data_credits, &after.period_end) {
-            (Some(limit), Some(end)) => burn.forecast(now, used, (limit - used).max(0.0), end.0),
-            _ => None,
-        };
+        // Measured on credits used (what leases hold arrives in blocks),
+        // and only when holders report: an idle budget's status stays as it
+        // is, so nothing is written while nothing happens.
+        if batch.iter().any(|c| matches!(c, Command::Lease(..))) {
+            let used = after.used.data_credits;
+            burn.observe(now, used);
+            after.forecast = match (spec.limits.data_credits, &after.period_end) {
+                (Some(limit), Some(end)) => {
+                    burn.forecast(now, used, (limit - used).max(0.0), end.0)
+                }
+                _ => None,
+            };
+        }
         let answers: Vec<Answer> = answers
             .into_iter()
             .map(|a| match a {
