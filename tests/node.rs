@@ -9,7 +9,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, Pod, Service};
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, LogParams};
 use serde_json::{Value, json};
@@ -58,8 +58,9 @@ async fn deploy(env: &TestEnv, name: &str, image: &str, args: &[&str], port: u16
 }
 
 async fn cluster_ip(env: &TestEnv, service: &str) -> String {
-    let service = env.api::<Service>().get(service).await.unwrap();
-    service.spec.unwrap().cluster_ip.unwrap()
+    node::cluster_ip(&env.client, &env.namespace, service)
+        .await
+        .unwrap()
 }
 
 /// Every line every container of the selected pods logged is a JSON object.
@@ -224,21 +225,9 @@ async fn clay_sim_pod(
         "callbackUrl": callback,
         "callbackHeaders": {"x-kiln-token": callback_token},
     });
-    // kube-proxy may program a new Service a moment after it has endpoints.
-    wait::until_within(
-        "clay-sim's admin API through its Service",
-        POD_TIMEOUT,
-        || async {
-            let response = reqwest::Client::new()
-                .put(format!("{sim}/admin/sources/main"))
-                .json(&config)
-                .send()
-                .await
-                .ok()?;
-            response.status().is_success().then_some(())
-        },
-    )
-    .await;
+    node::put_clay_sim_source(&sim, "main", &config, POD_TIMEOUT)
+        .await
+        .unwrap();
     format!(
         "http://clay-sim.{}.svc:8780/v3/sources/webhook/main",
         env.namespace

@@ -194,6 +194,46 @@ pub fn service_deployment(name: &str, image: &str, args: &[&str], port: u16) -> 
     ]
 }
 
+/// A Service's ClusterIP (the host reaches Services through kube-proxy).
+pub async fn cluster_ip(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    let service = Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await?;
+    service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .with_context(|| format!("Service {name} has no ClusterIP"))
+}
+
+/// Configures a webhook source on clay-sim through its Service, retrying
+/// while kube-proxy programs a new Service (a moment after it has endpoints).
+pub async fn put_clay_sim_source(
+    sim_url: &str,
+    source: &str,
+    config: &Value,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    poll(
+        &format!("clay-sim's Service at {sim_url}"),
+        timeout,
+        || async {
+            let response = http
+                .put(format!("{sim_url}/admin/sources/{source}"))
+                .json(config)
+                .send()
+                .await
+                .ok()?;
+            response.status().is_success().then_some(())
+        },
+    )
+    .await
+}
+
 /// A throwaway Redis: no persistence, reachable from every pod.
 pub const REDIS_ARGS: &[&str] = &[
     "--bind",

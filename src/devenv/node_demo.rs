@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DynamicObject};
 use serde_json::json;
 
@@ -18,8 +17,8 @@ use super::demo::{
     apply_queue_example, follow_enrichment, push_leads, sample_leads, step, wait_for,
 };
 use super::node::{
-    NodeCluster, REDIS_ARGS, REDIS_IMAGE, apply_objects, kiln_image, service_deployment,
-    wait_available,
+    NodeCluster, REDIS_ARGS, REDIS_IMAGE, apply_objects, cluster_ip, kiln_image,
+    put_clay_sim_source, service_deployment, wait_available,
 };
 use crate::api::EnrichmentTable;
 
@@ -98,9 +97,14 @@ async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
     apply_objects(&client, Some(namespace), &objects, FIELD_MANAGER).await?;
     wait_available(&client, namespace, "redis").await?;
     wait_available(&client, namespace, "clay-sim").await?;
-    let services = Api::<Service>::namespaced(client.clone(), namespace);
-    let sim_url = format!("http://{}:8780", cluster_ip(&services, "clay-sim").await?);
-    let redis_url = format!("redis://{}:6379", cluster_ip(&services, "redis").await?);
+    let sim_url = format!(
+        "http://{}:8780",
+        cluster_ip(&client, namespace, "clay-sim").await?
+    );
+    let redis_url = format!(
+        "redis://{}:6379",
+        cluster_ip(&client, namespace, "redis").await?
+    );
 
     step("applying examples/queue.yaml (Secrets pointed at the Redis and clay-sim pods)");
     let callback_token = uuid::Uuid::new_v4().simple().to_string();
@@ -111,18 +115,7 @@ async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
         "callbackUrl": format!("http://{receiver}.{namespace}.svc:8080/v1/clay/callback"),
         "callbackHeaders": {"x-kiln-token": callback_token},
     });
-    let http = reqwest::Client::new();
-    // kube-proxy programs a new Service a moment after it has endpoints.
-    wait_for("clay-sim's Service", Duration::from_secs(60), || async {
-        let response = http
-            .put(format!("{sim_url}/admin/sources/demo"))
-            .json(&source)
-            .send()
-            .await
-            .ok()?;
-        response.status().is_success().then_some(())
-    })
-    .await?;
+    put_clay_sim_source(&sim_url, "demo", &source, Duration::from_secs(60)).await?;
     let secrets = DemoSecrets {
         webhook_url: format!("http://clay-sim.{namespace}.svc:8780/v3/sources/webhook/demo"),
         callback_token: callback_token.clone(),
@@ -150,7 +143,7 @@ async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
     let leads = sample_leads(args.leads);
     let receiver_url = format!(
         "http://{}:8080/v1/rows",
-        cluster_ip(&services, &receiver).await?
+        cluster_ip(&client, namespace, &receiver).await?
     );
     step(&format!(
         "pushing {} sample leads to the receiver's Service ({receiver_url})",
@@ -164,12 +157,4 @@ async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
         node.kubeconfig.display(),
     );
     Ok(())
-}
-
-async fn cluster_ip(services: &Api<Service>, name: &str) -> anyhow::Result<String> {
-    let service = services.get(name).await?;
-    service
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .with_context(|| format!("Service {name} has no ClusterIP"))
 }
