@@ -217,7 +217,12 @@ pub async fn put_clay_sim_source(
     config: &Value,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+    // Each attempt is bounded: a SYN to a ClusterIP kube-proxy has not
+    // programmed yet can go unanswered for minutes.
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .build()?;
     poll(
         &format!("clay-sim's Service at {sim_url}"),
         timeout,
