@@ -238,7 +238,8 @@ async fn clay_sim_pod(
 async fn post_rows(url: &str, token: &str, rows: &[Value]) {
     for chunk in rows.chunks(50) {
         wait::until_within(&format!("POST {url}"), POD_TIMEOUT, || async {
-            let response = reqwest::Client::new()
+            let response = node::service_client()
+                .unwrap()
                 .post(url)
                 .bearer_auth(token)
                 .json(&json!(chunk))
@@ -527,7 +528,8 @@ async fn direct_enrich_answers_through_its_service_before_and_after_the_pod_move
         let url = url.clone();
         async move {
             wait::until_within(&format!("/v1/enrich {domain}"), POD_TIMEOUT, || async {
-                let response = reqwest::Client::new()
+                let response = node::service_client()
+                    .unwrap()
                     .post(format!("{url}/v1/enrich"))
                     .bearer_auth("api-secret")
                     .json(&json!({"domain": domain}))

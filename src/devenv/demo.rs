@@ -373,7 +373,7 @@ pub(super) fn sample_leads(n: usize) -> Vec<Value> {
 
 /// POSTs leads to a receiver's /v1/rows in chunks, waiting for it to accept.
 pub(super) async fn push_leads(url: &str, token: &str, leads: &[Value]) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+    let http = super::node::service_client()?;
     for chunk in leads.chunks(50) {
         wait_for(
             "the receiver to accept rows",

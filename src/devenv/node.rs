@@ -209,6 +209,20 @@ pub async fn cluster_ip(
         .with_context(|| format!("Service {name} has no ClusterIP"))
 }
 
+/// An HTTP client for calling a Service's ClusterIP from the host, retried
+/// until it answers. Until kube-proxy has programmed the address, the host
+/// routes it out of its default route, where a gateway may accept the
+/// connection and answer for itself (this machine's answers 404): a pooled
+/// keep-alive connection would pin every retry to that gateway, so each
+/// request opens its own connection, and each is bounded in time.
+pub fn service_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .build()?)
+}
+
 /// Configures a webhook source on clay-sim through its Service, retrying
 /// while kube-proxy programs a new Service (a moment after it has endpoints).
 pub async fn put_clay_sim_source(
@@ -217,26 +231,28 @@ pub async fn put_clay_sim_source(
     config: &Value,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    // Each attempt is bounded: a SYN to a ClusterIP kube-proxy has not
-    // programmed yet can go unanswered for minutes.
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .build()?;
-    poll(
+    let http = service_client()?;
+    let last_failure = std::sync::Mutex::new(String::from("no attempt finished"));
+    let outcome = poll(
         &format!("clay-sim's Service at {sim_url}"),
         timeout,
         || async {
-            let response = http
+            let failure = match http
                 .put(format!("{sim_url}/admin/sources/{source}"))
                 .json(config)
                 .send()
                 .await
-                .ok()?;
-            response.status().is_success().then_some(())
+            {
+                Ok(response) if response.status().is_success() => return Some(()),
+                Ok(response) => format!("answered {}", response.status()),
+                Err(error) => format!("{:#}", anyhow::Error::from(error)),
+            };
+            *last_failure.lock().unwrap() = failure;
+            None
         },
     )
-    .await
+    .await;
+    outcome.with_context(|| format!("last attempt: {}", last_failure.lock().unwrap()))
 }
 
 /// A throwaway Redis: no persistence, reachable from every pod.
