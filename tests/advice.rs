@@ -3,6 +3,7 @@
 //! to move to Queue (and `kiln doctor` reports it, in text and JSON, with
 //! exit code 1); a Queue table whose callbacks never come is told its HTTP
 //! API column does not reach the receiver; doctor passes a healthy namespace.
+//! Each condition's transitions are announced by Events.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -41,6 +42,23 @@ async fn condition_when(env: &TestEnv, table: &str, type_: &str, reason: &str) -
                 .find(|c| c.type_ == type_ && c.reason == reason)
         },
     )
+    .await
+}
+
+/// The Event with `reason` about the object `name`, waited for.
+async fn event_about(
+    env: &TestEnv,
+    name: &str,
+    reason: &str,
+) -> k8s_openapi::api::events::v1::Event {
+    let events = env.api::<k8s_openapi::api::events::v1::Event>();
+    wait::until(&format!("a {reason} event about {name}"), || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+    })
     .await
 }
 
@@ -85,6 +103,8 @@ async fn a_direct_table_fed_like_a_queue_is_told_to_move_and_doctor_says_so() {
         "{}",
         outgrown.message
     );
+    let announced = event_about(env, "leads", "VolumeAboveTier").await;
+    assert_eq!(announced.type_.as_deref(), Some("Warning"));
     let table = env.api::<EnrichmentTable>().get("leads").await.unwrap();
     let observed = table.status.unwrap().observed.expect("status.observed");
     assert!(observed.rows_per_day_recent > 1_000, "{observed:?}");
@@ -132,6 +152,8 @@ async fn a_queue_table_whose_callbacks_never_come_is_told_where_they_should_go()
         "{}",
         missing.message
     );
+    let announced = event_about(&p.env, "leads", "NoCallbacks").await;
+    assert_eq!(announced.type_.as_deref(), Some("Warning"));
 }
 
 #[tokio::test]
@@ -167,15 +189,7 @@ async fn a_steady_burn_forecasts_when_the_budget_runs_out() {
     })
     .await;
     // The owner is told once, by a Warning Event on the budget.
-    let events = p.env.api::<k8s_openapi::api::events::v1::Event>();
-    let warned = wait::until("an ExhaustionForecast event", || async {
-        let list = events.list(&Default::default()).await.ok()?;
-        list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some("ExhaustionForecast")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("team")
-        })
-    })
-    .await;
+    let warned = event_about(&p.env, "team", "ExhaustionForecast").await;
     assert_eq!(warned.type_.as_deref(), Some("Warning"));
     assert!(warned.note.unwrap_or_default().contains("run out at"));
     // ... against when it was actually all spent (to the last row).
@@ -230,4 +244,9 @@ async fn old_rows_without_a_refresh_schedule_are_stale_until_one_is_added() {
     .await;
     let scheduled = condition_when(&p.env, "leads", "Fresh", "RefreshScheduled").await;
     assert_eq!(scheduled.status, "True");
+    // Both transitions were announced.
+    let stale_event = event_about(&p.env, "leads", "StaleRows").await;
+    assert_eq!(stale_event.type_.as_deref(), Some("Warning"));
+    let fresh_event = event_about(&p.env, "leads", "RefreshScheduled").await;
+    assert_eq!(fresh_event.type_.as_deref(), Some("Normal"));
 }

@@ -572,7 +572,8 @@ async fn apply_children(
     Ok(deployments)
 }
 
-/// Emits Events when readiness or a reference condition changes.
+/// Emits Events when a condition changes: a Warning when one turns False,
+/// a Normal one when it is True again.
 async fn publish_transitions(
     ctx: &Context,
     table: &EnrichmentTable,
@@ -610,6 +611,18 @@ async fn publish_transitions(
             }
             // Ready is the roll-up of the others, which say why.
             (status::READY, FALSE) => {}
+            // Any other condition back to True after being False: its
+            // reason names the recovery (TierFit's VolumeWithinTier, ...).
+            (_, TRUE) if was_false => {
+                ctx.event(
+                    table,
+                    EventType::Normal,
+                    &condition.reason,
+                    "Reconcile",
+                    condition.message.clone(),
+                )
+                .await;
+            }
             (_, FALSE) => {
                 ctx.event(
                     table,
