@@ -1,9 +1,15 @@
 //! Leader election on a coordination.k8s.io Lease, as client-go does it:
 //! the holder renews the lease; a candidate takes it over only once the
-//! holder's renewal is older than the lease duration. Every write is a
-//! compare-and-swap on resourceVersion, so two candidates cannot both win.
+//! lease record has stayed unchanged for the lease duration, timed by the
+//! candidate's own clock from when it first saw that record (the holder's
+//! `renewTime` is another node's clock: skew between nodes would shorten or
+//! stretch the lease). Every write is a compare-and-swap on
+//! resourceVersion, so two candidates cannot both win.
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
@@ -70,6 +76,49 @@ pub struct LeaderElector {
     name: String,
     identity: String,
     timing: LeaseTiming,
+    observed: Mutex<Option<Observation>>,
+}
+
+/// The lease record as last read, and when (by this process's clock) it was
+/// first seen in that form.
+#[derive(Clone, Debug, PartialEq)]
+struct Observation {
+    holder: Option<String>,
+    renew_time: Option<MicroTime>,
+    duration: Duration,
+    seen_at: Instant,
+}
+
+impl Observation {
+    /// The observation after reading `spec` at `now`: a record that has not
+    /// changed keeps the time it was first seen.
+    fn after(previous: Option<&Self>, spec: &LeaseSpec, now: Instant) -> Self {
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let renew_time = spec.renew_time.clone();
+        let duration = Duration::from_secs(
+            u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(0),
+        );
+        let seen_at = match previous {
+            Some(p)
+                if p.holder == holder && p.renew_time == renew_time && p.duration == duration =>
+            {
+                p.seen_at
+            }
+            _ => now,
+        };
+        Self {
+            holder,
+            renew_time,
+            duration,
+            seen_at,
+        }
+    }
+
+    /// True when nobody holds the lease, or the record has not changed for
+    /// its whole duration (its holder stopped renewing).
+    fn expired(&self, now: Instant) -> bool {
+        self.holder.is_none() || self.seen_at + self.duration < now
+    }
 }
 
 impl LeaderElector {
@@ -85,6 +134,7 @@ impl LeaderElector {
             name: name.to_string(),
             identity: identity.to_string(),
             timing,
+            observed: Mutex::new(None),
         }
     }
 
@@ -177,7 +227,14 @@ impl LeaderElector {
         };
         let spec = lease.spec.get_or_insert_with(Default::default);
         let held_by_me = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        if !held_by_me && !expired(spec, now) {
+        let expired = {
+            let mut observed = self.observed.lock().unwrap();
+            let observation = Observation::after(observed.as_ref(), spec, Instant::now());
+            let expired = observation.expired(Instant::now());
+            *observed = Some(observation);
+            expired
+        };
+        if !held_by_me && !expired {
             return Ok(false);
         }
         if !held_by_me {
@@ -200,56 +257,66 @@ impl LeaderElector {
     }
 }
 
-/// True when nobody holds the lease or its holder stopped renewing it.
-fn expired(spec: &LeaseSpec, now: jiff::Timestamp) -> bool {
-    if spec.holder_identity.as_deref().is_none_or(str::is_empty) {
-        return true;
-    }
-    let Some(renewed) = spec.renew_time.as_ref() else {
-        return true;
-    };
-    let duration =
-        jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
-    renewed.0 + duration < now
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec(
-        holder: Option<&str>,
-        renewed_secs_ago: i64,
-        duration: i32,
-    ) -> (LeaseSpec, jiff::Timestamp) {
-        let now: jiff::Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
-        let renewed = now - jiff::SignedDuration::from_secs(renewed_secs_ago);
-        (
-            LeaseSpec {
-                holder_identity: holder.map(str::to_string),
-                renew_time: Some(MicroTime(renewed)),
-                lease_duration_seconds: Some(duration),
-                ..Default::default()
-            },
-            now,
-        )
+    fn spec(holder: Option<&str>, renewed: &str, duration: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: holder.map(str::to_string),
+            renew_time: Some(MicroTime(renewed.parse().unwrap())),
+            lease_duration_seconds: Some(duration),
+            ..Default::default()
+        }
+    }
+
+    const RENEWED: &str = "2026-11-27T12:00:00Z";
+
+    #[test]
+    fn a_record_seen_for_less_than_its_duration_is_not_expired() {
+        let t0 = Instant::now();
+        let first = Observation::after(None, &spec(Some("a"), RENEWED, 15), t0);
+        let later = t0 + Duration::from_secs(14);
+        let again = Observation::after(Some(&first), &spec(Some("a"), RENEWED, 15), later);
+        assert_eq!(again.seen_at, t0);
+        assert!(!again.expired(later));
     }
 
     #[test]
-    fn a_fresh_lease_is_not_expired() {
-        let (spec, now) = spec(Some("a"), 5, 15);
-        assert!(!expired(&spec, now));
+    fn a_record_unchanged_for_its_duration_is_expired() {
+        let t0 = Instant::now();
+        let first = Observation::after(None, &spec(Some("a"), RENEWED, 15), t0);
+        let later = t0 + Duration::from_secs(16);
+        let again = Observation::after(Some(&first), &spec(Some("a"), RENEWED, 15), later);
+        assert!(again.expired(later));
     }
 
     #[test]
-    fn a_lease_not_renewed_within_its_duration_is_expired() {
-        let (spec, now) = spec(Some("a"), 16, 15);
-        assert!(expired(&spec, now));
+    fn a_renewal_restarts_the_clock_whatever_time_it_claims() {
+        let t0 = Instant::now();
+        let first = Observation::after(None, &spec(Some("a"), RENEWED, 15), t0);
+        // The holder's clock runs an hour behind: its renewal still counts.
+        let later = t0 + Duration::from_secs(16);
+        let renewed = spec(Some("a"), "2026-11-27T11:00:02Z", 15);
+        let again = Observation::after(Some(&first), &renewed, later);
+        assert_eq!(again.seen_at, later);
+        assert!(!again.expired(later + Duration::from_secs(14)));
+    }
+
+    #[test]
+    fn a_stale_renewal_time_alone_does_not_expire_a_lease_just_seen() {
+        // Renewed "an hour ago" by a holder whose clock runs behind ours.
+        let now = Instant::now();
+        let seen = Observation::after(None, &spec(Some("a"), "2026-11-27T11:00:00Z", 15), now);
+        assert!(!seen.expired(now + Duration::from_secs(1)));
     }
 
     #[test]
     fn a_released_lease_is_expired() {
-        let (spec, now) = spec(None, 0, 15);
-        assert!(expired(&spec, now));
+        let now = Instant::now();
+        let released = Observation::after(None, &spec(None, RENEWED, 1), now);
+        assert!(released.expired(now));
+        let emptied = Observation::after(None, &spec(Some(""), RENEWED, 15), now);
+        assert!(emptied.expired(now));
     }
 }
