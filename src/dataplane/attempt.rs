@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::TableRuntime;
-use super::store::{PendingRow, PendingRows};
+use super::store::{PendingRow, PendingRows, new_write_token};
 use crate::api::budget::OnExhausted;
 use crate::clay::ClayError;
 use crate::clay::limiter::RateLimiter;
@@ -166,6 +166,7 @@ impl Attempts {
             reserved_credits: draw.cost.data_credits,
             reserved_actions: draw.cost.actions,
             period: draw.period.clone(),
+            write_token: new_write_token(),
         }
     }
 
@@ -210,6 +211,7 @@ impl Attempts {
                     // (or dead-letters it after maxAttempts).
                     let waiting = PendingRow {
                         reservation: String::new(),
+                        write_token: new_write_token(),
                         ..pending.clone()
                     };
                     self.rows
@@ -270,6 +272,7 @@ impl Attempts {
             Err(_) => {
                 let waiting = PendingRow {
                     reservation: String::new(),
+                    write_token: new_write_token(),
                     ..pending.clone()
                 };
                 self.rows
@@ -288,6 +291,7 @@ impl Attempts {
             reserved_credits: draw.cost.data_credits,
             reserved_actions: draw.cost.actions,
             period: draw.period.clone(),
+            write_token: new_write_token(),
             ..pending.clone()
         };
         let deadline = self.first_deadline();

@@ -431,6 +431,8 @@ impl PendingRows for EmbeddedStore {
                             .get(next.row_id.as_str())?
                             .and_then(|v| serde_json::from_str::<Waiting>(v.value()).ok());
                         match current {
+                            // Already this very write: the same answer again.
+                            Some(w) if w.pending == next => true,
                             Some(w) if w.pending.reservation == expected => {
                                 let waiting = Waiting {
                                     pending: next.clone(),
@@ -562,6 +564,7 @@ mod tests {
             reserved_credits: 12.0,
             reserved_actions: 0,
             period: String::new(),
+            write_token: "t1".into(),
         }
     }
 
@@ -715,6 +718,21 @@ mod tests {
         };
         assert!(!store.replace_pending(&next, 9_000, "stale").await.unwrap());
         assert!(store.replace_pending(&next, 9_000, "r1-a1").await.unwrap());
+        assert!(
+            store.replace_pending(&next, 9_000, "r1-a1").await.unwrap(),
+            "the same write, retried, is answered the same"
+        );
+        let stranger = PendingRow {
+            write_token: "t2".into(),
+            ..next.clone()
+        };
+        assert!(
+            !store
+                .replace_pending(&stranger, 9_000, "r1-a1")
+                .await
+                .unwrap(),
+            "another process's write of the same attempt loses"
+        );
         let dead = store
             .dead_letter_pending("r1", "ResultTimeout")
             .await

@@ -33,6 +33,16 @@ pub struct PendingRow {
     /// The budget period the credits were counted in (for refunds).
     #[serde(default)]
     pub period: String,
+    /// Random, new with every write of an attempt: a store step retried
+    /// after an unknown outcome (a timeout) recognises its own write by it,
+    /// and no other process's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub write_token: String,
+}
+
+/// A fresh [`PendingRow::write_token`].
+pub fn new_write_token() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 impl PendingRow {
@@ -139,6 +149,33 @@ fn guarded(script: &str) -> Script {
 static MAKE_PENDING_SCRIPT: LazyLock<Script> = LazyLock::new(|| guarded(MAKE_PENDING));
 static DELIVER_STORED_SCRIPT: LazyLock<Script> = LazyLock::new(|| guarded(DELIVER_STORED));
 static DEAD_LETTER_ENTRY_SCRIPT: LazyLock<Script> = LazyLock::new(|| guarded(DEAD_LETTER_ENTRY));
+static REPLACE_PENDING_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REPLACE_PENDING));
+
+/// Runs a store step whose outcome a timeout or dropped connection leaves
+/// unknown, again at once (up to three times): the step recognises its own
+/// earlier write, so a slow success is not taken for a failure.
+async fn with_unknown_outcome_retried<T, F, Fut>(mut step: F) -> redis::RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    let mut tries = 1;
+    loop {
+        match step().await {
+            Err(error)
+                if tries < 3
+                    && (error.is_timeout()
+                        || error.is_connection_dropped()
+                        || error.is_io_error()) =>
+            {
+                tracing::warn!(%error, "a store step's outcome is unknown; running it again");
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100 * tries)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
 
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
@@ -178,6 +215,11 @@ end
 const MAKE_PENDING: &str = r#"
 -- KEYS: pending, deadlines, counters, source; ARGV: row_id, pending json, deadline ms, group, entry id
 {SOURCE_GUARD}
+-- This very write again (a retry after a timeout): it is ours.
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  ack(KEYS[4], ARGV[4], ARGV[5])
+  return 1
+end
 if not first_sight(KEYS[4], ARGV[4]) then return 0 end
 local created = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 if created == 1 then
@@ -295,6 +337,8 @@ const REPLACE_PENDING: &str = r#"
 -- KEYS: pending, deadlines; ARGV: row_id, pending json, deadline ms, expected old reservation
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then return 0 end
+-- This very write again (a retry after a timeout): it is ours.
+if current == ARGV[2] then return 1 end
 if cjson.decode(current)['reservation'] ~= ARGV[4] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
@@ -559,18 +603,22 @@ impl RedisStore {
     ) -> redis::RedisResult<bool> {
         let json = serde_json::to_string(pending).expect("a pending row serializes");
         let (source, group, id) = entry.script_parts(&self.keys, &pending.row_id);
-        let created: i64 = MAKE_PENDING_SCRIPT
-            .key(self.keys.pending())
-            .key(self.keys.deadlines())
-            .key(self.keys.counters())
-            .key(source)
-            .arg(&pending.row_id)
-            .arg(json)
-            .arg(deadline_ms)
-            .arg(group)
-            .arg(id)
-            .invoke_async(&mut self.conn())
-            .await?;
+        let created: i64 = with_unknown_outcome_retried(|| {
+            let mut invocation = MAKE_PENDING_SCRIPT.prepare_invoke();
+            invocation
+                .key(self.keys.pending())
+                .key(self.keys.deadlines())
+                .key(self.keys.counters())
+                .key(&source)
+                .arg(&pending.row_id)
+                .arg(&json)
+                .arg(deadline_ms)
+                .arg(group)
+                .arg(id);
+            let mut connection = self.conn();
+            async move { invocation.invoke_async(&mut connection).await }
+        })
+        .await?;
         Ok(created == 1)
     }
 
@@ -835,15 +883,20 @@ impl RedisStore {
         deadline_ms: i64,
         previous_reservation: &str,
     ) -> redis::RedisResult<bool> {
-        let replaced: i64 = Script::new(REPLACE_PENDING)
-            .key(self.keys.pending())
-            .key(self.keys.deadlines())
-            .arg(&pending.row_id)
-            .arg(serde_json::to_string(pending).expect("a pending row serializes"))
-            .arg(deadline_ms)
-            .arg(previous_reservation)
-            .invoke_async(&mut self.conn())
-            .await?;
+        let json = serde_json::to_string(pending).expect("a pending row serializes");
+        let replaced: i64 = with_unknown_outcome_retried(|| {
+            let mut invocation = REPLACE_PENDING_SCRIPT.prepare_invoke();
+            invocation
+                .key(self.keys.pending())
+                .key(self.keys.deadlines())
+                .arg(&pending.row_id)
+                .arg(&json)
+                .arg(deadline_ms)
+                .arg(previous_reservation);
+            let mut connection = self.conn();
+            async move { invocation.invoke_async(&mut connection).await }
+        })
+        .await?;
         Ok(replaced == 1)
     }
 
@@ -946,7 +999,8 @@ pub trait PendingRows: Send + Sync {
         deadline_ms: i64,
     ) -> BoxFuture<'a, anyhow::Result<()>>;
     /// Replaces a pending row by its next attempt, only if it still holds
-    /// `expected_reservation` (else a callback or another sweeper won).
+    /// `expected_reservation` (else a callback or another sweeper won); true
+    /// again when it already is `next` (the same write, retried).
     fn replace_pending<'a>(
         &'a self,
         next: &'a PendingRow,
