@@ -2,9 +2,11 @@
 
 pub mod api;
 pub mod clay;
+pub mod contract;
 pub mod dataplane;
 pub mod devenv;
 pub mod doctor;
+pub mod health;
 pub mod http;
 pub mod ledger;
 pub mod metrics;

@@ -86,7 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = runtime()?.block_on(kiln::dataplane::refresh::run(args))?;
             if report.outcome == kiln::api::refresh::RefreshOutcome::SkippedForBudget {
                 eprintln!("{}", report.message);
-                std::process::exit(kiln::dataplane::refresh::EXIT_SKIPPED_FOR_BUDGET);
+                std::process::exit(kiln::contract::EXIT_SKIPPED_FOR_BUDGET);
             }
             Ok(())
         }

@@ -291,7 +291,7 @@ async fn scheduled_refresh_re_enriches_exactly_the_stale_rows_within_its_caps() 
     let output = run_job(&p, &job, "refresh-4").await;
     assert_eq!(
         output.status.code(),
-        Some(kiln::dataplane::refresh::EXIT_SKIPPED_FOR_BUDGET),
+        Some(kiln::contract::EXIT_SKIPPED_FOR_BUDGET),
         "{output:?}"
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("limit for this period is reached"));

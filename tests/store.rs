@@ -9,7 +9,8 @@ mod support;
 
 use serde_json::json;
 
-use kiln::dataplane::store::{Keys, PendingRow, RedisStore, SourceEntry, new_write_token};
+use kiln::contract::Keys;
+use kiln::dataplane::store::{PendingRow, RedisStore, SourceEntry, new_write_token};
 
 /// Holds every write on the server for longer than the store waits for an
 /// answer (its response timeout is 5 s); the writes run when it ends.

@@ -111,7 +111,7 @@ impl Answer {
                 reason, message, ..
             } => json!({"error": message, "reason": reason}),
             Self::Pending { row_id } => json!({
-                "rowId": row_id, "state": "pending", "statusUrl": format!("/v1/rows/{row_id}"),
+                "rowId": row_id, "state": "pending", "statusUrl": format!("{}/{row_id}", crate::contract::INGEST_PATH),
                 "message": "still enriching; the result is kept and delivered when it arrives"
             }),
             Self::Invalid { message } => json!({"error": message}),

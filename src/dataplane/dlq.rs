@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use rdkafka::Message as _;
 
 use super::TableRuntime;
-use super::store::{Keys, RedisStore};
+use super::store::RedisStore;
+use crate::contract::Keys;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct DlqArgs {

@@ -25,12 +25,13 @@ use subtle::ConstantTimeEq;
 use super::attempt::{Attempts, Live, now_ms};
 use super::direct::{Answer, Direct, MAX_ROWS_PER_REQUEST, Routine, requested_wait};
 use super::embedded::EmbeddedStore;
-use super::store::{Keys, PendingRow, RedisStore};
+use super::store::{PendingRow, RedisStore};
 use super::{DataplaneArgs, TableRuntime};
+use crate::contract::{CALLBACK_PATH, ENRICH_PATH, INGEST_PATH, Keys, ROW_STATUS_PATH};
 
 use crate::api::table::Tier;
+use crate::health::{Readiness, serve_health};
 use crate::ledger::lease::CreditLease;
-use crate::operator::metrics::{Readiness, serve_health};
 
 /// How often a receiver finishes settlements other receivers left behind.
 const SETTLEMENT_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
@@ -140,8 +141,8 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             .and_then(|s| s.callback_url.clone())
             .unwrap_or_else(|| {
                 format!(
-                    "{}/v1/clay/callback",
-                    crate::operator::table::build::receiver_url(&name, &namespace)
+                    "{}{CALLBACK_PATH}",
+                    crate::contract::receiver_url(&name, &namespace)
                 )
             });
         print!(
@@ -211,10 +212,10 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let app = Router::new()
-        .route("/v1/rows", post(ingest))
-        .route("/v1/enrich", post(enrich))
-        .route("/v1/rows/{id}", get(row_status))
-        .route("/v1/clay/callback", post(callback))
+        .route(INGEST_PATH, post(ingest))
+        .route(ENRICH_PATH, post(enrich))
+        .route(ROW_STATUS_PATH, get(row_status))
+        .route(CALLBACK_PATH, post(callback))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(receiver.clone());
     let sweeper = tokio::spawn({
@@ -654,7 +655,7 @@ fn store_open_error(path: &std::path::Path, error: redb::Error) -> anyhow::Error
             "the store's volume is not writable by uid {uid}: volume types that ignore fsGroup \
              (hostPath, local) need the directory owned by {uid}, or use a StorageClass whose \
              volumes honour fsGroup",
-            uid = crate::operator::pod::KILN_UID
+            uid = crate::contract::KILN_UID
         ))
     } else {
         error

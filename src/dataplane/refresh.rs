@@ -11,16 +11,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
-use super::store::{Keys, RedisStore};
+use super::store::RedisStore;
 use super::{LedgerArgs, TableRuntime};
 use crate::api::RefreshSchedule;
 use crate::api::refresh::{RefreshOutcome, RefreshRunCounts};
 use crate::api::table::CreditCost;
+use crate::contract::Keys;
 use crate::ledger::LeaseRequest;
 
-/// Exit code of a run the budget refused, so the Job shows it failed and
-/// why (its pod failure policy does not retry it).
-pub const EXIT_SKIPPED_FOR_BUDGET: i32 = 3;
 /// A taken key whose row has not completed after this long is offered to
 /// later runs again (the row died or was dead-lettered).
 const REFRESH_LEASE: Duration = Duration::from_secs(6 * 3600);

@@ -15,20 +15,10 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::TableRuntime;
-use super::store::{Keys, PendingRow, RedisStore, text_field};
+use super::store::{PendingRow, RedisStore, SinkRoute, text_field};
 use crate::api::table::{HttpMethod, HttpSink};
 use crate::clay::retry::RetryPolicy;
-
-/// Where a table's results are written when a row completes.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SinkRoute {
-    pub stream: String,
-    /// Approximate cap on the stream's length (0 = none).
-    pub max_len: u64,
-    /// The stream is the HTTP sink's outbox: a row counts as delivered only
-    /// once the CRM accepted it.
-    pub through_outbox: bool,
-}
+use crate::contract::Keys;
 
 /// The route for a table's sink.
 pub fn route(runtime: &TableRuntime, keys: &Keys) -> SinkRoute {

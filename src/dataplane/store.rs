@@ -12,9 +12,9 @@ use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::sink::SinkRoute;
 use crate::clay::ClayError;
 use crate::clay::rotation::SubmissionCounter;
+use crate::contract::Keys;
 
 /// A row that was handed to Clay and waits for its callback.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -55,58 +55,15 @@ impl PendingRow {
     }
 }
 
-/// Redis keys of one table.
-#[derive(Clone, Debug)]
-pub struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    pub fn new(namespace: &str, table: &str) -> Self {
-        Self {
-            prefix: format!("kiln:{namespace}/{table}"),
-        }
-    }
-    pub fn inbox(&self) -> String {
-        format!("{}:inbox", self.prefix)
-    }
-    fn pending(&self) -> String {
-        format!("{}:pending", self.prefix)
-    }
-    fn deadlines(&self) -> String {
-        format!("{}:deadlines", self.prefix)
-    }
-    fn dedupe(&self) -> String {
-        format!("{}:dedupe", self.prefix)
-    }
-    pub fn enriched_at(&self) -> String {
-        format!("{}:enriched-at", self.prefix)
-    }
-    fn counters(&self) -> String {
-        format!("{}:counters", self.prefix)
-    }
-    fn sources(&self) -> String {
-        format!("{}:sources", self.prefix)
-    }
-    fn settlements(&self) -> String {
-        format!("{}:settlements", self.prefix)
-    }
-    /// Stale keys a refresh run has re-enqueued → when (ms); see [`RedisStore::claim_stale`].
-    fn refreshing(&self) -> String {
-        format!("{}:refreshing", self.prefix)
-    }
-    /// Key → the pending row it was last enriched from (a refresh's input).
-    fn inputs(&self) -> String {
-        format!("{}:inputs", self.prefix)
-    }
-    /// Marks a Kafka record's row as handled (see [`SourceEntry::Kafka`]).
-    fn seen(&self, row_id: &str) -> String {
-        format!("{}:seen:{row_id}", self.prefix)
-    }
-    /// Results waiting for the HTTP sink (the CRM update).
-    pub fn outbox(&self) -> String {
-        format!("{}:outbox", self.prefix)
-    }
+/// Where a table's results are written when a row completes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SinkRoute {
+    pub stream: String,
+    /// Approximate cap on the stream's length (0 = none).
+    pub max_len: u64,
+    /// The stream is the HTTP sink's outbox: a row counts as delivered only
+    /// once the CRM accepted it.
+    pub through_outbox: bool,
 }
 
 /// A stream entry's field as text, if it has it.
@@ -949,23 +906,6 @@ impl RedisStore {
     pub async fn pending_count(&self) -> redis::RedisResult<u64> {
         self.conn().hlen(self.keys.pending()).await
     }
-}
-
-/// A table's counters, its pending rows and its oldest enriched row's time
-/// (ms), in one round trip over any connection (the operator reads them over
-/// a pooled one).
-pub async fn read_counters(
-    connection: &mut ConnectionManager,
-    keys: &Keys,
-) -> redis::RedisResult<(HashMap<String, i64>, u64, Option<i64>)> {
-    let (counters, pending, oldest): (HashMap<String, i64>, u64, Vec<(String, i64)>) =
-        redis::pipe()
-            .hgetall(keys.counters())
-            .hlen(keys.pending())
-            .zrange_withscores(keys.enriched_at(), 0, 0)
-            .query_async(connection)
-            .await?;
-    Ok((counters, pending, oldest.first().map(|(_, ms)| *ms)))
 }
 
 impl SubmissionCounter for RedisStore {

@@ -15,12 +15,13 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::attempt::{Attempts, Live, now_ms};
-use super::store::{Keys, RedisPendingRows, RedisStore, SourceEntry, text_field};
+use super::store::{RedisPendingRows, RedisStore, SourceEntry, text_field};
 use super::{DataplaneArgs, TableRuntime};
 use crate::api::budget::OnExhausted;
+use crate::contract::Keys;
+use crate::health::{Readiness, serve_health};
 use crate::ledger::DenialReason;
 use crate::ledger::client::LedgerClientError;
-use crate::operator::metrics::{Readiness, serve_health};
 
 /// How long a crashed consumer's entries wait before another worker takes them.
 const RECLAIM_IDLE_MS: u64 = 30_000;

@@ -408,7 +408,7 @@ pub(super) async fn follow_enrichment(
     let budgets = Api::<CreditBudget>::namespaced(client.clone(), namespace);
     let store = crate::dataplane::store::RedisStore::connect(
         redis_url,
-        crate::dataplane::store::Keys::new(namespace, TABLE),
+        crate::contract::Keys::new(namespace, TABLE),
     )
     .await?;
     let deadline = Instant::now() + Duration::from_secs(600);

@@ -15,8 +15,6 @@ pub const SCHEDULE_LABEL: &str = "kiln.dev/refresh-schedule";
 
 /// Port every Kiln process serves /healthz, /readyz and /metrics on.
 pub const METRICS_PORT: i32 = 9090;
-/// Port the receiver serves its API on.
-pub const RECEIVER_PORT: i32 = 8080;
 
 /// Standard `app.kubernetes.io/*` labels plus the owner label.
 pub fn standard(

@@ -24,8 +24,9 @@ use prometheus_client::registry::Registry;
 use self::budget::ledger::Ledger;
 use self::context::Context;
 use self::leader::{LeaderElector, LeaderPodLabel, LeaseTiming};
-use self::metrics::{OperatorMetrics, Readiness, serve_health};
+use self::metrics::OperatorMetrics;
 use self::table::build::BuildConfig;
+use crate::health::{Readiness, serve_health};
 
 /// Settings of `kiln operator`.
 #[derive(clap::Args, Clone, Debug)]

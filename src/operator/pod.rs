@@ -11,9 +11,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::labels::METRICS_PORT;
 use crate::api::common::Resources;
-
-/// The unprivileged user every Kiln container runs as.
-pub const KILN_UID: i64 = 65532;
+use crate::contract::KILN_UID;
 
 /// What distinguishes one Kiln container from another.
 pub struct KilnContainer<'a> {

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::api::RefreshSchedule;
-use crate::dataplane::refresh::EXIT_SKIPPED_FOR_BUDGET;
+use crate::contract::EXIT_SKIPPED_FOR_BUDGET;
 use crate::operator::labels::{self, SCHEDULE_LABEL};
 use crate::operator::pod::{KilnContainer, kiln_container, restricted_pod_spec};
 use crate::operator::table::build::{BuildConfig, service_account_name};

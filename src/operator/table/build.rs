@@ -17,7 +17,8 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::EnrichmentTable;
 use crate::api::table::Tier;
-use crate::operator::labels::{self, RECEIVER_PORT, TABLE_LABEL};
+use crate::contract::{RECEIVER_PORT, receiver_name};
+use crate::operator::labels::{self, TABLE_LABEL};
 use crate::operator::pod::{KilnContainer, kiln_container, restricted_pod_spec};
 
 /// Operator-wide settings the builders need.
@@ -74,19 +75,8 @@ pub fn service_account_name(table: &str) -> String {
 pub fn worker_name(table: &str) -> String {
     format!("{table}-worker")
 }
-pub fn receiver_name(table: &str) -> String {
-    format!("{table}-receiver")
-}
 pub fn store_name(table: &str) -> String {
     format!("{table}-store")
-}
-
-/// In-cluster base URL of a table's receiver.
-pub fn receiver_url(table: &str, namespace: &str) -> String {
-    format!(
-        "http://{}.{namespace}.svc:{RECEIVER_PORT}",
-        receiver_name(table)
-    )
 }
 
 /// Builds the desired children. `run_workloads` is false while the table's

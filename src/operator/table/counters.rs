@@ -14,7 +14,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::api::EnrichmentTable;
 use crate::api::table::RowCounters;
-use crate::dataplane::store::{Keys, read_counters};
+use crate::contract::{Keys, read_counters};
 
 /// Longest a connection attempt or a read may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);

@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::api::common::{Conditions, TRUE};
 use crate::api::table::{CreditCost, ObservedVolume, RateStatus, RowCounters};
 use crate::api::{CreditBudget, EnrichmentTable, EnrichmentTableStatus};
+use crate::contract::{CALLBACK_PATH, INGEST_PATH};
 
 pub const READY: &str = "Ready";
 pub const SECRETS_RESOLVED: &str = "SecretsResolved";
@@ -24,11 +25,6 @@ pub const REDIS_REACHABLE: &str = "RedisReachable";
 /// workspace is called over its limit.
 const THROTTLED_MIN: u64 = 5;
 const THROTTLED_PERCENT: u64 = 1;
-
-/// The path of the receiver endpoint Clay's HTTP API column calls.
-pub const CALLBACK_PATH: &str = "/v1/clay/callback";
-/// The path of the receiver's ingest endpoint.
-pub const INGEST_PATH: &str = "/v1/rows";
 
 /// What dereferencing the table's references found.
 #[derive(Clone, Debug, PartialEq)]
@@ -379,7 +375,7 @@ pub fn compute(
     let tier_fit = cond.set(super::advice::TIER_FIT, holds, reason, message);
     let callback_url = format!(
         "{}{CALLBACK_PATH}",
-        super::build::receiver_url(&name, &namespace)
+        crate::contract::receiver_url(&name, &namespace)
     );
     let (holds, reason, message) = super::advice::callbacks_arriving(
         &spec.tier_advice,
@@ -428,7 +424,7 @@ pub fn compute(
         ),
         Some(blocking) => cond.set(READY, false, &blocking.reason, blocking.message.clone()),
     };
-    let receiver = super::build::receiver_url(&name, &namespace);
+    let receiver = crate::contract::receiver_url(&name, &namespace);
     EnrichmentTableStatus {
         observed_generation: generation,
         conditions: [ready, secrets, budget, provisioned, workers]
