@@ -52,14 +52,17 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() {
 /// are listed once they hold a series, so each gets one).
 fn exported() -> BTreeSet<String> {
     use kiln::metrics::DataPlaneMetrics;
-    use kiln::operator::metrics::{BudgetLabels, ControllerLabels};
+    use kiln::operator::metrics::{BudgetLabels, ControllerLabels, ErrorLabels};
     let mut registry = Registry::default();
     let operator = kiln::operator::metrics::OperatorMetrics::register(&mut registry);
     let controller = ControllerLabels {
         controller: "table",
     };
     let _ = operator.reconciles.get_or_create(&controller);
-    let _ = operator.reconcile_errors.get_or_create(&controller);
+    let _ = operator.reconcile_errors.get_or_create(&ErrorLabels {
+        controller: "table",
+        kind: "conflict",
+    });
     let _ = operator.reconcile_duration.get_or_create(&controller);
     let budget = BudgetLabels {
         namespace: "ns".into(),

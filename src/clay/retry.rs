@@ -1,4 +1,5 @@
-//! Exponential backoff with full jitter, bounded attempts.
+//! Exponential backoff with equal jitter (between half and all of the
+//! exponential delay), bounded attempts.
 
 use std::time::Duration;
 

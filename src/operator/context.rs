@@ -153,8 +153,11 @@ where
         generation = object.meta().generation.unwrap_or_default(),
     );
     let result = reconcile.instrument(span).await;
-    ctx.metrics
-        .observe(controller, started.elapsed(), result.is_err());
+    ctx.metrics.observe(
+        controller,
+        started.elapsed(),
+        result.as_ref().err().map(Error::kind),
+    );
     if result.is_ok() {
         ctx.reset_backoff(&ObjectRef::from_obj(object).to_string());
     }

@@ -15,6 +15,14 @@ pub struct ControllerLabels {
     pub controller: &'static str,
 }
 
+/// Labels of the reconcile error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: &'static str,
+    /// What failed, from [`super::error::Error::kind`].
+    pub kind: &'static str,
+}
+
 /// Labels of per-budget metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BudgetLabels {
@@ -27,7 +35,7 @@ pub struct BudgetLabels {
 /// The operator's own metrics.
 pub struct OperatorMetrics {
     pub reconciles: Family<ControllerLabels, Counter>,
-    pub reconcile_errors: Family<ControllerLabels, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub is_leader: Gauge,
     pub budget_used: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -68,7 +76,7 @@ impl OperatorMetrics {
         );
         registry.register(
             "kiln_reconcile_errors",
-            "Failed reconciliations by controller",
+            "Failed reconciliations by controller and kind of error",
             metrics.reconcile_errors.clone(),
         );
         registry.register(
@@ -170,11 +178,19 @@ impl OperatorMetrics {
     }
 
     /// Records one reconciliation.
-    pub fn observe(&self, controller: &'static str, elapsed: Duration, failed: bool) {
+    /// `failed` is the error's kind when it failed.
+    pub fn observe(
+        &self,
+        controller: &'static str,
+        elapsed: Duration,
+        failed: Option<&'static str>,
+    ) {
         let labels = ControllerLabels { controller };
         self.reconciles.get_or_create(&labels).inc();
-        if failed {
-            self.reconcile_errors.get_or_create(&labels).inc();
+        if let Some(kind) = failed {
+            self.reconcile_errors
+                .get_or_create(&ErrorLabels { controller, kind })
+                .inc();
         }
         self.reconcile_duration
             .get_or_create(&labels)
