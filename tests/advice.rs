@@ -249,4 +249,37 @@ async fn old_rows_without_a_refresh_schedule_are_stale_until_one_is_added() {
     assert_eq!(stale_event.type_.as_deref(), Some("Warning"));
     let fresh_event = event_about(&p.env, "leads", "RefreshScheduled").await;
     assert_eq!(fresh_event.type_.as_deref(), Some("Normal"));
+
+    // A schedule whose runs the budget refuses keeps nothing fresh; a run
+    // that goes through again does. (`kiln refresh` writes lastRun.)
+    let schedules = p.env.api::<kiln::api::RefreshSchedule>();
+    let last_run = |outcome: &str| {
+        json!({"status": {"lastRun": {
+            "selected": 1, "requeued": 0, "skippedForBudget": 1, "outcome": outcome,
+            "message": "test", "finishedAt": jiff::Timestamp::now().to_string(),
+        }}})
+    };
+    schedules
+        .patch_status(
+            "weekly",
+            &PatchParams::default(),
+            &Patch::Merge(&last_run("SkippedForBudget")),
+        )
+        .await
+        .unwrap();
+    let skipping = condition_when(&p.env, "leads", "Fresh", "RefreshSkippedForBudget").await;
+    assert_eq!(skipping.status, "False");
+    assert!(skipping.message.contains("weekly"), "{}", skipping.message);
+    let warned = event_about(&p.env, "leads", "RefreshSkippedForBudget").await;
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+    schedules
+        .patch_status(
+            "weekly",
+            &PatchParams::default(),
+            &Patch::Merge(&last_run("Succeeded")),
+        )
+        .await
+        .unwrap();
+    let again = condition_when(&p.env, "leads", "Fresh", "RefreshScheduled").await;
+    assert_eq!(again.status, "True");
 }

@@ -1,6 +1,7 @@
 //! Kiln's tier matrix and failure table applied to what a table does: the
 //! TierFit and CallbacksArriving conditions, from the observed volume
-//! ([`super::volume`]). Pure functions: (holds, reason, message).
+//! ([`super::volume`]), and Fresh, from its oldest enriched row and its
+//! RefreshSchedules. Pure functions: (holds, reason, message).
 
 use crate::api::table::{Tier, TierAdvice};
 
@@ -11,13 +12,25 @@ pub const CALLBACKS_ARRIVING: &str = "CallbacksArriving";
 pub const FRESH: &str = "Fresh";
 
 /// Whether enriched data is kept fresh: rows older than `staleAfter` with no
-/// RefreshSchedule to redo them is the stale-data failure.
+/// RefreshSchedule to redo them, or with every schedule's last run skipped
+/// for the budget, is the stale-data failure.
 pub fn fresh(
     advice: &TierAdvice,
     schedules: &[String],
+    skipping_for_budget: &[String],
     oldest_enriched: Option<jiff::Timestamp>,
     now: jiff::Timestamp,
 ) -> (bool, &'static str, String) {
+    if !schedules.is_empty() && schedules.iter().all(|s| skipping_for_budget.contains(s)) {
+        return (
+            false,
+            "RefreshSkippedForBudget",
+            format!(
+                "the last run of RefreshSchedule {} was skipped for the budget (exhausted, paused or its breaker open), so stale rows are not re-enriched: raise the CreditBudget's limit, close its breaker, or lower the schedule's maxCredits",
+                schedules.join(", ")
+            ),
+        );
+    }
     if !schedules.is_empty() {
         return (
             true,
@@ -199,13 +212,27 @@ mod tests {
         let now: jiff::Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
         let old = now - jiff::SignedDuration::from_hours(24 * 100);
         let recent = now - jiff::SignedDuration::from_hours(24);
-        assert_eq!(fresh(&advice, &[], Some(old), now).1, "StaleRows");
-        assert_eq!(fresh(&advice, &[], Some(recent), now).1, "RowsFresh");
-        assert_eq!(fresh(&advice, &[], None, now).1, "RowsFresh");
+        assert_eq!(fresh(&advice, &[], &[], Some(old), now).1, "StaleRows");
+        assert_eq!(fresh(&advice, &[], &[], Some(recent), now).1, "RowsFresh");
+        assert_eq!(fresh(&advice, &[], &[], None, now).1, "RowsFresh");
+        let weekly = ["weekly".to_string()];
         assert_eq!(
-            fresh(&advice, &["weekly".into()], Some(old), now).1,
+            fresh(&advice, &weekly, &[], Some(old), now).1,
             "RefreshScheduled"
         );
+    }
+
+    #[test]
+    fn schedules_all_skipping_for_budget_leave_rows_stale() {
+        let advice = TierAdvice::default();
+        let now: jiff::Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
+        let both = ["nightly".to_string(), "weekly".to_string()];
+        let skipping = fresh(&advice, &both, &both, None, now);
+        assert_eq!((skipping.0, skipping.1), (false, "RefreshSkippedForBudget"));
+        assert!(skipping.2.contains("nightly, weekly"), "{}", skipping.2);
+        // One schedule still running covers the table.
+        let one = fresh(&advice, &both, &both[..1], None, now);
+        assert_eq!((one.0, one.1), (true, "RefreshScheduled"));
     }
 
     #[test]

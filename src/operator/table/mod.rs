@@ -30,6 +30,7 @@ use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use super::labels::{MANAGED_BY, MANAGED_LABEL, TABLE_LABEL};
 use crate::api::common::{FALSE, TRUE, find_condition};
+use crate::api::refresh::RefreshOutcome;
 use crate::api::table::Tier;
 use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule};
 
@@ -427,16 +428,26 @@ async fn dereference(
         }),
         _ => None,
     };
-    let mut schedules: Vec<String> = caches
+    let mine: Vec<_> = caches
         .schedules
         .state()
-        .iter()
+        .into_iter()
         .filter(|s| {
             s.namespace().as_deref() == Some(namespace) && s.spec.table_ref.name == table_name
         })
+        .collect();
+    let mut schedules: Vec<String> = mine.iter().map(|s| s.name_any()).collect();
+    schedules.sort();
+    let schedules_skipping_for_budget = mine
+        .iter()
+        .filter(|s| {
+            s.status
+                .as_ref()
+                .and_then(|status| status.last_run.as_ref())
+                .is_some_and(|run| run.outcome == RefreshOutcome::SkippedForBudget)
+        })
         .map(|s| s.name_any())
         .collect();
-    schedules.sort();
     Ok(References {
         budget_problem,
         secret_problems,
@@ -446,6 +457,7 @@ async fn dereference(
         kafka_problems,
         autoscaling,
         schedules,
+        schedules_skipping_for_budget,
         rate: None,
         volume: None,
     })

@@ -47,6 +47,8 @@ pub struct References {
     pub autoscaling: Option<Autoscaling>,
     /// RefreshSchedules of this table, by name (their runs use its Role).
     pub schedules: Vec<String>,
+    /// Of those, the ones whose last run was skipped for the budget.
+    pub schedules_skipping_for_budget: Vec<String>,
     /// The table's share of Clay's rate, when its processes hold one.
     pub rate: Option<crate::operator::rate::TableRate>,
     /// The table's traffic as the leader observed it, when there was any.
@@ -391,6 +393,7 @@ pub fn compute(
     let (holds, reason, message) = super::advice::fresh(
         &spec.tier_advice,
         &references.schedules,
+        &references.schedules_skipping_for_budget,
         oldest_enriched.as_ref().map(|t| t.0),
         now.0,
     );
@@ -537,6 +540,7 @@ mod tests {
             kafka_problems: None,
             autoscaling: None,
             schedules: vec![],
+            schedules_skipping_for_budget: vec![],
             rate: None,
             volume: None,
         }
