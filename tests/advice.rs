@@ -154,6 +154,11 @@ async fn a_queue_table_whose_callbacks_never_come_is_told_where_they_should_go()
     );
     let announced = event_about(&p.env, "leads", "NoCallbacks").await;
     assert_eq!(announced.type_.as_deref(), Some("Warning"));
+    // The status has the figure: none of the rows sent came back.
+    let table = p.env.api::<EnrichmentTable>().get("leads").await.unwrap();
+    let observed = table.status.unwrap().observed.expect("status.observed");
+    assert!(observed.rows_last_day > 0, "{observed:?}");
+    assert_eq!(observed.callbacks_percent, Some(0), "{observed:?}");
 }
 
 #[tokio::test]

@@ -682,6 +682,11 @@ pub struct ObservedVolume {
     pub rows_per_day_recent: u64,
     /// How long the traffic has been observed, in seconds (at most a day).
     pub observed_seconds: i64,
+    /// Results that came back per row sent to Clay over the same window, in
+    /// percent (at most 100): well below 100 means callbacks are being lost
+    /// (see the CallbacksArriving condition). Absent before any row was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callbacks_percent: Option<u32>,
 }
 
 /// How fast the table sends rows to Clay, and the part of the workspace's

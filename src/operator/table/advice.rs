@@ -164,6 +164,7 @@ mod tests {
     fn volume(per_day: u64, observed: i64, sent: u64, results: u64) -> VolumeView {
         VolumeView {
             rows_last_day: per_day / 24,
+            results_last_day: results,
             rows_per_day_recent: per_day,
             observed_seconds: observed,
             sent_recently: sent,

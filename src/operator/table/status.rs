@@ -454,6 +454,9 @@ pub fn compute(
             rows_last_day: v.rows_last_day,
             rows_per_day_recent: v.rows_per_day_recent,
             observed_seconds: v.observed_seconds,
+            callbacks_percent: (v.rows_last_day > 0).then(|| {
+                (v.results_last_day.saturating_mul(100) / v.rows_last_day).min(100) as u32
+            }),
         }),
         rate: references.rate.as_ref().map(|rate| RateStatus {
             limit_rows_per_second: tenths(rate.workspace_limit),

@@ -30,6 +30,8 @@ pub struct Volumes {
 pub struct VolumeView {
     /// Rows sent to Clay over the last 24 hours (or since observed).
     pub rows_last_day: u64,
+    /// Results that came back over the same window.
+    pub results_last_day: u64,
     /// Rows a day at the recent rate: the last hour's rows × 24, or the
     /// rows since observation began, scaled to a day, when that is shorter.
     pub rows_per_day_recent: u64,
@@ -96,6 +98,7 @@ impl Volumes {
                 .filter(move |(m, _, _)| *m > now_minute - minutes)
         };
         let rows_last_day: u64 = within(WINDOW_MINUTES).map(|(_, s, _)| s).sum();
+        let results_last_day: u64 = within(WINDOW_MINUTES).map(|(_, _, r)| r).sum();
         if rows_last_day == 0 && within(WINDOW_MINUTES).all(|(_, _, r)| *r == 0) {
             return None;
         }
@@ -111,6 +114,7 @@ impl Volumes {
             within(recent_minutes).fold((0, 0), |(s, r), (_, ds, dr)| (s + ds, r + dr));
         Some(VolumeView {
             rows_last_day,
+            results_last_day,
             rows_per_day_recent,
             observed_seconds,
             sent_recently,
@@ -148,6 +152,7 @@ mod tests {
             .view("ns", "t", at(600), Duration::from_secs(120))
             .unwrap();
         assert_eq!(view.rows_last_day, 600);
+        assert_eq!(view.results_last_day, 600);
         assert!(
             (70_000..=90_000).contains(&view.rows_per_day_recent),
             "≈86,400 a day: {view:?}"
@@ -174,6 +179,7 @@ mod tests {
             .unwrap();
         assert!(view.sent_recently > 0);
         assert_eq!(view.results_recently, 0);
+        assert_eq!((view.rows_last_day, view.results_last_day), (600, 0));
         assert_eq!(
             volumes.view("ns", "other", at(300), Duration::from_secs(90)),
             None
