@@ -623,22 +623,18 @@ async fn publish_transitions(
             }
             // Ready is the roll-up of the others, which say why.
             (status::READY, FALSE) => {}
-            // Any other condition back to True after being False: its
-            // reason names the recovery (TierFit's VolumeWithinTier, ...).
-            (_, TRUE) if was_false => {
+            // Any other condition turning False is a Warning; back to True
+            // after being False, a Normal Event whose reason names the
+            // recovery (TierFit's VolumeWithinTier, ...).
+            (_, state) if state == FALSE || was_false => {
+                let kind = if state == FALSE {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                };
                 ctx.event(
                     table,
-                    EventType::Normal,
-                    &condition.reason,
-                    "Reconcile",
-                    condition.message.clone(),
-                )
-                .await;
-            }
-            (_, FALSE) => {
-                ctx.event(
-                    table,
-                    EventType::Warning,
+                    kind,
                     &condition.reason,
                     "Reconcile",
                     condition.message.clone(),
