@@ -106,7 +106,7 @@ async fn main() {
             while Instant::now() < deadline {
                 // A row costs 1 credit worst case; Clay charged 0.5 of it.
                 let draw = lease.draw(&row).await.expect("draw");
-                lease.settle_row(&draw.cost, &draw.period, Some(0.5));
+                lease.settle_row(&draw.cost, &draw.period, Some(0.5), None);
                 if rows.fetch_add(1, Ordering::Relaxed) % 256 == 0 {
                     tokio::task::yield_now().await;
                 }

@@ -108,6 +108,11 @@ async fn a_direct_table_fed_like_a_queue_is_told_to_move_and_doctor_says_so() {
     let table = env.api::<EnrichmentTable>().get("leads").await.unwrap();
     let observed = table.status.unwrap().observed.expect("status.observed");
     assert!(observed.rows_per_day_recent > 1_000, "{observed:?}");
+    // Results came back, and how long they took is in the status too.
+    let p50 = observed.result_latency_p50_ms.expect("a median latency");
+    let p95 = observed.result_latency_p95_ms.expect("a 95th percentile");
+    assert!(p50 >= 50 && p95 >= p50, "{observed:?}");
+    assert!(observed.callbacks_percent.is_some(), "{observed:?}");
 
     let (code, out) = doctor(env, &[]).await;
     assert_eq!(code, 1, "{out}");

@@ -279,9 +279,9 @@ async fn refunds_bring_used_down_to_what_clay_charged_and_less_than_a_row_left_i
     .await;
     assert_eq!(status.percent_used, 80);
     // Clay charged 1.5 and 2.5; a third result claims a negative cost.
-    lease.settle_row(&first.cost, &first.period, Some(1.5));
-    lease.settle_row(&second.cost, &second.period, Some(2.5));
-    lease.settle_row(&row, &first.period, Some(-8000.0));
+    lease.settle_row(&first.cost, &first.period, Some(1.5), None);
+    lease.settle_row(&second.cost, &second.period, Some(2.5), None);
+    lease.settle_row(&row, &first.period, Some(-8000.0), None);
     lease.close().await;
     let status = wait::until("refunds applied", || async {
         let status = budget_status(&env).await;
@@ -733,7 +733,7 @@ async fn a_refund_that_overtakes_the_spend_it_refunds_is_applied_when_the_spend_
         draws.push(worker.draw(&credits(1.0)).await.unwrap());
     }
     for draw in &draws {
-        receiver.settle_row(&draw.cost, &draw.period, Some(0.5));
+        receiver.settle_row(&draw.cost, &draw.period, Some(0.5), None);
     }
     let status = wait::until("used down to what Clay charged", || async {
         let status = budget_status(&env).await;

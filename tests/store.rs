@@ -36,6 +36,7 @@ fn first_attempt(row_id: &str) -> PendingRow {
         reserved_actions: 0,
         period: "2026-11".into(),
         write_token: new_write_token(),
+        attempted_at_ms: jiff::Timestamp::now().as_millisecond(),
     }
 }
 

@@ -687,6 +687,15 @@ pub struct ObservedVolume {
     /// (see the CallbacksArriving condition). Absent before any row was sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callbacks_percent: Option<u32>,
+    /// How long results took over the last hour, from a row's attempt to its
+    /// result (Clay's enrichment plus any wait for the workspace's rate): the
+    /// median, in milliseconds, as the upper bound of its bucket (50 ms to
+    /// 5 min). Absent without results, or past the slowest bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_latency_p50_ms: Option<u64>,
+    /// The 95th percentile of the same, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_latency_p95_ms: Option<u64>,
 }
 
 /// How fast the table sends rows to Clay, and the part of the workspace's

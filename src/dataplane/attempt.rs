@@ -167,6 +167,7 @@ impl Attempts {
             reserved_actions: draw.cost.actions,
             period: draw.period.clone(),
             write_token: new_write_token(),
+            attempted_at_ms: now_ms(),
         }
     }
 
@@ -212,6 +213,7 @@ impl Attempts {
                     let waiting = PendingRow {
                         reservation: String::new(),
                         write_token: new_write_token(),
+                        attempted_at_ms: 0,
                         ..pending.clone()
                     };
                     self.rows
@@ -273,6 +275,7 @@ impl Attempts {
                 let waiting = PendingRow {
                     reservation: String::new(),
                     write_token: new_write_token(),
+                    attempted_at_ms: 0,
                     ..pending.clone()
                 };
                 self.rows
@@ -292,6 +295,7 @@ impl Attempts {
             reserved_actions: draw.cost.actions,
             period: draw.period.clone(),
             write_token: new_write_token(),
+            attempted_at_ms: now_ms(),
             ..pending.clone()
         };
         let deadline = self.first_deadline();

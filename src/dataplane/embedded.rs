@@ -565,6 +565,7 @@ mod tests {
             reserved_actions: 0,
             period: String::new(),
             write_token: "t1".into(),
+            attempted_at_ms: 0,
         }
     }
 

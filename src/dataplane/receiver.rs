@@ -284,11 +284,19 @@ impl Receiver {
     /// The owed settlement is taken off the store first, so a settlement
     /// is reported at most once however many receivers see it; one lost to a
     /// crash leaves the row charged at its worst case (never too little).
-    async fn settle(&self, row_id: &str, reported: Option<f64>, pending: &PendingRow) {
+    /// Settles a delivered row's credits; `took` is its result's latency
+    /// when this receiver took the callback itself.
+    async fn settle(
+        &self,
+        row_id: &str,
+        reported: Option<f64>,
+        pending: &PendingRow,
+        took: Option<Duration>,
+    ) {
         match self.rows.take_owed(row_id).await {
             Ok(true) => self
                 .lease
-                .settle_row(&pending.reserved(), &pending.period, reported),
+                .settle_row(&pending.reserved(), &pending.period, reported, took),
             Ok(false) => {}
             Err(error) => {
                 tracing::warn!(error = %format!("{error:#}"), row = row_id, "taking an owed settlement failed; the sweep retries it")
@@ -302,7 +310,7 @@ impl Receiver {
         match self.rows.owed_settlements().await {
             Ok(owed) => {
                 for (row_id, reported, pending) in owed {
-                    self.settle(&row_id, reported, &pending).await;
+                    self.settle(&row_id, reported, &pending, None).await;
                 }
             }
             Err(error) => {
@@ -637,7 +645,10 @@ async fn complete_row(
             );
         }
     };
-    receiver.settle(row_id, reported, &pending).await;
+    let took = (pending.attempted_at_ms > 0).then(|| {
+        Duration::from_millis(now_ms().saturating_sub(pending.attempted_at_ms).max(0) as u64)
+    });
+    receiver.settle(row_id, reported, &pending, took).await;
     receiver.count("callback", "delivered");
     crate::metrics::dataplane().rows("enriched", "ok", 1);
     reply(StatusCode::OK, json!({"status": "delivered"}))

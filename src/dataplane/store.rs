@@ -38,6 +38,14 @@ pub struct PendingRow {
     /// and no other process's.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub write_token: String,
+    /// When this attempt was made (ms since the epoch; 0 while the row waits
+    /// for credits): its result's latency is counted from here.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempted_at_ms: i64,
+}
+
+fn is_zero(ms: &i64) -> bool {
+    *ms == 0
 }
 
 /// A fresh [`PendingRow::write_token`].

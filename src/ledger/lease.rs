@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 use super::client::{LedgerClient, LedgerClientError};
-use super::{Credits, Denial, LeaseAnswer, LeaseRequest, RATE_SHARE_TTL, RateReport, RateShare};
+use super::{
+    Credits, Denial, LeaseAnswer, LeaseRequest, RATE_SHARE_TTL, RateReport, RateShare,
+    ResultLatency,
+};
 use crate::api::table::{CreditCost, RateLimit};
 use crate::clay::limiter::{Rate, RateLimiter, Share};
 
@@ -76,6 +79,7 @@ struct State {
     successes: u64,
     failures: u64,
     implausible: u64,
+    result_latency: ResultLatency,
     /// Credits wanted by draws that are waiting.
     waiting: Credits,
     period: String,
@@ -212,13 +216,23 @@ impl CreditLease {
         self.wake.notify_one();
     }
 
-    /// A row's result arrived: charges its reported cost instead of its
-    /// worst case when the cost is believable.
-    pub fn settle_row(&self, reserved: &CreditCost, period: &str, reported: Option<f64>) {
+    /// A row's result arrived (`took` after its attempt, when known):
+    /// charges its reported cost instead of its worst case when the cost is
+    /// believable.
+    pub fn settle_row(
+        &self,
+        reserved: &CreditCost,
+        period: &str,
+        reported: Option<f64>,
+        took: Option<std::time::Duration>,
+    ) {
         let worst = Credits::of(reserved);
         self.wake.notify_one();
         let mut state = self.state.lock().unwrap();
         state.successes = state.successes.saturating_add(1);
+        if let Some(took) = took {
+            state.result_latency.record(took);
+        }
         let Some(reported) = reported else { return };
         let plausible_max = (reserved.data_credits * 100.0).max(100.0);
         if !reported.is_finite() || reported < 0.0 || reported > plausible_max {
@@ -416,6 +430,7 @@ impl CreditLease {
             ttl_seconds: LEASE_TTL.as_secs(),
             release: state.closing,
             rate: self.rate_report(&mut state),
+            result_latency: std::mem::take(&mut state.result_latency),
         };
         state.next_seq += 1;
         state.in_flight = Some(request.clone());

@@ -158,6 +158,70 @@ pub struct LeaseRequest {
     /// How the holder used its share of Clay's rate since the last request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<RateReport>,
+    /// How long the rows whose results arrived since the last request took,
+    /// from their attempt to their result.
+    #[serde(default, skip_serializing_if = "ResultLatency::is_empty")]
+    pub result_latency: ResultLatency,
+}
+
+/// Upper bounds (milliseconds) of the result-latency buckets; a last bucket
+/// counts everything slower.
+pub const RESULT_LATENCY_BOUNDS_MS: [u64; 11] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 300_000,
+];
+
+/// Rows counted by how long their result took, in the buckets of
+/// [`RESULT_LATENCY_BOUNDS_MS`] (one more for the slowest).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(transparent)]
+pub struct ResultLatency(pub Vec<u64>);
+
+impl ResultLatency {
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|n| *n == 0)
+    }
+
+    /// Counts one row that took `took`.
+    pub fn record(&mut self, took: std::time::Duration) {
+        let millis = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        let bucket = RESULT_LATENCY_BOUNDS_MS
+            .iter()
+            .position(|bound| millis <= *bound)
+            .unwrap_or(RESULT_LATENCY_BOUNDS_MS.len());
+        self.add_to(bucket, 1);
+    }
+
+    /// Adds another count, bucket by bucket.
+    pub fn merge(&mut self, other: &ResultLatency) {
+        for (bucket, n) in other.0.iter().enumerate() {
+            self.add_to(bucket, *n);
+        }
+    }
+
+    fn add_to(&mut self, bucket: usize, n: u64) {
+        if self.0.len() <= bucket {
+            self.0.resize(bucket + 1, 0);
+        }
+        self.0[bucket] = self.0[bucket].saturating_add(n);
+    }
+
+    /// The bound (ms) of the bucket holding the `q` quantile (0 < q ≤ 1);
+    /// None with no rows, or when it falls in the slowest, unbounded bucket.
+    pub fn quantile_ms(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.0.iter().fold(0, |sum, n| sum.saturating_add(*n));
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0u64;
+        for (bucket, n) in self.0.iter().enumerate() {
+            seen = seen.saturating_add(*n);
+            if seen >= rank {
+                return RESULT_LATENCY_BOUNDS_MS.get(bucket).copied();
+            }
+        }
+        None
+    }
 }
 
 /// How long a share of Clay's rate is good without renewal. Past it the
@@ -246,6 +310,14 @@ pub fn validate(request: &LeaseRequest) -> Result<(), String> {
         if count > MAX_CALLS {
             return Err(format!("{field} must be at most {MAX_CALLS}"));
         }
+    }
+    if request.result_latency.0.len() > RESULT_LATENCY_BOUNDS_MS.len() + 1
+        || request.result_latency.0.iter().any(|n| *n > MAX_CALLS)
+    {
+        return Err(format!(
+            "resultLatency has at most {} buckets of at most {MAX_CALLS}",
+            RESULT_LATENCY_BOUNDS_MS.len() + 1
+        ));
     }
     if request.ttl_seconds == 0 || request.ttl_seconds > 3600 {
         return Err("ttlSeconds must be 1 to 3600".into());
@@ -386,6 +458,25 @@ mod tests {
         assert!(validate(&r).is_err());
         let mut r = request();
         r.seq = 0;
+        assert!(validate(&r).is_err());
+    }
+
+    #[test]
+    fn result_latency_buckets_give_quantiles_and_are_bounded() {
+        let mut latency = ResultLatency::default();
+        assert_eq!(latency.quantile_ms(0.5), None);
+        for ms in [40, 90, 90, 300, 4_000] {
+            latency.record(std::time::Duration::from_millis(ms));
+        }
+        assert_eq!(latency.quantile_ms(0.5), Some(100));
+        assert_eq!(latency.quantile_ms(0.95), Some(5_000));
+        latency.record(std::time::Duration::from_secs(3_600));
+        assert_eq!(latency.quantile_ms(1.0), None, "past the slowest bound");
+        let mut r = request();
+        r.result_latency = ResultLatency(vec![1; RESULT_LATENCY_BOUNDS_MS.len() + 2]);
+        assert!(validate(&r).unwrap_err().contains("resultLatency"));
+        let mut r = request();
+        r.result_latency = ResultLatency(vec![u64::MAX]);
         assert!(validate(&r).is_err());
     }
 }

@@ -321,15 +321,17 @@ async fn lease(
         request.table.clone(),
         request.rate.as_ref().map_or(0, |r| r.submitted),
         request.successes,
+        request.result_latency.clone(),
     );
     let answer = state.ctx.ledger.lease(request).await;
     if answer.is_ok() {
-        let (namespace, table, sent, results) = traffic;
+        let (namespace, table, sent, results, latency) = traffic;
         state.ctx.volumes.lock().unwrap().record(
             &namespace,
             &table,
             sent,
             results,
+            &latency,
             jiff::Timestamp::now(),
         );
     }

@@ -169,6 +169,8 @@ mod tests {
             observed_seconds: observed,
             sent_recently: sent,
             results_recently: results,
+            result_latency_p50_ms: None,
+            result_latency_p95_ms: None,
         }
     }
 

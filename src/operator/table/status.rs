@@ -454,6 +454,8 @@ pub fn compute(
             rows_last_day: v.rows_last_day,
             rows_per_day_recent: v.rows_per_day_recent,
             observed_seconds: v.observed_seconds,
+            result_latency_p50_ms: v.result_latency_p50_ms,
+            result_latency_p95_ms: v.result_latency_p95_ms,
             callbacks_percent: (v.rows_last_day > 0).then(|| {
                 (v.results_last_day.saturating_mul(100) / v.rows_last_day).min(100) as u32
             }),

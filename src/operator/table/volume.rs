@@ -1,20 +1,27 @@
 //! What each table's processes actually do, as the leader sees it in their
 //! lease requests: rows sent to Clay and results that came back, per minute
-//! over the last day. Pure bookkeeping; the table's status and its TierFit
+//! over the last day, and how long results took, per minute over the last
+//! hour. Pure bookkeeping; the table's status and its TierFit
 //! and CallbacksArriving conditions are computed from it.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use jiff::Timestamp;
 
+use crate::ledger::ResultLatency;
+
 /// Minutes kept: one day.
 const WINDOW_MINUTES: i64 = 24 * 60;
+/// Minutes of result latencies kept: an hour.
+const LATENCY_MINUTES: i64 = 60;
 
 /// One table's per-minute counts.
 #[derive(Clone, Debug, Default)]
 struct Minutes {
     /// (minute since the epoch, rows sent, results back), oldest first.
     counts: VecDeque<(i64, u64, u64)>,
+    /// (minute since the epoch, result latencies), oldest first.
+    latencies: VecDeque<(i64, ResultLatency)>,
     /// When the leader first heard of the table's traffic.
     since: Option<Timestamp>,
 }
@@ -40,6 +47,10 @@ pub struct VolumeView {
     /// Rows sent and results back within `recent` of now (see [`Volumes::view`]).
     pub sent_recently: u64,
     pub results_recently: u64,
+    /// Results' latency over the last hour, median and 95th percentile (the
+    /// upper bounds of their buckets), in milliseconds.
+    pub result_latency_p50_ms: Option<u64>,
+    pub result_latency_p95_ms: Option<u64>,
 }
 
 impl Volumes {
@@ -50,9 +61,10 @@ impl Volumes {
         table: &str,
         sent: u64,
         results: u64,
+        latency: &ResultLatency,
         now: Timestamp,
     ) {
-        if sent == 0 && results == 0 {
+        if sent == 0 && results == 0 && latency.is_empty() {
             return;
         }
         let minute = now.as_second().div_euclid(60);
@@ -74,6 +86,19 @@ impl Volumes {
             .is_some_and(|(m, _, _)| *m <= minute - WINDOW_MINUTES)
         {
             entry.counts.pop_front();
+        }
+        if !latency.is_empty() {
+            match entry.latencies.back_mut() {
+                Some((m, counts)) if *m == minute => counts.merge(latency),
+                _ => entry.latencies.push_back((minute, latency.clone())),
+            }
+        }
+        while entry
+            .latencies
+            .front()
+            .is_some_and(|(m, _)| *m <= minute - LATENCY_MINUTES)
+        {
+            entry.latencies.pop_front();
         }
     }
 
@@ -112,6 +137,14 @@ impl Volumes {
         let recent_minutes = ((recent.as_secs() as i64 + 59) / 60).max(1);
         let (sent_recently, results_recently) =
             within(recent_minutes).fold((0, 0), |(s, r), (_, ds, dr)| (s + ds, r + dr));
+        let mut latency = ResultLatency::default();
+        for (_, counts) in entry
+            .latencies
+            .iter()
+            .filter(|(m, _)| *m > now_minute - LATENCY_MINUTES)
+        {
+            latency.merge(counts);
+        }
         Some(VolumeView {
             rows_last_day,
             results_last_day,
@@ -119,6 +152,8 @@ impl Volumes {
             observed_seconds,
             sent_recently,
             results_recently,
+            result_latency_p50_ms: latency.quantile_ms(0.5),
+            result_latency_p95_ms: latency.quantile_ms(0.95),
         })
     }
 
@@ -146,7 +181,7 @@ mod tests {
         let mut volumes = Volumes::default();
         // One row a second for ten minutes.
         for s in 0..600 {
-            volumes.record("ns", "t", 1, 1, at(s));
+            volumes.record("ns", "t", 1, 1, &ResultLatency::default(), at(s));
         }
         let view = volumes
             .view("ns", "t", at(600), Duration::from_secs(120))
@@ -172,7 +207,7 @@ mod tests {
     fn results_that_stop_coming_show_in_the_recent_pair() {
         let mut volumes = Volumes::default();
         for s in 0..300 {
-            volumes.record("ns", "t", 2, 0, at(s));
+            volumes.record("ns", "t", 2, 0, &ResultLatency::default(), at(s));
         }
         let view = volumes
             .view("ns", "t", at(300), Duration::from_secs(90))
@@ -184,5 +219,45 @@ mod tests {
             volumes.view("ns", "other", at(300), Duration::from_secs(90)),
             None
         );
+    }
+
+    #[test]
+    fn result_latency_is_judged_over_the_last_hour() {
+        let mut volumes = Volumes::default();
+        let slow = |n: u64| {
+            let mut latency = ResultLatency::default();
+            for _ in 0..n {
+                latency.record(Duration::from_secs(20));
+            }
+            latency
+        };
+        let quick = |n: u64| {
+            let mut latency = ResultLatency::default();
+            for _ in 0..n {
+                latency.record(Duration::from_millis(80));
+            }
+            latency
+        };
+        // An hour of slow results, then ten minutes of quick ones.
+        volumes.record("ns", "t", 10, 10, &slow(10), at(0));
+        for minute in 1..=10 {
+            volumes.record("ns", "t", 10, 10, &quick(10), at(3_600 + 60 * minute));
+        }
+        let view = volumes
+            .view("ns", "t", at(3_600 + 600), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(view.result_latency_p50_ms, Some(100));
+        assert_eq!(
+            view.result_latency_p95_ms,
+            Some(100),
+            "the slow minute fell out"
+        );
+        // Within the hour both count: 10 slow of 110 puts p95 among them.
+        volumes.record("ns", "t", 10, 10, &slow(10), at(3_600 + 660));
+        let view = volumes
+            .view("ns", "t", at(3_600 + 660), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(view.result_latency_p50_ms, Some(100));
+        assert_eq!(view.result_latency_p95_ms, Some(30_000));
     }
 }
