@@ -3,7 +3,8 @@
 //! to move to Queue (and `kiln doctor` reports it, in text and JSON, with
 //! exit code 1); a Queue table whose callbacks never come is told its HTTP
 //! API column does not reach the receiver; doctor passes a healthy namespace.
-//! Each condition's transitions are announced by Events.
+//! Each condition goes False under the traffic that should cause it and back
+//! to True once the cause is gone, and each transition is an Event.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -51,11 +52,20 @@ async fn event_about(
     name: &str,
     reason: &str,
 ) -> k8s_openapi::api::events::v1::Event {
+    event_with_any_reason(env, name, &[reason]).await
+}
+
+/// An Event about the object `name` with one of `reasons`, waited for.
+async fn event_with_any_reason(
+    env: &TestEnv,
+    name: &str,
+    reasons: &[&str],
+) -> k8s_openapi::api::events::v1::Event {
     let events = env.api::<k8s_openapi::api::events::v1::Event>();
-    wait::until(&format!("a {reason} event about {name}"), || async {
+    wait::until(&format!("a {reasons:?} event about {name}"), || async {
         let list = events.list(&Default::default()).await.ok()?;
         list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some(reason)
+            e.reason.as_deref().is_some_and(|r| reasons.contains(&r))
                 && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
         })
     })
@@ -129,18 +139,31 @@ async fn a_direct_table_fed_like_a_queue_is_told_to_move_and_doctor_says_so() {
             .any(|f| f["check"] == "TierFit" && f["severity"] == "Warning"),
         "{report}"
     );
+
+    // A band that holds this volume: the table fits again, and says so.
+    let wider = json!({"spec": {"tierAdvice": {"directMaxRowsPerDay": 5_000_000, "queueMaxRowsPerDay": 10_000_000}}});
+    env.api::<EnrichmentTable>()
+        .patch("leads", &PatchParams::default(), &Patch::Merge(&wider))
+        .await
+        .unwrap();
+    let fits = condition_when(env, "leads", "TierFit", "VolumeWithinTier").await;
+    assert_eq!(fits.status, "True");
+    let recovered = event_about(env, "leads", "VolumeWithinTier").await;
+    assert_eq!(recovered.type_.as_deref(), Some("Normal"));
 }
 
 #[tokio::test]
 async fn a_queue_table_whose_callbacks_never_come_is_told_where_they_should_go() {
-    let p = pipeline(
-        "advice-callbacks",
-        &[QUICK_CLAY, &["--drop-rate", "1.0"]].concat(),
-        1_000_000.0,
-        "Pause",
-        false,
-    )
-    .await;
+    let p = pipeline("advice-callbacks", QUICK_CLAY, 1_000_000.0, "Pause", false).await;
+    // Clay's HTTP API column posts to a path the receiver does not serve.
+    let column = |path: &str| {
+        json!({"token": "clay-source-token",
+               "callbackUrl": format!("http://127.0.0.1:{}{path}", p.receiver_port),
+               "callbackHeaders": {"x-kiln-token": "callback-secret"}})
+    };
+    p.sim
+        .add_source("leads", column("/v1/clay/callbacks"))
+        .await;
     quick_advice(&p.env, "leads").await;
     let _receiver = p.receiver();
     let _worker = p.worker();
@@ -164,6 +187,18 @@ async fn a_queue_table_whose_callbacks_never_come_is_told_where_they_should_go()
     let observed = table.status.unwrap().observed.expect("status.observed");
     assert!(observed.rows_last_day > 0, "{observed:?}");
     assert_eq!(observed.callbacks_percent, Some(0), "{observed:?}");
+
+    // The column fixed, results arrive (retried rows and new ones) and the
+    // condition recovers, with a Normal Event.
+    p.sim.add_source("leads", column("/v1/clay/callback")).await;
+    p.push(&leads(20, 20)).await;
+    let arriving = condition_when(&p.env, "leads", "CallbacksArriving", "ResultsArriving").await;
+    assert_eq!(arriving.status, "True");
+    // The recovery is announced once, by the first True state: results
+    // arriving, or (when no row was sent for a while) no recent rows.
+    let recovered =
+        event_with_any_reason(&p.env, "leads", &["ResultsArriving", "NoRecentRows"]).await;
+    assert_eq!(recovered.type_.as_deref(), Some("Normal"));
 }
 
 #[tokio::test]
