@@ -93,19 +93,37 @@ impl Keys {
     }
 }
 
-/// A table's counters, its pending rows and its oldest enriched row's time
-/// (ms), in one round trip over any connection (the operator reads them over
-/// a pooled one).
+/// What the operator reads of a table's rows in Redis.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TableCounters {
+    /// The counters hash: received, submitted, enriched, delivered,
+    /// deadLettered and `deadLettered:<reason>`, ...
+    pub counters: HashMap<String, i64>,
+    /// Rows sent to Clay and waiting for their result.
+    pub pending: u64,
+    /// When the row enriched longest ago was enriched (ms since the epoch).
+    pub oldest_enriched_ms: Option<i64>,
+    /// Rows submitted through each webhook source, by source name.
+    pub source_rows: HashMap<String, i64>,
+}
+
+/// A table's counters, in one round trip over any connection (the operator
+/// reads them over a pooled one).
 pub async fn read_counters(
     connection: &mut ConnectionManager,
     keys: &Keys,
-) -> redis::RedisResult<(HashMap<String, i64>, u64, Option<i64>)> {
-    let (counters, pending, oldest): (HashMap<String, i64>, u64, Vec<(String, i64)>) =
-        redis::pipe()
-            .hgetall(keys.counters())
-            .hlen(keys.pending())
-            .zrange_withscores(keys.enriched_at(), 0, 0)
-            .query_async(connection)
-            .await?;
-    Ok((counters, pending, oldest.first().map(|(_, ms)| *ms)))
+) -> redis::RedisResult<TableCounters> {
+    let (counters, pending, oldest, source_rows): (_, _, Vec<(String, i64)>, _) = redis::pipe()
+        .hgetall(keys.counters())
+        .hlen(keys.pending())
+        .zrange_withscores(keys.enriched_at(), 0, 0)
+        .hgetall(keys.sources())
+        .query_async(connection)
+        .await?;
+    Ok(TableCounters {
+        counters,
+        pending,
+        oldest_enriched_ms: oldest.first().map(|(_, ms)| *ms),
+        source_rows,
+    })
 }

@@ -2,7 +2,9 @@
 //! reads the three kinds and turns what their status says into findings,
 //! each with what to do: conditions that do not hold (including the tier
 //! matrix's TierFit and the failure table's CallbacksArriving), budgets past
-//! a warning threshold or exhausted, tables nobody refreshes, dead letters.
+//! a warning threshold, exhausted or forecast to run out this period, tables
+//! nobody refreshes, dead letters by reason, webhook sources near Clay's
+//! lifetime cap.
 //! Exit code 0 when nothing needs attention, 1 otherwise, so it can gate CI
 //! and GitOps checks. As a kubectl plugin: link the binary as
 //! `kubectl-kiln` on PATH and run `kubectl kiln doctor`.
@@ -16,7 +18,9 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 
 use crate::api::budget::BudgetState;
+use crate::api::table::RowCounters;
 use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule};
+use crate::clay::rotation::SOURCE_CAP;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct DoctorArgs {
@@ -106,6 +110,79 @@ fn condition_findings<K: Resource<DynamicType = ()>>(
         .collect()
 }
 
+/// Dead letters, by reason with what fixes each, and how to look and replay.
+fn dead_letter_message(table: &EnrichmentTable, rows: &RowCounters) -> String {
+    let target = format!(
+        "{}/{}",
+        table.namespace().unwrap_or_default(),
+        table.name_any()
+    );
+    let mut message = format!(
+        "{} rows ended in the dead-letter destination",
+        rows.dead_lettered
+    );
+    for (reason, count) in &rows.dead_lettered_by_reason {
+        let fix = match reason.as_str() {
+            "BudgetExhausted" => "raise the budget, then replay",
+            "ResultTimeout" => "Clay's results did not come back: see CallbacksArriving",
+            "SinkFailed" => "the sink refused them: check the CRM or topic, then replay",
+            "InvalidRow" | "MissingKey" => {
+                "the producer sent rows that are not JSON objects with the key field"
+            }
+            "SourcesExhausted" => {
+                "every webhook source reached Clay's cap: add one to clay.webhookSources"
+            }
+            _ => "see the rows' detail",
+        };
+        message.push_str(&format!("; {count} {reason} ({fix})"));
+    }
+    message.push_str(&format!(
+        ". Look with `kiln dlq list --table {target}`, replay with `kiln dlq replay --table {target} --reason REASON` once fixed"
+    ));
+    message
+}
+
+/// Webhook sources near Clay's lifetime cap of rows.
+fn source_findings(
+    table: &EnrichmentTable,
+    source_rows: &std::collections::BTreeMap<String, u64>,
+) -> Vec<Finding> {
+    let warn_at = SOURCE_CAP * 8 / 10;
+    let full_at = SOURCE_CAP * 99 / 100;
+    let sources = &table.spec.clay.webhook_sources;
+    let all_full = !sources.is_empty()
+        && sources
+            .iter()
+            .all(|s| source_rows.get(&s.name).is_some_and(|n| *n >= full_at));
+    let mut findings: Vec<Finding> = source_rows
+        .iter()
+        .filter(|(_, rows)| **rows >= warn_at)
+        .map(|(source, rows)| {
+            finding(
+                table,
+                Severity::Warning,
+                "WebhookSources",
+                "SourceNearCap",
+                format!(
+                    "webhook source {source:?} took {rows} of Clay's {SOURCE_CAP} rows per source (Kiln stops using it at {full_at}): add a new source to clay.webhookSources before the last one fills"
+                ),
+            )
+        })
+        .collect();
+    if all_full {
+        findings.push(finding(
+            table,
+            Severity::Error,
+            "WebhookSources",
+            "SourcesExhausted",
+            format!(
+                "every webhook source of clay.webhookSources reached Clay's {SOURCE_CAP}-row cap: rows cannot be sent until a new source is added"
+            ),
+        ));
+    }
+    findings
+}
+
 /// The findings for what the three kinds report.
 pub fn diagnose(
     tables: &[EnrichmentTable],
@@ -139,6 +216,22 @@ pub fn diagnose(
             )),
             _ => {}
         }
+        let runs_out = status
+            .forecast
+            .as_ref()
+            .and_then(|f| f.exhausts_at.as_ref());
+        if let Some(at) = runs_out.filter(|_| status.state != BudgetState::Exhausted) {
+            findings.push(finding(
+                budget,
+                Severity::Warning,
+                "Forecast",
+                "ExhaustsThisPeriod",
+                format!(
+                    "at the last hour's burn the period's credits run out at {}, before the period ends; then tables {:?} (spec.onExhausted): raise spec.limits or slow the tables down",
+                    at.0, budget.spec.on_exhausted
+                ),
+            ));
+        }
     }
     let refreshed: BTreeSet<(String, String)> = schedules
         .iter()
@@ -158,14 +251,10 @@ pub fn diagnose(
                 Severity::Info,
                 "DeadLetters",
                 "RowsDeadLettered",
-                format!(
-                    "{} rows ended in the dead-letter destination; see why with `kiln dlq list --table {}/{}` and replay once fixed",
-                    status.rows.dead_lettered,
-                    table.namespace().unwrap_or_default(),
-                    table.name_any()
-                ),
+                dead_letter_message(table, &status.rows),
             ));
         }
+        findings.extend(source_findings(table, &status.webhook_source_rows));
         let key = (table.namespace().unwrap_or_default(), table.name_any());
         if status.rows.enriched > 0 && !refreshed.contains(&key) {
             findings.push(finding(
@@ -320,5 +409,61 @@ mod tests {
             text(&report, 2)
                 .contains("WARNING sales/EnrichmentTable/busy  TierFit: VolumeAboveTier")
         );
+    }
+
+    #[test]
+    fn dead_letters_by_reason_and_sources_near_their_cap_are_reported() {
+        let rows = serde_json::json!({"received": 9, "deduplicated": 0, "submitted": 9, "enriched": 5,
+            "delivered": 5, "deadLettered": 4, "pending": 0,
+            "deadLetteredByReason": {"BudgetExhausted": 3, "ResultTimeout": 1}});
+        let mut busy = table(
+            "busy",
+            serde_json::json!([condition("Ready", "True", "Ready")]),
+            rows,
+        );
+        busy.status.as_mut().unwrap().webhook_source_rows =
+            [("s".to_string(), 45_000)].into_iter().collect();
+        let report = diagnose(std::slice::from_ref(&busy), &[], &[]);
+        assert!(!report.healthy, "a source near its cap is a warning");
+        let near = report
+            .findings
+            .iter()
+            .find(|f| f.reason == "SourceNearCap")
+            .unwrap();
+        assert!(near.message.contains("45000"), "{}", near.message);
+        let dead = report
+            .findings
+            .iter()
+            .find(|f| f.check == "DeadLetters")
+            .unwrap();
+        assert!(
+            dead.message
+                .contains("3 BudgetExhausted (raise the budget, then replay)")
+                && dead.message.contains("1 ResultTimeout"),
+            "{}",
+            dead.message
+        );
+        // Every source full: nothing can be sent.
+        busy.status.as_mut().unwrap().webhook_source_rows =
+            [("s".to_string(), 49_999)].into_iter().collect();
+        let report = diagnose(&[busy], &[], &[]);
+        assert_eq!(report.findings[0].reason, "SourcesExhausted");
+        assert_eq!(report.findings[0].severity, Severity::Error);
+    }
+
+    #[test]
+    fn a_budget_forecast_to_run_out_this_period_is_a_warning() {
+        let budget: CreditBudget = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kiln.dev/v1alpha1", "kind": "CreditBudget",
+            "metadata": {"name": "team", "namespace": "sales"},
+            "spec": {"limits": {"dataCredits": 1000.0}},
+            "status": {"forecast": {"dataCreditsPerHourLastHour": 100.0, "dataCreditsPerHourLastDay": 80.0,
+                "exhaustsAt": "2026-11-28T06:00:00Z"}}
+        }))
+        .unwrap();
+        let report = diagnose(&[], &[budget], &[]);
+        assert!(!report.healthy);
+        assert_eq!(report.findings[0].reason, "ExhaustsThisPeriod");
+        assert!(report.findings[0].message.contains("2026-11-28T06:00:00Z"));
     }
 }

@@ -96,15 +96,28 @@ async fn two_thousand_rows_through_faults_and_crashes_end_exactly_once_within_bu
     // The operator reports the same counts in the table's status.
     let tables = p.env.api::<EnrichmentTable>();
     let (delivered_count, dead_count) = (delivered.len() as u64, dead.len() as u64);
-    wait::until("the table status counters", || async {
-        let rows = tables.get("leads").await.ok()?.status?.rows;
+    let mut dead_by_reason = std::collections::BTreeMap::<String, u64>::new();
+    for entry in &dead {
+        *dead_by_reason.entry(entry["reason"].clone()).or_default() += 1;
+    }
+    let status = wait::until("the table status counters", || async {
+        let status = tables.get("leads").await.ok()?.status?;
+        let rows = &status.rows;
         (rows.received == 2000
             && rows.delivered == delivered_count
             && rows.dead_lettered == dead_count
+            && rows.dead_lettered_by_reason == dead_by_reason
             && rows.pending == 0)
-            .then_some(())
+            .then_some(status)
     })
     .await;
+    // Every delivered row went through a webhook source at least once.
+    let through_sources: u64 = status.webhook_source_rows.values().sum();
+    assert!(
+        through_sources >= delivered_count,
+        "{:?}",
+        status.webhook_source_rows
+    );
 
     // Same keys again inside the de-dupe window: zero credits.
     let charged_before = sim.data_credits_charged;

@@ -1,5 +1,7 @@
 //! EnrichmentTable: one Clay table and the pipeline around it.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
@@ -661,6 +663,11 @@ pub struct EnrichmentTableStatus {
     /// read from Redis); what the Fresh condition judges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_enriched_at: Option<Time>,
+    /// Rows submitted through each webhook source in its lifetime, by the
+    /// source's name: Clay drops rows past 50,000 per source, and Kiln moves
+    /// to the next source of clay.webhookSources before that.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhook_source_rows: BTreeMap<String, u64>,
     /// Rows the table sent to Clay, as the operator observed them: the
     /// figures the TierFit condition judges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -752,6 +759,10 @@ pub struct RowCounters {
     pub delivered: u64,
     /// Rows that ended in the dead-letter destination, with a reason.
     pub dead_lettered: u64,
+    /// The same, by reason (InvalidRow, MissingKey, BudgetExhausted,
+    /// ResultTimeout, SinkFailed, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dead_lettered_by_reason: BTreeMap<String, u64>,
     /// Rows sent to Clay and waiting for their result.
     pub pending: u64,
 }

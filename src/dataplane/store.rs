@@ -261,6 +261,7 @@ if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('XADD', KEYS[2], '*', 'row_id', ARGV[3], 'reason', ARGV[4], 'row', ARGV[5], 'attempts', ARGV[6], 'detail', ARGV[7])
 redis.call('HINCRBY', KEYS[3], 'deadLettered', 1)
+redis.call('HINCRBY', KEYS[3], 'deadLettered:' .. ARGV[4], 1)
 return 1
 "#;
 
@@ -270,6 +271,7 @@ const DEAD_LETTER_ENTRY: &str = r#"
 if not first_sight(KEYS[3], ARGV[5]) then return 0 end
 redis.call('XADD', KEYS[1], '*', 'row_id', ARGV[1], 'reason', ARGV[2], 'row', ARGV[3], 'attempts', ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'deadLettered', 1)
+redis.call('HINCRBY', KEYS[2], 'deadLettered:' .. ARGV[2], 1)
 ack(KEYS[3], ARGV[5], ARGV[6])
 return 1
 "#;
@@ -283,6 +285,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 local p = cjson.decode(pending)
 redis.call('XADD', KEYS[3], '*', 'row_id', ARGV[1], 'reason', ARGV[2], 'row', cjson.encode(p['row']), 'attempts', tostring(p['attempt']))
 redis.call('HINCRBY', KEYS[4], 'deadLettered', 1)
+redis.call('HINCRBY', KEYS[4], 'deadLettered:' .. ARGV[2], 1)
 return pending
 "#;
 

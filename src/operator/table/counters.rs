@@ -48,6 +48,8 @@ pub struct StoreReading {
     pub last_enriched: Option<Time>,
     /// When the row enriched longest ago was enriched (what a refresh would redo first).
     pub oldest_enriched: Option<Time>,
+    /// Rows submitted through each webhook source, by name.
+    pub source_rows: std::collections::BTreeMap<String, u64>,
 }
 
 /// What reading a table's counters found.
@@ -78,14 +80,21 @@ impl RowCounterReader {
         let keys = Keys::new(namespace, &table.name_any());
         let read = tokio::time::timeout(REDIS_TIMEOUT, read_counters(&mut connection, &keys)).await;
         Some(match read {
-            Ok(Ok((counters, pending, oldest))) => {
-                let (rows, last_enriched) = super::status::row_counters(&counters, pending);
+            Ok(Ok(read)) => {
+                let (rows, last_enriched) =
+                    super::status::row_counters(&read.counters, read.pending);
                 Ok(StoreReading {
                     rows,
                     last_enriched,
-                    oldest_enriched: oldest
+                    oldest_enriched: read
+                        .oldest_enriched_ms
                         .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
                         .map(Time),
+                    source_rows: read
+                        .source_rows
+                        .into_iter()
+                        .map(|(source, rows)| (source, rows.max(0) as u64))
+                        .collect(),
                 })
             }
             Ok(Err(error)) => Err(format!("reading row counters: {error}")),

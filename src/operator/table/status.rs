@@ -450,6 +450,12 @@ pub fn compute(
             .and_then(|r| r.last_enriched.clone())
             .or(current.last_enriched_at.clone()),
         oldest_enriched_at: oldest_enriched.or(current.oldest_enriched_at.clone()),
+        webhook_source_rows: references
+            .rows
+            .as_ref()
+            .map_or(current.webhook_source_rows.clone(), |r| {
+                r.source_rows.clone()
+            }),
         observed: references.volume.as_ref().map(|v| ObservedVolume {
             rows_last_day: v.rows_last_day,
             rows_per_day_recent: v.rows_per_day_recent,
@@ -524,6 +530,13 @@ pub fn row_counters(
             enriched: get("enriched"),
             delivered: get("delivered"),
             dead_lettered: get("deadLettered"),
+            dead_lettered_by_reason: counters
+                .iter()
+                .filter_map(|(name, n)| {
+                    let reason = name.strip_prefix("deadLettered:")?;
+                    Some((reason.to_string(), (*n).max(0) as u64))
+                })
+                .collect(),
             pending,
         },
         last,
