@@ -26,6 +26,10 @@ pub struct Context {
     pub rates: Mutex<super::rate::RateShares>,
     /// Each table's traffic, from its processes' lease requests.
     pub volumes: Mutex<super::table::volume::Volumes>,
+    /// Tables whose processes started sending after a quiet hour: the table
+    /// controller reconciles them at once (its resync while idle is long).
+    pub traffic_started: futures::channel::mpsc::UnboundedSender<TableRef>,
+    traffic_started_rx: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<TableRef>>>,
     /// The period each budget's exhaustion forecast was last announced for
     /// (one Warning Event per budget and period).
     pub forecasts_announced: Mutex<std::collections::HashMap<String, String>>,
@@ -39,6 +43,9 @@ pub struct Context {
     /// When each object's counters were last written to status.
     counter_writes: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// A table, as the controller's queue names it.
+pub type TableRef = ObjectRef<crate::api::EnrichmentTable>;
 
 /// First retry delay after a failed reconciliation; doubles per failure.
 const BACKOFF_BASE: Duration = Duration::from_secs(2);
@@ -54,6 +61,7 @@ impl Context {
         ledger: super::budget::ledger::Ledger,
         instance: String,
     ) -> Self {
+        let (traffic_started, traffic_started_rx) = futures::channel::mpsc::unbounded();
         let reporter = Reporter {
             controller: "kiln-operator".into(),
             instance: Some(instance),
@@ -67,12 +75,22 @@ impl Context {
             ledger,
             rates: Mutex::new(super::rate::RateShares::new(std::time::Instant::now())),
             volumes: Mutex::default(),
+            traffic_started,
+            traffic_started_rx: Mutex::new(Some(traffic_started_rx)),
             forecasts_announced: Mutex::default(),
             table_caches: std::sync::OnceLock::new(),
             cronjobs: std::sync::OnceLock::new(),
             failures: Mutex::new(HashMap::new()),
             counter_writes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The tables whose traffic started (see `traffic_started`); taken once,
+    /// by the table controller.
+    pub fn take_traffic_started(
+        &self,
+    ) -> Option<futures::channel::mpsc::UnboundedReceiver<TableRef>> {
+        self.traffic_started_rx.lock().unwrap().take()
     }
 
     /// An Api over the watched namespace(s), for controllers and their watches.

@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -326,14 +327,21 @@ async fn lease(
     let answer = state.ctx.ledger.lease(request).await;
     if answer.is_ok() {
         let (namespace, table, sent, results, latency) = traffic;
-        state.ctx.volumes.lock().unwrap().record(
-            &namespace,
-            &table,
-            sent,
-            results,
-            &latency,
-            jiff::Timestamp::now(),
-        );
+        let now = jiff::Timestamp::now();
+        let started = {
+            let mut volumes = state.ctx.volumes.lock().unwrap();
+            let was_active = volumes.active(&namespace, &table, now);
+            volumes.record(&namespace, &table, sent, results, &latency, now);
+            !was_active && volumes.active(&namespace, &table, now)
+        };
+        if started {
+            // Counters and advice follow traffic: the table is looked at now,
+            // not at its next idle resync.
+            let _ = state
+                .ctx
+                .traffic_started
+                .unbounded_send(ObjectRef::new(&table).within(&namespace));
+        }
     }
     if answer.is_ok() && implausible > 0 {
         state.ctx.metrics.implausible_costs.inc_by(implausible);

@@ -30,7 +30,8 @@ use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule, RefreshSchedule
 const CONTROLLER: &str = "refreshschedule";
 /// Schedules reconciled at once.
 const CONCURRENCY: u16 = 8;
-const RESYNC: Duration = Duration::from_secs(300);
+/// A safety net: tables, budgets and CronJobs arrive as watch events.
+const RESYNC: Duration = Duration::from_secs(1800);
 
 pub const READY: &str = "Ready";
 pub const SCHEDULE_VALID: &str = "ScheduleValid";

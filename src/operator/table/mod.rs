@@ -39,8 +39,10 @@ const CONTROLLER: &str = "enrichmenttable";
 /// few enough that the API server is not flooded.
 const CONCURRENCY: u16 = 16;
 
-/// Re-check a healthy table this often even without events.
-const RESYNC: Duration = Duration::from_secs(300);
+/// Re-check an idle, healthy table this often even without events (a
+/// safety net: changes arrive as watch events, and traffic starting again
+/// as a trigger from the lease API).
+const RESYNC: Duration = Duration::from_secs(1800);
 /// Refresh row counters this often while rows are flowing.
 const COUNTERS_RESYNC: Duration = Duration::from_secs(5);
 /// Re-check a table that is waiting on references or pods this often.
@@ -198,6 +200,10 @@ pub async fn run(
             let table = pod.labels().get(TABLE_LABEL)?.clone();
             Some(ObjectRef::new(&table).within(&pod.namespace()?))
         })
+        .reconcile_on(
+            ctx.take_traffic_started()
+                .expect("one table controller per operator"),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
