@@ -328,3 +328,47 @@ async fn old_rows_without_a_refresh_schedule_are_stale_until_one_is_added() {
     let again = condition_when(&p.env, "leads", "Fresh", "RefreshScheduled").await;
     assert_eq!(again.status, "True");
 }
+
+#[tokio::test]
+async fn clay_out_of_reach_is_said_in_the_table_status_until_it_answers_again() {
+    let mut p = pipeline("advice-reach", QUICK_CLAY, 1_000_000.0, "Pause", false).await;
+    let _receiver = p.receiver();
+    let _worker = p.worker();
+    let port = p
+        .sim
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    // Clay goes away: the worker's requests get no answer.
+    p.sim.process.kill_hard();
+    p.push(&leads(5, 0)).await;
+    let down = condition_when(&p.env, "leads", "ClayReachable", "Unreachable").await;
+    assert_eq!(down.status, "False");
+    assert!(
+        down.message.contains(&format!("127.0.0.1:{port}")),
+        "names the host: {}",
+        down.message
+    );
+    assert!(
+        !down.message.contains("/v3/sources"),
+        "no URL path: {}",
+        down.message
+    );
+    let warned = event_about(&p.env, "leads", "Unreachable").await;
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+
+    // Back where it was, the rows waiting are sent and the condition clears.
+    let sim = support::start_clay_sim_on("advice-reach-again", port, QUICK_CLAY).await;
+    sim.add_source(
+        "leads",
+        json!({"token": "clay-source-token",
+               "callbackUrl": format!("http://127.0.0.1:{}/v1/clay/callback", p.receiver_port),
+               "callbackHeaders": {"x-kiln-token": "callback-secret"}}),
+    )
+    .await;
+    let up = condition_when(&p.env, "leads", "ClayReachable", "Answered").await;
+    assert_eq!(up.status, "True");
+}

@@ -639,7 +639,8 @@ pub struct EnrichmentTableStatus {
     pub observed_generation: Option<i64>,
     /// Ready, SecretsResolved, BudgetResolved, Provisioned, WorkersAvailable,
     /// KafkaReachable (Event), RedisReachable (Queue, Event), Autoscaling
-    /// (with workers.autoscaling) and ClayRateAccepted.
+    /// (with workers.autoscaling), ClayReachable, ClayRateAccepted, TierFit,
+    /// CallbacksArriving and Fresh.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// In-cluster URL of the receiver's Clay callback endpoint: paste it into

@@ -2,6 +2,7 @@
 //! and source rotation), the routines API, and `sim`, a local stand-in that
 //! speaks the same protocol. Nothing here knows about Kubernetes.
 
+pub mod contact;
 pub mod error;
 pub mod limiter;
 pub mod retry;

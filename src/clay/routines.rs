@@ -124,6 +124,9 @@ impl RoutinesClient {
                 .json(&body)
                 .send()
                 .await;
+            if sent.is_ok() {
+                super::contact::answered();
+            }
             match sent {
                 Ok(response) if response.status().is_success() => {
                     let accepted: RunAccepted = response.json().await.map_err(|e| {
@@ -143,9 +146,14 @@ impl RoutinesClient {
                 Ok(response) => return Err(status_error(response).await),
                 Err(error) if error.is_connect() => {
                     last = describe_transport(error);
+                    super::contact::unreachable(&url, &last);
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                 }
-                Err(error) => return Err(ClayError::OutcomeUnknown(describe_transport(error))),
+                Err(error) => {
+                    let detail = describe_transport(error);
+                    super::contact::unreachable(&url, &detail);
+                    return Err(ClayError::OutcomeUnknown(detail));
+                }
             }
         }
         Err(ClayError::RetriesExhausted {

@@ -160,6 +160,9 @@ impl WebhookClient {
             let answer = request.send().await;
             let status = answer.as_ref().ok().map(|r| r.status().as_u16());
             metrics.clay_answer(status, sent.elapsed());
+            if answer.is_ok() {
+                super::contact::answered();
+            }
             let delay = match answer {
                 Ok(response) if response.status().is_success() => return Ok(()),
                 Ok(response) => {
@@ -187,6 +190,7 @@ impl WebhookClient {
                 }
                 Err(error) => {
                     last = describe_transport(error);
+                    super::contact::unreachable(target.url.expose(), &last);
                     policy.backoff(attempt)
                 }
             };

@@ -431,6 +431,7 @@ impl CreditLease {
             release: state.closing,
             rate: self.rate_report(&mut state),
             result_latency: std::mem::take(&mut state.result_latency),
+            clay_contact: crate::clay::contact::take(),
         };
         state.next_seq += 1;
         state.in_flight = Some(request.clone());

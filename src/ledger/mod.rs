@@ -162,6 +162,9 @@ pub struct LeaseRequest {
     /// from their attempt to their result.
     #[serde(default, skip_serializing_if = "ResultLatency::is_empty")]
     pub result_latency: ResultLatency,
+    /// Whether Clay answered the holder's latest request, or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clay_contact: Option<crate::clay::contact::ClayContact>,
 }
 
 /// Upper bounds (milliseconds) of the result-latency buckets; a last bucket
@@ -317,6 +320,14 @@ pub fn validate(request: &LeaseRequest) -> Result<(), String> {
         return Err(format!(
             "resultLatency has at most {} buckets of at most {MAX_CALLS}",
             RESULT_LATENCY_BOUNDS_MS.len() + 1
+        ));
+    }
+    if let Some(crate::clay::contact::ClayContact::Unreachable(detail)) = &request.clay_contact
+        && detail.len() > crate::clay::contact::MAX_DETAIL_BYTES
+    {
+        return Err(format!(
+            "clayContact.unreachable is at most {} bytes",
+            crate::clay::contact::MAX_DETAIL_BYTES
         ));
     }
     if request.ttl_seconds == 0 || request.ttl_seconds > 3600 {

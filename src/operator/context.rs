@@ -26,10 +26,11 @@ pub struct Context {
     pub rates: Mutex<super::rate::RateShares>,
     /// Each table's traffic, from its processes' lease requests.
     pub volumes: Mutex<super::table::volume::Volumes>,
-    /// Tables whose processes started sending after a quiet hour: the table
-    /// controller reconciles them at once (its resync while idle is long).
-    pub traffic_started: futures::channel::mpsc::UnboundedSender<TableRef>,
-    traffic_started_rx: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<TableRef>>>,
+    /// Tables whose processes reported news (traffic after a quiet hour,
+    /// Clay reachable or not any more): the table controller reconciles
+    /// them at once (its resync while idle is long).
+    pub tables_to_look_at: futures::channel::mpsc::UnboundedSender<TableRef>,
+    tables_to_look_at_rx: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<TableRef>>>,
     /// The period each budget's exhaustion forecast was last announced for
     /// (one Warning Event per budget and period).
     pub forecasts_announced: Mutex<std::collections::HashMap<String, String>>,
@@ -61,7 +62,7 @@ impl Context {
         ledger: super::budget::ledger::Ledger,
         instance: String,
     ) -> Self {
-        let (traffic_started, traffic_started_rx) = futures::channel::mpsc::unbounded();
+        let (tables_to_look_at, tables_to_look_at_rx) = futures::channel::mpsc::unbounded();
         let reporter = Reporter {
             controller: "kiln-operator".into(),
             instance: Some(instance),
@@ -75,8 +76,8 @@ impl Context {
             ledger,
             rates: Mutex::new(super::rate::RateShares::new(std::time::Instant::now())),
             volumes: Mutex::default(),
-            traffic_started,
-            traffic_started_rx: Mutex::new(Some(traffic_started_rx)),
+            tables_to_look_at,
+            tables_to_look_at_rx: Mutex::new(Some(tables_to_look_at_rx)),
             forecasts_announced: Mutex::default(),
             table_caches: std::sync::OnceLock::new(),
             cronjobs: std::sync::OnceLock::new(),
@@ -85,12 +86,12 @@ impl Context {
         }
     }
 
-    /// The tables whose traffic started (see `traffic_started`); taken once,
-    /// by the table controller.
-    pub fn take_traffic_started(
+    /// The tables to look at now (see `tables_to_look_at`); taken once, by
+    /// the table controller.
+    pub fn take_tables_to_look_at(
         &self,
     ) -> Option<futures::channel::mpsc::UnboundedReceiver<TableRef>> {
-        self.traffic_started_rx.lock().unwrap().take()
+        self.tables_to_look_at_rx.lock().unwrap().take()
     }
 
     /// An Api over the watched namespace(s), for controllers and their watches.

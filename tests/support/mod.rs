@@ -305,7 +305,11 @@ impl ClaySim {
 
 /// Starts `kiln clay-sim` with extra flags on a free port and waits for it.
 pub async fn start_clay_sim(name: &str, flags: &[&str]) -> ClaySim {
-    let port = kiln::devenv::free_port().unwrap();
+    start_clay_sim_on(name, kiln::devenv::free_port().unwrap(), flags).await
+}
+
+/// Starts clay-sim on `port` (e.g. again, where a stopped one listened).
+pub async fn start_clay_sim_on(name: &str, port: u16, flags: &[&str]) -> ClaySim {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
         .args([

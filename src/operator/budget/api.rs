@@ -323,23 +323,26 @@ async fn lease(
         request.rate.as_ref().map_or(0, |r| r.submitted),
         request.successes,
         request.result_latency.clone(),
+        request.clay_contact.clone(),
     );
     let answer = state.ctx.ledger.lease(request).await;
     if answer.is_ok() {
-        let (namespace, table, sent, results, latency) = traffic;
+        let (namespace, table, sent, results, latency, contact) = traffic;
         let now = jiff::Timestamp::now();
-        let started = {
+        let news = {
             let mut volumes = state.ctx.volumes.lock().unwrap();
             let was_active = volumes.active(&namespace, &table, now);
             volumes.record(&namespace, &table, sent, results, &latency, now);
-            !was_active && volumes.active(&namespace, &table, now)
+            let contact_changed =
+                contact.is_some_and(|contact| volumes.record_contact(&namespace, &table, contact));
+            contact_changed || (!was_active && volumes.active(&namespace, &table, now))
         };
-        if started {
-            // Counters and advice follow traffic: the table is looked at now,
-            // not at its next idle resync.
+        if news {
+            // Counters, advice and ClayReachable follow what the processes
+            // report: the table is looked at now, not at its next resync.
             let _ = state
                 .ctx
-                .traffic_started
+                .tables_to_look_at
                 .unbounded_send(ObjectRef::new(&table).within(&namespace));
         }
     }

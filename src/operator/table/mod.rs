@@ -201,7 +201,7 @@ pub async fn run(
             Some(ObjectRef::new(&table).within(&pod.namespace()?))
         })
         .reconcile_on(
-            ctx.take_traffic_started()
+            ctx.take_tables_to_look_at()
                 .expect("one table controller per operator"),
         )
         .graceful_shutdown_on(shutdown)
@@ -236,12 +236,16 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     let advice = &table.spec.tier_advice;
     let results_window = std::time::Duration::from(table.spec.clay.result_timeout)
         * advice.callbacks_missing_after_timeouts;
-    references.volume = ctx.volumes.lock().unwrap().view(
-        &namespace,
-        &table.name_any(),
-        jiff::Timestamp::now(),
-        results_window,
-    );
+    {
+        let volumes = ctx.volumes.lock().unwrap();
+        references.volume = volumes.view(
+            &namespace,
+            &table.name_any(),
+            jiff::Timestamp::now(),
+            results_window,
+        );
+        references.clay_contact = volumes.contact(&namespace, &table.name_any()).cloned();
+    }
 
     let mut children = build::desired_children(
         table,
@@ -466,6 +470,7 @@ async fn dereference(
         schedules_skipping_for_budget,
         rate: None,
         volume: None,
+        clay_contact: None,
     })
 }
 

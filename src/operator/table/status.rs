@@ -19,6 +19,7 @@ pub const WORKERS_AVAILABLE: &str = "WorkersAvailable";
 pub const KAFKA_REACHABLE: &str = "KafkaReachable";
 pub const AUTOSCALING: &str = "Autoscaling";
 pub const CLAY_RATE_ACCEPTED: &str = "ClayRateAccepted";
+pub const CLAY_REACHABLE: &str = "ClayReachable";
 pub const REDIS_REACHABLE: &str = "RedisReachable";
 
 /// 429s in a minute, and their share of the rows sent, from which the
@@ -53,6 +54,8 @@ pub struct References {
     pub rate: Option<crate::operator::rate::TableRate>,
     /// The table's traffic as the leader observed it, when there was any.
     pub volume: Option<super::volume::VolumeView>,
+    /// Whether Clay answered the table's processes, as they last reported.
+    pub clay_contact: Option<crate::clay::contact::ClayContact>,
 }
 
 /// The state of lag-based worker autoscaling.
@@ -371,6 +374,7 @@ pub fn compute(
         ),
     });
     let clay_rate = rate_condition(&cond, references.rate.as_ref());
+    let clay_reachable = reachable_condition(&cond, references.clay_contact.as_ref());
     let spec = &table.spec;
     let volume = references.volume.as_ref();
     let (holds, reason, message) = super::advice::tier_fit(spec.tier, &spec.tier_advice, volume);
@@ -435,7 +439,7 @@ pub fn compute(
             .chain(kafka)
             .chain(redis)
             .chain(autoscaling)
-            .chain([clay_rate, tier_fit, callbacks, fresh])
+            .chain([clay_reachable, clay_rate, tier_fit, callbacks, fresh])
             .collect(),
         callback_url: Some(format!("{receiver}{CALLBACK_PATH}")),
         ingest_url: Some(format!("{receiver}{INGEST_PATH}")),
@@ -485,6 +489,36 @@ fn tenths(value: f64) -> f64 {
 /// Whether Clay accepted the table's rows at the rate Kiln kept to: many
 /// 429s mean someone else is using the workspace's rate, or the configured
 /// limit is above Clay's.
+/// Whether the table's processes reach Clay: what they last reported.
+fn reachable_condition(
+    cond: &Conditions<'_>,
+    contact: Option<&crate::clay::contact::ClayContact>,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    use crate::clay::contact::ClayContact;
+    match contact {
+        Some(ClayContact::Unreachable(detail)) => cond.set(
+            CLAY_REACHABLE,
+            false,
+            "Unreachable",
+            format!(
+                "the table's processes get no answer from Clay ({detail}): check the webhook URL's host in its Secret, DNS, and egress from the namespace (NetworkPolicy, proxy); rows wait and are retried"
+            ),
+        ),
+        Some(ClayContact::Answered) => cond.set(
+            CLAY_REACHABLE,
+            true,
+            "Answered",
+            "Clay answers the table's requests".into(),
+        ),
+        None => cond.set(
+            CLAY_REACHABLE,
+            true,
+            "NotContacted",
+            "no process of the table has called Clay since the operator's leader started".into(),
+        ),
+    }
+}
+
 fn rate_condition(
     cond: &Conditions<'_>,
     rate: Option<&crate::operator::rate::TableRate>,
@@ -561,6 +595,7 @@ mod tests {
             schedules_skipping_for_budget: vec![],
             rate: None,
             volume: None,
+            clay_contact: None,
         }
     }
     use crate::api::common::find_condition;
@@ -741,6 +776,49 @@ mod tests {
         );
         assert_eq!(
             find_condition(&throttled.conditions, READY).unwrap().status,
+            "True"
+        );
+    }
+
+    #[test]
+    fn clay_unreachable_from_the_processes_is_named_in_a_condition() {
+        use crate::clay::contact::ClayContact;
+        let status_with = |contact| {
+            let references = References {
+                clay_contact: contact,
+                ..references()
+            };
+            compute(
+                &queue_table(),
+                &references,
+                &Provisioning::Applied {
+                    deployments: vec![],
+                    pod_failures: vec![],
+                },
+                now(),
+            )
+        };
+        let down = status_with(Some(ClayContact::Unreachable(
+            "api.clay.com:443: connection failed: refused".into(),
+        )));
+        let condition = find_condition(&down.conditions, CLAY_REACHABLE).unwrap();
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "Unreachable")
+        );
+        assert!(condition.message.contains("api.clay.com:443"));
+        let up = status_with(Some(ClayContact::Answered));
+        assert_eq!(
+            find_condition(&up.conditions, CLAY_REACHABLE)
+                .unwrap()
+                .reason,
+            "Answered"
+        );
+        let unknown = status_with(None);
+        assert_eq!(
+            find_condition(&unknown.conditions, CLAY_REACHABLE)
+                .unwrap()
+                .status,
             "True"
         );
     }

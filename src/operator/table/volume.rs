@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use jiff::Timestamp;
 
+use crate::clay::contact::ClayContact;
 use crate::ledger::ResultLatency;
 
 /// Minutes kept: one day.
@@ -30,6 +31,8 @@ struct Minutes {
 #[derive(Debug, Default)]
 pub struct Volumes {
     tables: BTreeMap<(String, String), Minutes>,
+    /// Whether Clay answered each table's processes, as last reported.
+    contacts: BTreeMap<(String, String), ClayContact>,
 }
 
 /// A table's traffic for its status.
@@ -155,6 +158,19 @@ impl Volumes {
             result_latency_p50_ms: latency.quantile_ms(0.5),
             result_latency_p95_ms: latency.quantile_ms(0.95),
         })
+    }
+
+    /// Records whether Clay answered a table's process; true when that is
+    /// news (Clay answers again, stopped answering, or fails differently).
+    pub fn record_contact(&mut self, namespace: &str, table: &str, contact: ClayContact) -> bool {
+        let key = (namespace.to_string(), table.to_string());
+        self.contacts.insert(key, contact.clone()) != Some(contact)
+    }
+
+    /// Whether Clay answered the table's processes, as last reported.
+    pub fn contact(&self, namespace: &str, table: &str) -> Option<&ClayContact> {
+        self.contacts
+            .get(&(namespace.to_string(), table.to_string()))
     }
 
     /// Tables with traffic in the last hour (their status is refreshed sooner).
