@@ -70,22 +70,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Operator(args) => {
-            telemetry::init(cli.log_format);
+            let _telemetry = telemetry::init(cli.log_format, "kiln-operator");
             runtime()?.block_on(kiln::operator::run(args))
         }
         Command::Worker(args) => {
-            telemetry::init(cli.log_format);
+            let _telemetry = telemetry::init(cli.log_format, "kiln-worker");
             runtime()?.block_on(kiln::dataplane::worker::run(args))
         }
         Command::Receiver(args) => {
-            telemetry::init(cli.log_format);
+            let _telemetry = telemetry::init(cli.log_format, "kiln-receiver");
             runtime()?.block_on(kiln::dataplane::receiver::run(args))
         }
         Command::Refresh(args) => {
-            telemetry::init(cli.log_format);
+            let mut spans = telemetry::init(cli.log_format, "kiln-refresh");
             let report = runtime()?.block_on(kiln::dataplane::refresh::run(args))?;
             if report.outcome == kiln::api::refresh::RefreshOutcome::SkippedForBudget {
                 eprintln!("{}", report.message);
+                spans.flush();
                 std::process::exit(kiln::contract::EXIT_SKIPPED_FOR_BUDGET);
             }
             Ok(())
@@ -99,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => runtime()?.block_on(kiln::devenv::demo::run(args)),
         Command::ClaySim(args) => {
-            telemetry::init(cli.log_format);
+            let _telemetry = telemetry::init(cli.log_format, "kiln-clay-sim");
             runtime()?.block_on(kiln::clay::sim::run(args))
         }
     }

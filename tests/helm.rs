@@ -132,6 +132,7 @@ async fn chart_renders_and_the_api_server_accepts_it() {
             "prometheusRule.enabled=true",
             "grafanaDashboard.enabled=true",
             "dataPlaneImage=registry.example.com/kiln:1.2.3",
+            "tracing.otlpEndpoint=http://otel-collector.observability:4318",
         ],
     );
     let kinds = dry_run_apply(&env, &custom).await;
@@ -174,5 +175,14 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     assert!(
         args.contains(&"--image=registry.example.com/kiln:1.2.3"),
         "{args:?}"
+    );
+    let env = &deployment.data["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "OTEL_EXPORTER_OTLP_ENDPOINT"
+                && e["value"] == "http://otel-collector.observability:4318"),
+        "{env}"
     );
 }

@@ -139,6 +139,12 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         default_image: args.image.clone(),
         operator_url: args.operator_url.clone(),
         operator_ca: tls.as_ref().map(|t| t.ca_cert.clone()),
+        // Where the operator exports spans, its pods export theirs.
+        otlp_endpoints: crate::telemetry::OTLP_ENDPOINT_VARS
+            .iter()
+            .filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?)))
+            .filter(|(_, value)| !value.is_empty())
+            .collect(),
     };
     let skew = jiff::SignedDuration::from_secs(args.clock_skew_seconds);
     let ledger = Ledger::new(

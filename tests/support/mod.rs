@@ -459,9 +459,31 @@ pub fn start_dataplane(
     operator_urls: &str,
     extra: &[&str],
 ) -> KilnProcess {
+    start_dataplane_with_env(
+        role,
+        table,
+        kubeconfig,
+        token_file,
+        operator_urls,
+        extra,
+        &[],
+    )
+}
+
+/// [`start_dataplane`] with extra environment variables.
+pub fn start_dataplane_with_env(
+    role: &str,
+    table: &str,
+    kubeconfig: &std::path::Path,
+    token_file: &std::path::Path,
+    operator_urls: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> KilnProcess {
     let health_port = kiln::devenv::free_port().unwrap();
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
+        .envs(env.iter().copied())
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,kiln=debug")
         .args(["--log-format", "json", role, "--table", table])

@@ -32,25 +32,37 @@ impl Pipeline {
     }
 
     pub fn worker(&self) -> super::KilnProcess {
-        super::start_dataplane(
+        self.worker_with_env(&[])
+    }
+
+    /// A worker with extra environment variables.
+    pub fn worker_with_env(&self, env: &[(&str, &str)]) -> super::KilnProcess {
+        super::start_dataplane_with_env(
             "worker",
             &self.table(),
             &self.kubeconfig,
             &self.token_file,
             &self.operator_url(),
             &["--identity", "worker-0"],
+            env,
         )
     }
 
     pub fn receiver(&self) -> super::KilnProcess {
+        self.receiver_with_env(&[])
+    }
+
+    /// A receiver with extra environment variables.
+    pub fn receiver_with_env(&self, env: &[(&str, &str)]) -> super::KilnProcess {
         let listen = format!("127.0.0.1:{}", self.receiver_port);
-        super::start_dataplane(
+        super::start_dataplane_with_env(
             "receiver",
             &self.table(),
             &self.kubeconfig,
             &self.token_file,
             &self.operator_url(),
             &["--listen", &listen],
+            env,
         )
     }
 

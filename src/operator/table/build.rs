@@ -31,10 +31,14 @@ pub struct BuildConfig {
     /// PEM CA the lease API's serving certificate chains to (https only),
     /// handed to data-plane pods to trust.
     pub operator_ca: Option<String>,
+    /// The OTLP endpoint variables the operator runs with (name, value),
+    /// handed to data-plane pods so their spans go to the same collector.
+    pub otlp_endpoints: Vec<(String, String)>,
 }
 
 impl BuildConfig {
-    /// How data-plane containers reach the lease API.
+    /// How data-plane containers reach the lease API, and where they export
+    /// spans.
     pub fn operator_env(&self) -> Vec<EnvVar> {
         let mut env = vec![EnvVar {
             name: "KILN_OPERATOR_URL".into(),
@@ -48,6 +52,11 @@ impl BuildConfig {
                 ..Default::default()
             });
         }
+        env.extend(self.otlp_endpoints.iter().map(|(name, value)| EnvVar {
+            name: name.clone(),
+            value: Some(value.clone()),
+            ..Default::default()
+        }));
         env
     }
 }
@@ -429,6 +438,7 @@ pub(crate) mod tests {
             default_image: "kiln:1".into(),
             operator_url: "http://op:8443".into(),
             operator_ca: None,
+            otlp_endpoints: vec![],
         }
     }
 
@@ -507,6 +517,37 @@ pub(crate) mod tests {
                     && e.value.as_deref() == Some("http://op:8443")));
             }
         }
+    }
+
+    #[test]
+    fn pods_export_spans_where_the_operator_does() {
+        let exporting = BuildConfig {
+            otlp_endpoints: vec![(
+                "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                "http://collector:4318".into(),
+            )],
+            ..config()
+        };
+        let children = desired_children(&queue_table(), &[], &exporting, true);
+        for deployment in [children.worker.unwrap(), children.receiver] {
+            let pod = deployment.spec.unwrap().template.spec.unwrap();
+            let env = pod.containers[0].env.clone().unwrap();
+            assert!(env.iter().any(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT"
+                && e.value.as_deref() == Some("http://collector:4318")));
+        }
+        let quiet = desired_children(&queue_table(), &[], &config(), true);
+        let env = quiet
+            .receiver
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .env
+            .clone()
+            .unwrap();
+        assert!(!env.iter().any(|e| e.name.starts_with("OTEL_")));
     }
 
     #[test]
