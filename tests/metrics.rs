@@ -140,4 +140,19 @@ async fn data_plane_metrics_match_what_clay_and_the_streams_saw() {
     assert!(total(&processes, r#"kiln_lease_requests_total{outcome="ok"}"#).await > 0.0);
     assert!(total(&processes, "kiln_rate_limiter_wait_seconds_count").await >= accepted);
     assert!(total(&processes, "kiln_clay_request_duration_seconds_count").await >= accepted);
+
+    // The operator's ledger: the batches it applied, and how big the
+    // budget's status is.
+    assert!(series(&p.operator, "kiln_ledger_batch_size_count").await > 0.0);
+    assert!(series(&p.operator, "kiln_ledger_batch_duration_seconds_count").await > 0.0);
+    let (_, body) = p.operator.health_get("/metrics").await.unwrap();
+    let status_bytes: f64 = body
+        .lines()
+        .filter(|line| line.starts_with("kiln_budget_status_bytes{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        status_bytes > 100.0,
+        "a status of a few hundred bytes at least"
+    );
 }

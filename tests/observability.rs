@@ -75,6 +75,7 @@ fn exported() -> BTreeSet<String> {
     let _ = operator.budget_denials.get_or_create(&budget);
     let _ = operator.budget_leases.get_or_create(&budget);
     let _ = operator.breaker_state.get_or_create(&budget);
+    let _ = operator.budget_status_bytes.get_or_create(&budget);
     let data_plane = kiln::metrics::dataplane();
     data_plane.register(&mut registry);
     data_plane.rows("received", "ok", 1);

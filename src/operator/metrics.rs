@@ -50,6 +50,12 @@ pub struct OperatorMetrics {
     pub implausible_costs: Counter,
     /// 0 Closed, 1 HalfOpen, 2 Open (meter label "all").
     pub breaker_state: Family<BudgetLabels, Gauge>,
+    /// Size of each budget's status as written, in bytes (meter label "all").
+    pub budget_status_bytes: Family<BudgetLabels, Gauge>,
+    /// Requests the ledger applied per status write.
+    pub ledger_batch_size: Histogram,
+    /// Time the ledger took to apply a batch: read, book, write.
+    pub ledger_batch_seconds: Histogram,
 }
 
 impl OperatorMetrics {
@@ -68,6 +74,9 @@ impl OperatorMetrics {
             budget_leases: Family::default(),
             implausible_costs: Counter::default(),
             breaker_state: Family::default(),
+            budget_status_bytes: Family::default(),
+            ledger_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            ledger_batch_seconds: Histogram::new(exponential_buckets(0.002, 2.0, 12)),
         };
         registry.register(
             "kiln_reconciles",
@@ -124,6 +133,21 @@ impl OperatorMetrics {
             "Circuit breaker: 0 Closed, 1 HalfOpen, 2 Open",
             metrics.breaker_state.clone(),
         );
+        registry.register(
+            "kiln_budget_status_bytes",
+            "Size of the budget's status as the ledger last wrote it",
+            metrics.budget_status_bytes.clone(),
+        );
+        registry.register(
+            "kiln_ledger_batch_size",
+            "Lease requests the ledger applied in one status write",
+            metrics.ledger_batch_size.clone(),
+        );
+        registry.register(
+            "kiln_ledger_batch_duration_seconds",
+            "Time the ledger took to apply a batch (read, book, write)",
+            metrics.ledger_batch_seconds.clone(),
+        );
         metrics
     }
 
@@ -167,6 +191,10 @@ impl OperatorMetrics {
         self.budget_leases
             .get_or_create(&labels("all"))
             .set(status.leases.len() as i64);
+        let bytes = serde_json::to_vec(status).map_or(0, |b| b.len());
+        self.budget_status_bytes
+            .get_or_create(&labels("all"))
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         let breaker = match status.breaker.state {
             crate::api::budget::BreakerState::Closed => 0,
             crate::api::budget::BreakerState::HalfOpen => 1,

@@ -213,7 +213,14 @@ async fn run_book(
         }
         // Replies are fixed before the write loop, so a retried batch
         // answers what it wrote.
+        let started = tokio::time::Instant::now();
         let outcome = apply_batch(&api, &name, &clock, &mut breaker, &mut burn, &batch).await;
+        if let Some(metrics) = metrics.as_ref().filter(|_| !batch.is_empty()) {
+            metrics.ledger_batch_size.observe(batch.len() as f64);
+            metrics
+                .ledger_batch_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         let gone = matches!(outcome, Err(LedgerError::BudgetNotFound(_)));
         let answers: Vec<Result<Answer, LedgerError>> = match outcome {
             Ok((answers, status)) => {
