@@ -34,6 +34,7 @@ impl Direct {
                 "--identity",
                 identity,
             ],
+            &[],
         )
     }
 

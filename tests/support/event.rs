@@ -31,6 +31,7 @@ impl Event {
             &self.token_file,
             &format!("http://127.0.0.1:{}", self.base.operator.api_port),
             &extra,
+            &[],
         )
     }
 }

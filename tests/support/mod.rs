@@ -450,28 +450,9 @@ where
 }
 
 /// Starts `kiln <role> --table ns/name` the way its pod template does, with
-/// the table's ServiceAccount credentials and the given operator endpoints.
+/// the table's ServiceAccount credentials, the given operator endpoints and
+/// extra environment variables.
 pub fn start_dataplane(
-    role: &str,
-    table: &str,
-    kubeconfig: &std::path::Path,
-    token_file: &std::path::Path,
-    operator_urls: &str,
-    extra: &[&str],
-) -> KilnProcess {
-    start_dataplane_with_env(
-        role,
-        table,
-        kubeconfig,
-        token_file,
-        operator_urls,
-        extra,
-        &[],
-    )
-}
-
-/// [`start_dataplane`] with extra environment variables.
-pub fn start_dataplane_with_env(
     role: &str,
     table: &str,
     kubeconfig: &std::path::Path,

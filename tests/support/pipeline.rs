@@ -37,7 +37,7 @@ impl Pipeline {
 
     /// A worker with extra environment variables.
     pub fn worker_with_env(&self, env: &[(&str, &str)]) -> super::KilnProcess {
-        super::start_dataplane_with_env(
+        super::start_dataplane(
             "worker",
             &self.table(),
             &self.kubeconfig,
@@ -55,7 +55,7 @@ impl Pipeline {
     /// A receiver with extra environment variables.
     pub fn receiver_with_env(&self, env: &[(&str, &str)]) -> super::KilnProcess {
         let listen = format!("127.0.0.1:{}", self.receiver_port);
-        super::start_dataplane_with_env(
+        super::start_dataplane(
             "receiver",
             &self.table(),
             &self.kubeconfig,

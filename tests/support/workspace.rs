@@ -163,6 +163,7 @@ impl WorkspaceTable {
             &self.token_file,
             operator_urls,
             &["--identity", identity],
+            &[],
         )
     }
 
@@ -175,6 +176,7 @@ impl WorkspaceTable {
             &self.token_file,
             operator_urls,
             &["--listen", &listen],
+            &[],
         )
     }
 

@@ -614,6 +614,19 @@ mod tests {
             .collect()
     }
 
+    /// The queue table's status, its children applied.
+    fn status_of(references: &References) -> EnrichmentTableStatus {
+        compute(
+            &queue_table(),
+            references,
+            &Provisioning::Applied {
+                deployments: vec![],
+                pod_failures: vec![],
+            },
+            now(),
+        )
+    }
+
     fn now() -> Time {
         Time::from("2026-11-27T12:00:00Z".parse::<jiff::Timestamp>().unwrap())
     }
@@ -670,15 +683,7 @@ mod tests {
             budget_problem: Some(("BudgetNotFound", "CreditBudget \"b\" not found".into())),
             ..references()
         };
-        let status = compute(
-            &queue_table(),
-            &references,
-            &Provisioning::Applied {
-                deployments: vec![],
-                pod_failures: vec![],
-            },
-            now(),
-        );
+        let status = status_of(&references);
         let ready = find_condition(&status.conditions, READY).unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -742,15 +747,7 @@ mod tests {
                 rate: Some(rate),
                 ..references()
             };
-            compute(
-                &queue_table(),
-                &references,
-                &Provisioning::Applied {
-                    deployments: vec![],
-                    pod_failures: vec![],
-                },
-                now(),
-            )
+            status_of(&references)
         };
         let calm = status_with(rate(600, 3));
         assert_eq!(
@@ -788,15 +785,7 @@ mod tests {
                 clay_contact: contact,
                 ..references()
             };
-            compute(
-                &queue_table(),
-                &references,
-                &Provisioning::Applied {
-                    deployments: vec![],
-                    pod_failures: vec![],
-                },
-                now(),
-            )
+            status_of(&references)
         };
         let down = status_with(Some(ClayContact::Unreachable(
             "api.clay.com:443: connection failed: refused".into(),
@@ -829,15 +818,7 @@ mod tests {
             redis_problem: Some("Redis at 10.0.0.9:6379: connection refused".into()),
             ..references()
         };
-        let status = compute(
-            &queue_table(),
-            &references,
-            &Provisioning::Applied {
-                deployments: vec![],
-                pod_failures: vec![],
-            },
-            now(),
-        );
+        let status = status_of(&references);
         let redis = find_condition(&status.conditions, REDIS_REACHABLE).unwrap();
         assert_eq!(
             (redis.status.as_str(), redis.reason.as_str()),
