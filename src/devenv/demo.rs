@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use super::controlplane::{ControlPlane, client_from_kubeconfig};
 use super::free_port;
+use super::node::poll;
 use super::process::ManagedProcess;
 use crate::api::{CreditBudget, EnrichmentTable};
 
@@ -124,7 +125,7 @@ async fn demo(
         )
         .await?;
     }
-    wait_for("the CRDs to be served", Duration::from_secs(30), || async {
+    poll("the CRDs to be served", Duration::from_secs(30), || async {
         Api::<EnrichmentTable>::all(client.clone())
             .list(&Default::default())
             .await
@@ -183,7 +184,7 @@ async fn demo(
     step("applying examples/queue.yaml (Secrets pointed at the local Redis and clay-sim)");
     let receiver_port = free_port()?;
     let http = reqwest::Client::new();
-    wait_for("clay-sim", Duration::from_secs(30), || async {
+    poll("clay-sim", Duration::from_secs(30), || async {
         http.get(format!("{sim_url}/healthz"))
             .send()
             .await
@@ -375,7 +376,7 @@ pub(super) fn sample_leads(n: usize) -> Vec<Value> {
 pub(super) async fn push_leads(url: &str, token: &str, leads: &[Value]) -> anyhow::Result<()> {
     let http = super::node::service_client()?;
     for chunk in leads.chunks(50) {
-        wait_for(
+        poll(
             "the receiver to accept rows",
             Duration::from_secs(120),
             || async {
@@ -537,24 +538,4 @@ async fn print_table(client: &kube::Client, namespace: &str, plural: &str) -> an
     }
     println!();
     Ok(())
-}
-
-/// Polls `check` until it yields, or fails after `timeout` naming `what`.
-pub(super) async fn wait_for<F, Fut>(
-    what: &str,
-    timeout: Duration,
-    mut check: F,
-) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<()>>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check().await.is_some() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    bail!("timed out waiting for {what}")
 }

@@ -354,7 +354,12 @@ pub async fn apply_objects(
     Ok(applied)
 }
 
-async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+/// Polls `check` until it yields, or fails after `timeout` naming `what`.
+pub(super) async fn poll<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

@@ -14,10 +14,10 @@ use serde_json::json;
 
 use super::demo::{
     DemoArgs, DemoSecrets, FIELD_MANAGER, SIM_FLAGS, SOURCE_TOKEN, TABLE, apply_namespace,
-    apply_queue_example, follow_enrichment, push_leads, sample_leads, step, wait_for,
+    apply_queue_example, follow_enrichment, push_leads, sample_leads, step,
 };
 use super::node::{
-    NodeCluster, REDIS_ARGS, REDIS_IMAGE, apply_objects, cluster_ip, kiln_image,
+    NodeCluster, REDIS_ARGS, REDIS_IMAGE, apply_objects, cluster_ip, kiln_image, poll,
     put_clay_sim_source, service_deployment, wait_available,
 };
 use crate::api::EnrichmentTable;
@@ -126,7 +126,7 @@ async fn demo(args: &DemoArgs, node: &NodeCluster) -> anyhow::Result<()> {
 
     step("waiting for the operator's worker and receiver pods (READY True)");
     let tables = Api::<EnrichmentTable>::namespaced(client.clone(), namespace);
-    wait_for(
+    poll(
         "the table to be Ready",
         Duration::from_secs(300),
         || async {

@@ -229,8 +229,9 @@ impl LeaderElector {
         let held_by_me = spec.holder_identity.as_deref() == Some(self.identity.as_str());
         let expired = {
             let mut observed = self.observed.lock().unwrap();
-            let observation = Observation::after(observed.as_ref(), spec, Instant::now());
-            let expired = observation.expired(Instant::now());
+            let seen = Instant::now();
+            let observation = Observation::after(observed.as_ref(), spec, seen);
+            let expired = observation.expired(seen);
             *observed = Some(observation);
             expired
         };
