@@ -490,4 +490,19 @@ mod tests {
         r.result_latency = ResultLatency(vec![u64::MAX]);
         assert!(validate(&r).is_err());
     }
+
+    #[test]
+    fn a_clay_contact_detail_is_length_limited() {
+        use crate::clay::contact::{ClayContact, MAX_DETAIL_BYTES};
+        let mut r = request();
+        r.clay_contact = Some(ClayContact::Unreachable("x".repeat(MAX_DETAIL_BYTES)));
+        assert_eq!(validate(&r), Ok(()));
+        r.clay_contact = Some(ClayContact::Unreachable("x".repeat(MAX_DETAIL_BYTES + 1)));
+        assert!(validate(&r).unwrap_err().contains("clayContact"));
+        // Unknown shapes are refused when the body is parsed.
+        let body = serde_json::json!({"namespace": "sales", "budget": "team", "table": "leads",
+            "holder": "pod", "lease": "pod-1", "seq": 1, "ttlSeconds": 60,
+            "clayContact": {"unreachable": 12}});
+        assert!(serde_json::from_value::<LeaseRequest>(body).is_err());
+    }
 }
