@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod clay;
+pub mod contact;
 pub mod contract;
 pub mod dataplane;
 pub mod devenv;

@@ -35,6 +35,18 @@ pub struct SourceLabels {
     pub source: String,
 }
 
+/// A kind of failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+/// How long something has waited: an upper bound such as "1m", or "older".
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgeLabels {
+    pub age: &'static str,
+}
+
 /// Clay's answers by status class: 2xx, 429, 4xx, 5xx, or transport (no answer).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
@@ -51,6 +63,12 @@ pub struct DataPlaneMetrics {
     pub lease_denials: Family<OutcomeLabels, Counter>,
     pub sink_deliveries: Family<OutcomeLabels, Counter>,
     pub sink_delivery_seconds: Histogram,
+    /// Failed store (Redis) commands by kind: connection, timeout, auth, reply.
+    pub store_errors: Family<KindLabels, Counter>,
+    /// Kafka client errors by kind (librdkafka's error code).
+    pub kafka_errors: Family<KindLabels, Counter>,
+    /// Rows waiting for their Clay result, by how long they have waited.
+    pub rows_pending: Family<AgeLabels, prometheus_client::metrics::gauge::Gauge>,
     /// Rows submitted to each webhook source over its lifetime (Clay caps it at 50,000).
     pub source_rows: Family<SourceLabels, prometheus_client::metrics::gauge::Gauge>,
 }
@@ -80,6 +98,9 @@ impl DataPlaneMetrics {
             sink_deliveries: Family::default(),
             sink_delivery_seconds: latency(),
             source_rows: Family::default(),
+            store_errors: Family::default(),
+            kafka_errors: Family::default(),
+            rows_pending: Family::default(),
         }
     }
 
@@ -131,10 +152,39 @@ impl DataPlaneMetrics {
             self.sink_delivery_seconds.clone(),
         );
         registry.register(
+            "kiln_store_errors",
+            "Failed row-store (Redis) commands by kind: connection, timeout, auth, reply",
+            self.store_errors.clone(),
+        );
+        registry.register(
+            "kiln_kafka_errors",
+            "Kafka client errors by kind (librdkafka's error code)",
+            self.kafka_errors.clone(),
+        );
+        registry.register(
+            "kiln_rows_pending",
+            "Rows waiting for their Clay result, by how long they have waited (upper bound)",
+            self.rows_pending.clone(),
+        );
+        registry.register(
             "kiln_webhook_source_rows",
             "Rows submitted to each webhook source over its lifetime (Clay takes 50,000 per source)",
             self.source_rows.clone(),
         );
+    }
+
+    /// Counts one failed store command of `kind`.
+    pub fn store_error(&self, kind: &str) {
+        self.store_errors
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// Counts one Kafka client error of `kind`.
+    pub fn kafka_error(&self, kind: &str) {
+        self.kafka_errors
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
     }
 
     /// Counts `n` rows at `stage` with `outcome`.

@@ -372,3 +372,56 @@ async fn clay_out_of_reach_is_said_in_the_table_status_until_it_answers_again() 
     let up = condition_when(&p.env, "leads", "ClayReachable", "Answered").await;
     assert_eq!(up.status, "True");
 }
+
+/// A Redis the table's processes cannot reach, though the operator can (a
+/// NetworkPolicy in the way, say), is said in RedisReachable from what the
+/// processes report with their lease, and cleared when they reach it again.
+#[tokio::test]
+async fn a_store_only_the_pods_cannot_reach_is_said_until_they_reach_it() {
+    use kiln::clay::SecretString;
+    use kiln::contact::Contact;
+    use kiln::ledger::LeaseRequest;
+    use kiln::ledger::client::{LedgerClient, TokenSource};
+
+    let p = pipeline("advice-store", QUICK_CLAY, 1_000_000.0, "Pause", false).await;
+    condition_when(&p.env, "leads", "RedisReachable", "Connected").await;
+    let token = support::ledger_token(&p.env.client, &p.env.namespace, "kiln-leads").await;
+    let ledger = LedgerClient::new(
+        vec![p.operator_url()],
+        TokenSource::Static(SecretString::new(token)),
+        None,
+    )
+    .unwrap();
+    let report = |seq: u64, store: Contact| LeaseRequest {
+        namespace: p.env.namespace.clone(),
+        budget: "team".into(),
+        table: "leads".into(),
+        holder: "leads-worker-0".into(),
+        lease: "store-report".into(),
+        seq,
+        row_cost: kiln::api::table::CreditCost {
+            data_credits: 8.0,
+            actions: 0,
+        },
+        ttl_seconds: 60,
+        store_contact: Some(store),
+        ..Default::default()
+    };
+    let refused = "10.0.0.7:6379: Connection refused (os error 111)";
+    ledger
+        .lease(&report(1, Contact::Unreachable(refused.into())))
+        .await
+        .expect("the report is accepted");
+    let down = condition_when(&p.env, "leads", "RedisReachable", "UnreachableFromPods").await;
+    assert_eq!(down.status, "False");
+    assert!(down.message.contains(refused), "{}", down.message);
+    let warned = event_about(&p.env, "leads", "UnreachableFromPods").await;
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+
+    ledger
+        .lease(&report(2, Contact::Answered))
+        .await
+        .expect("the report is accepted");
+    let up = condition_when(&p.env, "leads", "RedisReachable", "Connected").await;
+    assert_eq!(up.status, "True");
+}

@@ -137,6 +137,18 @@ async fn data_plane_metrics_match_what_clay_and_the_streams_saw() {
         source_rows as u64, sim.source_submissions["leads"],
         "{sim:?}"
     );
+    // Every row is terminal: the worker's count of rows waiting for a
+    // result, by age, comes down to none (it is refreshed every 15 s).
+    wait::until("no row counted as pending", || async {
+        let (_, body) = worker.health_get("/metrics").await?;
+        let ages: Vec<f64> = body
+            .lines()
+            .filter(|line| line.starts_with("kiln_rows_pending{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (ages.len() == 6 && ages.iter().all(|n| *n == 0.0)).then_some(())
+    })
+    .await;
     assert!(total(&processes, r#"kiln_lease_requests_total{outcome="ok"}"#).await > 0.0);
     assert!(total(&processes, "kiln_rate_limiter_wait_seconds_count").await >= accepted);
     assert!(total(&processes, "kiln_clay_request_duration_seconds_count").await >= accepted);

@@ -62,6 +62,7 @@ fn exported() -> BTreeSet<String> {
     let _ = operator.reconcile_errors.get_or_create(&ErrorLabels {
         controller: "table",
         kind: "conflict",
+        step: "apply",
     });
     let _ = operator.reconcile_duration.get_or_create(&controller);
     let budget = BudgetLabels {
@@ -83,6 +84,12 @@ fn exported() -> BTreeSet<String> {
     data_plane
         .source_rows
         .get_or_create(&kiln::metrics::SourceLabels { source: "s".into() })
+        .set(1);
+    data_plane.store_error("connection");
+    data_plane.kafka_error("AllBrokersDown");
+    data_plane
+        .rows_pending
+        .get_or_create(&kiln::metrics::AgeLabels { age: "1m" })
         .set(1);
     for family in [
         &data_plane.lease_requests,

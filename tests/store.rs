@@ -102,3 +102,49 @@ async fn a_step_whose_answer_times_out_is_run_again_and_recognises_its_own_write
         "a second sweeper replacing the same attempt loses"
     );
 }
+
+/// Every store command goes through a connection that records whether Redis
+/// answered (carried to the table's RedisReachable condition) and counts
+/// failures by kind; what it records names the host, never the password.
+#[tokio::test]
+async fn a_store_that_stops_answering_is_recorded_without_its_password() {
+    use kiln::contact::{self, Contact, Peer};
+    let mut redis = support::start_redis("store-contact").await;
+    let mut admin = support::redis_connection(&redis.url).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("hunter2")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("redis://:hunter2@127.0.0.1:{}/", redis.port);
+    let store = RedisStore::connect(&url, Keys::new("store", "contact"))
+        .await
+        .unwrap();
+    store.counters().await.unwrap();
+    assert_eq!(contact::take(Peer::Store), Some(Contact::Answered));
+
+    redis.process.kill_hard();
+    let failed = store.counters().await;
+    assert!(failed.is_err(), "Redis is gone: {failed:?}");
+    let Some(Contact::Unreachable(detail)) = contact::take(Peer::Store) else {
+        panic!("the failure is recorded")
+    };
+    assert!(
+        detail.starts_with(&format!("127.0.0.1:{}: ", redis.port)),
+        "{detail}"
+    );
+    assert!(!detail.contains("hunter2"), "{detail}");
+    let mut registry = prometheus_client::registry::Registry::default();
+    kiln::metrics::dataplane().register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("kiln_store_errors_total{kind=\"connection\"}")
+                || l.starts_with("kiln_store_errors_total{kind=\"timeout\"}")
+        ),
+        "{text}"
+    );
+}

@@ -2,7 +2,6 @@
 //! and source rotation), the routines API, and `sim`, a local stand-in that
 //! speaks the same protocol. Nothing here knows about Kubernetes.
 
-pub mod contact;
 pub mod error;
 pub mod limiter;
 pub mod retry;
@@ -14,3 +13,13 @@ pub mod webhook;
 
 pub use error::ClayError;
 pub use secret::SecretString;
+
+/// A request to Clay at `url` got no answer: recorded for the table's
+/// ClayReachable condition, naming only the host.
+fn clay_unreachable(url: &str, detail: &str) {
+    crate::contact::unreachable(
+        crate::contact::Peer::Clay,
+        &crate::contact::host_of(url, "Clay"),
+        detail,
+    );
+}

@@ -125,7 +125,7 @@ impl RoutinesClient {
                 .send()
                 .await;
             if sent.is_ok() {
-                super::contact::answered();
+                crate::contact::answered(crate::contact::Peer::Clay);
             }
             match sent {
                 Ok(response) if response.status().is_success() => {
@@ -146,12 +146,12 @@ impl RoutinesClient {
                 Ok(response) => return Err(status_error(response).await),
                 Err(error) if error.is_connect() => {
                     last = describe_transport(error);
-                    super::contact::unreachable(&url, &last);
+                    super::clay_unreachable(&url, &last);
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                 }
                 Err(error) => {
                     let detail = describe_transport(error);
-                    super::contact::unreachable(&url, &detail);
+                    super::clay_unreachable(&url, &detail);
                     return Err(ClayError::OutcomeUnknown(detail));
                 }
             }

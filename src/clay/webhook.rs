@@ -161,7 +161,7 @@ impl WebhookClient {
             let status = answer.as_ref().ok().map(|r| r.status().as_u16());
             metrics.clay_answer(status, sent.elapsed());
             if answer.is_ok() {
-                super::contact::answered();
+                crate::contact::answered(crate::contact::Peer::Clay);
             }
             let delay = match answer {
                 Ok(response) if response.status().is_success() => return Ok(()),
@@ -190,7 +190,7 @@ impl WebhookClient {
                 }
                 Err(error) => {
                     last = describe_transport(error);
-                    super::contact::unreachable(target.url.expose(), &last);
+                    super::clay_unreachable(target.url.expose(), &last);
                     policy.backoff(attempt)
                 }
             };

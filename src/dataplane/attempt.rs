@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::TableRuntime;
-use super::store::{PendingRow, PendingRows, new_write_token};
+use super::store::{PendingRow, PendingRows, new_write_token, pending_by_age};
 use crate::api::budget::OnExhausted;
 use crate::clay::ClayError;
 use crate::clay::limiter::RateLimiter;
@@ -25,6 +25,8 @@ use crate::ledger::lease::{CreditLease, Draw};
 const RETRY_WITHOUT_CREDITS_MS: i64 = 5_000;
 /// How long a sweeper owns the expired rows it took (other sweepers skip them).
 const SWEEP_LEASE_MS: i64 = 30_000;
+/// Pending rows are counted by age every this many sweeps (seconds).
+const PENDING_AGES_EVERY: u64 = 15;
 
 pub fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
@@ -116,16 +118,37 @@ impl Attempts {
         now_ms() + (self.result_timeout() + self.queue_allowance()).as_millis() as i64
     }
 
-    /// Sweeps expired rows every second until `shutdown`.
+    /// Sweeps expired rows every second, and counts pending rows by age
+    /// every [`PENDING_AGES_EVERY`] sweeps, until `shutdown`.
     pub async fn sweep_until(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        loop {
+        for sweeps in 0u64.. {
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             if let Err(error) = self.sweep().await {
                 tracing::warn!(error = %format!("{error:#}"), "sweeping pending rows failed");
+            }
+            if sweeps % PENDING_AGES_EVERY == 0 {
+                self.publish_pending_ages().await;
+            }
+        }
+    }
+
+    async fn publish_pending_ages(&self) {
+        let timeout = self.result_timeout().as_millis() as i64;
+        match pending_by_age(self.rows.as_ref(), now_ms(), timeout).await {
+            Ok(ages) => {
+                let gauge = &crate::metrics::dataplane().rows_pending;
+                for (age, count) in ages {
+                    gauge
+                        .get_or_create(&crate::metrics::AgeLabels { age })
+                        .set(count as i64);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "counting pending rows by age failed")
             }
         }
     }

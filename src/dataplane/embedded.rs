@@ -517,6 +517,34 @@ impl PendingRows for EmbeddedStore {
                 .await?)
         })
     }
+
+    fn deadlines_up_to<'a>(
+        &'a self,
+        cutoffs_ms: &'a [i64],
+    ) -> BoxFuture<'a, anyhow::Result<(Vec<u64>, u64)>> {
+        let cutoffs = cutoffs_ms.to_vec();
+        Box::pin(async move {
+            Ok(self
+                .blocking(move |db| {
+                    let txn = db.begin_read()?;
+                    let table = txn.open_table(PENDING)?;
+                    let mut counts = vec![0; cutoffs.len()];
+                    let mut total = 0;
+                    for entry in table.iter()? {
+                        let (_, value) = entry?;
+                        let Ok(w) = serde_json::from_str::<Waiting>(value.value()) else {
+                            continue;
+                        };
+                        total += 1;
+                        for (count, cutoff) in counts.iter_mut().zip(&cutoffs) {
+                            *count += u64::from(w.deadline_ms <= *cutoff);
+                        }
+                    }
+                    Ok((counts, total))
+                })
+                .await?)
+        })
+    }
 }
 
 impl SubmissionCounter for EmbeddedStore {
@@ -567,6 +595,35 @@ mod tests {
             write_token: "t1".into(),
             attempted_at_ms: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn pending_rows_are_counted_by_how_long_they_waited() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("kiln.redb")).unwrap();
+        let (now, timeout) = (10_000_000, 600_000);
+        // Waited 5 s, 30 s, 30 s, 2 h: the deadline is the attempt plus the timeout.
+        for (id, waited) in [("a", 5_000), ("b", 30_000), ("c", 30_000), ("d", 7_200_000)] {
+            let deadline = now - waited + timeout;
+            store
+                .make_pending(&pending(id, id, "x"), deadline)
+                .await
+                .unwrap();
+        }
+        let ages = crate::dataplane::store::pending_by_age(&store, now, timeout)
+            .await
+            .unwrap();
+        assert_eq!(
+            ages,
+            vec![
+                ("10s", 1),
+                ("1m", 2),
+                ("5m", 0),
+                ("15m", 0),
+                ("1h", 0),
+                ("older", 1)
+            ]
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -15,6 +16,58 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::api::table::SaslMechanism;
 use crate::clay::SecretString;
+use crate::contact::{self, Peer};
+
+/// The worker's consumer and the receiver's producer, watched by [`Watch`].
+pub type KafkaConsumer = StreamConsumer<Watch>;
+pub type KafkaProducer = FutureProducer<Watch>;
+
+/// How often librdkafka reports its brokers' states to [`Watch`].
+const STATISTICS_INTERVAL_MS: &str = "30000";
+
+/// Sees what librdkafka sees of the brokers: counts its errors, and records
+/// whether the brokers answer (for the table's KafkaReachable condition),
+/// from its errors and its periodic statistics, so a client that has
+/// nothing to send still says when the brokers come back.
+pub struct Watch {
+    brokers: String,
+}
+
+impl ClientContext for Watch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let kind = error
+            .rdkafka_error_code()
+            .map_or_else(|| "other".to_string(), |code| format!("{code:?}"));
+        crate::metrics::dataplane().kafka_error(&kind);
+        tracing::warn!(%error, reason, "Kafka client error");
+        contact::unreachable(Peer::Kafka, &self.brokers, reason);
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        if any_broker_up(statistics) {
+            contact::answered(Peer::Kafka);
+        }
+    }
+}
+
+impl ConsumerContext for Watch {}
+
+/// Whether librdkafka's statistics show a real broker (not a bootstrap or
+/// coordinator placeholder) connected.
+fn any_broker_up(statistics: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Statistics {
+        #[serde(default)]
+        brokers: HashMap<String, Broker>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Broker {
+        state: String,
+        nodeid: i32,
+    }
+    serde_json::from_slice::<Statistics>(statistics)
+        .is_ok_and(|s| s.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP"))
+}
 
 /// Connection settings with their Secrets resolved.
 #[derive(Clone)]
@@ -30,6 +83,7 @@ impl KafkaSettings {
     pub fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", self.brokers.join(","));
+        config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
         let protocol = match (self.tls, self.sasl.is_some()) {
             (false, false) => "plaintext",
             (true, false) => "ssl",
@@ -53,8 +107,8 @@ impl KafkaSettings {
 
     /// A consumer in `group` on `topic` that never commits by itself:
     /// offsets are committed only once their rows are pending or terminal.
-    pub fn consumer(&self, group: &str, topic: &str) -> anyhow::Result<StreamConsumer> {
-        let consumer: StreamConsumer = self
+    pub fn consumer(&self, group: &str, topic: &str) -> anyhow::Result<KafkaConsumer> {
+        let consumer: KafkaConsumer = self
             .client_config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
@@ -64,19 +118,25 @@ impl KafkaSettings {
             // A killed worker's partitions move on within seconds, not 45.
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "3000")
-            .create()?;
+            .create_with_context(self.watch())?;
         consumer.subscribe(&[topic])?;
         Ok(consumer)
     }
 
     /// An idempotent producer: retries never duplicate or reorder records.
-    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+    pub fn producer(&self) -> anyhow::Result<KafkaProducer> {
         Ok(self
             .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", "30000")
-            .create()?)
+            .create_with_context(self.watch())?)
+    }
+
+    fn watch(&self) -> Watch {
+        Watch {
+            brokers: self.brokers.join(","),
+        }
     }
 }
 
@@ -90,11 +150,12 @@ pub fn row_id(table: &str, topic: &str, partition: i32, offset: i64) -> String {
 /// within `linger`. Records already read are always returned: the
 /// consumer's position has moved past them, so dropping them would lose them.
 pub async fn next_batch(
-    consumer: &StreamConsumer,
+    consumer: &KafkaConsumer,
     max: usize,
     linger: Duration,
 ) -> rdkafka::error::KafkaResult<Vec<OwnedMessage>> {
     let mut batch = vec![consumer.recv().await?.detach()];
+    contact::answered(Peer::Kafka);
     let deadline = tokio::time::Instant::now() + linger;
     while batch.len() < max {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
@@ -111,7 +172,7 @@ pub async fn next_batch(
 
 /// Commits, per partition, the offset after the highest record of `batch`
 /// (every record of it is pending or terminal by then).
-pub async fn commit(consumer: &Arc<StreamConsumer>, batch: &[OwnedMessage]) -> anyhow::Result<()> {
+pub async fn commit(consumer: &Arc<KafkaConsumer>, batch: &[OwnedMessage]) -> anyhow::Result<()> {
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     for message in batch {
         let slot = next
@@ -145,7 +206,7 @@ pub fn is_permanent(error: &KafkaError) -> bool {
 
 /// Publishes one record and waits for the broker's acknowledgement.
 pub async fn publish(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     topic: &str,
     key: Option<&str>,
     payload: &str,
@@ -165,7 +226,7 @@ pub async fn publish(
     producer
         .send(record, Duration::from_secs(30))
         .await
-        .map(|_| ())
+        .map(|_| contact::answered(Peer::Kafka))
         .map_err(|(error, _)| error)
 }
 
@@ -182,6 +243,27 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn brokers_count_as_up_only_when_a_real_one_is_connected() {
+        let stats = |brokers: serde_json::Value| {
+            serde_json::to_vec(
+                &serde_json::json!({"name": "rdkafka#consumer-1", "brokers": brokers}),
+            )
+            .unwrap()
+        };
+        let coordinator_only = stats(serde_json::json!({
+            "GroupCoordinator": {"nodeid": -1, "state": "UP"},
+            "k-0:9092/bootstrap": {"nodeid": -1, "state": "DOWN"}
+        }));
+        assert!(!any_broker_up(&coordinator_only));
+        let one_up = stats(serde_json::json!({
+            "k-0:9092/0": {"nodeid": 0, "state": "DOWN"},
+            "k-1:9092/1": {"nodeid": 1, "state": "UP"}
+        }));
+        assert!(any_broker_up(&one_up));
+        assert!(!any_broker_up(b"not json"));
+    }
 
     fn settings(tls: bool, sasl: bool) -> KafkaSettings {
         KafkaSettings {

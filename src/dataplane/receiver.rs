@@ -74,7 +74,7 @@ struct Receiver {
 /// Where a receiver's rows live.
 enum Rows {
     /// Tiers Queue and Event: Redis, shared with the workers.
-    Redis(RedisStore),
+    Redis(Box<RedisStore>),
     /// Tier Direct: the embedded store, and the in-line enrichment on it.
     Embedded(Arc<Direct>),
 }
@@ -164,11 +164,11 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     let identity = args.common.identity();
     let lease = args.common.lease(&runtime.borrow(), &identity)?;
     let rows = match redis_url {
-        Some(url) if !direct_tier => Rows::Redis(
+        Some(url) if !direct_tier => Rows::Redis(Box::new(
             RedisStore::connect(url.expose(), Keys::new(&namespace, &name))
                 .await
                 .context("connecting to Redis")?,
-        ),
+        )),
         None if !direct_tier => {
             anyhow::bail!("this receiver needs spec.redis (tiers Queue and Event)")
         }
@@ -248,7 +248,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         }
         Rows::Redis(store) => tokio::spawn(
             super::sink::OutboxDelivery {
-                store: store.clone(),
+                store: (**store).clone(),
                 runtime,
                 identity,
                 http: reqwest::Client::new(),

@@ -159,8 +159,8 @@ enum Drain {
 
 /// Producers for the table's topics, made once per receiver.
 struct Producers {
-    sink: Option<rdkafka::producer::FutureProducer>,
-    dead_letter: Option<rdkafka::producer::FutureProducer>,
+    sink: Option<super::kafka::KafkaProducer>,
+    dead_letter: Option<super::kafka::KafkaProducer>,
 }
 
 /// Waits before retrying a record the broker did not take.

@@ -47,7 +47,7 @@ enum Source {
     Stream { stream: String, group: String },
     /// A Kafka topic through a consumer group (tier Event).
     Kafka {
-        consumer: Arc<rdkafka::consumer::StreamConsumer>,
+        consumer: Arc<super::kafka::KafkaConsumer>,
         topic: String,
     },
 }

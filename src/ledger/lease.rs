@@ -20,6 +20,7 @@ use super::{
 };
 use crate::api::table::{CreditCost, RateLimit};
 use crate::clay::limiter::{Rate, RateLimiter, Share};
+use crate::contact::{self, Peer};
 
 /// Lease life without renewal: how long a killed holder's credits stay held
 /// before they are forfeited.
@@ -375,12 +376,14 @@ impl CreditLease {
         if state.idle() && !state.free.is_zero() {
             return now;
         }
-        match state.expires {
+        let due = match state.expires {
             // Renew halfway through the lease's life.
             Some(expires) => expires - LEASE_TTL / 2,
             // Nothing held and nothing to say: a change wakes the task.
             None => now + Duration::from_secs(3600),
-        }
+        };
+        // News of Clay, the store or Kafka travels with the next request.
+        contact::next_report().map_or(due, |report| due.min(report.max(now)))
     }
 
     /// The request to send now: the unacknowledged one again, or a new one
@@ -431,7 +434,9 @@ impl CreditLease {
             release: state.closing,
             rate: self.rate_report(&mut state),
             result_latency: std::mem::take(&mut state.result_latency),
-            clay_contact: crate::clay::contact::take(),
+            clay_contact: contact::take(Peer::Clay),
+            store_contact: contact::take(Peer::Store),
+            kafka_contact: contact::take(Peer::Kafka),
         };
         state.next_seq += 1;
         state.in_flight = Some(request.clone());

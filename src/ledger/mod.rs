@@ -12,6 +12,7 @@ pub mod lease;
 use serde::{Deserialize, Serialize};
 
 use crate::api::table::CreditCost;
+use crate::contact::{Contact, MAX_DETAIL_BYTES, Peer};
 
 /// The audience of the ServiceAccount tokens data-plane pods present to the
 /// lease API: the API server refuses them, and the lease API refuses the
@@ -164,7 +165,24 @@ pub struct LeaseRequest {
     pub result_latency: ResultLatency,
     /// Whether Clay answered the holder's latest request, or why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clay_contact: Option<crate::clay::contact::ClayContact>,
+    pub clay_contact: Option<Contact>,
+    /// Whether the row store (Redis) answered, or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_contact: Option<Contact>,
+    /// Whether the Kafka brokers answered, or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_contact: Option<Contact>,
+}
+
+impl LeaseRequest {
+    /// What the holder last saw of each service it depends on.
+    pub fn contacts(&self) -> [(Peer, Option<&Contact>); 3] {
+        [
+            (Peer::Clay, self.clay_contact.as_ref()),
+            (Peer::Store, self.store_contact.as_ref()),
+            (Peer::Kafka, self.kafka_contact.as_ref()),
+        ]
+    }
 }
 
 /// Upper bounds (milliseconds) of the result-latency buckets; a last bucket
@@ -322,13 +340,18 @@ pub fn validate(request: &LeaseRequest) -> Result<(), String> {
             RESULT_LATENCY_BOUNDS_MS.len() + 1
         ));
     }
-    if let Some(crate::clay::contact::ClayContact::Unreachable(detail)) = &request.clay_contact
-        && detail.len() > crate::clay::contact::MAX_DETAIL_BYTES
-    {
-        return Err(format!(
-            "clayContact.unreachable is at most {} bytes",
-            crate::clay::contact::MAX_DETAIL_BYTES
-        ));
+    for (field, contact) in [
+        ("clayContact", &request.clay_contact),
+        ("storeContact", &request.store_contact),
+        ("kafkaContact", &request.kafka_contact),
+    ] {
+        if let Some(Contact::Unreachable(detail)) = contact
+            && detail.len() > MAX_DETAIL_BYTES
+        {
+            return Err(format!(
+                "{field}.unreachable is at most {MAX_DETAIL_BYTES} bytes"
+            ));
+        }
     }
     if request.ttl_seconds == 0 || request.ttl_seconds > 3600 {
         return Err("ttlSeconds must be 1 to 3600".into());
@@ -492,13 +515,17 @@ mod tests {
     }
 
     #[test]
-    fn a_clay_contact_detail_is_length_limited() {
-        use crate::clay::contact::{ClayContact, MAX_DETAIL_BYTES};
+    fn a_contact_detail_is_length_limited() {
         let mut r = request();
-        r.clay_contact = Some(ClayContact::Unreachable("x".repeat(MAX_DETAIL_BYTES)));
+        r.clay_contact = Some(Contact::Unreachable("x".repeat(MAX_DETAIL_BYTES)));
+        r.store_contact = r.clay_contact.clone();
+        r.kafka_contact = r.clay_contact.clone();
         assert_eq!(validate(&r), Ok(()));
-        r.clay_contact = Some(ClayContact::Unreachable("x".repeat(MAX_DETAIL_BYTES + 1)));
+        r.clay_contact = Some(Contact::Unreachable("x".repeat(MAX_DETAIL_BYTES + 1)));
         assert!(validate(&r).unwrap_err().contains("clayContact"));
+        r.clay_contact = None;
+        r.kafka_contact = Some(Contact::Unreachable("x".repeat(MAX_DETAIL_BYTES + 1)));
+        assert!(validate(&r).unwrap_err().contains("kafkaContact"));
         // Unknown shapes are refused when the body is parsed.
         let body = serde_json::json!({"namespace": "sales", "budget": "team", "table": "leads",
             "holder": "pod", "lease": "pod-1", "seq": 1, "ttlSeconds": 60,

@@ -9,7 +9,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::error::{Error, Result};
+use super::error::{AtStep, Error, Result, Step, describe, describe_object};
 use super::labels::FIELD_MANAGER;
 
 /// Server-side applies `object` (forcing ownership of the fields we set).
@@ -26,16 +26,16 @@ where
         .ok_or_else(|| Error::NotNamespaced(object.name_any()))?;
     let api = Api::<K>::namespaced(client.clone(), &namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    Ok(api
-        .patch(&object.name_any(), &params, &Patch::Apply(object))
-        .await?)
+    api.patch(&object.name_any(), &params, &Patch::Apply(object))
+        .await
+        .at(Step::Apply, || describe_object(object))
 }
 
 /// Replaces an object's status with a merge patch. Callers only call this
 /// when the status changed, so unchanged objects cause no writes.
 pub async fn patch_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<K>
 where
-    K: Resource + DeserializeOwned + Clone + Debug,
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
     S: Serialize,
 {
     let patch = serde_json::json!({ "status": status });
@@ -43,7 +43,7 @@ where
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..Default::default()
     };
-    Ok(api
-        .patch_status(name, &params, &Patch::Merge(&patch))
-        .await?)
+    api.patch_status(name, &params, &Patch::Merge(&patch))
+        .await
+        .at(Step::Status, || describe::<K>(api.namespace(), name))
 }

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::apply::apply;
-use super::error::Result;
+use super::error::{AtStep, Result, Step, describe_object};
 
 /// What the operator last applied to a child: a hash of the desired
 /// object, and the child's generation (or resourceVersion, for kinds
@@ -132,7 +132,9 @@ where
                 Ok(_) => {}
                 // Already gone: the cache had not seen it yet.
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    return Err(e).at(Step::Delete, || describe_object(&*child));
+                }
             }
             self.applied
                 .lock()

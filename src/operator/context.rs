@@ -175,7 +175,7 @@ where
     ctx.metrics.observe(
         controller,
         started.elapsed(),
-        result.as_ref().err().map(Error::kind),
+        result.as_ref().err().map(|e| (e.kind(), e.step())),
     );
     if result.is_ok() {
         ctx.reset_backoff(&ObjectRef::from_obj(object).to_string());

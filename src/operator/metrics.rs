@@ -21,6 +21,9 @@ pub struct ErrorLabels {
     pub controller: &'static str,
     /// What failed, from [`super::error::Error::kind`].
     pub kind: &'static str,
+    /// Where it failed (read, apply, delete, status, ledger), from
+    /// [`super::error::Error::step`].
+    pub step: &'static str,
 }
 
 /// Labels of per-budget metrics.
@@ -85,7 +88,7 @@ impl OperatorMetrics {
         );
         registry.register(
             "kiln_reconcile_errors",
-            "Failed reconciliations by controller and kind of error",
+            "Failed reconciliations by controller, kind of error and the step that failed",
             metrics.reconcile_errors.clone(),
         );
         registry.register(
@@ -205,19 +208,23 @@ impl OperatorMetrics {
             .set(breaker);
     }
 
-    /// Records one reconciliation.
-    /// `failed` is the error's kind when it failed.
+    /// Records one reconciliation; `failed` is the error's kind and step
+    /// when it failed.
     pub fn observe(
         &self,
         controller: &'static str,
         elapsed: Duration,
-        failed: Option<&'static str>,
+        failed: Option<(&'static str, &'static str)>,
     ) {
         let labels = ControllerLabels { controller };
         self.reconciles.get_or_create(&labels).inc();
-        if let Some(kind) = failed {
+        if let Some((kind, step)) = failed {
             self.reconcile_errors
-                .get_or_create(&ErrorLabels { controller, kind })
+                .get_or_create(&ErrorLabels {
+                    controller,
+                    kind,
+                    step,
+                })
                 .inc();
         }
         self.reconcile_duration

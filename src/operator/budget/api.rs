@@ -323,28 +323,39 @@ async fn lease(
         request.rate.as_ref().map_or(0, |r| r.submitted),
         request.successes,
         request.result_latency.clone(),
-        request.clay_contact.clone(),
     );
+    let contacts: Vec<_> = request
+        .contacts()
+        .into_iter()
+        .filter_map(|(peer, contact)| Some((peer, contact?.clone())))
+        .collect();
+    let holder = request.holder.clone();
     let answer = state.ctx.ledger.lease(request).await;
-    if answer.is_ok() {
-        let (namespace, table, sent, results, latency, contact) = traffic;
-        let now = jiff::Timestamp::now();
-        let news = {
-            let mut volumes = state.ctx.volumes.lock().unwrap();
-            let was_active = volumes.active(&namespace, &table, now);
-            volumes.record(&namespace, &table, sent, results, &latency, now);
-            let contact_changed =
-                contact.is_some_and(|contact| volumes.record_contact(&namespace, &table, contact));
-            contact_changed || (!was_active && volumes.active(&namespace, &table, now))
-        };
-        if news {
-            // Counters, advice and ClayReachable follow what the processes
-            // report: the table is looked at now, not at its next resync.
-            let _ = state
-                .ctx
-                .tables_to_look_at
-                .unbounded_send(ObjectRef::new(&table).within(&namespace));
+    let (namespace, table_name, sent, results, latency) = traffic;
+    let now = jiff::Timestamp::now();
+    let news = {
+        let mut volumes = state.ctx.volumes.lock().unwrap();
+        // What a holder saw of Clay, the store and Kafka counts whatever the
+        // budget answered (it is the latest, so a repeat changes nothing);
+        // traffic only once its request is applied.
+        let mut news = false;
+        for (peer, contact) in contacts {
+            news |= volumes.record_contact((&namespace, &table_name), peer, &holder, contact, now);
         }
+        if answer.is_ok() {
+            let was_active = volumes.active(&namespace, &table_name, now);
+            volumes.record(&namespace, &table_name, sent, results, &latency, now);
+            news |= !was_active && volumes.active(&namespace, &table_name, now);
+        }
+        news
+    };
+    if news {
+        // Counters, advice and the Reachable conditions follow what the
+        // processes report: the table is looked at now, not at its next resync.
+        let _ = state
+            .ctx
+            .tables_to_look_at
+            .unbounded_send(ObjectRef::new(&table_name).within(&namespace));
     }
     if answer.is_ok() && implausible > 0 {
         state.ctx.metrics.implausible_costs.inc_by(implausible);

@@ -19,7 +19,7 @@ use kube::runtime::watcher;
 use super::apply::patch_status;
 use super::cache::Children;
 use super::context::{Context, error_policy, instrumented};
-use super::error::{Error, Result};
+use super::error::{AtStep, Error, Result, Step, describe, describe_object};
 use super::labels::{MANAGED_BY, MANAGED_LABEL, SCHEDULE_LABEL};
 use crate::api::budget::BudgetState;
 use crate::api::common::{Conditions, FALSE, TRUE, find_condition};
@@ -168,7 +168,10 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
     let table_name = &schedule.spec.table_ref.name;
     let table = Api::<EnrichmentTable>::namespaced(ctx.client.clone(), &namespace)
         .get_opt(table_name)
-        .await?;
+        .await
+        .at(Step::Read, || {
+            describe::<EnrichmentTable>(Some(&namespace), table_name)
+        })?;
     let table_condition = match &table {
         Some(_) => cond.set(
             TABLE_RESOLVED,
@@ -186,11 +189,12 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
         ),
     };
     let budget = match &table {
-        Some(t) => {
-            Api::<CreditBudget>::namespaced(ctx.client.clone(), &namespace)
-                .get_opt(&t.spec.budget_ref.name)
-                .await?
-        }
+        Some(t) => Api::<CreditBudget>::namespaced(ctx.client.clone(), &namespace)
+            .get_opt(&t.spec.budget_ref.name)
+            .await
+            .at(Step::Read, || {
+                describe::<CreditBudget>(Some(&namespace), &t.spec.budget_ref.name)
+            })?,
         None => None,
     };
     let hold = hold_reason(schedule, table.as_ref(), budget.as_ref());
@@ -379,7 +383,7 @@ async fn start_manual_run(
         Ok(_) => {}
         // Created by an earlier reconcile that failed before recording the trigger.
         Err(kube::Error::Api(status)) if status.code == 409 => {}
-        Err(error) => return Err(error.into()),
+        Err(error) => return Err(error).at(Step::Apply, || describe_object(&job)),
     }
     ctx.event(
         schedule,

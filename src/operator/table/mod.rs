@@ -27,12 +27,13 @@ use self::status::{Autoscaling, Provisioning, References};
 use super::apply::patch_status;
 use super::cache::{Children, cached};
 use super::context::{Context, error_policy, instrumented};
-use super::error::{Error, Result};
+use super::error::{AtStep, Error, Result, Step};
 use super::labels::{MANAGED_BY, MANAGED_LABEL, TABLE_LABEL};
 use crate::api::common::{FALSE, TRUE, find_condition};
 use crate::api::refresh::RefreshOutcome;
 use crate::api::table::Tier;
 use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule};
+use crate::contact::Peer;
 
 const CONTROLLER: &str = "enrichmenttable";
 /// Tables reconciled at once: enough to provision a thousand quickly,
@@ -244,7 +245,11 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
             jiff::Timestamp::now(),
             results_window,
         );
-        references.clay_contact = volumes.contact(&namespace, &table.name_any()).cloned();
+        let now = jiff::Timestamp::now();
+        let contact = |peer| volumes.contact(&namespace, &table.name_any(), peer, now);
+        references.clay_contact = contact(Peer::Clay);
+        references.store_contact = contact(Peer::Store);
+        references.kafka_contact = contact(Peer::Kafka);
     }
 
     let mut children = build::desired_children(
@@ -344,12 +349,14 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
             .as_ref()
             .is_some_and(|p| !p.is_empty())
         || references.redis_problem.is_some()
-        // Traffic in the last hour: TierFit and CallbacksArriving follow it.
-        || ctx
-            .volumes
-            .lock()
-            .unwrap()
-            .active(&namespace, &table.name_any(), jiff::Timestamp::now());
+        // Traffic in the last hour: TierFit and CallbacksArriving follow it;
+        // a failure a process reported ends by news or when no longer repeated.
+        || {
+            let volumes = ctx.volumes.lock().unwrap();
+            let now = jiff::Timestamp::now();
+            volumes.active(&namespace, &table.name_any(), now)
+                || volumes.failure_reported(&namespace, &table.name_any(), now)
+        };
     Ok(Action::requeue(if active {
         COUNTERS_RESYNC
     } else if polling {
@@ -471,6 +478,8 @@ async fn dereference(
         rate: None,
         volume: None,
         clay_contact: None,
+        store_contact: None,
+        kafka_contact: None,
     })
 }
 
@@ -523,7 +532,10 @@ async fn keda_installed(client: &Client) -> Result<bool> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     Ok(Api::<CustomResourceDefinition>::all(client.clone())
         .get_opt("scaledobjects.keda.sh")
-        .await?
+        .await
+        .at(Step::Read, || {
+            "CustomResourceDefinition scaledobjects.keda.sh".into()
+        })?
         .is_some())
 }
 
@@ -538,16 +550,25 @@ async fn apply_scaled_object(
     let api =
         Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
     let name = build::worker_name(&table.name_any());
+    let scaled_object = || format!("ScaledObject {namespace}/{name}");
     match wanted {
         Some(object) => {
             let params =
                 kube::api::PatchParams::apply(crate::operator::labels::FIELD_MANAGER).force();
             api.patch(&name, &params, &kube::api::Patch::Apply(object))
-                .await?;
+                .await
+                .at(Step::Apply, scaled_object)?;
         }
         None => {
-            if api.get_opt(&name).await?.is_some() {
-                api.delete(&name, &Default::default()).await?;
+            if api
+                .get_opt(&name)
+                .await
+                .at(Step::Read, scaled_object)?
+                .is_some()
+            {
+                api.delete(&name, &Default::default())
+                    .await
+                    .at(Step::Delete, scaled_object)?;
             }
         }
     }

@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::api::common::{Conditions, TRUE};
 use crate::api::table::{CreditCost, ObservedVolume, RateStatus, RowCounters};
 use crate::api::{CreditBudget, EnrichmentTable, EnrichmentTableStatus};
+use crate::contact::Contact;
 use crate::contract::{CALLBACK_PATH, INGEST_PATH};
 
 pub const READY: &str = "Ready";
@@ -54,8 +55,11 @@ pub struct References {
     pub rate: Option<crate::operator::rate::TableRate>,
     /// The table's traffic as the leader observed it, when there was any.
     pub volume: Option<super::volume::VolumeView>,
-    /// Whether Clay answered the table's processes, as they last reported.
-    pub clay_contact: Option<crate::clay::contact::ClayContact>,
+    /// Whether the table's processes reach Clay, Redis and Kafka, as they
+    /// last reported.
+    pub clay_contact: Option<Contact>,
+    pub store_contact: Option<Contact>,
+    pub kafka_contact: Option<Contact>,
 }
 
 /// The state of lag-based worker autoscaling.
@@ -336,15 +340,21 @@ pub fn compute(
         }
     };
 
+    let from_pods = |name: &str, service: &str, contact: Option<&Contact>| {
+        match contact {
+        Some(Contact::Unreachable(detail)) => Some(cond.set(
+            name,
+            false,
+            "UnreachableFromPods",
+            format!(
+                "the operator reaches {service} but the table's pods do not ({detail}): check NetworkPolicies and egress for the namespace's pods; rows wait and are retried"
+            ),
+        )),
+        _ => None,
+    }
+    };
     let kafka = references.kafka_problems.as_ref().map(|problems| {
-        if problems.is_empty() {
-            cond.set(
-                KAFKA_REACHABLE,
-                true,
-                "BrokersReachable",
-                "every configured Kafka broker accepts connections".into(),
-            )
-        } else {
+        if !problems.is_empty() {
             cond.set(
                 KAFKA_REACHABLE,
                 false,
@@ -354,6 +364,15 @@ pub fn compute(
                     problems.join("; ")
                 ),
             )
+        } else {
+            from_pods(KAFKA_REACHABLE, "Kafka", references.kafka_contact.as_ref()).unwrap_or_else(|| {
+                cond.set(
+                    KAFKA_REACHABLE,
+                    true,
+                    "BrokersReachable",
+                    "every configured Kafka broker accepts connections".into(),
+                )
+            })
         }
     });
     let autoscaling = references.autoscaling.as_ref().map(|a| match a {
@@ -405,18 +424,20 @@ pub fn compute(
     // Known only once the Secrets resolve (the URL is in one).
     let redis = (table.spec.redis.is_some() && references.secret_problems.is_empty()).then(|| {
         match &references.redis_problem {
-            None => cond.set(
-                REDIS_REACHABLE,
-                true,
-                "Connected",
-                "the operator reads the table's row counters from Redis".into(),
-            ),
             Some(problem) => cond.set(
                 REDIS_REACHABLE,
                 false,
                 "RedisUnreachable",
                 format!("{problem}; workers and receivers need it (check the address, the password in the URL and NetworkPolicies)"),
             ),
+            None => from_pods(REDIS_REACHABLE, "Redis", references.store_contact.as_ref()).unwrap_or_else(|| {
+                cond.set(
+                    REDIS_REACHABLE,
+                    true,
+                    "Connected",
+                    "the operator reads the table's row counters from Redis".into(),
+                )
+            }),
         }
     });
     let mut parts = vec![&secrets, &budget, &provisioned, &workers];
@@ -486,17 +507,13 @@ fn tenths(value: f64) -> f64 {
     (value * 10.0).round() / 10.0
 }
 
-/// Whether Clay accepted the table's rows at the rate Kiln kept to: many
-/// 429s mean someone else is using the workspace's rate, or the configured
-/// limit is above Clay's.
 /// Whether the table's processes reach Clay: what they last reported.
 fn reachable_condition(
     cond: &Conditions<'_>,
-    contact: Option<&crate::clay::contact::ClayContact>,
+    contact: Option<&Contact>,
 ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-    use crate::clay::contact::ClayContact;
     match contact {
-        Some(ClayContact::Unreachable(detail)) => cond.set(
+        Some(Contact::Unreachable(detail)) => cond.set(
             CLAY_REACHABLE,
             false,
             "Unreachable",
@@ -504,7 +521,7 @@ fn reachable_condition(
                 "the table's processes get no answer from Clay ({detail}): check the webhook URL's host in its Secret, DNS, and egress from the namespace (NetworkPolicy, proxy); rows wait and are retried"
             ),
         ),
-        Some(ClayContact::Answered) => cond.set(
+        Some(Contact::Answered) => cond.set(
             CLAY_REACHABLE,
             true,
             "Answered",
@@ -596,6 +613,8 @@ mod tests {
             rate: None,
             volume: None,
             clay_contact: None,
+            store_contact: None,
+            kafka_contact: None,
         }
     }
     use crate::api::common::find_condition;
@@ -779,7 +798,6 @@ mod tests {
 
     #[test]
     fn clay_unreachable_from_the_processes_is_named_in_a_condition() {
-        use crate::clay::contact::ClayContact;
         let status_with = |contact| {
             let references = References {
                 clay_contact: contact,
@@ -787,7 +805,7 @@ mod tests {
             };
             status_of(&references)
         };
-        let down = status_with(Some(ClayContact::Unreachable(
+        let down = status_with(Some(Contact::Unreachable(
             "api.clay.com:443: connection failed: refused".into(),
         )));
         let condition = find_condition(&down.conditions, CLAY_REACHABLE).unwrap();
@@ -796,7 +814,7 @@ mod tests {
             ("False", "Unreachable")
         );
         assert!(condition.message.contains("api.clay.com:443"));
-        let up = status_with(Some(ClayContact::Answered));
+        let up = status_with(Some(Contact::Answered));
         assert_eq!(
             find_condition(&up.conditions, CLAY_REACHABLE)
                 .unwrap()
@@ -827,6 +845,58 @@ mod tests {
         assert!(redis.message.contains("10.0.0.9:6379"));
         let ready = find_condition(&status.conditions, READY).unwrap();
         assert_eq!(ready.reason, "RedisUnreachable");
+    }
+
+    #[test]
+    fn redis_or_kafka_the_pods_cannot_reach_is_said_even_when_the_operator_can() {
+        let down = Some(Contact::Unreachable(
+            "redis.data:6379: connection refused".into(),
+        ));
+        let pods_cut_off_redis = References {
+            store_contact: down.clone(),
+            kafka_problems: Some(vec![]),
+            kafka_contact: Some(Contact::Answered),
+            ..references()
+        };
+        let status = status_of(&pods_cut_off_redis);
+        let redis = find_condition(&status.conditions, REDIS_REACHABLE).unwrap();
+        assert_eq!(
+            (redis.status.as_str(), redis.reason.as_str()),
+            ("False", "UnreachableFromPods")
+        );
+        assert!(
+            redis.message.contains("redis.data:6379"),
+            "{}",
+            redis.message
+        );
+        assert_eq!(
+            find_condition(&status.conditions, READY).unwrap().reason,
+            "UnreachableFromPods"
+        );
+        assert_eq!(
+            find_condition(&status.conditions, KAFKA_REACHABLE)
+                .unwrap()
+                .status,
+            "True"
+        );
+        let pods_cut_off_kafka = References {
+            kafka_problems: Some(vec![]),
+            kafka_contact: down,
+            store_contact: Some(Contact::Answered),
+            ..references()
+        };
+        let status = status_of(&pods_cut_off_kafka);
+        let kafka = find_condition(&status.conditions, KAFKA_REACHABLE).unwrap();
+        assert_eq!(
+            (kafka.status.as_str(), kafka.reason.as_str()),
+            ("False", "UnreachableFromPods")
+        );
+        assert_eq!(
+            find_condition(&status.conditions, REDIS_REACHABLE)
+                .unwrap()
+                .reason,
+            "Connected"
+        );
     }
 
     #[test]

@@ -8,9 +8,18 @@ use std::collections::{BTreeMap, VecDeque};
 
 use jiff::Timestamp;
 
-use crate::clay::contact::ClayContact;
+use crate::contact::{Contact, Peer, REPEAT_FAILURE_EVERY};
 use crate::ledger::ResultLatency;
 
+/// A failure not repeated for this long is from a process that is gone
+/// (a live one repeats it every [`REPEAT_FAILURE_EVERY`]).
+fn stale(contact: &Contact, at: Timestamp, now: Timestamp) -> bool {
+    matches!(contact, Contact::Unreachable(_))
+        && now.duration_since(at).as_secs_f64() > 3.0 * REPEAT_FAILURE_EVERY.as_secs_f64()
+}
+
+/// Reports kept per table and service (the most recent holders').
+const MAX_HOLDERS_PER_TABLE: usize = 64;
 /// Minutes kept: one day.
 const WINDOW_MINUTES: i64 = 24 * 60;
 /// Minutes of result latencies kept: an hour.
@@ -27,12 +36,16 @@ struct Minutes {
     since: Option<Timestamp>,
 }
 
+/// What each holder (pod) last reported of one service, and when.
+type HolderReports = BTreeMap<String, (Contact, Timestamp)>;
+
 /// Every table's traffic, keyed by (namespace, table).
 #[derive(Debug, Default)]
 pub struct Volumes {
     tables: BTreeMap<(String, String), Minutes>,
-    /// Whether Clay answered each table's processes, as last reported.
-    contacts: BTreeMap<(String, String), ClayContact>,
+    /// Whether each table's processes reach Clay, the store and Kafka: each
+    /// holder's latest report and when it came.
+    contacts: BTreeMap<(String, String, Peer), HolderReports>,
 }
 
 /// A table's traffic for its status.
@@ -160,17 +173,63 @@ impl Volumes {
         })
     }
 
-    /// Records whether Clay answered a table's process; true when that is
-    /// news (Clay answers again, stopped answering, or fails differently).
-    pub fn record_contact(&mut self, namespace: &str, table: &str, contact: ClayContact) -> bool {
-        let key = (namespace.to_string(), table.to_string());
-        self.contacts.insert(key, contact.clone()) != Some(contact)
+    /// Records what one of a table's processes (`holder`) last saw of
+    /// `peer`; true when that changes the table's verdict (see [`Self::contact`]).
+    pub fn record_contact(
+        &mut self,
+        (namespace, table): (&str, &str),
+        peer: Peer,
+        holder: &str,
+        contact: Contact,
+        now: Timestamp,
+    ) -> bool {
+        let before = self.contact(namespace, table, peer, now);
+        let key = (namespace.to_string(), table.to_string(), peer);
+        let holders = self.contacts.entry(key).or_default();
+        holders.insert(holder.to_string(), (contact, now));
+        // Holders come and go with pods: keep the table's map small.
+        holders.retain(|_, (contact, at)| !stale(contact, *at, now));
+        while holders.len() > MAX_HOLDERS_PER_TABLE {
+            let oldest = holders
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(holder, _)| holder.clone());
+            holders.remove(&oldest.expect("not empty"));
+        }
+        before != self.contact(namespace, table, peer, now)
     }
 
-    /// Whether Clay answered the table's processes, as last reported.
-    pub fn contact(&self, namespace: &str, table: &str) -> Option<&ClayContact> {
-        self.contacts
-            .get(&(namespace.to_string(), table.to_string()))
+    /// Whether the table's processes reach `peer`: unreachable while any
+    /// of them reported a failure it still repeats, answered when one was
+    /// answered, unknown when none said.
+    pub fn contact(
+        &self,
+        namespace: &str,
+        table: &str,
+        peer: Peer,
+        now: Timestamp,
+    ) -> Option<Contact> {
+        let holders = self
+            .contacts
+            .get(&(namespace.to_string(), table.to_string(), peer))?;
+        let live = || holders.values().filter(|(c, at)| !stale(c, *at, now));
+        live()
+            .find(|(c, _)| matches!(c, Contact::Unreachable(_)))
+            .or_else(|| live().next())
+            .map(|(c, _)| c.clone())
+    }
+
+    /// Whether a failure reported by some process may still end without
+    /// news (the process gone): the table is looked at again soon.
+    pub fn failure_reported(&self, namespace: &str, table: &str, now: Timestamp) -> bool {
+        [Peer::Clay, Peer::Store, Peer::Kafka]
+            .into_iter()
+            .any(|peer| {
+                matches!(
+                    self.contact(namespace, table, peer, now),
+                    Some(Contact::Unreachable(_))
+                )
+            })
     }
 
     /// Tables with traffic in the last hour (their status is refreshed sooner).
@@ -275,5 +334,54 @@ mod tests {
             .unwrap();
         assert_eq!(view.result_latency_p50_ms, Some(100));
         assert_eq!(view.result_latency_p95_ms, Some(30_000));
+    }
+
+    #[test]
+    fn one_failing_process_is_not_hidden_by_another_that_answers() {
+        let mut volumes = Volumes::default();
+        let down = Contact::Unreachable("redis:6379: connection refused".into());
+        let table = ("ns", "t");
+        assert!(volumes.record_contact(table, Peer::Store, "receiver", Contact::Answered, at(0)));
+        assert!(volumes.record_contact(table, Peer::Store, "worker", down.clone(), at(1)));
+        // The receiver still answers: no news, and the verdict stays down.
+        assert!(!volumes.record_contact(table, Peer::Store, "receiver", Contact::Answered, at(2)));
+        assert_eq!(
+            volumes.contact("ns", "t", Peer::Store, at(2)),
+            Some(down.clone())
+        );
+        assert!(volumes.failure_reported("ns", "t", at(2)));
+        assert_eq!(
+            volumes.contact("ns", "t", Peer::Kafka, at(2)),
+            None,
+            "apart by service"
+        );
+        // The worker recovers.
+        assert!(volumes.record_contact(table, Peer::Store, "worker", Contact::Answered, at(3)));
+        assert!(!volumes.failure_reported("ns", "t", at(3)));
+        // A worker that fails and then goes away stops counting once its
+        // failure is no longer repeated.
+        volumes.record_contact(table, Peer::Store, "worker-2", down.clone(), at(10));
+        assert_eq!(volumes.contact("ns", "t", Peer::Store, at(60)), Some(down));
+        assert_eq!(
+            volumes.contact("ns", "t", Peer::Store, at(10 + 91)),
+            Some(Contact::Answered)
+        );
+    }
+
+    #[test]
+    fn reports_are_kept_for_a_bounded_number_of_holders() {
+        let mut volumes = Volumes::default();
+        for pod in 0..500 {
+            volumes.record_contact(
+                ("ns", "t"),
+                Peer::Clay,
+                &format!("worker-{pod}"),
+                Contact::Answered,
+                at(pod),
+            );
+        }
+        let holders = &volumes.contacts[&("ns".to_string(), "t".to_string(), Peer::Clay)];
+        assert_eq!(holders.len(), MAX_HOLDERS_PER_TABLE);
+        assert!(holders.contains_key("worker-499") && !holders.contains_key("worker-0"));
     }
 }

@@ -3,11 +3,15 @@
 //! not half-happen (a row becoming pending and its source entry acknowledged;
 //! a callback claiming a row and delivering it) is one Lua script.
 
+mod connection;
+
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
+
+use self::connection::WatchedConnection;
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -148,10 +152,10 @@ fn now_ms() -> i64 {
 
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: WatchedConnection,
     /// A second connection for blocking stream reads, so they never hold up
     /// the short commands multiplexed on the first.
-    blocking: ConnectionManager,
+    blocking: WatchedConnection,
     client: redis::Client,
     keys: Keys,
 }
@@ -372,8 +376,11 @@ impl RedisStore {
         let client = redis::Client::open(url)?;
         let config =
             redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
-        let blocking = Self::blocking_connection(&client).await?;
+        let connection = WatchedConnection::new(
+            ConnectionManager::new_with_config(client.clone(), config).await?,
+            url,
+        );
+        let blocking = Self::blocking_connection(&client, &connection).await?;
         Ok(Self {
             connection,
             blocking,
@@ -382,17 +389,21 @@ impl RedisStore {
         })
     }
 
-    async fn blocking_connection(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+    async fn blocking_connection(
+        client: &redis::Client,
+        short: &WatchedConnection,
+    ) -> redis::RedisResult<WatchedConnection> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(BLOCKING_READ_TIMEOUT));
-        ConnectionManager::new_with_config(client.clone(), config).await
+        let connection = ConnectionManager::new_with_config(client.clone(), config).await?;
+        Ok(short.to_the_same_store(connection))
     }
 
     /// The same store with a blocking-read connection of its own: a blocking
     /// read holds its connection, so each reading loop needs one.
     pub async fn with_own_blocking_reads(&self) -> redis::RedisResult<Self> {
         Ok(Self {
-            blocking: Self::blocking_connection(&self.client).await?,
+            blocking: Self::blocking_connection(&self.client, &self.connection).await?,
             ..self.clone()
         })
     }
@@ -401,7 +412,7 @@ impl RedisStore {
         &self.keys
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> WatchedConnection {
         self.connection.clone()
     }
 
@@ -843,6 +854,18 @@ impl RedisStore {
             .collect())
     }
 
+    /// Pending rows with a deadline at or before each cutoff, and in all.
+    pub async fn deadlines_up_to(&self, cutoffs_ms: &[i64]) -> redis::RedisResult<(Vec<u64>, u64)> {
+        let mut pipe = redis::pipe();
+        for cutoff in cutoffs_ms {
+            pipe.zcount(self.keys.deadlines(), "-inf", cutoff);
+        }
+        pipe.zcard(self.keys.deadlines());
+        let mut counts: Vec<u64> = pipe.query_async(&mut self.conn()).await?;
+        let total = counts.pop().unwrap_or(0);
+        Ok((counts, total))
+    }
+
     /// Replaces a pending row for its next attempt, unless a callback (or
     /// another worker) changed it since `previous_reservation` was read.
     pub async fn replace_pending(
@@ -972,6 +995,52 @@ pub trait PendingRows: Send + Sync {
         lease_until_ms: i64,
         limit: usize,
     ) -> BoxFuture<'a, anyhow::Result<Vec<PendingRow>>>;
+    /// How many pending rows have a deadline at or before each of
+    /// `cutoffs_ms` (ascending), and how many in all.
+    fn deadlines_up_to<'a>(
+        &'a self,
+        cutoffs_ms: &'a [i64],
+    ) -> BoxFuture<'a, anyhow::Result<(Vec<u64>, u64)>>;
+}
+
+/// Rows waiting for their result by how long they have waited, for the
+/// `kiln_rows_pending` gauge: (upper bound, milliseconds), the last bucket
+/// taking the rest.
+pub const PENDING_AGE_BUCKETS: [(&str, i64); 6] = [
+    ("10s", 10_000),
+    ("1m", 60_000),
+    ("5m", 300_000),
+    ("15m", 900_000),
+    ("1h", 3_600_000),
+    ("older", i64::MAX),
+];
+
+/// Pending rows by age, from their deadlines: a row's deadline is its
+/// attempt plus `result_timeout`, so it has waited `now + timeout − deadline`
+/// (a little less for a first attempt, whose deadline also covers its wait
+/// for rate).
+pub async fn pending_by_age(
+    rows: &dyn PendingRows,
+    now_ms: i64,
+    result_timeout_ms: i64,
+) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    // Waited longer than `bound` ⇔ deadline < now + timeout − bound.
+    let cutoffs: Vec<i64> = PENDING_AGE_BUCKETS[..PENDING_AGE_BUCKETS.len() - 1]
+        .iter()
+        .rev()
+        .map(|(_, bound)| now_ms + result_timeout_ms - bound - 1)
+        .collect();
+    let (older_than, total) = rows.deadlines_up_to(&cutoffs).await?;
+    // older_than[i]: rows older than the i-th bound, longest bound first.
+    let mut older: Vec<u64> = older_than.into_iter().rev().collect();
+    older.push(0);
+    let mut counts = Vec::new();
+    let mut younger_bucket_floor = total;
+    for ((name, _), older) in PENDING_AGE_BUCKETS.iter().zip(older) {
+        counts.push((*name, younger_bucket_floor.saturating_sub(older)));
+        younger_bucket_floor = older;
+    }
+    Ok(counts)
 }
 
 /// A table's pending rows in Redis, dead-lettering to its stream.
@@ -1028,5 +1097,12 @@ impl PendingRows for RedisPendingRows {
                 .take_expired(now_ms, lease_until_ms, limit)
                 .await?)
         })
+    }
+
+    fn deadlines_up_to<'a>(
+        &'a self,
+        cutoffs_ms: &'a [i64],
+    ) -> BoxFuture<'a, anyhow::Result<(Vec<u64>, u64)>> {
+        Box::pin(async move { Ok(self.store.deadlines_up_to(cutoffs_ms).await?) })
     }
 }
