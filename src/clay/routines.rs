@@ -11,7 +11,7 @@ use sha2::Sha256;
 
 use super::error::{ClayError, describe_transport};
 use super::limiter::RateLimiter;
-use super::retry::{RetryPolicy, retry_after};
+use super::retry::{Failure, RetryPolicy, retry_after};
 use super::secret::SecretString;
 use super::webhook::clay_message;
 
@@ -114,52 +114,67 @@ impl RoutinesClient {
             body["webhook_id"] = Value::String(webhook_id.to_string());
         }
         let url = format!("{}/routines/{routine_id}/run", self.base_url);
-        let mut last = String::new();
-        for attempt in 1..=self.retry.max_attempts {
-            self.limiter.acquire(1).await;
-            let sent = self
-                .http
-                .post(&url)
-                .header(API_KEY_HEADER, self.api_key.expose())
-                .json(&body)
-                .send()
-                .await;
-            if sent.is_ok() {
-                crate::contact::answered(crate::contact::Peer::Clay);
-            }
-            match sent {
-                Ok(response) if response.status().is_success() => {
-                    let accepted: RunAccepted = response.json().await.map_err(|e| {
-                        ClayError::OutcomeUnknown(format!(
-                            "run accepted but unreadable: {}",
-                            describe_transport(e)
-                        ))
-                    })?;
-                    return Ok(accepted.routine_run_id);
-                }
-                Ok(response) if response.status().as_u16() == 429 => {
-                    let wait = retry_after(response.headers())
-                        .unwrap_or_else(|| self.retry.backoff(attempt));
-                    self.limiter.pause_for(wait);
-                    last = "HTTP 429".into();
-                }
-                Ok(response) => return Err(status_error(response).await),
-                Err(error) if error.is_connect() => {
-                    last = describe_transport(error);
-                    super::clay_unreachable(&url, &last);
-                    tokio::time::sleep(self.retry.backoff(attempt)).await;
-                }
-                Err(error) => {
-                    let detail = describe_transport(error);
-                    super::clay_unreachable(&url, &detail);
-                    return Err(ClayError::OutcomeUnknown(detail));
-                }
-            }
-        }
-        Err(ClayError::RetriesExhausted {
-            attempts: self.retry.max_attempts,
+        let (outcome, _) = self
+            .retry
+            .run(|attempt| self.start_once(&url, &body, attempt))
+            .await;
+        outcome.map_err(Failure::into_error)
+    }
+
+    /// One attempt at starting a run; only a refused connection or a 429 is
+    /// retried (anything later may have started the run already).
+    async fn start_once(
+        &self,
+        url: &str,
+        body: &Value,
+        attempt: u32,
+    ) -> Result<String, Failure<ClayError>> {
+        self.limiter.acquire(1).await;
+        let sent = self
+            .http
+            .post(url)
+            .header(API_KEY_HEADER, self.api_key.expose())
+            .json(body)
+            .send()
+            .await;
+        let exhausted = |last| ClayError::RetriesExhausted {
+            attempts: attempt,
             last,
-        })
+        };
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) if error.is_connect() => {
+                let last = describe_transport(error);
+                super::clay_unreachable(url, &last);
+                return Err(Failure::transient(exhausted(last)));
+            }
+            Err(error) => {
+                let detail = describe_transport(error);
+                super::clay_unreachable(url, &detail);
+                return Err(Failure::Permanent(ClayError::OutcomeUnknown(detail)));
+            }
+        };
+        crate::contact::answered(crate::contact::Peer::Clay);
+        if response.status().is_success() {
+            let accepted: RunAccepted = response.json().await.map_err(|e| {
+                Failure::Permanent(ClayError::OutcomeUnknown(format!(
+                    "run accepted but unreadable: {}",
+                    describe_transport(e)
+                )))
+            })?;
+            return Ok(accepted.routine_run_id);
+        }
+        if response.status().as_u16() == 429 {
+            let wait =
+                retry_after(response.headers()).unwrap_or_else(|| self.retry.backoff(attempt));
+            // The limiter holds every request of the process back meanwhile.
+            self.limiter.pause_for(wait);
+            return Err(Failure::Transient {
+                error: exhausted("HTTP 429".into()),
+                retry_after: Some(Duration::ZERO),
+            });
+        }
+        Err(Failure::Permanent(status_error(response).await))
     }
 
     /// Reads a run's state, following the cursor through every page of results.

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::error::{ClayError, describe_transport};
 use super::limiter::RateLimiter;
-use super::retry::{RetryPolicy, is_retryable_status, retry_after};
+use super::retry::{Failure, RetryPolicy, is_retryable_status, retry_after};
 use super::rotation::{SourceRotation, WebhookTarget};
 
 /// Clay's request body limit for webhook sources (about 100 KB).
@@ -139,68 +139,84 @@ impl WebhookClient {
         body: &Value,
         rows: u32,
     ) -> Result<(), ClayError> {
-        let policy = &self.config.retry;
-        let mut last = String::new();
-        for attempt in 1..=policy.max_attempts {
-            let waited = std::time::Instant::now();
-            self.limiter.acquire(rows).await;
-            let metrics = crate::metrics::dataplane();
-            metrics
-                .rate_wait_seconds
-                .observe(waited.elapsed().as_secs_f64());
-            let mut request = self
-                .http
-                .post(target.url.expose())
-                .timeout(self.config.request_timeout)
-                .json(body);
-            if let Some(token) = &target.token {
-                request = request.header(AUTH_HEADER, token.expose());
-            }
-            let sent = std::time::Instant::now();
-            let answer = request.send().await;
-            let status = answer.as_ref().ok().map(|r| r.status().as_u16());
-            metrics.clay_answer(status, sent.elapsed());
-            if answer.is_ok() {
-                crate::contact::answered(crate::contact::Peer::Clay);
-            }
-            let delay = match answer {
-                Ok(response) if response.status().is_success() => return Ok(()),
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let wait = retry_after(response.headers());
-                    let message = response.text().await.unwrap_or_default();
-                    let message = clay_message(&message);
-                    match status {
-                        402 => return Err(ClayError::QuotaExhausted { message }),
-                        401 | 403 => return Err(ClayError::Unauthorized { status, message }),
-                        s if !is_retryable_status(s) => {
-                            return Err(ClayError::Rejected { status, message });
-                        }
-                        _ => {}
-                    }
-                    last = format!("HTTP {status}: {message}");
-                    if status == 429 {
-                        // Everyone in the process slows down, not just this task.
-                        self.limiter
-                            .pause_for(wait.unwrap_or_else(|| policy.backoff(attempt)));
-                        Duration::ZERO
-                    } else {
-                        wait.unwrap_or_else(|| policy.backoff(attempt))
-                    }
-                }
-                Err(error) => {
-                    last = describe_transport(error);
-                    super::clay_unreachable(target.url.expose(), &last);
-                    policy.backoff(attempt)
-                }
-            };
-            if attempt < policy.max_attempts {
-                tokio::time::sleep(delay).await;
-            }
+        let (outcome, _) = self
+            .config
+            .retry
+            .run(|attempt| self.send_once(target, body, rows, attempt))
+            .await;
+        outcome.map_err(Failure::into_error)
+    }
+
+    /// One attempt; a failure worth retrying is reported as what the call
+    /// ends with if this attempt is the last.
+    async fn send_once(
+        &self,
+        target: &WebhookTarget,
+        body: &Value,
+        rows: u32,
+        attempt: u32,
+    ) -> Result<(), Failure<ClayError>> {
+        let waited = std::time::Instant::now();
+        self.limiter.acquire(rows).await;
+        let metrics = crate::metrics::dataplane();
+        metrics
+            .rate_wait_seconds
+            .observe(waited.elapsed().as_secs_f64());
+        let mut request = self
+            .http
+            .post(target.url.expose())
+            .timeout(self.config.request_timeout)
+            .json(body);
+        if let Some(token) = &target.token {
+            request = request.header(AUTH_HEADER, token.expose());
         }
-        Err(ClayError::RetriesExhausted {
-            attempts: policy.max_attempts,
+        let sent = std::time::Instant::now();
+        let answer = request.send().await;
+        let status = answer.as_ref().ok().map(|r| r.status().as_u16());
+        metrics.clay_answer(status, sent.elapsed());
+        let exhausted = |last| ClayError::RetriesExhausted {
+            attempts: attempt,
             last,
+        };
+        let response = match answer {
+            Ok(response) => response,
+            Err(error) => {
+                let last = describe_transport(error);
+                super::clay_unreachable(target.url.expose(), &last);
+                return Err(Failure::transient(exhausted(last)));
+            }
+        };
+        crate::contact::answered(crate::contact::Peer::Clay);
+        if response.status().is_success() {
+            return Ok(());
+        }
+        let status = response.status().as_u16();
+        let wait = retry_after(response.headers());
+        let message = clay_message(&response.text().await.unwrap_or_default());
+        match status {
+            402 => return Err(Failure::Permanent(ClayError::QuotaExhausted { message })),
+            401 | 403 => {
+                return Err(Failure::Permanent(ClayError::Unauthorized {
+                    status,
+                    message,
+                }));
+            }
+            s if !is_retryable_status(s) => {
+                return Err(Failure::Permanent(ClayError::Rejected { status, message }));
+            }
+            _ => {}
+        }
+        let retry_after = if status == 429 {
+            // Everyone in the process slows down, not just this task.
+            self.limiter
+                .pause_for(wait.unwrap_or_else(|| self.config.retry.backoff(attempt)));
+            Some(Duration::ZERO)
+        } else {
+            wait
+        };
+        Err(Failure::Transient {
+            error: exhausted(format!("HTTP {status}: {message}")),
+            retry_after,
         })
     }
 }

@@ -28,6 +28,17 @@ const SWEEP_LEASE_MS: i64 = 30_000;
 /// Pending rows are counted by age every this many sweeps (seconds).
 const PENDING_AGES_EVERY: u64 = 15;
 
+/// The row rewritten with no attempt in flight, waiting for credits (or a
+/// retry): a later sweep counts no failure for it.
+fn waiting_for_credits(pending: &PendingRow) -> PendingRow {
+    PendingRow {
+        reservation: String::new(),
+        write_token: new_write_token(),
+        attempted_at_ms: 0,
+        ..pending.clone()
+    }
+}
+
 pub fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
 }
@@ -233,12 +244,7 @@ impl Attempts {
                 } else {
                     // Due now, with no credits drawn: the sweeper retries it
                     // (or dead-letters it after maxAttempts).
-                    let waiting = PendingRow {
-                        reservation: String::new(),
-                        write_token: new_write_token(),
-                        attempted_at_ms: 0,
-                        ..pending.clone()
-                    };
+                    let waiting = waiting_for_credits(pending);
                     self.rows
                         .replace_pending(&waiting, now_ms(), &pending.reservation)
                         .await?;
@@ -295,12 +301,7 @@ impl Attempts {
             }
             // Paused or unavailable: the row waits, with no attempt in flight.
             Err(_) => {
-                let waiting = PendingRow {
-                    reservation: String::new(),
-                    write_token: new_write_token(),
-                    attempted_at_ms: 0,
-                    ..pending.clone()
-                };
+                let waiting = waiting_for_credits(&pending);
                 self.rows
                     .replace_pending(
                         &waiting,

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::TableRuntime;
 use super::store::{PendingRow, RedisStore, SinkRoute, text_field};
 use crate::api::table::{HttpMethod, HttpSink};
-use crate::clay::retry::RetryPolicy;
+use crate::clay::retry::{Failure, RetryPolicy, retry_after};
 use crate::contract::Keys;
 
 /// The route for a table's sink.
@@ -95,23 +95,25 @@ pub fn render_url(template: &str, result: &Value, row: &Value) -> Result<String,
     Ok(url)
 }
 
-/// How one delivery attempt ended.
-#[derive(Debug, PartialEq)]
-enum Attempt {
-    Accepted,
-    /// Worth retrying: 408, 429, 5xx, timeouts, connection errors.
-    Transient(String),
-    /// Retrying cannot help (any other 4xx, or an unusable URL).
-    Permanent(String),
-}
+/// How one delivery attempt ended: accepted, or why not.
+type Attempt = Result<(), Failure<String>>;
 
-fn classify(status: reqwest::StatusCode) -> Attempt {
+/// The longest a sink's Retry-After holds a delivery: the outbox behind it waits too.
+const MAX_SINK_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Worth retrying: 408, 429, 5xx (after the sink's Retry-After, when it
+/// gives one); any other 4xx cannot succeed later.
+fn classify(status: reqwest::StatusCode, retry_after: Option<Duration>) -> Attempt {
+    let detail = format!("the sink answered HTTP {}", status.as_u16());
     if status.is_success() {
-        Attempt::Accepted
+        Ok(())
     } else if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
-        Attempt::Transient(format!("the sink answered HTTP {}", status.as_u16()))
+        Err(Failure::Transient {
+            error: detail,
+            retry_after: retry_after.map(|wait| wait.min(MAX_SINK_RETRY_AFTER)),
+        })
     } else {
-        Attempt::Permanent(format!("the sink answered HTTP {}", status.as_u16()))
+        Err(Failure::Permanent(detail))
     }
 }
 
@@ -457,30 +459,24 @@ where
         max_attempts: sink.max_attempts,
         ..RetryPolicy::default()
     };
-    let mut attempt = 1;
-    let detail = loop {
-        let outcome = match before_attempt().await {
-            Ok(()) => call(http, runtime, &sink, row_id, result, row).await,
-            Err(detail) => Attempt::Transient(detail),
-        };
-        match outcome {
-            Attempt::Accepted => return Delivery::Delivered,
-            Attempt::Permanent(detail) => break detail,
-            Attempt::Transient(detail) if attempt >= policy.max_attempts => {
-                break format!("{detail} after {attempt} attempts");
+    let (before_attempt, sink) = (&before_attempt, &sink);
+    let (outcome, attempts) = policy
+        .run(|attempt| async move {
+            before_attempt().await.map_err(Failure::transient)?;
+            let outcome = call(http, runtime, sink, row_id, result, row).await;
+            if let Err(Failure::Transient { error, .. }) = &outcome {
+                tracing::debug!(row = %row_id, attempt, %error, "sink delivery failed");
             }
-            Attempt::Transient(detail) => {
-                tracing::debug!(row = %row_id, attempt, %detail, "sink delivery failed; retrying");
-                tokio::time::sleep(policy.backoff(attempt)).await;
-                attempt += 1;
-            }
-        }
+            outcome
+        })
+        .await;
+    let detail = match outcome {
+        Ok(()) => return Delivery::Delivered,
+        Err(Failure::Permanent(detail)) => detail,
+        Err(Failure::Transient { error, .. }) => format!("{error} after {attempts} attempts"),
     };
-    tracing::warn!(row = %row_id, attempts = attempt, %detail, "dead-lettering a row the sink would not take");
-    Delivery::Failed {
-        detail,
-        attempts: attempt,
-    }
+    tracing::warn!(row = %row_id, attempts, %detail, "dead-lettering a row the sink would not take");
+    Delivery::Failed { detail, attempts }
 }
 
 async fn call(
@@ -493,7 +489,7 @@ async fn call(
 ) -> Attempt {
     let url = match render_url(&sink.url_template, result, row) {
         Ok(url) => url,
-        Err(detail) => return Attempt::Permanent(detail),
+        Err(detail) => return Err(Failure::Permanent(detail)),
     };
     let method = match sink.method {
         HttpMethod::Post => reqwest::Method::POST,
@@ -513,9 +509,11 @@ async fn call(
         request = request.header(name.as_str(), value.expose());
     }
     match request.send().await {
-        Ok(response) => classify(response.status()),
+        Ok(response) => classify(response.status(), retry_after(response.headers())),
         // Without the URL: it may carry row data or credentials.
-        Err(error) => Attempt::Transient(crate::clay::error::describe_transport(error)),
+        Err(error) => Err(Failure::transient(crate::clay::error::describe_transport(
+            error,
+        ))),
     }
 }
 
@@ -556,19 +554,28 @@ mod tests {
     #[test]
     fn only_timeouts_throttling_and_server_errors_are_retried() {
         use reqwest::StatusCode;
-        assert_eq!(classify(StatusCode::NO_CONTENT), Attempt::Accepted);
+        assert!(classify(StatusCode::NO_CONTENT, None).is_ok());
         for transient in [408, 429, 500, 503] {
             assert!(matches!(
-                classify(StatusCode::from_u16(transient).unwrap()),
-                Attempt::Transient(_)
+                classify(StatusCode::from_u16(transient).unwrap(), None),
+                Err(Failure::Transient { .. })
             ));
         }
         for permanent in [400, 401, 404, 422] {
             assert!(matches!(
-                classify(StatusCode::from_u16(permanent).unwrap()),
-                Attempt::Permanent(_)
+                classify(StatusCode::from_u16(permanent).unwrap(), None),
+                Err(Failure::Permanent(_))
             ));
         }
+        // A sink's Retry-After is honoured, up to a minute.
+        let throttled = classify(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(Duration::from_secs(3_600)),
+        );
+        assert!(matches!(
+            throttled,
+            Err(Failure::Transient { retry_after: Some(wait), .. }) if wait == MAX_SINK_RETRY_AFTER
+        ));
     }
 
     #[test]

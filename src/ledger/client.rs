@@ -2,6 +2,7 @@
 //! each configured operator endpoint in turn (in a cluster, one Service that
 //! routes to the leader), so a leader failover costs a retry, not a failure.
 
+use backon::Retryable;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -119,57 +120,69 @@ impl LedgerClient {
         answer
     }
 
+    /// Posts to the first endpoint that answers, again with backoff while
+    /// none does (or answers 5xx), for up to the client's patience.
     async fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
     ) -> Result<Option<T>, LedgerClientError> {
         let deadline = tokio::time::Instant::now() + self.patience;
+        let backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .without_max_times();
+        (|| self.post_once(path, body))
+            .retry(backoff)
+            .when(|error| matches!(error, LedgerClientError::Unavailable(_)))
+            .adjust(|_, delay| delay.filter(|d| tokio::time::Instant::now() + *d <= deadline))
+            .await
+    }
+
+    /// One pass over the endpoints.
+    async fn post_once<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Option<T>, LedgerClientError> {
         let mut last = String::from("no endpoint configured");
-        let mut delay = Duration::from_millis(100);
-        loop {
-            for endpoint in &self.endpoints {
-                let token = self.token.read()?;
-                let sent = self
-                    .http
-                    .post(format!("{endpoint}{path}"))
-                    .bearer_auth(token.expose())
-                    .json(body)
-                    .send()
-                    .await;
-                let response = match sent {
-                    Ok(response) => response,
-                    Err(error) => {
-                        last = crate::clay::error::describe_transport(error);
-                        continue;
-                    }
-                };
-                let status = response.status().as_u16();
-                let text = response.text().await.unwrap_or_default();
-                if (200..300).contains(&status) {
-                    return Ok(if text.is_empty() {
-                        None
-                    } else {
-                        Some(serde_json::from_str(&text).map_err(|e| {
-                            LedgerClientError::Unavailable(format!("bad ledger answer: {e}"))
-                        })?)
-                    });
-                }
-                let message = serde_json::from_str::<serde_json::Value>(&text)
-                    .ok()
-                    .and_then(|v| v["message"].as_str().map(str::to_string))
-                    .unwrap_or(text);
-                if status >= 500 {
-                    last = format!("HTTP {status}: {message}");
+        for endpoint in &self.endpoints {
+            let token = self.token.read()?;
+            let sent = self
+                .http
+                .post(format!("{endpoint}{path}"))
+                .bearer_auth(token.expose())
+                .json(body)
+                .send()
+                .await;
+            let response = match sent {
+                Ok(response) => response,
+                Err(error) => {
+                    last = crate::clay::error::describe_transport(error);
                     continue;
                 }
-                return Err(LedgerClientError::Rejected { status, message });
+            };
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap_or_default();
+            if (200..300).contains(&status) {
+                return Ok(if text.is_empty() {
+                    None
+                } else {
+                    Some(serde_json::from_str(&text).map_err(|e| {
+                        LedgerClientError::Unavailable(format!("bad ledger answer: {e}"))
+                    })?)
+                });
             }
-            if tokio::time::Instant::now() + delay > deadline {
-                return Err(LedgerClientError::Unavailable(last));
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            if status >= 500 {
+                last = format!("HTTP {status}: {message}");
+                continue;
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            return Err(LedgerClientError::Rejected { status, message });
         }
+        Err(LedgerClientError::Unavailable(last))
     }
 }

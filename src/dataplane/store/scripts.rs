@@ -1,7 +1,8 @@
 //! The store's Lua scripts (in `lua/`), each built and hashed once: they run
 //! for every row. A line `--#include <part>` splices in a shared part: the
-//! source guard of scripts that make a row pending or terminal, and the
-//! return of expired refresh claims of scripts that read the stale index.
+//! source guard of scripts that make a row pending or terminal, the sink
+//! append of scripts that deliver, and the return of expired refresh claims
+//! of scripts that read the stale index.
 
 use std::sync::LazyLock;
 
@@ -9,6 +10,7 @@ use redis::Script;
 
 const SOURCE_GUARD: &str = include_str!("lua/source_guard.lua");
 const RETURN_EXPIRED_REFRESHES: &str = include_str!("lua/return_expired_refreshes.lua");
+const SINK_APPEND: &str = include_str!("lua/sink_append.lua");
 
 /// `source` with its shared parts spliced in.
 fn expand(source: &str) -> String {
@@ -18,6 +20,7 @@ fn expand(source: &str) -> String {
             "--#include return_expired_refreshes\n",
             RETURN_EXPIRED_REFRESHES,
         )
+        .replace("--#include sink_append\n", SINK_APPEND)
 }
 
 fn build(source: &str) -> Script {

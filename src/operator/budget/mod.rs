@@ -18,6 +18,7 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 
+use super::cache::cached;
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use crate::api::CreditBudget;
@@ -33,8 +34,12 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let budgets = ctx.watched::<CreditBudget>();
-    Controller::new(budgets, watcher::Config::default())
+    let (budgets, budget_events) = cached(
+        ctx.watched::<CreditBudget>(),
+        watcher::Config::default(),
+        |_| {},
+    );
+    Controller::for_stream(budget_events, budgets)
         .with_config(controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

@@ -17,7 +17,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
 use super::apply::patch_status;
-use super::cache::Children;
+use super::cache::{Children, cached};
 use super::context::{Context, error_policy, instrumented};
 use super::error::{AtStep, Error, Result, Step, describe, describe_object};
 use super::labels::{MANAGED_BY, MANAGED_LABEL, SCHEDULE_LABEL};
@@ -82,7 +82,12 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let controller = Controller::new(ctx.watched::<RefreshSchedule>(), watcher::Config::default())
+    let (schedules, schedule_events) = cached(
+        ctx.watched::<RefreshSchedule>(),
+        watcher::Config::default(),
+        |_| {},
+    );
+    let controller = Controller::for_stream(schedule_events, schedules)
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
     // Status reads the CronJobs' status and metadata only.

@@ -119,7 +119,9 @@ pub async fn run(
     let owned = watcher::Config::default().labels(&format!(
         "app.kubernetes.io/managed-by={MANAGED_BY},{TABLE_LABEL}"
     ));
-    let controller = Controller::new(tables, watcher::Config::default())
+    // Cached without managed fields, like every other watched kind.
+    let (tables, table_events) = cached(tables, watcher::Config::default(), |_| {});
+    let controller = Controller::for_stream(table_events, tables)
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
     let budget_store = store.clone();

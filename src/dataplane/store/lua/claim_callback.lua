@@ -1,6 +1,7 @@
 -- KEYS: pending, deadlines, dedupe, enriched-at, counters, sink, settlements, inputs, refreshing
 -- ARGV: row_id, result json, now ms, sink maxlen (0 = none), reported cost ('' when absent),
 --       '1' when the sink is the HTTP outbox (delivered later) else '0'
+--#include sink_append
 local pending = redis.call('HGET', KEYS[1], ARGV[1])
 if not pending then
   redis.call('HINCRBY', KEYS[5], 'duplicateCallbacks', 1)
@@ -20,11 +21,7 @@ if ARGV[6] == '1' then
   table.insert(fields, 'pending')
   table.insert(fields, pending)
 end
-if tonumber(ARGV[4]) > 0 then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
-else
-  redis.call('XADD', KEYS[6], '*', unpack(fields))
-end
+append_to_sink(KEYS[6], ARGV[4], fields)
 redis.call('HINCRBY', KEYS[5], 'enriched', 1)
 if ARGV[6] ~= '1' then redis.call('HINCRBY', KEYS[5], 'delivered', 1) end
 redis.call('HSET', KEYS[5], 'lastEnrichedAtMs', ARGV[3])
