@@ -166,7 +166,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .map(|_| ())
         .shared();
     let serving = tls.map(|tls| tls.keep_renewed(client.clone(), stop.clone()));
-    let lease_api = tokio::spawn(budget::api::serve(
+    let lease_api = tokio::spawn(budget::lease_api::serve(
         args.api_addr,
         ctx.clone(),
         serving,

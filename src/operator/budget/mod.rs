@@ -1,10 +1,10 @@
 //! The CreditBudget controller: period bounds, rollover, remaining credits
 //! and state in status.
 
-pub mod api;
 pub mod book;
 pub mod breaker;
 pub mod forecast;
+pub mod lease_api;
 pub mod ledger;
 pub mod period;
 pub mod status;

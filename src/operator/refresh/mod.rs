@@ -2,6 +2,7 @@
 //! apply the CronJob, report run times in status.
 
 pub mod build;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use super::context::{Context, error_policy, instrumented};
 use super::error::{AtStep, Error, Result, Step, describe, describe_object};
 use super::labels::{MANAGED_BY, MANAGED_LABEL, SCHEDULE_LABEL};
 use crate::api::budget::BudgetState;
-use crate::api::common::{Conditions, FALSE, TRUE, find_condition};
+use crate::api::common::{FALSE, TRUE, find_condition};
 use crate::api::refresh::REFRESH_NOW_ANNOTATION;
 use crate::api::table::Tier;
 use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule, RefreshScheduleStatus};
@@ -33,11 +34,7 @@ const CONCURRENCY: u16 = 8;
 /// A safety net: tables, budgets and CronJobs arrive as watch events.
 const RESYNC: Duration = Duration::from_secs(1800);
 
-pub const READY: &str = "Ready";
-pub const SCHEDULE_VALID: &str = "ScheduleValid";
-pub const TABLE_RESOLVED: &str = "TableResolved";
-pub const PROVISIONED: &str = "Provisioned";
-pub const SUSPENDED: &str = "Suspended";
+pub use self::status::{PROVISIONED, READY, SCHEDULE_VALID, SUSPENDED, TABLE_RESOLVED};
 
 /// Why runs are on hold, if they are: (reason, message).
 pub fn hold_reason(
@@ -153,170 +150,82 @@ async fn reconcile(schedule: Arc<RefreshSchedule>, ctx: Arc<Context>) -> Result<
     .await
 }
 
+/// Dereference (the table and its budget) → validate (the schedule, what
+/// holds runs) → build and apply (the CronJob, a manual run) → status.
 async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Action> {
     let namespace = schedule
         .namespace()
         .ok_or_else(|| Error::NotNamespaced(schedule.name_any()))?;
     let now = jiff::Timestamp::now();
-    let now_time = Time::from(now);
-    let current = schedule.status.clone().unwrap_or_default();
-    let previous = current.conditions.clone();
-    let generation = schedule.metadata.generation;
-    let cond = Conditions::new(&previous, generation, now_time.clone());
+    let previous = schedule
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+
+    let (table, budget) = dereference(ctx, schedule, &namespace).await?;
+
+    let hold = hold_reason(schedule, table.as_ref(), budget.as_ref());
+    let next = build::next_run(schedule, now);
 
     let cronjobs = ctx
         .cronjobs
         .get()
         .expect("the cache is set before the controller starts");
     cronjobs.ready().await;
-    let schedule_name = schedule.name_any();
-    let table_name = &schedule.spec.table_ref.name;
-    let table = Api::<EnrichmentTable>::namespaced(ctx.client.clone(), &namespace)
-        .get_opt(table_name)
-        .await
-        .at(Step::Read, || {
-            describe::<EnrichmentTable>(Some(&namespace), table_name)
-        })?;
-    let table_condition = match &table {
-        Some(_) => cond.set(
-            TABLE_RESOLVED,
-            true,
-            "TableFound",
-            format!("refreshing EnrichmentTable {table_name:?}"),
-        ),
-        None => cond.set(
-            TABLE_RESOLVED,
-            false,
-            "TableNotFound",
-            format!(
-                "EnrichmentTable {table_name:?} not found in namespace {namespace:?}; runs are suspended until it exists"
-            ),
-        ),
-    };
-    let budget = match &table {
-        Some(t) => Api::<CreditBudget>::namespaced(ctx.client.clone(), &namespace)
-            .get_opt(&t.spec.budget_ref.name)
-            .await
-            .at(Step::Read, || {
-                describe::<CreditBudget>(Some(&namespace), &t.spec.budget_ref.name)
-            })?,
-        None => None,
-    };
-    let hold = hold_reason(schedule, table.as_ref(), budget.as_ref());
-    let suspended_condition = match &hold {
-        Some((reason, message)) => cond.set(SUSPENDED, true, reason, message.clone()),
-        None if table.is_none() => cond.set(
-            SUSPENDED,
-            true,
-            "TableNotFound",
-            format!("EnrichmentTable {table_name:?} not found"),
-        ),
-        None => cond.set(SUSPENDED, false, "Active", "runs on schedule".into()),
-    };
-    let next = build::next_run(schedule, now);
-    let schedule_valid = || {
-        cond.set(
-            SCHEDULE_VALID,
-            true,
-            "Valid",
-            "the schedule and time zone parse".into(),
-        )
-    };
-    let (schedule_condition, provisioned, cronjob) = match &next {
-        Err(message) => (
-            cond.set(SCHEDULE_VALID, false, "InvalidSchedule", message.clone()),
-            cond.set(
-                PROVISIONED,
-                false,
-                "InvalidSchedule",
-                "no CronJob is created for an invalid schedule".into(),
-            ),
-            None,
-        ),
-        Ok(_) if table.is_none() => {
+    let cronjob = match (&next, &table) {
+        // An invalid schedule changes nothing that exists.
+        (Err(_), _) => None,
+        (Ok(_), None) => {
             // The table is gone (deleted, or not created yet): so is the CronJob.
-            let labels = [
-                (MANAGED_LABEL, MANAGED_BY),
-                (SCHEDULE_LABEL, schedule_name.as_str()),
-            ];
+            let name = schedule.name_any();
+            let labels = [(MANAGED_LABEL, MANAGED_BY), (SCHEDULE_LABEL, name.as_str())];
             cronjobs
                 .delete_unwanted(&ctx.client, &namespace, &labels, &[])
                 .await?;
-            (
-                schedule_valid(),
-                cond.set(
-                    PROVISIONED,
-                    false,
-                    "TableNotFound",
-                    format!("no CronJob while EnrichmentTable {table_name:?} does not exist"),
-                ),
-                None,
-            )
+            None
         }
-        Ok(_) => {
-            let image = table.as_ref().and_then(|t| t.spec.image.as_deref());
-            let runnable = hold.is_none();
-            let desired = build::desired_cronjob(schedule, image, &ctx.build, runnable);
+        (Ok(_), Some(table)) => {
+            let desired = build::desired_cronjob(
+                schedule,
+                table.spec.image.as_deref(),
+                &ctx.build,
+                hold.is_none(),
+            );
             let applied = cronjobs.apply(&ctx.client, &desired).await?;
             // The cache keeps no job template; a manual run is built from
             // the desired one, owned by the live CronJob.
-            let cronjob = CronJob {
+            Some(CronJob {
                 metadata: applied.metadata.clone(),
                 status: applied.status.clone(),
                 ..desired
-            };
-            (
-                schedule_valid(),
-                cond.set(
-                    PROVISIONED,
-                    true,
-                    "CronJobApplied",
-                    format!("CronJob {:?} is applied", cronjob.name_any()),
-                ),
-                Some(cronjob),
-            )
+            })
         }
     };
-    let parts = [&schedule_condition, &table_condition, &provisioned];
-    let ready = match parts.iter().find(|c| c.status != TRUE) {
-        None => cond.set(READY, true, "Ready", "runs on schedule".into()),
-        Some(blocking) => cond.set(READY, false, &blocking.reason, blocking.message.clone()),
-    };
-    let cron_status = cronjob
+    let handled = schedule
+        .status
         .as_ref()
-        .and_then(|c| c.status.clone())
-        .unwrap_or_default();
-    let suspended = suspended_condition.status == TRUE;
+        .and_then(|s| s.last_manual_trigger.clone());
     let manual_trigger = match (&cronjob, schedule.annotations().get(REFRESH_NOW_ANNOTATION)) {
-        (Some(cronjob), Some(trigger)) if current.last_manual_trigger.as_ref() != Some(trigger) => {
+        (Some(cronjob), Some(trigger)) if handled.as_ref() != Some(trigger) => {
             start_manual_run(ctx, schedule, cronjob, trigger).await?;
             Some(trigger.clone())
         }
-        _ => current.last_manual_trigger.clone(),
-    };
-    let new_status = RefreshScheduleStatus {
-        observed_generation: generation,
-        conditions: vec![
-            ready,
-            schedule_condition,
-            table_condition,
-            provisioned,
-            suspended_condition,
-        ],
-        last_schedule_time: cron_status
-            .last_schedule_time
-            .or(current.last_schedule_time.clone()),
-        last_successful_time: cron_status
-            .last_successful_time
-            .or(current.last_successful_time.clone()),
-        next_schedule_time: match (&next, suspended) {
-            (Ok(at), false) => Some(at.to_string()),
-            _ => None,
-        },
-        last_run: current.last_run.clone(),
-        last_manual_trigger: manual_trigger,
+        _ => handled,
     };
 
+    let new_status = status::compute(
+        schedule,
+        &namespace,
+        &status::Observed {
+            table_found: table.is_some(),
+            hold,
+            next: &next,
+            cronjob: cronjob.as_ref(),
+            manual_trigger,
+        },
+        Time::from(now),
+    );
     if schedule.status.as_ref() != Some(&new_status) {
         let api = Api::<RefreshSchedule>::namespaced(ctx.client.clone(), &namespace);
         // lastRun belongs to the runs (`kiln refresh` writes it): left out,
@@ -373,6 +282,32 @@ async fn reconcile_inner(schedule: &RefreshSchedule, ctx: &Context) -> Result<Ac
     Ok(Action::requeue(
         until_next.clamp(Duration::from_secs(5), RESYNC),
     ))
+}
+
+/// The table the schedule refreshes and the budget it draws on, when they
+/// exist.
+async fn dereference(
+    ctx: &Context,
+    schedule: &RefreshSchedule,
+    namespace: &str,
+) -> Result<(Option<EnrichmentTable>, Option<CreditBudget>)> {
+    let table_name = &schedule.spec.table_ref.name;
+    let table = Api::<EnrichmentTable>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(table_name)
+        .await
+        .at(Step::Read, || {
+            describe::<EnrichmentTable>(Some(namespace), table_name)
+        })?;
+    let budget = match &table {
+        Some(t) => Api::<CreditBudget>::namespaced(ctx.client.clone(), namespace)
+            .get_opt(&t.spec.budget_ref.name)
+            .await
+            .at(Step::Read, || {
+                describe::<CreditBudget>(Some(namespace), &t.spec.budget_ref.name)
+            })?,
+        None => None,
+    };
+    Ok((table, budget))
 }
 
 /// Creates the Job a `kiln.dev/refresh-now` annotation asks for (once per value).

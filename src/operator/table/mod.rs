@@ -369,8 +369,9 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
 }
 
 /// Looks up, in the caches, the budget, Secrets and schedules the table
-/// names, and reads its row counters. Of Secret values only whether each is
-/// blank is known.
+/// names, and reads its row counters. The caches know of Secret values only
+/// whether each is blank; the one value the operator reads is the Redis URL,
+/// fetched by the counters reader when its Secret's version changes.
 async fn dereference(
     client: &Client,
     caches: &TableCaches,
