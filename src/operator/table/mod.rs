@@ -1,37 +1,43 @@
-//! The EnrichmentTable controller: dereference → build → apply → status.
+//! The EnrichmentTable controller: `dereference` (what the table refers to,
+//! from `caches`) → `build` (the desired children, pure) → `apply` → `status`
+//! (pure; `advice` and `volume` feed its tier conditions), then Events for
+//! the conditions that changed.
 
 pub mod advice;
+mod apply;
 pub mod build;
+mod caches;
 pub mod counters;
+mod dereference;
 pub mod status;
 pub mod volume;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
 
-use self::build::TableChildren;
-use self::status::{Autoscaling, Provisioning, References};
+use self::apply::{apply_children, apply_scaled_object};
+pub use self::caches::TableCaches;
+use self::caches::{slim_pod, slim_secret};
+use self::dereference::dereference;
+use self::status::{Autoscaling, Provisioning};
 use super::apply::patch_status;
 use super::cache::{Children, cached};
 use super::context::{Context, error_policy, instrumented};
-use super::error::{AtStep, Error, Result, Step};
-use super::labels::{MANAGED_BY, MANAGED_LABEL, TABLE_LABEL};
+use super::error::{Error, Result};
+use super::labels::{MANAGED_BY, TABLE_LABEL};
 use crate::api::common::{FALSE, TRUE, find_condition};
-use crate::api::refresh::RefreshOutcome;
-use crate::api::table::Tier;
 use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule};
 use crate::contact::Peer;
 
@@ -48,67 +54,6 @@ const RESYNC: Duration = Duration::from_secs(1800);
 const COUNTERS_RESYNC: Duration = Duration::from_secs(5);
 /// Re-check a table that is waiting on references or pods this often.
 const WAITING_RESYNC: Duration = Duration::from_secs(30);
-
-/// What a table's reconcile reads and writes, cached by the controller's
-/// watches: its children, the budgets, schedules and Secrets it refers to
-/// (Secrets slimmed to whether each value is blank), and its row counters'
-/// Redis connections.
-pub struct TableCaches {
-    deployments: Arc<Children<Deployment>>,
-    services: Arc<Children<Service>>,
-    accounts: Arc<Children<ServiceAccount>>,
-    roles: Arc<Children<Role>>,
-    bindings: Arc<Children<RoleBinding>>,
-    claims: Arc<Children<PersistentVolumeClaim>>,
-    budgets: Store<CreditBudget>,
-    schedules: Store<RefreshSchedule>,
-    secrets: Store<Secret>,
-    /// The tables' pods, reduced to their container states.
-    pods: Store<Pod>,
-    counters: counters::RowCounterReader,
-}
-
-impl TableCaches {
-    /// Waits until every cache holds what its first list returned: before
-    /// that, a Secret or budget missing from a cache may only not be
-    /// listed yet.
-    async fn ready(&self) {
-        self.deployments.ready().await;
-        self.services.ready().await;
-        self.accounts.ready().await;
-        self.roles.ready().await;
-        self.bindings.ready().await;
-        self.claims.ready().await;
-        let _ = self.budgets.wait_until_ready().await;
-        let _ = self.schedules.wait_until_ready().await;
-        let _ = self.secrets.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
-    }
-}
-
-/// Keeps of a pod its name, labels and container states: status reports why
-/// a table's pods crash or cannot start.
-fn slim_pod(pod: &mut Pod) {
-    pod.metadata.annotations = None;
-    pod.spec = None;
-    if let Some(status) = pod.status.as_mut() {
-        status.conditions = None;
-        status.init_container_statuses = None;
-    }
-}
-
-/// Keeps of a Secret only its name, labels, version and whether each value
-/// is blank: the operator never needs the values, and they may be large.
-fn slim_secret(secret: &mut Secret) {
-    secret.metadata.annotations = None;
-    secret.string_data = None;
-    if let Some(data) = secret.data.as_mut() {
-        for value in data.values_mut() {
-            let blank = value.0.trim_ascii().is_empty();
-            value.0 = if blank { Vec::new() } else { vec![1] };
-        }
-    }
-}
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
@@ -366,257 +311,6 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     } else {
         RESYNC
     }))
-}
-
-/// Looks up, in the caches, the budget, Secrets and schedules the table
-/// names, and reads its row counters. The caches know of Secret values only
-/// whether each is blank; the one value the operator reads is the Redis URL,
-/// fetched by the counters reader when its Secret's version changes.
-async fn dereference(
-    client: &Client,
-    caches: &TableCaches,
-    table: &EnrichmentTable,
-    namespace: &str,
-) -> Result<References> {
-    let budget_name = &table.spec.budget_ref.name;
-    let budget = caches
-        .budgets
-        .get(&ObjectRef::new(budget_name).within(namespace));
-    let budget_problem = match &budget {
-        None => Some((
-            "BudgetNotFound",
-            format!(
-                "CreditBudget {budget_name:?} not found in namespace {namespace:?}; create it or fix spec.budgetRef.name (workloads stay scaled to zero until then)"
-            ),
-        )),
-        Some(budget) => status::budget_too_small(table, budget).map(|m| ("BudgetTooSmall", m)),
-    };
-
-    let mut existing = BTreeMap::new();
-    for name in table.spec.secret_names() {
-        if let Some(secret) = caches.secrets.get(&ObjectRef::new(&name).within(namespace)) {
-            let keys: BTreeMap<String, bool> = secret
-                .data
-                .iter()
-                .flatten()
-                .map(|(key, value)| (key.clone(), !value.0.trim_ascii().is_empty()))
-                .collect();
-            existing.insert(name, keys);
-        }
-    }
-    let table_name = table.name_any();
-    let credits_this_period = budget
-        .as_ref()
-        .and_then(|b| b.status.as_ref())
-        .and_then(|s| s.tables.iter().find(|t| t.table == table_name))
-        .map(|t| t.used.clone())
-        .unwrap_or_default();
-    let secret_problems = status::secret_problems(table, &existing);
-    let redis = if secret_problems.is_empty() {
-        let version = table
-            .spec
-            .redis
-            .as_ref()
-            .and_then(|r| {
-                caches
-                    .secrets
-                    .get(&ObjectRef::new(&r.url_secret_ref.name).within(namespace))
-            })
-            .and_then(|s| s.metadata.resource_version.clone())
-            .unwrap_or_default();
-        caches
-            .counters
-            .read(client, table, namespace, &version)
-            .await
-    } else {
-        None
-    };
-    let kafka_problems = if table.spec.tier == Tier::Event {
-        Some(probe_brokers(table).await)
-    } else {
-        None
-    };
-    let autoscaling = match &table.spec.workers.autoscaling {
-        Some(a) if table.spec.tier == Tier::Event => Some(if keda_installed(client).await? {
-            Autoscaling::Applied {
-                min: a.min_replicas,
-                max: a.max_replicas,
-                lag: a.lag_threshold,
-            }
-        } else {
-            Autoscaling::KedaNotInstalled
-        }),
-        _ => None,
-    };
-    let mine: Vec<_> = caches
-        .schedules
-        .state()
-        .into_iter()
-        .filter(|s| {
-            s.namespace().as_deref() == Some(namespace) && s.spec.table_ref.name == table_name
-        })
-        .collect();
-    let mut schedules: Vec<String> = mine.iter().map(|s| s.name_any()).collect();
-    schedules.sort();
-    let schedules_skipping_for_budget = mine
-        .iter()
-        .filter(|s| {
-            s.status
-                .as_ref()
-                .and_then(|status| status.last_run.as_ref())
-                .is_some_and(|run| run.outcome == RefreshOutcome::SkippedForBudget)
-        })
-        .map(|s| s.name_any())
-        .collect();
-    Ok(References {
-        budget_problem,
-        secret_problems,
-        credits_this_period,
-        rows: redis.as_ref().and_then(|r| r.as_ref().ok().cloned()),
-        redis_problem: redis.and_then(|r| r.err()),
-        kafka_problems,
-        autoscaling,
-        schedules,
-        schedules_skipping_for_budget,
-        rate: None,
-        volume: None,
-        clay_contact: None,
-        store_contact: None,
-        kafka_contact: None,
-    })
-}
-
-/// How long the operator waits for a broker to accept a connection.
-const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Tries a TCP connection to every broker the table names (source, sink,
-/// dead letters) and describes the ones that refused, with their address.
-async fn probe_brokers(table: &EnrichmentTable) -> Vec<String> {
-    let spec = &table.spec;
-    let mut brokers: BTreeSet<String> = BTreeSet::new();
-    let connections = [
-        spec.source.kafka.as_ref().map(|k| &k.connection),
-        spec.sink
-            .as_ref()
-            .and_then(|s| s.kafka.as_ref())
-            .and_then(|k| k.connection.as_ref()),
-        spec.dead_letter
-            .as_ref()
-            .and_then(|d| d.kafka.as_ref())
-            .and_then(|k| k.connection.as_ref()),
-    ];
-    for connection in connections.into_iter().flatten() {
-        brokers.extend(connection.brokers.iter().cloned());
-    }
-    let probes = brokers.into_iter().map(|broker| async move {
-        match tokio::time::timeout(
-            BROKER_PROBE_TIMEOUT,
-            tokio::net::TcpStream::connect(&broker),
-        )
-        .await
-        {
-            Ok(Ok(_)) => None,
-            Ok(Err(error)) => Some(format!("broker {broker}: {error}")),
-            Err(_) => Some(format!(
-                "broker {broker}: no answer within {}s",
-                BROKER_PROBE_TIMEOUT.as_secs()
-            )),
-        }
-    });
-    futures::future::join_all(probes)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
-}
-
-/// Whether KEDA's ScaledObject CRD is installed in the cluster.
-async fn keda_installed(client: &Client) -> Result<bool> {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    Ok(Api::<CustomResourceDefinition>::all(client.clone())
-        .get_opt("scaledobjects.keda.sh")
-        .await
-        .at(Step::Read, || {
-            "CustomResourceDefinition scaledobjects.keda.sh".into()
-        })?
-        .is_some())
-}
-
-/// Applies or removes the table's KEDA ScaledObject (only when KEDA is installed).
-async fn apply_scaled_object(
-    client: &Client,
-    table: &EnrichmentTable,
-    namespace: &str,
-    wanted: Option<&kube::api::DynamicObject>,
-) -> Result<()> {
-    let resource = build::scaled_object_resource();
-    let api =
-        Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), namespace, &resource);
-    let name = build::worker_name(&table.name_any());
-    let scaled_object = || format!("ScaledObject {namespace}/{name}");
-    match wanted {
-        Some(object) => {
-            let params =
-                kube::api::PatchParams::apply(crate::operator::labels::FIELD_MANAGER).force();
-            api.patch(&name, &params, &kube::api::Patch::Apply(object))
-                .await
-                .at(Step::Apply, scaled_object)?;
-        }
-        None => {
-            if api
-                .get_opt(&name)
-                .await
-                .at(Step::Read, scaled_object)?
-                .is_some()
-            {
-                api.delete(&name, &Default::default())
-                    .await
-                    .at(Step::Delete, scaled_object)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Applies every desired child that changed and deletes the ones no longer
-/// desired. Returns the Deployments (with their status) for availability.
-async fn apply_children(
-    client: &Client,
-    caches: &TableCaches,
-    namespace: &str,
-    table_name: &str,
-    children: &TableChildren,
-) -> Result<Vec<Arc<Deployment>>> {
-    caches
-        .accounts
-        .apply(client, &children.service_account)
-        .await?;
-    caches.roles.apply(client, &children.role).await?;
-    caches
-        .bindings
-        .apply(client, &children.role_binding)
-        .await?;
-    if let Some(store) = &children.store {
-        caches.claims.apply(client, store).await?;
-    }
-    let mut deployments = vec![caches.deployments.apply(client, &children.receiver).await?];
-    if let Some(worker) = &children.worker {
-        deployments.push(caches.deployments.apply(client, worker).await?);
-    }
-    caches.services.apply(client, &children.service).await?;
-
-    let labels = [(MANAGED_LABEL, MANAGED_BY), (TABLE_LABEL, table_name)];
-    let keep: Vec<String> = deployments.iter().map(|d| d.name_any()).collect();
-    caches
-        .deployments
-        .delete_unwanted(client, namespace, &labels, &keep)
-        .await?;
-    let keep: Vec<String> = children.store.iter().map(|s| s.name_any()).collect();
-    caches
-        .claims
-        .delete_unwanted(client, namespace, &labels, &keep)
-        .await?;
-    Ok(deployments)
 }
 
 /// Emits Events when a condition changes: a Warning when one turns False,

@@ -1,0 +1,74 @@
+//! What a table's reconcile reads and writes, cached by the controller's
+//! watches, trimmed to what it needs.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::runtime::reflector::Store;
+
+use super::counters;
+use crate::api::{CreditBudget, RefreshSchedule};
+use crate::operator::cache::Children;
+
+/// What a table's reconcile reads and writes, cached by the controller's
+/// watches: its children, the budgets, schedules and Secrets it refers to
+/// (Secrets slimmed to whether each value is blank), and its row counters'
+/// Redis connections.
+pub struct TableCaches {
+    pub(super) deployments: Arc<Children<Deployment>>,
+    pub(super) services: Arc<Children<Service>>,
+    pub(super) accounts: Arc<Children<ServiceAccount>>,
+    pub(super) roles: Arc<Children<Role>>,
+    pub(super) bindings: Arc<Children<RoleBinding>>,
+    pub(super) claims: Arc<Children<PersistentVolumeClaim>>,
+    pub(super) budgets: Store<CreditBudget>,
+    pub(super) schedules: Store<RefreshSchedule>,
+    pub(super) secrets: Store<Secret>,
+    /// The tables' pods, reduced to their container states.
+    pub(super) pods: Store<Pod>,
+    pub(super) counters: counters::RowCounterReader,
+}
+
+impl TableCaches {
+    /// Waits until every cache holds what its first list returned: before
+    /// that, a Secret or budget missing from a cache may only not be
+    /// listed yet.
+    pub(super) async fn ready(&self) {
+        self.deployments.ready().await;
+        self.services.ready().await;
+        self.accounts.ready().await;
+        self.roles.ready().await;
+        self.bindings.ready().await;
+        self.claims.ready().await;
+        let _ = self.budgets.wait_until_ready().await;
+        let _ = self.schedules.wait_until_ready().await;
+        let _ = self.secrets.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+    }
+}
+
+/// Keeps of a pod its name, labels and container states: status reports why
+/// a table's pods crash or cannot start.
+pub(super) fn slim_pod(pod: &mut Pod) {
+    pod.metadata.annotations = None;
+    pod.spec = None;
+    if let Some(status) = pod.status.as_mut() {
+        status.conditions = None;
+        status.init_container_statuses = None;
+    }
+}
+
+/// Keeps of a Secret only its name, labels, version and whether each value
+/// is blank: the operator never needs the values, and they may be large.
+pub(super) fn slim_secret(secret: &mut Secret) {
+    secret.metadata.annotations = None;
+    secret.string_data = None;
+    if let Some(data) = secret.data.as_mut() {
+        for value in data.values_mut() {
+            let blank = value.0.trim_ascii().is_empty();
+            value.0 = if blank { Vec::new() } else { vec![1] };
+        }
+    }
+}
