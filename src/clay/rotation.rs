@@ -35,6 +35,12 @@ pub trait SubmissionCounter: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<u64>, ClayError>>;
 }
 
+/// The count after adding `n` rows to a source holding `count`, when that
+/// stays within `limit` (the Redis store checks the same in its script).
+pub fn added_within(count: u64, n: u64, limit: u64) -> Option<u64> {
+    count.checked_add(n).filter(|total| *total <= limit)
+}
+
 /// A process-local counter, for tests and single-process use.
 #[derive(Default)]
 pub struct MemoryCounter(Mutex<HashMap<String, u64>>);
@@ -49,11 +55,11 @@ impl SubmissionCounter for MemoryCounter {
         Box::pin(async move {
             let mut counts = self.0.lock().unwrap();
             let count = counts.entry(source.to_string()).or_insert(0);
-            if *count + n > limit {
-                return Ok(None);
+            let added = added_within(*count, n, limit);
+            if let Some(total) = added {
+                *count = total;
             }
-            *count += n;
-            Ok(Some(*count))
+            Ok(added)
         })
     }
 }
@@ -150,6 +156,13 @@ impl SourceRotation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_takes_rows_up_to_its_cap_and_never_overflows() {
+        assert_eq!(added_within(49_990, 10, 50_000), Some(50_000));
+        assert_eq!(added_within(49_991, 10, 50_000), None);
+        assert_eq!(added_within(u64::MAX, 1, u64::MAX), None);
+    }
 
     fn target(name: &str) -> WebhookTarget {
         WebhookTarget {

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::store::{PendingRow, PendingRows};
 use crate::clay::ClayError;
-use crate::clay::rotation::SubmissionCounter;
+use crate::clay::rotation::{SubmissionCounter, added_within};
 
 /// row id → [`Waiting`] (JSON).
 const PENDING: TableDefinition<&str, &str> = TableDefinition::new("pending");
@@ -561,12 +561,11 @@ impl SubmissionCounter for EmbeddedStore {
                 let added = {
                     let mut table = txn.open_table(SOURCES)?;
                     let count = table.get(source.as_str())?.map(|v| v.value()).unwrap_or(0);
-                    if count + n > limit {
-                        None
-                    } else {
-                        table.insert(source.as_str(), count + n)?;
-                        Some(count + n)
+                    let added = added_within(count, n, limit);
+                    if let Some(total) = added {
+                        table.insert(source.as_str(), total)?;
                     }
+                    added
                 };
                 txn.commit()?;
                 Ok(added)
