@@ -1,16 +1,19 @@
-//! `kiln receiver`: the ingest endpoint (`POST /v1/rows`) and the endpoint
-//! Clay's HTTP API column calls back (`POST /v1/clay/callback`). A callback
-//! claims its pending row and delivers it in one atomic step, so duplicate
-//! callbacks, or two receivers racing, deliver a row exactly once.
+//! `kiln receiver`: the ingest endpoint (`POST /v1/rows`, `ingest`), the
+//! endpoint Clay's HTTP API column calls back (`POST /v1/clay/callback`,
+//! `callback`) and, for tier Direct, in-line enrichment (`enrich`). A
+//! callback claims its pending row and delivers it in one atomic step, so
+//! duplicate callbacks, or two receivers racing, deliver a row exactly once.
+
+mod callback;
+mod enrich;
+mod ingest;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -23,7 +26,7 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::attempt::{Attempts, Live, now_ms};
-use super::direct::{Answer, Direct, MAX_ROWS_PER_REQUEST, Routine, requested_wait};
+use super::direct::{Direct, Routine};
 use super::embedded::EmbeddedStore;
 use super::store::{PendingRow, RedisStore};
 use super::{DataplaneArgs, TableRuntime};
@@ -32,6 +35,9 @@ use crate::contract::{CALLBACK_PATH, ENRICH_PATH, INGEST_PATH, Keys, ROW_STATUS_
 use crate::api::table::Tier;
 use crate::health::{Readiness, serve_health};
 use crate::ledger::lease::CreditLease;
+
+pub use self::callback::callback_of_body;
+pub use self::ingest::rows_of_body;
 
 /// How often a receiver finishes settlements other receivers left behind.
 const SETTLEMENT_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
@@ -212,10 +218,10 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let app = Router::new()
-        .route(INGEST_PATH, post(ingest))
-        .route(ENRICH_PATH, post(enrich))
-        .route(ROW_STATUS_PATH, get(row_status))
-        .route(CALLBACK_PATH, post(callback))
+        .route(INGEST_PATH, post(ingest::ingest))
+        .route(ENRICH_PATH, post(enrich::enrich))
+        .route(ROW_STATUS_PATH, get(enrich::row_status))
+        .route(CALLBACK_PATH, post(callback::callback))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(receiver.clone());
     let sweeper = tokio::spawn({
@@ -354,304 +360,6 @@ fn authorize(
         )));
     }
     Ok(runtime)
-}
-
-/// Rows of a request body: a JSON object, or a non-empty array of at most
-/// `max` objects (then `true`: the caller sent a batch). None otherwise.
-pub fn rows_of_body(body: &[u8], max: usize) -> Option<(Vec<Value>, bool)> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(row)) => Some((vec![Value::Object(row)], false)),
-        Ok(Value::Array(rows))
-            if !rows.is_empty() && rows.len() <= max && rows.iter().all(Value::is_object) =>
-        {
-            Some((rows, true))
-        }
-        _ => None,
-    }
-}
-
-fn parse_rows(
-    receiver: &Receiver,
-    body: &[u8],
-    endpoint: &'static str,
-    max: usize,
-) -> Result<(Vec<Value>, bool), Box<Response>> {
-    rows_of_body(body, max).ok_or_else(|| {
-        receiver.count(endpoint, "invalid");
-        Box::new(reply(
-            StatusCode::BAD_REQUEST,
-            json!({"error": format!("body must be a JSON object or an array of 1 to {max} objects")}),
-        ))
-    })
-}
-
-/// A Clay callback body: the result object and the row id it echoes
-/// (non-empty), or why it is refused.
-pub fn callback_of_body(body: &[u8]) -> Result<(String, Value), &'static str> {
-    let result = match serde_json::from_slice::<Value>(body) {
-        Ok(value @ Value::Object(_)) => value,
-        _ => return Err("body must be a JSON object"),
-    };
-    match result.get("kiln_row_id").and_then(Value::as_str) {
-        Some(row_id) if !row_id.is_empty() => Ok((row_id.to_string(), result)),
-        _ => Err("kiln_row_id is missing: the HTTP API column must echo it"),
-    }
-}
-
-async fn ingest(
-    State(receiver): State<Arc<Receiver>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let runtime = match authorize(&receiver, &headers, "rows") {
-        Ok(runtime) => runtime,
-        Err(response) => return *response,
-    };
-    let Rows::Redis(store) = &receiver.rows else {
-        receiver.count("rows", "disabled");
-        return reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": "tier Direct enriches in the request: POST /v1/enrich"}),
-        );
-    };
-    let rows = match parse_rows(&receiver, &body, "rows", receiver.max_rows_per_request) {
-        Ok((rows, _)) => rows,
-        Err(response) => return *response,
-    };
-    // Refused here as on every tier, rather than dead-lettered later.
-    let key = &runtime.table.spec.key;
-    if let Some(index) = rows
-        .iter()
-        .position(|row| super::key_of(row, key).is_none())
-    {
-        receiver.count("rows", "invalid");
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"error": format!("row {index} has no {key:?}: the key must be a non-empty string or a number")}),
-        );
-    }
-    let with_ids: Vec<(String, Value)> = rows
-        .into_iter()
-        .map(|row| {
-            (
-                format!("{}-{}", runtime.name, uuid::Uuid::new_v4().simple()),
-                row,
-            )
-        })
-        .collect();
-    let inbox = store.keys().inbox();
-    match store.enqueue(&inbox, &with_ids).await {
-        Ok(_) => {
-            receiver.count("rows", "accepted");
-            crate::metrics::dataplane().rows("received", "ok", with_ids.len() as u64);
-            let ids: Vec<&str> = with_ids.iter().map(|(id, _)| id.as_str()).collect();
-            reply(
-                StatusCode::ACCEPTED,
-                json!({"accepted": ids.len(), "rowIds": ids}),
-            )
-        }
-        Err(error) => {
-            receiver.count("rows", "unavailable");
-            tracing::warn!(%error, "enqueueing rows failed");
-            reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": "the row store is unavailable; retry"}),
-            )
-        }
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct EnrichQuery {
-    /// How long to wait for the result (Go duration), else spec.source.http.syncTimeout.
-    timeout: Option<String>,
-}
-
-fn outcome_label(answer: &Answer) -> &'static str {
-    match answer {
-        Answer::Enriched {
-            deduplicated: true, ..
-        } => "deduplicated",
-        Answer::Enriched { .. } => "enriched",
-        Answer::DeadLettered { .. } => "deadLettered",
-        Answer::Refused { .. } => "refused",
-        Answer::Pending { .. } => "pending",
-        Answer::Invalid { .. } => "invalid",
-    }
-}
-
-fn answer_response(answer: &Answer) -> Response {
-    let mut response = reply(answer.status(), answer.body());
-    if let Some(seconds) = answer.retry_after() {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, seconds.into());
-    }
-    response
-}
-
-/// `POST /v1/enrich` (tier Direct): the enriched record in the response.
-async fn enrich(
-    State(receiver): State<Arc<Receiver>>,
-    Query(query): Query<EnrichQuery>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let runtime = match authorize(&receiver, &headers, "enrich") {
-        Ok(runtime) => runtime,
-        Err(response) => return *response,
-    };
-    let Rows::Embedded(direct) = &receiver.rows else {
-        receiver.count("enrich", "disabled");
-        return reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": "POST /v1/enrich is served by tier Direct tables; this table queues rows: POST /v1/rows"}),
-        );
-    };
-    let default_wait = runtime
-        .table
-        .spec
-        .source
-        .http
-        .as_ref()
-        .map_or(Duration::from_secs(30), |h| h.sync_timeout.into());
-    let wait = match requested_wait(query.timeout.as_deref(), default_wait) {
-        Ok(wait) => wait,
-        Err(message) => {
-            receiver.count("enrich", "invalid");
-            return reply(StatusCode::BAD_REQUEST, json!({"error": message}));
-        }
-    };
-    let (rows, batch) = match parse_rows(&receiver, &body, "enrich", MAX_ROWS_PER_REQUEST) {
-        Ok(parsed) => parsed,
-        Err(response) => return *response,
-    };
-    let answers =
-        futures::future::join_all(rows.into_iter().map(|row| direct.enrich(row, wait))).await;
-    for answer in &answers {
-        let outcome = outcome_label(answer);
-        receiver.count("enrich", outcome);
-        if outcome != "invalid" {
-            crate::metrics::dataplane().rows("received", "ok", 1);
-        }
-        if outcome == "deduplicated" {
-            crate::metrics::dataplane().rows("deduplicated", "ok", 1);
-        }
-    }
-    if !batch {
-        return answer_response(&answers[0]);
-    }
-    let results: Vec<Value> = answers
-        .iter()
-        .map(|a| {
-            let mut body = a.body();
-            body["status"] = a.status().as_u16().into();
-            body
-        })
-        .collect();
-    reply(StatusCode::OK, json!({ "results": results }))
-}
-
-/// `GET /v1/rows/{id}` (tier Direct): a row's result once it has one.
-async fn row_status(
-    State(receiver): State<Arc<Receiver>>,
-    Path(row_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(response) = authorize(&receiver, &headers, "row") {
-        return *response;
-    }
-    let Rows::Embedded(direct) = &receiver.rows else {
-        return reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": "row lookups are served by tier Direct tables"}),
-        );
-    };
-    match direct.lookup(&row_id).await {
-        Ok(Some(answer)) => answer_response(&answer),
-        Ok(None) => reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": format!("no row {row_id:?}")}),
-        ),
-        Err(error) => {
-            tracing::warn!(error = %format!("{error:#}"), "reading a row failed");
-            reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": "the row store is unavailable; retry"}),
-            )
-        }
-    }
-}
-
-async fn callback(
-    State(receiver): State<Arc<Receiver>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let given = headers
-        .get(CALLBACK_TOKEN_HEADER)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    let runtime = receiver.runtime();
-    let expected = runtime.callback_token.expose().as_bytes();
-    if expected.is_empty() || !bool::from(given.ct_eq(expected)) {
-        receiver.count("callback", "unauthorized");
-        return reply(
-            StatusCode::UNAUTHORIZED,
-            json!({"error": format!("missing or wrong {CALLBACK_TOKEN_HEADER} header")}),
-        );
-    }
-    let (row_id, result) = match callback_of_body(&body) {
-        Ok(callback) => callback,
-        Err(problem) => {
-            receiver.count("callback", "invalid");
-            return reply(StatusCode::BAD_REQUEST, json!({"error": problem}));
-        }
-    };
-    use tracing::Instrument as _;
-    let span = tracing::info_span!("row", row = %row_id, table = %runtime.name);
-    complete_row(&receiver, &runtime, &row_id, &result)
-        .instrument(span)
-        .await
-}
-
-/// A callback's row: claimed once, settled, delivered (or a duplicate).
-async fn complete_row(
-    receiver: &Receiver,
-    runtime: &TableRuntime,
-    row_id: &str,
-    result: &Value,
-) -> Response {
-    let reported = result
-        .pointer(&runtime.table.spec.clay.cost_pointer)
-        .and_then(Value::as_f64);
-    let claimed = receiver
-        .rows
-        .claim_callback(runtime, row_id, result, reported)
-        .await;
-    let pending = match claimed {
-        Ok(Some(pending)) => pending,
-        Ok(None) => {
-            // Already delivered (Clay called twice) or no longer pending: acknowledge so Clay stops.
-            receiver.count("callback", "duplicate");
-            return reply(StatusCode::OK, json!({"status": "duplicate"}));
-        }
-        Err(error) => {
-            receiver.count("callback", "unavailable");
-            tracing::warn!(error = %format!("{error:#}"), "claiming a callback failed");
-            return reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": "the row store is unavailable; retry"}),
-            );
-        }
-    };
-    let took = (pending.attempted_at_ms > 0).then(|| {
-        Duration::from_millis(now_ms().saturating_sub(pending.attempted_at_ms).max(0) as u64)
-    });
-    receiver.settle(row_id, reported, &pending, took).await;
-    receiver.count("callback", "delivered");
-    crate::metrics::dataplane().rows("enriched", "ok", 1);
-    reply(StatusCode::OK, json!({"status": "delivered"}))
 }
 
 /// Why the embedded store could not be opened, with the fix when the volume
