@@ -20,8 +20,8 @@ use serde_json::json;
 
 use kiln::api::table::CreditCost;
 use kiln::api::{CreditBudget, EnrichmentTable};
-use kiln::clay::SecretString;
 use kiln::ledger::client::{LedgerClient, TokenSource};
+use kiln::secret::SecretString;
 
 /// PATCHes of creditbudgets/status the API server has served so far.
 async fn status_writes(client: &kube::Client) -> f64 {

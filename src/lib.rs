@@ -12,6 +12,8 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod operator;
+pub mod retry;
+pub mod secret;
 pub mod telemetry;
 
 /// Resolves on SIGTERM or SIGINT: every long-running process shuts down on it.

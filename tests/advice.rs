@@ -378,10 +378,10 @@ async fn clay_out_of_reach_is_said_in_the_table_status_until_it_answers_again() 
 /// processes report with their lease, and cleared when they reach it again.
 #[tokio::test]
 async fn a_store_only_the_pods_cannot_reach_is_said_until_they_reach_it() {
-    use kiln::clay::SecretString;
     use kiln::contact::Contact;
     use kiln::ledger::LeaseRequest;
     use kiln::ledger::client::{LedgerClient, TokenSource};
+    use kiln::secret::SecretString;
 
     let p = pipeline("advice-store", QUICK_CLAY, 1_000_000.0, "Pause", false).await;
     condition_when(&p.env, "leads", "RedisReachable", "Connected").await;

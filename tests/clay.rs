@@ -16,10 +16,10 @@ use serde_json::{Value, json};
 
 use kiln::clay::ClayError;
 use kiln::clay::limiter::RateLimiter;
-use kiln::clay::retry::RetryPolicy;
 use kiln::clay::rotation::{MemoryCounter, RotationPolicy, SourceRotation, WebhookTarget};
 use kiln::clay::routines::{RoutineItem, RoutinesClient, verify_signature};
 use kiln::clay::webhook::{RowOutcome, WebhookClient, WebhookConfig};
+use kiln::retry::RetryPolicy;
 use support::wait;
 
 fn quick_retry(attempts: u32) -> RetryPolicy {

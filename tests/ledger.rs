@@ -15,10 +15,10 @@ use serde_json::{Value, json};
 
 use kiln::api::table::CreditCost;
 use kiln::api::{CreditBudget, EnrichmentTable};
-use kiln::clay::SecretString;
 use kiln::ledger::client::{LedgerClient, LedgerClientError, TokenSource};
 use kiln::ledger::lease::{CreditLease, LeaseTarget};
 use kiln::ledger::{DenialReason, LeaseRequest};
+use kiln::secret::SecretString;
 use support::{TestEnv, wait};
 
 fn table(name: &str, budget: &str) -> Value {

@@ -4,15 +4,12 @@
 
 pub mod error;
 pub mod limiter;
-pub mod retry;
 pub mod rotation;
 pub mod routines;
-pub mod secret;
 pub mod sim;
 pub mod webhook;
 
 pub use error::ClayError;
-pub use secret::SecretString;
 
 /// A request to Clay at `url` got no answer: recorded for the table's
 /// ClayReachable condition, naming only the host.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 
 use super::error::ClayError;
-use super::secret::SecretString;
+use crate::secret::SecretString;
 
 /// Clay's lifetime submission cap per webhook source.
 pub const SOURCE_CAP: u64 = 50_000;

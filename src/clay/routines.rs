@@ -11,9 +11,9 @@ use sha2::Sha256;
 
 use super::error::{ClayError, describe_transport};
 use super::limiter::RateLimiter;
-use super::retry::{Failure, RetryPolicy, retry_after};
-use super::secret::SecretString;
 use super::webhook::clay_message;
+use crate::retry::{Failure, RetryPolicy, retry_after};
+use crate::secret::SecretString;
 
 /// Header carrying the API key (a Bearer token is refused by Clay).
 pub const API_KEY_HEADER: &str = "clay-api-key";

@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use super::error::{ClayError, describe_transport};
 use super::limiter::RateLimiter;
-use super::retry::{Failure, RetryPolicy, is_retryable_status, retry_after};
 use super::rotation::{SourceRotation, WebhookTarget};
+use crate::retry::{Failure, RetryPolicy, is_retryable_status, retry_after};
 
 /// Clay's request body limit for webhook sources (about 100 KB).
 pub const BODY_LIMIT_BYTES: usize = 100_000;

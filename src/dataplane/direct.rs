@@ -163,7 +163,7 @@ impl Routine {
                 &spec.api_url,
                 runtime.routine_api_key.clone()?,
                 lease.rate_limiter(&runtime.table.spec.clay.rate_limit),
-                crate::clay::retry::RetryPolicy::default(),
+                crate::retry::RetryPolicy::default(),
             ),
             routine_id: spec.routine_id.clone(),
         })

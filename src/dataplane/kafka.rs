@@ -15,8 +15,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::api::table::SaslMechanism;
-use crate::clay::SecretString;
 use crate::contact::{self, Peer};
+use crate::secret::SecretString;
 
 /// The worker's consumer and the receiver's producer, watched by [`Watch`].
 pub type KafkaConsumer = StreamConsumer<Watch>;

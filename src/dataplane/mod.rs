@@ -22,10 +22,10 @@ use kube::api::Api;
 use crate::api::EnrichmentTable;
 use crate::api::common::SecretKeyRef;
 use crate::api::table::KafkaConnection;
-use crate::clay::SecretString;
 use crate::clay::rotation::WebhookTarget;
 use crate::ledger::client::{LedgerClient, TokenSource};
 use crate::ledger::lease::{CreditLease, LeaseTarget};
+use crate::secret::SecretString;
 
 /// How a data-plane process reaches the operator's reservation API.
 #[derive(clap::Args, Clone, Debug)]

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use super::TableRuntime;
 use super::store::{PendingRow, RedisStore, SinkRoute, text_field};
 use crate::api::table::{HttpMethod, HttpSink};
-use crate::clay::retry::{Failure, RetryPolicy, retry_after};
 use crate::contract::Keys;
+use crate::retry::{Failure, RetryPolicy, retry_after};
 
 /// The route for a table's sink.
 pub fn route(runtime: &TableRuntime, keys: &Keys) -> SinkRoute {
@@ -587,7 +587,7 @@ mod tests {
             name: "leads".into(),
             table: table.clone(),
             webhook_targets: vec![],
-            callback_token: crate::clay::SecretString::new("t"),
+            callback_token: crate::secret::SecretString::new("t"),
             ingest_token: None,
             redis_url: None,
             routine_api_key: None,

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Denial, LeaseAnswer, LeaseRequest};
-use crate::clay::SecretString;
+use crate::secret::SecretString;
 
 /// Where the caller's ServiceAccount token comes from.
 #[derive(Clone, Debug)]
