@@ -43,12 +43,16 @@ struct Seen {
 
 impl Seen {
     /// When the latest outcome is due to be reported (None: nothing to say).
+    /// A failure that goes on is not news when only its wording changes
+    /// (librdkafka's say how long ago the connection failed): it waits for
+    /// its repeat.
     fn due(&self) -> Option<Instant> {
         let latest = self.latest.as_ref()?;
-        match &self.reported {
-            Some((reported, at)) if reported == latest => {
-                matches!(latest, Contact::Unreachable(_)).then(|| *at + REPEAT_FAILURE_EVERY)
+        match (&self.reported, latest) {
+            (Some((Contact::Unreachable(_), at)), Contact::Unreachable(_)) => {
+                Some(*at + REPEAT_FAILURE_EVERY)
             }
+            (Some((Contact::Answered, _)), Contact::Answered) => None,
             _ => Some(Instant::now()),
         }
     }
@@ -166,6 +170,17 @@ mod tests {
             reported: Some((Contact::Answered, long_ago)),
         };
         assert_eq!(fine.due(), None);
+        let reworded = Seen {
+            latest: Some(Contact::Unreachable("k-0:9092: refused (after 3ms)".into())),
+            reported: Some((
+                Contact::Unreachable("k-0:9092: refused (after 1ms)".into()),
+                Instant::now(),
+            )),
+        };
+        assert!(
+            reworded.due().unwrap() > Instant::now(),
+            "the same failure reworded waits for its repeat"
+        );
         assert!(
             Seen::default().due().is_none(),
             "nothing seen, nothing to say"
