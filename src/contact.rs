@@ -27,6 +27,10 @@ pub enum Peer {
     Kafka,
 }
 
+impl Peer {
+    pub const ALL: [Peer; 3] = [Peer::Clay, Peer::Store, Peer::Kafka];
+}
+
 /// Longest detail carried (the lease API refuses longer ones).
 pub const MAX_DETAIL_BYTES: usize = 512;
 
@@ -58,20 +62,12 @@ impl Seen {
     }
 }
 
-static SEEN: [Mutex<Seen>; 3] = [
-    Mutex::new(Seen {
-        latest: None,
-        reported: None,
-    }),
-    Mutex::new(Seen {
-        latest: None,
-        reported: None,
-    }),
-    Mutex::new(Seen {
-        latest: None,
-        reported: None,
-    }),
-];
+#[allow(clippy::declare_interior_mutable_const)] // each array slot is its own Mutex
+const UNSEEN: Mutex<Seen> = Mutex::new(Seen {
+    latest: None,
+    reported: None,
+});
+static SEEN: [Mutex<Seen>; Peer::ALL.len()] = [UNSEEN; Peer::ALL.len()];
 
 fn seen(peer: Peer) -> std::sync::MutexGuard<'static, Seen> {
     SEEN[peer as usize].lock().unwrap()
@@ -119,7 +115,7 @@ pub fn take(peer: Peer) -> Option<Contact> {
 
 /// When something about any service is next due to be reported.
 pub fn next_report() -> Option<Instant> {
-    [Peer::Clay, Peer::Store, Peer::Kafka]
+    Peer::ALL
         .into_iter()
         .filter_map(|peer| seen(peer).due())
         .min()

@@ -106,20 +106,23 @@ impl RetryPolicy {
         F: FnMut(u32) -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure<E>>>,
     {
-        let made = std::sync::atomic::AtomicU32::new(0);
-        let outcome = (|| attempt(made.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1))
-            .retry(self.delays())
-            .when(|failure| matches!(failure, Failure::Transient { .. }))
-            .adjust(|failure, backoff| match failure {
-                // Out of attempts stays out of attempts.
-                Failure::Transient {
-                    retry_after: Some(wait),
-                    ..
-                } => backoff.map(|_| *wait),
-                _ => backoff,
-            })
-            .await;
-        (outcome, made.into_inner())
+        let mut made = 0;
+        let outcome = (|| {
+            made += 1;
+            attempt(made)
+        })
+        .retry(self.delays())
+        .when(|failure| matches!(failure, Failure::Transient { .. }))
+        .adjust(|failure, backoff| match failure {
+            // Out of attempts stays out of attempts.
+            Failure::Transient {
+                retry_after: Some(wait),
+                ..
+            } => backoff.map(|_| *wait),
+            _ => backoff,
+        })
+        .await;
+        (outcome, made)
     }
 }
 

@@ -2,8 +2,6 @@
 //! object it was about. Missing references are not errors: they become
 //! status conditions.
 
-use std::fmt;
-
 use kube::{Resource, ResourceExt};
 
 /// What a reconciliation was doing when it failed (the `step` label of
@@ -91,12 +89,6 @@ impl<T> AtStep<T> for Result<T, kube::Error> {
             object: object(),
             source,
         })
-    }
-}
-
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

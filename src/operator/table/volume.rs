@@ -222,14 +222,12 @@ impl Volumes {
     /// Whether a failure reported by some process may still end without
     /// news (the process gone): the table is looked at again soon.
     pub fn failure_reported(&self, namespace: &str, table: &str, now: Timestamp) -> bool {
-        [Peer::Clay, Peer::Store, Peer::Kafka]
-            .into_iter()
-            .any(|peer| {
-                matches!(
-                    self.contact(namespace, table, peer, now),
-                    Some(Contact::Unreachable(_))
-                )
-            })
+        Peer::ALL.into_iter().any(|peer| {
+            matches!(
+                self.contact(namespace, table, peer, now),
+                Some(Contact::Unreachable(_))
+            )
+        })
     }
 
     /// Tables with traffic in the last hour (their status is refreshed sooner).
