@@ -10,7 +10,8 @@ mod support;
 use serde_json::json;
 
 use kiln::contract::Keys;
-use kiln::dataplane::store::{PendingRow, RedisStore, SourceEntry, new_write_token};
+use kiln::dataplane::rows::RowStore;
+use kiln::dataplane::store::{PendingRow, RedisRows, RedisStore, SourceEntry, new_write_token};
 
 /// Holds every write on the server for longer than the store waits for an
 /// answer (its response timeout is 5 s); the writes run when it ends.
@@ -76,6 +77,10 @@ async fn a_step_whose_answer_times_out_is_run_again_and_recognises_its_own_write
     );
 
     // Replacing it by its next attempt: the same.
+    let rows = RedisRows {
+        store: store.clone(),
+        dead_letter: "dead".into(),
+    };
     let next = PendingRow {
         attempt: 2,
         reservation: "store-leads-0-0-a2".into(),
@@ -84,8 +89,7 @@ async fn a_step_whose_answer_times_out_is_run_again_and_recognises_its_own_write
     };
     pause_writes(&redis.url).await;
     assert!(
-        store
-            .replace_pending(&next, deadline, &pending.reservation)
+        rows.replace_pending(&next, deadline, &pending.reservation)
             .await
             .expect("a slow step is not a failure"),
         "the replacement run again found its own write"
@@ -95,7 +99,7 @@ async fn a_step_whose_answer_times_out_is_run_again_and_recognises_its_own_write
         ..next.clone()
     };
     assert!(
-        !store
+        !rows
             .replace_pending(&rival, deadline, &pending.reservation)
             .await
             .unwrap(),

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use futures::future::BoxFuture;
+use async_trait::async_trait;
 
 use super::error::ClayError;
 use crate::secret::SecretString;
@@ -24,15 +24,11 @@ pub struct WebhookTarget {
 }
 
 /// Durable per-source submission counts, shared by every worker of a table.
+#[async_trait]
 pub trait SubmissionCounter: Send + Sync {
     /// Adds `n` to `source`'s count if the result stays within `limit`;
     /// returns the new count, or None (and changes nothing) if it would not.
-    fn try_add<'a>(
-        &'a self,
-        source: &'a str,
-        n: u64,
-        limit: u64,
-    ) -> BoxFuture<'a, Result<Option<u64>, ClayError>>;
+    async fn try_add(&self, source: &str, n: u64, limit: u64) -> Result<Option<u64>, ClayError>;
 }
 
 /// The count after adding `n` rows to a source holding `count`, when that
@@ -45,22 +41,16 @@ pub fn added_within(count: u64, n: u64, limit: u64) -> Option<u64> {
 #[derive(Default)]
 pub struct MemoryCounter(Mutex<HashMap<String, u64>>);
 
+#[async_trait]
 impl SubmissionCounter for MemoryCounter {
-    fn try_add<'a>(
-        &'a self,
-        source: &'a str,
-        n: u64,
-        limit: u64,
-    ) -> BoxFuture<'a, Result<Option<u64>, ClayError>> {
-        Box::pin(async move {
-            let mut counts = self.0.lock().unwrap();
-            let count = counts.entry(source.to_string()).or_insert(0);
-            let added = added_within(*count, n, limit);
-            if let Some(total) = added {
-                *count = total;
-            }
-            Ok(added)
-        })
+    async fn try_add(&self, source: &str, n: u64, limit: u64) -> Result<Option<u64>, ClayError> {
+        let mut counts = self.0.lock().unwrap();
+        let count = counts.entry(source.to_string()).or_insert(0);
+        let added = added_within(*count, n, limit);
+        if let Some(total) = added {
+            *count = total;
+        }
+        Ok(added)
     }
 }
 

@@ -8,8 +8,11 @@ pub mod embedded;
 pub mod kafka;
 pub mod receiver;
 pub mod refresh;
+pub mod rows;
 pub mod sink;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -89,8 +92,15 @@ pub struct DataplaneArgs {
 }
 
 impl DataplaneArgs {
-    pub fn namespace_and_name(&self) -> anyhow::Result<(String, String)> {
-        namespace_and_name(&self.table, "--table")
+    /// Connects to the API server and reads the process's table and the
+    /// Secret keys it names.
+    pub async fn load_table(&self) -> anyhow::Result<(kube::Client, Arc<TableRuntime>)> {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let (namespace, name) = namespace_and_name(&self.table, "--table")?;
+        let runtime = TableRuntime::load(&client, &namespace, &name).await?;
+        Ok((client, runtime))
     }
 
     pub fn identity(&self) -> String {

@@ -582,20 +582,8 @@ mod tests {
     fn http_sinks_route_through_the_outbox_and_stream_sinks_do_not() {
         let keys = Keys::new("sales", "leads");
         let mut table = crate::operator::table::build::tests::queue_table();
-        let runtime = |table: &crate::api::EnrichmentTable| TableRuntime {
-            namespace: "sales".into(),
-            name: "leads".into(),
-            table: table.clone(),
-            webhook_targets: vec![],
-            callback_token: crate::secret::SecretString::new("t"),
-            ingest_token: None,
-            redis_url: None,
-            routine_api_key: None,
-            sink_headers: vec![],
-            kafka_source: None,
-            kafka_sink: None,
-            kafka_dead_letter: None,
-        };
+        let runtime =
+            |table: &crate::api::EnrichmentTable| crate::dataplane::testing::runtime(table, vec![]);
         assert_eq!(
             route(&runtime(&table), &keys),
             SinkRoute {

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::attempt::{Attempts, Live, now_ms};
-use super::store::{RedisPendingRows, RedisStore, SourceEntry, text_field};
+use super::store::{RedisRows, RedisStore, SourceEntry, text_field};
 use super::{DataplaneArgs, TableRuntime};
 use crate::api::budget::OnExhausted;
 use crate::contract::Keys;
@@ -112,11 +112,8 @@ enum Handled {
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API")?;
-    let (namespace, name) = args.common.namespace_and_name()?;
-    let runtime = TableRuntime::load(&client, &namespace, &name).await?;
+    let (client, runtime) = args.common.load_table().await?;
+    let (namespace, name) = (runtime.namespace.clone(), runtime.name.clone());
     let redis_url = runtime
         .redis_url
         .clone()
@@ -162,7 +159,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let lease = args.common.lease(&runtime.borrow(), &identity)?;
     let attempts = Arc::new(Attempts {
         live: Live::follow(runtime.clone(), Arc::new(store.clone()), &lease),
-        rows: Arc::new(RedisPendingRows {
+        rows: Arc::new(RedisRows {
             store: store.clone(),
             dead_letter,
         }),

@@ -14,6 +14,7 @@ use subtle::ConstantTimeEq;
 use super::{CALLBACK_TOKEN_HEADER, Receiver, reply};
 use crate::dataplane::TableRuntime;
 use crate::dataplane::attempt::now_ms;
+use crate::dataplane::rows::Callback;
 
 /// A Clay callback body: the result object and the row id it echoes
 /// (non-empty), or why it is refused.
@@ -72,7 +73,14 @@ async fn complete_row(
         .and_then(Value::as_f64);
     let claimed = receiver
         .rows
-        .claim_callback(runtime, row_id, result, reported)
+        .claim_callback(
+            runtime,
+            &Callback {
+                row_id,
+                result,
+                reported,
+            },
+        )
         .await;
     let pending = match claimed {
         Ok(Some(pending)) => pending,

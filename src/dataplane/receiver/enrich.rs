@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{Receiver, Rows, authorize, reply};
+use super::{Intake, Receiver, authorize, not_served, reply};
 use crate::dataplane::direct::{Answer, MAX_ROWS_PER_REQUEST, requested_wait};
 
 use super::ingest::parse_rows;
@@ -55,12 +55,9 @@ pub(super) async fn enrich(
         Ok(runtime) => runtime,
         Err(response) => return *response,
     };
-    let Rows::Embedded(direct) = &receiver.rows else {
-        receiver.count("enrich", "disabled");
-        return reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": "POST /v1/enrich is served by tier Direct tables; this table queues rows: POST /v1/rows"}),
-        );
+    let Intake::Direct(direct) = &receiver.intake else {
+        let use_instead = "POST /v1/enrich is served by tier Direct tables; this table queues rows: POST /v1/rows";
+        return not_served(&receiver, "enrich", use_instead);
     };
     let default_wait = runtime
         .table
@@ -115,7 +112,7 @@ pub(super) async fn row_status(
     if let Err(response) = authorize(&receiver, &headers, "row") {
         return *response;
     }
-    let Rows::Embedded(direct) = &receiver.rows else {
+    let Intake::Direct(direct) = &receiver.intake else {
         return reply(
             StatusCode::NOT_FOUND,
             json!({"error": "row lookups are served by tier Direct tables"}),

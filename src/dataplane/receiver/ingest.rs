@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{Receiver, Rows, authorize, reply};
+use super::{Intake, Receiver, authorize, not_served, reply};
 
 /// Rows of a request body: a JSON object, or a non-empty array of at most
 /// `max` objects (then `true`: the caller sent a batch). None otherwise.
@@ -48,12 +48,9 @@ pub(super) async fn ingest(
         Ok(runtime) => runtime,
         Err(response) => return *response,
     };
-    let Rows::Redis(store) = &receiver.rows else {
-        receiver.count("rows", "disabled");
-        return reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": "tier Direct enriches in the request: POST /v1/enrich"}),
-        );
+    let Intake::Queue(store) = &receiver.intake else {
+        let use_instead = "tier Direct enriches in the request: POST /v1/enrich";
+        return not_served(&receiver, "rows", use_instead);
     };
     let rows = match parse_rows(&receiver, &body, "rows", receiver.max_rows_per_request) {
         Ok((rows, _)) => rows,

@@ -25,10 +25,11 @@ use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use super::attempt::{Attempts, Live, now_ms};
+use super::attempt::{Attempts, Live};
 use super::direct::{Direct, Routine};
 use super::embedded::EmbeddedStore;
-use super::store::{PendingRow, RedisStore};
+use super::rows::RowStore;
+use super::store::{PendingRow, RedisRows, RedisStore};
 use super::{DataplaneArgs, TableRuntime};
 use crate::contract::{CALLBACK_PATH, ENRICH_PATH, INGEST_PATH, Keys, ROW_STATUS_PATH};
 
@@ -71,58 +72,21 @@ struct RequestLabels {
 
 struct Receiver {
     runtime: tokio::sync::watch::Receiver<Arc<TableRuntime>>,
-    rows: Rows,
+    /// Where its rows live: Redis, or the Direct tier's embedded store.
+    rows: Arc<dyn RowStore>,
+    intake: Intake,
     lease: Arc<CreditLease>,
     requests: Family<RequestLabels, Counter>,
     max_rows_per_request: usize,
 }
 
-/// Where a receiver's rows live.
-enum Rows {
-    /// Tiers Queue and Event: Redis, shared with the workers.
-    Redis(Box<RedisStore>),
-    /// Tier Direct: the embedded store, and the in-line enrichment on it.
-    Embedded(Arc<Direct>),
-}
-
-impl Rows {
-    async fn claim_callback(
-        &self,
-        runtime: &TableRuntime,
-        row_id: &str,
-        result: &Value,
-        reported: Option<f64>,
-    ) -> anyhow::Result<Option<PendingRow>> {
-        match self {
-            Self::Redis(store) => {
-                let sink = super::sink::route(runtime, store.keys());
-                let claimed = store
-                    .claim_callback(row_id, result, now_ms(), &sink, reported)
-                    .await?;
-                if claimed.is_some() && !sink.through_outbox {
-                    // Written to the sink stream in the same step.
-                    crate::metrics::dataplane().rows("delivered", "ok", 1);
-                }
-                Ok(claimed)
-            }
-            Self::Embedded(direct) => direct.claim(row_id, result, reported).await,
-        }
-    }
-
-    async fn owed_settlements(&self) -> anyhow::Result<Vec<(String, Option<f64>, PendingRow)>> {
-        Ok(match self {
-            Self::Redis(store) => store.owed_settlements().await?,
-            Self::Embedded(direct) => direct.store.owed_settlements().await?,
-        })
-    }
-
-    /// Takes an owed settlement off the store; true for exactly one caller.
-    async fn take_owed(&self, row_id: &str) -> anyhow::Result<bool> {
-        Ok(match self {
-            Self::Redis(store) => store.take_owed(row_id).await?,
-            Self::Embedded(direct) => direct.store.take_owed(row_id).await?,
-        })
-    }
+/// What only one tier's receiver has.
+enum Intake {
+    /// Tiers Queue and Event: rows go to the Redis source stream the
+    /// workers read.
+    Queue(Box<RedisStore>),
+    /// Tier Direct: rows are enriched in-line, on the embedded store.
+    Direct(Arc<Direct>),
 }
 
 /// What to paste into the Clay table's HTTP API column.
@@ -134,11 +98,8 @@ pub fn clay_template(callback_url: &str, cost_pointer: &str) -> String {
 }
 
 pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API")?;
-    let (namespace, name) = args.common.namespace_and_name()?;
-    let runtime = TableRuntime::load(&client, &namespace, &name).await?;
+    let (client, runtime) = args.common.load_table().await?;
+    let (namespace, name) = (runtime.namespace.clone(), runtime.name.clone());
     if args.print_clay_template {
         let url = runtime
             .table
@@ -169,12 +130,17 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     let runtime = super::follow(client, runtime);
     let identity = args.common.identity();
     let lease = args.common.lease(&runtime.borrow(), &identity)?;
-    let rows = match redis_url {
-        Some(url) if !direct_tier => Rows::Redis(Box::new(
-            RedisStore::connect(url.expose(), Keys::new(&namespace, &name))
+    let (rows, intake): (Arc<dyn RowStore>, _) = match redis_url {
+        Some(url) if !direct_tier => {
+            let store = RedisStore::connect(url.expose(), Keys::new(&namespace, &name))
                 .await
-                .context("connecting to Redis")?,
-        )),
+                .context("connecting to Redis")?;
+            let rows = RedisRows {
+                store: store.clone(),
+                dead_letter: super::dead_letter_stream(&runtime.borrow()),
+            };
+            (Arc::new(rows), Intake::Queue(Box::new(store)))
+        }
         None if !direct_tier => {
             anyhow::bail!("this receiver needs spec.redis (tiers Queue and Event)")
         }
@@ -188,10 +154,10 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
                 lease: lease.clone(),
             });
             let routine = Routine::from_runtime(&runtime.borrow(), &lease);
-            let direct = Direct::new(store, attempts, routine);
+            let direct = Direct::new(store.clone(), attempts, routine);
             let resumed = direct.resume().await?;
             tracing::info!(resumed, "resumed waiting for pending rows");
-            Rows::Embedded(direct)
+            (Arc::new(store), Intake::Direct(direct))
         }
     };
     let mut registry = Registry::default();
@@ -207,6 +173,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         max_rows_per_request: args.max_rows_per_request as usize,
         runtime: runtime.clone(),
         rows,
+        intake,
         requests,
     });
     let shutdown = super::stop_signal(runtime.clone()).shared();
@@ -233,8 +200,8 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             }
         }
     });
-    let background = match &receiver.rows {
-        Rows::Embedded(direct) => {
+    let background = match &receiver.intake {
+        Intake::Direct(direct) => {
             // Webhook rows are retried by the sweeper; routine rows by their
             // own lifecycle (a routine run is never started twice).
             let sweeps = direct
@@ -252,7 +219,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
                 });
             })
         }
-        Rows::Redis(store) => tokio::spawn(
+        Intake::Queue(store) => tokio::spawn(
             super::sink::OutboxDelivery {
                 store: (**store).clone(),
                 runtime,
@@ -315,8 +282,9 @@ impl Receiver {
     async fn settle_owed(&self) {
         match self.rows.owed_settlements().await {
             Ok(owed) => {
-                for (row_id, reported, pending) in owed {
-                    self.settle(&row_id, reported, &pending, None).await;
+                for owed in owed {
+                    self.settle(&owed.row_id, owed.reported, &owed.pending, None)
+                        .await;
                 }
             }
             Err(error) => {
@@ -328,6 +296,12 @@ impl Receiver {
 
 fn reply(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
+}
+
+/// 404 for an endpoint this tier's receiver does not serve, naming the one to use.
+fn not_served(receiver: &Receiver, endpoint: &'static str, use_instead: &str) -> Response {
+    receiver.count(endpoint, "disabled");
+    reply(StatusCode::NOT_FOUND, json!({ "error": use_instead }))
 }
 
 /// Constant-time comparison; an empty expected token never matches (the

@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use redis::AsyncCommands;
 use serde_json::Value;
 
-use futures::future::BoxFuture;
+use async_trait::async_trait;
 
 use super::{PendingRow, RedisStore, now_ms, scripts};
 use crate::clay::ClayError;
 use crate::clay::rotation::SubmissionCounter;
+use crate::dataplane::rows::parse_dedupe;
 
 impl RedisStore {
     /// How many keys were last enriched before `stale_before_ms`.
@@ -64,10 +65,7 @@ impl RedisStore {
     /// The stored result for `key` and when it was enriched (ms), if any.
     pub async fn dedupe_lookup(&self, key: &str) -> redis::RedisResult<Option<(i64, String)>> {
         let stored: Option<String> = self.conn().hget(self.keys.dedupe(), key).await?;
-        Ok(stored.and_then(|s| {
-            let (at, result) = s.split_once('|')?;
-            Some((at.parse().ok()?, result.to_string()))
-        }))
+        Ok(stored.as_deref().and_then(parse_dedupe))
     }
 
     /// The table's counters.
@@ -81,23 +79,17 @@ impl RedisStore {
     }
 }
 
+#[async_trait]
 impl SubmissionCounter for RedisStore {
-    fn try_add<'a>(
-        &'a self,
-        source: &'a str,
-        n: u64,
-        limit: u64,
-    ) -> BoxFuture<'a, Result<Option<u64>, ClayError>> {
-        Box::pin(async move {
-            let count: i64 = scripts::TRY_ADD
-                .key(self.keys.sources())
-                .arg(source)
-                .arg(n)
-                .arg(limit)
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(|e| ClayError::CounterUnavailable(e.to_string()))?;
-            Ok((count >= 0).then_some(count as u64))
-        })
+    async fn try_add(&self, source: &str, n: u64, limit: u64) -> Result<Option<u64>, ClayError> {
+        let count: i64 = scripts::TRY_ADD
+            .key(self.keys.sources())
+            .arg(source)
+            .arg(n)
+            .arg(limit)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| ClayError::CounterUnavailable(e.to_string()))?;
+        Ok((count >= 0).then_some(count as u64))
     }
 }

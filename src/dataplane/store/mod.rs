@@ -5,12 +5,12 @@
 //!
 //! By job: `transitions` (a row's life), `streams` (source, outbox and
 //! dead-letter streams), `indexes` (de-dupe, stale index, counters),
-//! `pending` (the sweeper's view, shared with the embedded store),
+//! `rows` (the shared row-store interface over them),
 //! `connection` (every command, watched), `scripts` (built once).
 
 mod connection;
 mod indexes;
-mod pending;
+mod rows;
 mod scripts;
 mod streams;
 mod transitions;
@@ -24,7 +24,7 @@ use serde_json::Value;
 use self::connection::WatchedConnection;
 use crate::contract::Keys;
 
-pub use self::pending::{PendingRows, RedisPendingRows, pending_by_age};
+pub use self::rows::RedisRows;
 
 /// A row that was handed to Clay and waits for its callback.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

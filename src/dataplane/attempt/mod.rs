@@ -2,7 +2,7 @@
 //! from the process's lease, submit it to Clay with its correlation id, and
 //! — when no result came in time — count the attempt as spent and retry it,
 //! or dead-letter it after `maxAttempts`. The rows themselves live in
-//! whichever store the tier uses ([`PendingRows`]).
+//! whichever store the tier uses ([`RowStore`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,8 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::TableRuntime;
-use super::store::{PendingRow, PendingRows, new_write_token, pending_by_age};
+use super::rows::{RowStore, pending_by_age};
+use super::store::{PendingRow, new_write_token};
 use crate::api::budget::OnExhausted;
 use crate::clay::ClayError;
 use crate::clay::limiter::RateLimiter;
@@ -105,7 +106,7 @@ impl Live {
 /// Draws credits for, submits, retries and dead-letters rows of one table.
 pub struct Attempts {
     pub live: watch::Receiver<Arc<Live>>,
-    pub rows: Arc<dyn PendingRows>,
+    pub rows: Arc<dyn RowStore>,
     pub lease: Arc<CreditLease>,
 }
 
@@ -336,3 +337,6 @@ impl Attempts {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

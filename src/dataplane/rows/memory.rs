@@ -1,0 +1,170 @@
+//! A row store in memory, for unit tests of what runs on top of the real
+//! ones: the same transitions, checked the same way (a replaced row must
+//! still hold the expected reservation, a claimed row is claimed once), and
+//! every row's terminal state kept so a test can see it ended exactly once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::{Callback, OwedSettlement, RowStore};
+use crate::dataplane::TableRuntime;
+use crate::dataplane::store::PendingRow;
+
+/// Where a row ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Terminal {
+    Delivered(Value),
+    DeadLettered(String),
+}
+
+#[derive(Default)]
+struct State {
+    /// row id → (row, deadline ms)
+    pending: BTreeMap<String, (PendingRow, i64)>,
+    dedupe: HashMap<String, (i64, String)>,
+    owed: BTreeMap<String, OwedSettlement>,
+    /// row id → every terminal state it reached (a correct caller: one).
+    terminal: HashMap<String, Vec<Terminal>>,
+}
+
+#[derive(Default)]
+pub struct MemoryRows(Mutex<State>);
+
+impl MemoryRows {
+    pub fn make_pending(&self, pending: &PendingRow, deadline_ms: i64) {
+        self.0
+            .lock()
+            .unwrap()
+            .pending
+            .insert(pending.row_id.clone(), (pending.clone(), deadline_ms));
+    }
+
+    /// The row as pending, and its deadline.
+    pub fn pending_row(&self, row_id: &str) -> Option<(PendingRow, i64)> {
+        self.0.lock().unwrap().pending.get(row_id).cloned()
+    }
+
+    /// Every terminal state the row reached, in order.
+    pub fn terminal(&self, row_id: &str) -> Vec<Terminal> {
+        let state = self.0.lock().unwrap();
+        state.terminal.get(row_id).cloned().unwrap_or_default()
+    }
+}
+
+/// A pending first attempt at a row, reserving 12 credits.
+pub fn pending(row_id: &str, key: &str, reservation: &str) -> PendingRow {
+    PendingRow {
+        row_id: row_id.into(),
+        key: key.into(),
+        row: json!({"domain": key}),
+        attempt: 1,
+        reservation: reservation.into(),
+        reserved_credits: 12.0,
+        reserved_actions: 0,
+        period: String::new(),
+        write_token: "t1".into(),
+        attempted_at_ms: 0,
+    }
+}
+
+#[async_trait]
+impl RowStore for MemoryRows {
+    async fn dedupe_lookup(&self, key: &str) -> Result<Option<(i64, String)>> {
+        Ok(self.0.lock().unwrap().dedupe.get(key).cloned())
+    }
+
+    async fn set_deadline(&self, row_id: &str, deadline_ms: i64) -> Result<()> {
+        if let Some((_, deadline)) = self.0.lock().unwrap().pending.get_mut(row_id) {
+            *deadline = deadline_ms;
+        }
+        Ok(())
+    }
+
+    async fn replace_pending(&self, next: &PendingRow, due: i64, expected: &str) -> Result<bool> {
+        let mut state = self.0.lock().unwrap();
+        let Some((current, deadline)) = state.pending.get_mut(&next.row_id) else {
+            return Ok(false);
+        };
+        if current == next {
+            return Ok(true);
+        }
+        if current.reservation != expected {
+            return Ok(false);
+        }
+        (*current, *deadline) = (next.clone(), due);
+        Ok(true)
+    }
+
+    async fn dead_letter_pending(&self, row_id: &str, reason: &str) -> Result<Option<PendingRow>> {
+        let mut state = self.0.lock().unwrap();
+        let removed = state.pending.remove(row_id).map(|(row, _)| row);
+        if removed.is_some() {
+            let ended = state.terminal.entry(row_id.to_string()).or_default();
+            ended.push(Terminal::DeadLettered(reason.to_string()));
+        }
+        Ok(removed)
+    }
+
+    async fn take_expired(&self, now: i64, until: i64, limit: usize) -> Result<Vec<PendingRow>> {
+        let mut state = self.0.lock().unwrap();
+        let mut expired = Vec::new();
+        for (row, deadline) in state.pending.values_mut() {
+            if *deadline <= now && expired.len() < limit {
+                *deadline = until;
+                expired.push(row.clone());
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn deadlines_up_to(&self, cutoffs_ms: &[i64]) -> Result<(Vec<u64>, u64)> {
+        let state = self.0.lock().unwrap();
+        let counts = cutoffs_ms
+            .iter()
+            .map(|cutoff| {
+                let due = state.pending.values().filter(|(_, d)| d <= cutoff);
+                due.count() as u64
+            })
+            .collect();
+        Ok((counts, state.pending.len() as u64))
+    }
+
+    async fn claim_callback(
+        &self,
+        _runtime: &TableRuntime,
+        callback: &Callback<'_>,
+    ) -> Result<Option<PendingRow>> {
+        let mut state = self.0.lock().unwrap();
+        let Callback {
+            row_id,
+            result,
+            reported,
+        } = *callback;
+        let Some((pending, _)) = state.pending.remove(row_id) else {
+            return Ok(None);
+        };
+        let enriched = (crate::dataplane::attempt::now_ms(), result.to_string());
+        state.dedupe.insert(pending.key.clone(), enriched);
+        let owed = OwedSettlement {
+            row_id: row_id.to_string(),
+            reported,
+            pending: pending.clone(),
+        };
+        state.owed.insert(row_id.to_string(), owed);
+        let ended = state.terminal.entry(row_id.to_string()).or_default();
+        ended.push(Terminal::Delivered(result.clone()));
+        Ok(Some(pending))
+    }
+
+    async fn owed_settlements(&self) -> Result<Vec<OwedSettlement>> {
+        Ok(self.0.lock().unwrap().owed.values().cloned().collect())
+    }
+
+    async fn take_owed(&self, row_id: &str) -> Result<bool> {
+        Ok(self.0.lock().unwrap().owed.remove(row_id).is_some())
+    }
+}

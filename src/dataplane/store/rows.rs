@@ -1,0 +1,148 @@
+//! A table's rows in Redis as the shared [`RowStore`] sees them: results
+//! delivered to the table's sink, rows dead-lettered to its stream. Each
+//! transition is one script (`lua/`), so none half-happens.
+
+use anyhow::Result;
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use std::collections::HashMap;
+
+use super::transitions::with_unknown_outcome_retried;
+use super::{PendingRow, RedisStore, scripts};
+use crate::dataplane::TableRuntime;
+use crate::dataplane::attempt::now_ms;
+use crate::dataplane::rows::{Callback, OwedSettlement, RowStore, parse_owed};
+
+pub struct RedisRows {
+    pub store: RedisStore,
+    /// The table's dead-letter stream.
+    pub dead_letter: String,
+}
+
+#[async_trait]
+impl RowStore for RedisRows {
+    async fn dedupe_lookup(&self, key: &str) -> Result<Option<(i64, String)>> {
+        Ok(self.store.dedupe_lookup(key).await?)
+    }
+
+    async fn set_deadline(&self, row_id: &str, deadline_ms: i64) -> Result<()> {
+        let keys = &self.store.keys;
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(keys.deadlines()).arg("XX").arg(deadline_ms);
+        Ok(zadd.arg(row_id).query_async(&mut self.store.conn()).await?)
+    }
+
+    /// Run again at once when its outcome is unknown: it recognises its own
+    /// earlier write by the row's write token.
+    async fn replace_pending(&self, next: &PendingRow, due: i64, expected: &str) -> Result<bool> {
+        let json = serde_json::to_string(next).expect("a pending row serializes");
+        let keys = &self.store.keys;
+        let replaced: i64 = with_unknown_outcome_retried(|| {
+            let mut invocation = scripts::REPLACE_PENDING.prepare_invoke();
+            invocation
+                .key(keys.pending())
+                .key(keys.deadlines())
+                .arg(&next.row_id)
+                .arg(&json)
+                .arg(due)
+                .arg(expected);
+            let mut connection = self.store.conn();
+            async move { invocation.invoke_async(&mut connection).await }
+        })
+        .await?;
+        Ok(replaced == 1)
+    }
+
+    async fn dead_letter_pending(&self, row_id: &str, reason: &str) -> Result<Option<PendingRow>> {
+        let keys = &self.store.keys;
+        let removed: Option<String> = scripts::DEAD_LETTER_PENDING
+            .key(keys.pending())
+            .key(keys.deadlines())
+            .key(&self.dead_letter)
+            .key(keys.counters())
+            .arg(row_id)
+            .arg(reason)
+            .invoke_async(&mut self.store.conn())
+            .await?;
+        Ok(removed.and_then(|p| serde_json::from_str(&p).ok()))
+    }
+
+    async fn take_expired(&self, now: i64, until: i64, limit: usize) -> Result<Vec<PendingRow>> {
+        let keys = &self.store.keys;
+        let rows: Vec<String> = scripts::TAKE_EXPIRED
+            .key(keys.deadlines())
+            .key(keys.pending())
+            .arg(now)
+            .arg(until)
+            .arg(limit)
+            .invoke_async(&mut self.store.conn())
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect())
+    }
+
+    /// One pipeline of ZCOUNTs.
+    async fn deadlines_up_to(&self, cutoffs_ms: &[i64]) -> Result<(Vec<u64>, u64)> {
+        let deadlines = self.store.keys.deadlines();
+        let mut pipe = redis::pipe();
+        for cutoff in cutoffs_ms {
+            pipe.zcount(&deadlines, "-inf", cutoff);
+        }
+        pipe.zcard(&deadlines);
+        let mut counts: Vec<u64> = pipe.query_async(&mut self.store.conn()).await?;
+        let total = counts.pop().unwrap_or(0);
+        Ok((counts, total))
+    }
+
+    /// Written to the sink stream (or the outbox, for an HTTP sink) in the
+    /// same script that claims the row.
+    async fn claim_callback(
+        &self,
+        runtime: &TableRuntime,
+        callback: &Callback<'_>,
+    ) -> Result<Option<PendingRow>> {
+        let keys = &self.store.keys;
+        let sink = crate::dataplane::sink::route(runtime, keys);
+        let reported = callback.reported.map(|c| c.to_string());
+        let claimed: Option<String> = scripts::CLAIM_CALLBACK
+            .key(keys.pending())
+            .key(keys.deadlines())
+            .key(keys.dedupe())
+            .key(keys.enriched_at())
+            .key(keys.counters())
+            .key(&sink.stream)
+            .key(keys.settlements())
+            .key(keys.inputs())
+            .key(keys.refreshing())
+            .arg(callback.row_id)
+            .arg(callback.result.to_string())
+            .arg(now_ms())
+            .arg(sink.max_len)
+            .arg(reported.unwrap_or_default())
+            .arg(if sink.through_outbox { "1" } else { "0" })
+            .invoke_async(&mut self.store.conn())
+            .await?;
+        let claimed = claimed.and_then(|p| serde_json::from_str(&p).ok());
+        if claimed.is_some() && !sink.through_outbox {
+            crate::metrics::dataplane().rows("delivered", "ok", 1);
+        }
+        Ok(claimed)
+    }
+
+    async fn owed_settlements(&self) -> Result<Vec<OwedSettlement>> {
+        let settlements = self.store.keys.settlements();
+        let owed: HashMap<String, String> = self.store.conn().hgetall(settlements).await?;
+        Ok(owed
+            .iter()
+            .filter_map(|(row_id, stored)| parse_owed(row_id, stored))
+            .collect())
+    }
+
+    async fn take_owed(&self, row_id: &str) -> Result<bool> {
+        let settlements = self.store.keys.settlements();
+        let removed: u32 = self.store.conn().hdel(settlements, row_id).await?;
+        Ok(removed == 1)
+    }
+}
