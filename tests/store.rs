@@ -10,7 +10,7 @@ mod support;
 use serde_json::json;
 
 use kiln::contract::Keys;
-use kiln::dataplane::rows::RowStore;
+use kiln::dataplane::rows::{RowStore, SourceRows};
 use kiln::dataplane::store::{PendingRow, RedisRows, RedisStore, SourceEntry, new_write_token};
 
 /// Holds every write on the server for longer than the store waits for an
@@ -47,12 +47,16 @@ async fn a_step_whose_answer_times_out_is_run_again_and_recognises_its_own_write
     let store = RedisStore::connect(&redis.url, Keys::new("store", "leads"))
         .await
         .unwrap();
+    let rows = RedisRows {
+        store: store.clone(),
+        dead_letter: "dead".into(),
+    };
     let deadline = jiff::Timestamp::now().as_millisecond() + 600_000;
 
     // Making a row pending: the first answer is lost, the step is run again.
     let pending = first_attempt("store-leads-0-0");
     pause_writes(&redis.url).await;
-    let created = store
+    let created = rows
         .make_pending(&pending, deadline, &SourceEntry::Kafka)
         .await
         .expect("a slow step is not a failure");
@@ -69,7 +73,7 @@ async fn a_step_whose_answer_times_out_is_run_again_and_recognises_its_own_write
         ..pending.clone()
     };
     assert!(
-        !store
+        !rows
             .make_pending(&replay, deadline, &SourceEntry::Kafka)
             .await
             .unwrap(),
@@ -77,10 +81,6 @@ async fn a_step_whose_answer_times_out_is_run_again_and_recognises_its_own_write
     );
 
     // Replacing it by its next attempt: the same.
-    let rows = RedisRows {
-        store: store.clone(),
-        dead_letter: "dead".into(),
-    };
     let next = PendingRow {
         attempt: 2,
         reservation: "store-leads-0-0-a2".into(),

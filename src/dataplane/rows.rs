@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use super::TableRuntime;
-use super::store::PendingRow;
+use super::store::{PendingRow, SourceEntry};
 
 /// A delivered row whose credits are not settled yet.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,6 +74,51 @@ pub trait RowStore: Send + Sync {
 
     /// Takes a delivery's owed settlement; true for the one caller that did.
     async fn take_owed(&self, row_id: &str) -> Result<bool>;
+}
+
+/// A row read from a source (a Redis Stream entry or a Kafka record) that
+/// has not become pending yet.
+pub struct Incoming<'a> {
+    pub row_id: &'a str,
+    pub row: &'a Value,
+    /// Acknowledged in the same step as whatever becomes of the row.
+    pub entry: &'a SourceEntry,
+}
+
+/// A result the de-dupe index holds for a row's key.
+pub struct Stored<'a> {
+    pub key: &'a str,
+    pub result: &'a str,
+}
+
+/// The first steps of a row read from a source (tiers Queue and Event):
+/// each acknowledges the source entry in the same step, so a crash never
+/// loses a row nor handles it twice.
+#[async_trait]
+pub trait SourceRows: RowStore {
+    /// Whether a row with this id was handled before: a replayed record.
+    async fn seen(&self, row_id: &str) -> Result<bool>;
+
+    /// Makes the row pending until `due` (ms); false when it already was
+    /// (a replay), which changes nothing.
+    async fn make_pending(
+        &self,
+        pending: &PendingRow,
+        due: i64,
+        entry: &SourceEntry,
+    ) -> Result<bool>;
+
+    /// Delivers the result stored for the row's key instead of enriching
+    /// the row again.
+    async fn deliver_stored(
+        &self,
+        runtime: &TableRuntime,
+        incoming: &Incoming<'_>,
+        stored: &Stored<'_>,
+    ) -> Result<()>;
+
+    /// Dead-letters a row that cannot be enriched.
+    async fn dead_letter_entry(&self, incoming: &Incoming<'_>, reason: &str) -> Result<()>;
 }
 
 /// A de-dupe entry, stored as `<enriched at ms>|<result JSON>`.

@@ -8,13 +8,78 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use axum::Json;
 use axum::http::StatusCode;
 use axum::routing::post;
+use tokio::sync::watch;
 
 use super::TableRuntime;
+use super::attempt::{Attempts, Live};
+use super::rows::memory::{MemoryRows, Terminal};
 use crate::api::EnrichmentTable;
-use crate::clay::rotation::WebhookTarget;
+use crate::api::budget::OnExhausted;
+use crate::clay::rotation::{MemoryCounter, WebhookTarget};
 use crate::ledger::client::{LedgerClient, TokenSource};
-use crate::ledger::{Denial, LeaseAnswer, LeaseRequest};
+use crate::ledger::lease::{CreditLease, LeaseTarget};
+use crate::ledger::{Denial, DenialReason, LeaseAnswer, LeaseRequest};
 use crate::secret::SecretString;
+
+/// A table's row logic wired to an in-memory row store, a stand-in Clay
+/// webhook and a stand-in lease API.
+pub struct Rig {
+    pub attempts: Arc<Attempts>,
+    pub rows: Arc<MemoryRows>,
+    /// Rows Clay was sent.
+    sent: Arc<AtomicUsize>,
+}
+
+impl Rig {
+    /// A Queue table allowing `max_attempts`, whose Clay webhook answers
+    /// `clay`, on a budget that grants every ask or refuses with `denial`.
+    pub async fn new(clay: StatusCode, denial: Option<Denial>, max_attempts: u32) -> Self {
+        let mut table = crate::operator::table::build::tests::queue_table();
+        table.spec.clay.max_attempts = max_attempts;
+        let (webhook, sent) = clay_webhook(clay).await;
+        let runtime = Arc::new(runtime(&table, vec![webhook]));
+        let target = LeaseTarget {
+            namespace: "sales".into(),
+            budget: "b".into(),
+            table: "leads".into(),
+            holder: "worker-0".into(),
+        };
+        let cost = &table.spec.clay.credits_per_row;
+        let lease = CreditLease::start(target, cost, ledger(denial).await);
+        let rows = Arc::new(MemoryRows::default());
+        let (_, runtime) = watch::channel(runtime);
+        let counter = Arc::new(MemoryCounter::default());
+        let attempts = Arc::new(Attempts {
+            live: Live::follow(runtime, counter, &lease),
+            rows: rows.clone(),
+            lease,
+        });
+        Self {
+            attempts,
+            rows,
+            sent,
+        }
+    }
+
+    /// Rows Clay was sent.
+    pub fn sent(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+/// A budget refusal for `reason`, asking tables to do `on_exhausted`.
+pub fn refusal(reason: DenialReason, on_exhausted: OnExhausted) -> Option<Denial> {
+    Some(Denial {
+        reason,
+        message: "refused".into(),
+        on_exhausted,
+    })
+}
+
+/// A row's end, dead-lettered for `reason`.
+pub fn dead_lettered(reason: &str) -> Vec<Terminal> {
+    vec![Terminal::DeadLettered(reason.into())]
+}
 
 /// The runtime of `table` sending to `webhooks`, with no other Secrets.
 pub fn runtime(table: &EnrichmentTable, webhooks: Vec<WebhookTarget>) -> TableRuntime {

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -39,8 +41,11 @@ pub struct Context {
     /// The refresh controller's CronJobs, once its watch started.
     pub cronjobs:
         std::sync::OnceLock<Arc<super::cache::Children<k8s_openapi::api::batch::v1::CronJob>>>,
-    recorder: Recorder,
-    failures: Mutex<HashMap<String, u32>>,
+    /// Replaced now and then: kube's recorder keeps every event it
+    /// published until it publishes again more than 6 minutes later.
+    recorder: std::sync::RwLock<Recorder>,
+    reporter: Reporter,
+    failures: RetryDelays,
     /// When each object's counters were last written to status.
     counter_writes: Mutex<HashMap<String, std::time::Instant>>,
 }
@@ -68,7 +73,8 @@ impl Context {
             instance: Some(instance),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: std::sync::RwLock::new(Recorder::new(client.clone(), reporter.clone())),
+            reporter,
             client,
             watch_namespace,
             build,
@@ -81,7 +87,7 @@ impl Context {
             forecasts_announced: Mutex::default(),
             table_caches: std::sync::OnceLock::new(),
             cronjobs: std::sync::OnceLock::new(),
-            failures: Mutex::new(HashMap::new()),
+            failures: RetryDelays::default(),
             counter_writes: Mutex::new(HashMap::new()),
         }
     }
@@ -121,18 +127,23 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+        let recorder = self.recorder.read().unwrap().clone();
+        if let Err(error) = recorder.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(%error, reason, "publishing an event failed");
         }
     }
 
-    /// The delay before retrying `key` after its latest failure (exponential, capped).
+    /// Drops what the event recorder remembers of recent events (kept to
+    /// count repeats of one event as a series): a repeat after this starts
+    /// a new Event instead of counting on the old one.
+    pub fn forget_recent_events(&self) {
+        let fresh = Recorder::new(self.client.clone(), self.reporter.clone());
+        *self.recorder.write().unwrap() = fresh;
+    }
+
+    /// The delay before retrying `key` after its latest failure.
     pub fn next_backoff(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap();
-        let count = failures.entry(key.to_string()).or_insert(0);
-        *count = count.saturating_add(1);
-        let factor = 2u32.saturating_pow((*count - 1).min(16));
-        BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+        self.failures.next(key)
     }
 
     /// True when a counters-only status update of `key` may be written now:
@@ -148,7 +159,33 @@ impl Context {
 
     /// Forgets `key`'s failures after a successful reconciliation.
     pub fn reset_backoff(&self, key: &str) {
-        self.failures.lock().unwrap().remove(key);
+        self.failures.reset(key);
+    }
+}
+
+/// Each failing object's retry delays, cleared when it succeeds.
+#[derive(Default)]
+struct RetryDelays(Mutex<HashMap<String, ExponentialBackoff>>);
+
+impl RetryDelays {
+    /// Doubling from [`BACKOFF_BASE`], each delay stretched by up to itself
+    /// at random (so objects that failed together, in an API server outage,
+    /// do not retry together), never above [`BACKOFF_MAX`].
+    fn next(&self, key: &str) -> Duration {
+        let mut failing = self.0.lock().unwrap();
+        let delays = failing.entry(key.to_string()).or_insert_with(|| {
+            ExponentialBuilder::default()
+                .with_min_delay(BACKOFF_BASE)
+                .with_max_delay(BACKOFF_MAX / 2)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        });
+        delays.next().unwrap_or(BACKOFF_MAX)
+    }
+
+    fn reset(&self, key: &str) {
+        self.0.lock().unwrap().remove(key);
     }
 }
 
@@ -192,4 +229,32 @@ where
     let delay = ctx.next_backoff(&key);
     tracing::warn!(object = %key, %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_per_failure_up_to_the_ceiling_and_reset_on_success() {
+        let delays = RetryDelays::default();
+        let first = delays.next("sales/leads");
+        assert!(
+            first >= BACKOFF_BASE && first < BACKOFF_BASE * 2,
+            "{first:?}"
+        );
+        let second = delays.next("sales/leads");
+        assert!(second >= BACKOFF_BASE * 2, "{second:?}");
+        assert!(
+            delays.next("sales/other") < BACKOFF_BASE * 2,
+            "each object has its own delays"
+        );
+        let mut last = second;
+        for _ in 0..20 {
+            last = delays.next("sales/leads");
+        }
+        assert!(last >= BACKOFF_MAX / 2 && last <= BACKOFF_MAX, "{last:?}");
+        delays.reset("sales/leads");
+        assert!(delays.next("sales/leads") < BACKOFF_BASE * 2);
+    }
 }

@@ -7,6 +7,7 @@ pub mod context;
 pub mod error;
 pub mod labels;
 pub mod leader;
+pub mod memory;
 pub mod metrics;
 pub mod pod;
 pub mod rate;
@@ -176,6 +177,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         table::run(ctx.clone(), stop.clone()),
         budget::run(ctx.clone(), stop.clone()),
         refresh::run(ctx.clone(), stop.clone()),
+        memory::keep_small(ctx.clone(), stop.clone()),
     );
     metrics.is_leader.set(0);
     if let Some(label) = &pod_label

@@ -462,11 +462,18 @@ pub fn start_dataplane(
     env: &[(&str, &str)],
 ) -> KilnProcess {
     let health_port = kiln::devenv::free_port().unwrap();
+    // Tests keep every row's story; benchmarks (release builds) log as
+    // installed, since per-row debug lines cost CPU per row.
+    let log = if cfg!(debug_assertions) {
+        "info,kiln=debug"
+    } else {
+        "info"
+    };
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
     command
         .envs(env.iter().copied())
         .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info,kiln=debug")
+        .env("RUST_LOG", log)
         .args(["--log-format", "json", role, "--table", table])
         .args(["--operator-url", operator_urls])
         .args(["--ledger-token-file", token_file.to_str().unwrap()])

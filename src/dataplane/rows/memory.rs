@@ -10,9 +10,9 @@ use anyhow::Result;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::{Callback, OwedSettlement, RowStore};
+use super::{Callback, Incoming, OwedSettlement, RowStore, SourceRows, Stored};
 use crate::dataplane::TableRuntime;
-use crate::dataplane::store::PendingRow;
+use crate::dataplane::store::{PendingRow, SourceEntry};
 
 /// Where a row ended.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,13 +29,29 @@ struct State {
     owed: BTreeMap<String, OwedSettlement>,
     /// row id → every terminal state it reached (a correct caller: one).
     terminal: HashMap<String, Vec<Terminal>>,
+    /// row id → how often its source entry was acknowledged.
+    acknowledged: HashMap<String, u32>,
+}
+
+impl State {
+    fn end(&mut self, row_id: &str, how: Terminal) {
+        self.terminal
+            .entry(row_id.to_string())
+            .or_default()
+            .push(how);
+    }
+
+    fn acknowledge(&mut self, row_id: &str) {
+        *self.acknowledged.entry(row_id.to_string()).or_default() += 1;
+    }
 }
 
 #[derive(Default)]
 pub struct MemoryRows(Mutex<State>);
 
 impl MemoryRows {
-    pub fn make_pending(&self, pending: &PendingRow, deadline_ms: i64) {
+    /// Records `pending` as pending until `deadline_ms`, as a sweeper finds it.
+    pub fn insert_pending(&self, pending: &PendingRow, deadline_ms: i64) {
         self.0
             .lock()
             .unwrap()
@@ -46,6 +62,12 @@ impl MemoryRows {
     /// The row as pending, and its deadline.
     pub fn pending_row(&self, row_id: &str) -> Option<(PendingRow, i64)> {
         self.0.lock().unwrap().pending.get(row_id).cloned()
+    }
+
+    /// How often the row's source entry was acknowledged.
+    pub fn acknowledged(&self, row_id: &str) -> u32 {
+        let state = self.0.lock().unwrap();
+        state.acknowledged.get(row_id).copied().unwrap_or(0)
     }
 
     /// Every terminal state the row reached, in order.
@@ -103,8 +125,7 @@ impl RowStore for MemoryRows {
         let mut state = self.0.lock().unwrap();
         let removed = state.pending.remove(row_id).map(|(row, _)| row);
         if removed.is_some() {
-            let ended = state.terminal.entry(row_id.to_string()).or_default();
-            ended.push(Terminal::DeadLettered(reason.to_string()));
+            state.end(row_id, Terminal::DeadLettered(reason.to_string()));
         }
         Ok(removed)
     }
@@ -155,8 +176,7 @@ impl RowStore for MemoryRows {
             pending: pending.clone(),
         };
         state.owed.insert(row_id.to_string(), owed);
-        let ended = state.terminal.entry(row_id.to_string()).or_default();
-        ended.push(Terminal::Delivered(result.clone()));
+        state.end(row_id, Terminal::Delivered(result.clone()));
         Ok(Some(pending))
     }
 
@@ -166,5 +186,44 @@ impl RowStore for MemoryRows {
 
     async fn take_owed(&self, row_id: &str) -> Result<bool> {
         Ok(self.0.lock().unwrap().owed.remove(row_id).is_some())
+    }
+}
+
+#[async_trait]
+impl SourceRows for MemoryRows {
+    async fn seen(&self, row_id: &str) -> Result<bool> {
+        let state = self.0.lock().unwrap();
+        Ok(state.pending.contains_key(row_id) || state.terminal.contains_key(row_id))
+    }
+
+    async fn make_pending(&self, pending: &PendingRow, due: i64, _: &SourceEntry) -> Result<bool> {
+        let created = !self.seen(&pending.row_id).await?;
+        let mut state = self.0.lock().unwrap();
+        if created {
+            let row = (pending.clone(), due);
+            state.pending.insert(pending.row_id.clone(), row);
+        }
+        state.acknowledge(&pending.row_id);
+        Ok(created)
+    }
+
+    async fn deliver_stored(
+        &self,
+        _runtime: &TableRuntime,
+        incoming: &Incoming<'_>,
+        stored: &Stored<'_>,
+    ) -> Result<()> {
+        let result = serde_json::from_str(stored.result)?;
+        let mut state = self.0.lock().unwrap();
+        state.end(incoming.row_id, Terminal::Delivered(result));
+        state.acknowledge(incoming.row_id);
+        Ok(())
+    }
+
+    async fn dead_letter_entry(&self, incoming: &Incoming<'_>, reason: &str) -> Result<()> {
+        let mut state = self.0.lock().unwrap();
+        state.end(incoming.row_id, Terminal::DeadLettered(reason.to_string()));
+        state.acknowledge(incoming.row_id);
+        Ok(())
     }
 }

@@ -3,17 +3,16 @@
 //! not half-happen (a row becoming pending and its source entry acknowledged;
 //! a callback claiming a row and delivering it) is one Lua script (`lua/`).
 //!
-//! By job: `transitions` (a row's life), `streams` (source, outbox and
-//! dead-letter streams), `indexes` (de-dupe, stale index, counters),
-//! `rows` (the shared row-store interface over them),
-//! `connection` (every command, watched), `scripts` (built once).
+//! By job: `rows` (a row's life, through the shared row-store interfaces),
+//! `streams` (source, outbox and dead-letter streams), `indexes` (de-dupe,
+//! stale index, counters), `connection` (every command, watched),
+//! `scripts` (built once).
 
 mod connection;
 mod indexes;
 mod rows;
 mod scripts;
 mod streams;
-mod transitions;
 
 use std::collections::HashMap;
 

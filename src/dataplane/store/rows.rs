@@ -1,17 +1,47 @@
-//! A table's rows in Redis as the shared [`RowStore`] sees them: results
-//! delivered to the table's sink, rows dead-lettered to its stream. Each
-//! transition is one script (`lua/`), so none half-happens.
+//! A table's rows in Redis as the shared [`RowStore`] and [`SourceRows`] see
+//! them: results delivered to the table's sink, rows dead-lettered to its
+//! stream, source entries acknowledged with the step that takes the row on.
+//! Each transition is one script (`lua/`), so none half-happens; the ones a
+//! timeout can leave unknown recognise their own earlier write and are run
+//! again at once.
 
 use anyhow::Result;
 use async_trait::async_trait;
 use redis::AsyncCommands;
 use std::collections::HashMap;
 
-use super::transitions::with_unknown_outcome_retried;
-use super::{PendingRow, RedisStore, scripts};
+use super::{PendingRow, RedisStore, SourceEntry, scripts};
 use crate::dataplane::TableRuntime;
 use crate::dataplane::attempt::now_ms;
-use crate::dataplane::rows::{Callback, OwedSettlement, RowStore, parse_owed};
+use crate::dataplane::rows::{
+    Callback, Incoming, OwedSettlement, RowStore, SourceRows, Stored, parse_owed,
+};
+
+/// Runs a store step whose outcome a timeout or dropped connection leaves
+/// unknown, again at once (up to three times): the step recognises its own
+/// earlier write, so a slow success is not taken for a failure.
+async fn with_unknown_outcome_retried<T, F, Fut>(mut step: F) -> redis::RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    let mut tries = 1;
+    loop {
+        match step().await {
+            Err(error)
+                if tries < 3
+                    && (error.is_timeout()
+                        || error.is_connection_dropped()
+                        || error.is_io_error()) =>
+            {
+                tracing::warn!(%error, "a store step's outcome is unknown; running it again");
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100 * tries)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
 
 pub struct RedisRows {
     pub store: RedisStore,
@@ -144,5 +174,89 @@ impl RowStore for RedisRows {
         let settlements = self.store.keys.settlements();
         let removed: u32 = self.store.conn().hdel(settlements, row_id).await?;
         Ok(removed == 1)
+    }
+}
+
+#[async_trait]
+impl SourceRows for RedisRows {
+    async fn seen(&self, row_id: &str) -> Result<bool> {
+        let seen = self.store.keys.seen(row_id);
+        Ok(self.store.conn().exists(seen).await?)
+    }
+
+    async fn make_pending(
+        &self,
+        pending: &PendingRow,
+        due: i64,
+        entry: &SourceEntry,
+    ) -> Result<bool> {
+        let keys = &self.store.keys;
+        let json = serde_json::to_string(pending).expect("a pending row serializes");
+        let (source, group, id) = entry.script_parts(keys, &pending.row_id);
+        let created: i64 = with_unknown_outcome_retried(|| {
+            let mut invocation = scripts::MAKE_PENDING.prepare_invoke();
+            invocation
+                .key(keys.pending())
+                .key(keys.deadlines())
+                .key(keys.counters())
+                .key(&source)
+                .arg(&pending.row_id)
+                .arg(&json)
+                .arg(due)
+                .arg(group)
+                .arg(id);
+            let mut connection = self.store.conn();
+            async move { invocation.invoke_async(&mut connection).await }
+        })
+        .await?;
+        Ok(created == 1)
+    }
+
+    async fn deliver_stored(
+        &self,
+        runtime: &TableRuntime,
+        incoming: &Incoming<'_>,
+        stored: &Stored<'_>,
+    ) -> Result<()> {
+        let keys = &self.store.keys;
+        let sink = crate::dataplane::sink::route(runtime, keys);
+        let (source, group, id) = incoming.entry.script_parts(keys, incoming.row_id);
+        let () = scripts::DELIVER_STORED
+            .key(&sink.stream)
+            .key(keys.counters())
+            .key(source)
+            .arg(incoming.row_id)
+            .arg(stored.key)
+            .arg(stored.result)
+            .arg(group)
+            .arg(id)
+            .arg(sink.max_len)
+            .arg(incoming.row.to_string())
+            .arg(if sink.through_outbox { "1" } else { "0" })
+            .invoke_async(&mut self.store.conn())
+            .await?;
+        if !sink.through_outbox {
+            crate::metrics::dataplane().rows("delivered", "ok", 1);
+        }
+        Ok(())
+    }
+
+    async fn dead_letter_entry(&self, incoming: &Incoming<'_>, reason: &str) -> Result<()> {
+        let keys = &self.store.keys;
+        let (source, group, id) = incoming.entry.script_parts(keys, incoming.row_id);
+        let () = scripts::DEAD_LETTER_ENTRY
+            .key(&self.dead_letter)
+            .key(keys.counters())
+            .key(source)
+            .arg(incoming.row_id)
+            .arg(reason)
+            .arg(incoming.row.to_string())
+            .arg(0)
+            .arg(group)
+            .arg(id)
+            .invoke_async(&mut self.store.conn())
+            .await?;
+        crate::metrics::dataplane().rows("dead_lettered", reason, 1);
+        Ok(())
     }
 }

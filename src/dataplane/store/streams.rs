@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use redis::AsyncCommands;
 use serde_json::Value;
 
-use super::{RedisStore, SourceEntry, scripts};
+use super::{RedisStore, scripts};
 
 impl RedisStore {
     /// Creates the consumer group (and the stream) if missing.
@@ -190,31 +190,6 @@ impl RedisStore {
             .query_async::<redis::Value>(&mut self.conn())
             .await
             .map(|_| ())
-    }
-
-    /// Dead-letters a source entry that never became pending, and acknowledges it.
-    pub async fn dead_letter_entry(
-        &self,
-        dead_letter: &str,
-        row_id: &str,
-        reason: &str,
-        row: &Value,
-        attempts: u32,
-        entry: &SourceEntry,
-    ) -> redis::RedisResult<()> {
-        let (source, group, id) = entry.script_parts(&self.keys, row_id);
-        scripts::DEAD_LETTER_ENTRY
-            .key(dead_letter)
-            .key(self.keys.counters())
-            .key(source)
-            .arg(row_id)
-            .arg(reason)
-            .arg(row.to_string())
-            .arg(attempts)
-            .arg(group)
-            .arg(id)
-            .invoke_async(&mut self.conn())
-            .await
     }
 
     /// The first `count` entries of a stream, oldest first.

@@ -11,17 +11,18 @@ use anyhow::Context as _;
 use futures::FutureExt;
 use prometheus_client::registry::Registry;
 use rdkafka::Message as _;
-use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use super::attempt::{Attempts, Live, now_ms};
+mod handling;
+#[cfg(test)]
+mod tests;
+
+use self::handling::RowHandling;
+use super::DataplaneArgs;
+use super::attempt::{Attempts, Live};
 use super::store::{RedisRows, RedisStore, SourceEntry, text_field};
-use super::{DataplaneArgs, TableRuntime};
-use crate::api::budget::OnExhausted;
 use crate::contract::Keys;
 use crate::health::{Readiness, serve_health};
-use crate::ledger::DenialReason;
-use crate::ledger::client::LedgerClientError;
 
 /// How long a crashed consumer's entries wait before another worker takes them.
 const RECLAIM_IDLE_MS: u64 = 30_000;
@@ -35,7 +36,8 @@ pub struct WorkerArgs {
 }
 
 struct Worker {
-    attempts: Arc<Attempts>,
+    rows: Arc<RowHandling>,
+    /// The source streams and consumer groups.
     store: RedisStore,
     identity: String,
     source: Source,
@@ -103,14 +105,6 @@ async fn pause(shutdown: &(impl std::future::Future<Output = ()> + Clone)) -> bo
     }
 }
 
-/// What happened to one source entry.
-#[derive(Debug)]
-enum Handled {
-    Done,
-    /// The budget refused credits and wants consumption paused.
-    Paused,
-}
-
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let (client, runtime) = args.common.load_table().await?;
     let (namespace, name) = (runtime.namespace.clone(), runtime.name.clone());
@@ -157,16 +151,17 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let runtime = super::follow(client, runtime);
     let identity = args.common.identity();
     let lease = args.common.lease(&runtime.borrow(), &identity)?;
+    let rows = Arc::new(RedisRows {
+        store: store.clone(),
+        dead_letter,
+    });
     let attempts = Arc::new(Attempts {
         live: Live::follow(runtime.clone(), Arc::new(store.clone()), &lease),
-        rows: Arc::new(RedisRows {
-            store: store.clone(),
-            dead_letter,
-        }),
+        rows: rows.clone(),
         lease,
     });
     let worker = Arc::new(Worker {
-        attempts,
+        rows: Arc::new(RowHandling { attempts, rows }),
         identity,
         store,
         source,
@@ -185,12 +180,12 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     readiness.set(true);
     tracing::info!(table = %args.common.table, source = %worker.source, identity = %worker.identity, "worker started");
 
-    let sweeper = tokio::spawn(worker.attempts.clone().sweep_until(shutdown.clone()));
+    let sweeper = tokio::spawn(worker.rows.attempts.clone().sweep_until(shutdown.clone()));
 
-    let mut concurrency = worker.runtime().table.spec.workers.concurrency as usize;
+    let mut concurrency = worker.rows.runtime().table.spec.workers.concurrency as usize;
     let permits = Arc::new(Semaphore::new(concurrency));
     loop {
-        let workers = worker.runtime().table.spec.workers.clone();
+        let workers = worker.rows.runtime().table.spec.workers.clone();
         // Follows spec.workers.concurrency: permits are only added or
         // forgotten here, between batches, when none are held.
         let wanted = workers.concurrency as usize;
@@ -218,11 +213,11 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 let items = entries
                     .into_iter()
                     .map(|(id, fields)| {
-                        stream_item(&worker.runtime().name, stream, group, id, fields)
+                        stream_item(&worker.rows.runtime().name, stream, group, id, fields)
                     })
                     .collect();
                 // What was not handled stays unacknowledged and is read again.
-                let (_, paused) = worker.handle_all(items, &permits).await;
+                let (_, paused) = worker.rows.handle_all(items, &permits).await;
                 paused && pause(&shutdown).await
             }
             Source::Kafka { consumer, topic } => {
@@ -239,7 +234,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                     }
                 };
                 crate::metrics::dataplane().rows("received", "ok", messages.len() as u64);
-                let name = worker.runtime().name.clone();
+                let name = worker.rows.runtime().name.clone();
                 let mut items: Vec<Item> = messages
                     .iter()
                     .map(|m| Item {
@@ -252,7 +247,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 // pending or terminal; until then the batch is retried here.
                 let mut stopped = false;
                 while !items.is_empty() && !stopped {
-                    let (retry, paused) = worker.handle_all(items, &permits).await;
+                    let (retry, paused) = worker.rows.handle_all(items, &permits).await;
                     items = retry;
                     if !items.is_empty() {
                         stopped = if paused {
@@ -280,158 +275,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     // already counted as spent; the lease reports the rest and is closed.
     readiness.set(false);
     sweeper.abort();
-    worker.attempts.lease.close().await;
+    worker.rows.attempts.lease.close().await;
     health.await??;
     tracing::info!("worker stopped");
     Ok(())
-}
-
-impl Worker {
-    fn runtime(&self) -> Arc<TableRuntime> {
-        self.attempts.runtime()
-    }
-
-    /// Handles a batch, `concurrency` rows at a time; returns the rows to
-    /// try again (failed, or refused credits) and whether the budget refused.
-    async fn handle_all(
-        self: &Arc<Self>,
-        items: Vec<Item>,
-        permits: &Arc<Semaphore>,
-    ) -> (Vec<Item>, bool) {
-        let mut tasks = Vec::new();
-        for item in items {
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
-            let worker = self.clone();
-            tasks.push(tokio::spawn(async move {
-                let _permit = permit;
-                let outcome = worker.handle(item.clone()).await;
-                tracing::debug!(row = %item.row_id, outcome = ?outcome.as_ref().map_err(|e| format!("{e:#}")), "row handled");
-                (item, outcome)
-            }));
-        }
-        let (mut retry, mut paused) = (Vec::new(), false);
-        for task in tasks {
-            match task.await {
-                Ok((_, Ok(Handled::Done))) => {}
-                Ok((item, Ok(Handled::Paused))) => {
-                    paused = true;
-                    retry.push(item);
-                }
-                Ok((item, Err(error))) => {
-                    tracing::warn!(error = %format!("{error:#}"), row = %item.row_id, "handling a row failed; it will be retried");
-                    retry.push(item);
-                }
-                Err(error) => tracing::error!(%error, "a row task panicked"),
-            }
-        }
-        (retry, paused)
-    }
-
-    fn dead_letter_stream(&self) -> String {
-        super::dead_letter_stream(&self.runtime())
-    }
-
-    async fn handle(&self, item: Item) -> anyhow::Result<Handled> {
-        use tracing::Instrument as _;
-        let span = tracing::info_span!("row", row = %item.row_id, table = %self.runtime().name);
-        self.handle_in_span(item).instrument(span).await
-    }
-
-    async fn handle_in_span(&self, item: Item) -> anyhow::Result<Handled> {
-        let Item { entry, row_id, raw } = item;
-        if matches!(entry, SourceEntry::Kafka) && self.store.seen(&row_id).await? {
-            // A replayed record whose row is already pending or terminal.
-            return Ok(Handled::Done);
-        }
-        let runtime = self.runtime();
-        let spec = &runtime.table.spec;
-        let dead_letter = self.dead_letter_stream();
-        let row = match raw.as_deref().map(serde_json::from_str::<Value>) {
-            Some(Ok(row @ Value::Object(_))) => row,
-            _ => {
-                let raw = Value::String(raw.unwrap_or_default());
-                self.store
-                    .dead_letter_entry(&dead_letter, &row_id, "InvalidRow", &raw, 0, &entry)
-                    .await?;
-                crate::metrics::dataplane().rows("dead_lettered", "InvalidRow", 1);
-                return Ok(Handled::Done);
-            }
-        };
-        let key = match super::key_of(&row, &spec.key) {
-            Some(key) => key,
-            None => {
-                self.store
-                    .dead_letter_entry(&dead_letter, &row_id, "MissingKey", &row, 0, &entry)
-                    .await?;
-                crate::metrics::dataplane().rows("dead_lettered", "MissingKey", 1);
-                return Ok(Handled::Done);
-            }
-        };
-        let refresh = row
-            .get("kiln_refresh")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if !refresh && let Some((at_ms, result)) = self.store.dedupe_lookup(&key).await? {
-            let window: Duration = spec.dedupe_window.into();
-            if now_ms() - at_ms < window.as_millis() as i64 {
-                let sink = super::sink::route(&runtime, self.store.keys());
-                self.store
-                    .deliver_stored(&row_id, &key, &result, &row, &sink, &entry)
-                    .await?;
-                let metrics = crate::metrics::dataplane();
-                metrics.rows("deduplicated", "ok", 1);
-                if !sink.through_outbox {
-                    metrics.rows("delivered", "ok", 1);
-                }
-                return Ok(Handled::Done);
-            }
-        }
-
-        let draw = match self.attempts.draw().await {
-            Ok(draw) => draw,
-            Err(LedgerClientError::Denied(denial)) => {
-                if denial.reason == DenialReason::Exhausted
-                    && denial.on_exhausted == OnExhausted::DeadLetter
-                {
-                    self.store
-                        .dead_letter_entry(
-                            &dead_letter,
-                            &row_id,
-                            "BudgetExhausted",
-                            &row,
-                            0,
-                            &entry,
-                        )
-                        .await?;
-                    crate::metrics::dataplane().rows("dead_lettered", "BudgetExhausted", 1);
-                    return Ok(Handled::Done);
-                }
-                return Ok(Handled::Paused);
-            }
-            Err(other) => return Err(other.into()),
-        };
-        let pending = self.attempts.first_attempt(row_id, key, row, &draw);
-        let created = match self
-            .store
-            .make_pending(&pending, self.attempts.first_deadline(), &entry)
-            .await
-        {
-            Ok(created) => created,
-            Err(error) => {
-                self.attempts.lease.undo(&draw);
-                return Err(error.into());
-            }
-        };
-        if created {
-            self.attempts.submit(&pending, &draw).await?;
-        } else {
-            // The row was already pending or done (a replayed record).
-            self.attempts.lease.undo(&draw);
-        }
-        Ok(Handled::Done)
-    }
 }
