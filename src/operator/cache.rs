@@ -55,7 +55,8 @@ where
     /// The cache and the watch stream that fills it (give it to the
     /// controller's `owns_stream`). `slim` drops what the controller never
     /// reads of a cached child (whether to apply it again depends only on
-    /// its metadata).
+    /// its metadata); annotations are always dropped (the operator sets
+    /// none on children, and never reads others').
     pub fn watch(
         api: Api<K>,
         config: watcher::Config,
@@ -64,7 +65,10 @@ where
         Arc<Self>,
         impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
     ) {
-        let (store, stream) = cached(api, config, slim);
+        let (store, stream) = cached(api, config, move |child: &mut K| {
+            child.meta_mut().annotations = None;
+            slim(child);
+        });
         let children = Arc::new(Self {
             store,
             applied: Mutex::new(HashMap::new()),
@@ -153,7 +157,7 @@ where
 pub fn cached<K>(
     api: Api<K>,
     config: watcher::Config,
-    slim: fn(&mut K),
+    slim: impl Fn(&mut K) + Send + Sync + 'static,
 ) -> (
     Store<K>,
     impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::runtime::reflector::Store;
@@ -46,6 +46,19 @@ impl TableCaches {
         let _ = self.schedules.wait_until_ready().await;
         let _ = self.secrets.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
+    }
+}
+
+/// Keeps of a Deployment what status reads: its replicas and how many are
+/// available.
+pub(super) fn slim_deployment(deployment: &mut Deployment) {
+    let replicas = deployment.spec.as_ref().and_then(|s| s.replicas);
+    deployment.spec = Some(DeploymentSpec {
+        replicas,
+        ..Default::default()
+    });
+    if let Some(status) = deployment.status.as_mut() {
+        status.conditions = None;
     }
 }
 

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -29,7 +28,7 @@ use kube::runtime::watcher;
 
 use self::apply::{apply_children, apply_scaled_object};
 pub use self::caches::TableCaches;
-use self::caches::{slim_pod, slim_secret};
+use self::caches::{slim_deployment, slim_pod, slim_secret};
 use self::dereference::dereference;
 use self::status::{Autoscaling, Provisioning};
 use super::apply::patch_status;
@@ -71,13 +70,8 @@ pub async fn run(
     let store = controller.store();
     let budget_store = store.clone();
     let all = watcher::Config::default;
-    // Of children, status only reads Deployments' replicas and availability.
     let (deployments, deployment_events) =
-        Children::watch(ctx.watched(), owned.clone(), |d: &mut Deployment| {
-            if let Some(spec) = d.spec.as_mut() {
-                spec.template = Default::default();
-            }
-        });
+        Children::watch(ctx.watched(), owned.clone(), slim_deployment);
     let (services, service_events) =
         Children::watch(ctx.watched(), owned.clone(), |s: &mut Service| {
             s.spec = None
