@@ -85,3 +85,31 @@ pub(super) fn slim_secret(secret: &mut Secret) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_cached_deployment_keeps_what_status_reads_and_nothing_more() {
+        let mut deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "leads-worker", "namespace": "sales", "generation": 4,
+                         "ownerReferences": [{"apiVersion": "kiln.dev/v1alpha1", "kind": "EnrichmentTable",
+                                              "name": "leads", "uid": "u-1", "controller": true}]},
+            "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "leads"}},
+                     "template": {"spec": {"containers": [{"name": "worker", "image": "kiln:1"}]}}},
+            "status": {"replicas": 3, "availableReplicas": 2,
+                       "conditions": [{"type": "Available", "status": "False", "message": "long text"}]}
+        }))
+        .unwrap();
+        slim_deployment(&mut deployment);
+        assert!(super::super::status::short_of_replicas(&deployment));
+        let kept = serde_json::to_value(&deployment).unwrap();
+        assert_eq!(kept["spec"]["replicas"], 3);
+        assert_eq!(kept["status"]["availableReplicas"], 2);
+        assert!(kept["spec"]["template"]["spec"].is_null());
+        assert!(kept["status"]["conditions"].is_null());
+        assert_eq!(kept["metadata"]["ownerReferences"][0]["name"], "leads");
+    }
+}
