@@ -2,9 +2,7 @@
 //! relist) the operator's live data is a fraction of what it allocated, but
 //! glibc keeps freed pages mapped; and kube's event recorder keeps every
 //! event it published until it publishes again. Both are let go here, on a
-//! timer, so resident memory follows the live caches; large buffers (a
-//! page of a LIST, a burst of watch events) are mapped on their own and
-//! unmapped when freed.
+//! timer, so resident memory follows the live caches.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,20 +14,6 @@ const TRIM_EVERY: Duration = Duration::from_secs(60);
 /// How long the event recorder remembers events (kube counts a repeat
 /// within 6 minutes as a series of the first).
 const FORGET_EVENTS_EVERY: Duration = Duration::from_secs(6 * 60);
-
-/// Buffers at least this large are mapped on their own. glibc otherwise
-/// raises this threshold to the largest buffer freed so far (up to 32 MiB),
-/// after which such buffers are carved from the heap and leave holes in it.
-const MAP_ON_THEIR_OWN: i32 = 256 * 1024;
-
-/// Fixes the allocator's mmap threshold; call once, before the caches fill.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a parameter of the allocator.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MAP_ON_THEIR_OWN);
-    }
-}
 
 /// Runs until `shutdown` resolves.
 pub async fn keep_small(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()>) {

@@ -72,7 +72,6 @@ pub struct OperatorArgs {
 /// Runs the operator until SIGTERM/SIGINT, or until leadership is lost
 /// (then it exits with an error so the pod restarts as a standby).
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
-    memory::tune_allocator();
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
