@@ -34,6 +34,11 @@ struct State {
 }
 
 impl State {
+    /// Pending or ended: a row with this id was handled before.
+    fn seen(&self, row_id: &str) -> bool {
+        self.pending.contains_key(row_id) || self.terminal.contains_key(row_id)
+    }
+
     fn end(&mut self, row_id: &str, how: Terminal) {
         self.terminal
             .entry(row_id.to_string())
@@ -192,13 +197,13 @@ impl RowStore for MemoryRows {
 #[async_trait]
 impl SourceRows for MemoryRows {
     async fn seen(&self, row_id: &str) -> Result<bool> {
-        let state = self.0.lock().unwrap();
-        Ok(state.pending.contains_key(row_id) || state.terminal.contains_key(row_id))
+        Ok(self.0.lock().unwrap().seen(row_id))
     }
 
     async fn make_pending(&self, pending: &PendingRow, due: i64, _: &SourceEntry) -> Result<bool> {
-        let created = !self.seen(&pending.row_id).await?;
+        // Checked and written under one lock, as the store's script does.
         let mut state = self.0.lock().unwrap();
+        let created = !state.seen(&pending.row_id);
         if created {
             let row = (pending.clone(), due);
             state.pending.insert(pending.row_id.clone(), row);
