@@ -66,6 +66,7 @@ impl Context {
         metrics: Arc<OperatorMetrics>,
         ledger: super::budget::ledger::Ledger,
         instance: String,
+        succession: super::leader::Succession,
     ) -> Self {
         let (tables_to_look_at, tables_to_look_at_rx) = futures::channel::mpsc::unbounded();
         let reporter = Reporter {
@@ -80,7 +81,10 @@ impl Context {
             build,
             metrics,
             ledger,
-            rates: Mutex::new(super::rate::RateShares::new(std::time::Instant::now())),
+            rates: Mutex::new(super::rate::RateShares::new(
+                std::time::Instant::now(),
+                succession,
+            )),
             volumes: Mutex::default(),
             tables_to_look_at,
             tables_to_look_at_rx: Mutex::new(Some(tables_to_look_at_rx)),

@@ -7,6 +7,7 @@
 //! resourceVersion, so two candidates cannot both win.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -77,6 +78,18 @@ pub struct LeaderElector {
     identity: String,
     timing: LeaseTiming,
     observed: Mutex<Option<Observation>>,
+    /// Set when this candidate created the Lease record.
+    created: AtomicBool,
+}
+
+/// How a replica came to lead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Succession {
+    /// It created the Lease: no leader came before it, so nothing an
+    /// earlier leader granted (rate shares) can still be in force.
+    First,
+    /// It took the Lease over from an earlier leader (expired or released).
+    TookOver,
 }
 
 /// The lease record as last read, and when (by this process's clock) it was
@@ -135,6 +148,7 @@ impl LeaderElector {
             identity: identity.to_string(),
             timing,
             observed: Mutex::new(None),
+            created: AtomicBool::new(false),
         }
     }
 
@@ -143,12 +157,17 @@ impl LeaderElector {
     }
 
     /// Waits until this candidate holds the lease.
-    pub async fn acquire(&self) {
+    pub async fn acquire(&self) -> Succession {
         loop {
             match self.try_acquire_or_renew().await {
                 Ok(true) => {
-                    tracing::info!(identity = %self.identity, lease = %self.name, "acquired leadership");
-                    return;
+                    let succession = if self.created.load(Ordering::Relaxed) {
+                        Succession::First
+                    } else {
+                        Succession::TookOver
+                    };
+                    tracing::info!(identity = %self.identity, lease = %self.name, ?succession, "acquired leadership");
+                    return succession;
                 }
                 Ok(false) => {}
                 Err(error) => tracing::warn!(%error, "leader election attempt failed"),
@@ -220,7 +239,10 @@ impl LeaderElector {
                 }),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
+                Ok(_) => {
+                    self.created.store(true, Ordering::Relaxed);
+                    Ok(true)
+                }
                 Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
                 Err(error) => Err(error),
             };

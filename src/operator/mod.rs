@@ -111,13 +111,13 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         &identity,
         LeaseTiming::default(),
     ));
-    tokio::select! {
-        _ = elector.acquire() => {}
+    let succession = tokio::select! {
+        succession = elector.acquire() => succession,
         _ = shutdown.clone() => {
             tracing::info!("shutting down before becoming leader");
             return Ok(());
         }
-    }
+    };
     metrics.is_leader.set(1);
     if let Some(label) = &pod_label {
         // Without the label no reservation reaches this replica: retry.
@@ -160,6 +160,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         metrics.clone(),
         ledger.clone(),
         identity.clone(),
+        succession,
     ));
     let holder = elector.clone();
     let lost = async move { holder.hold().await }.boxed().shared();

@@ -21,14 +21,16 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use super::leader::Succession;
 use crate::clay::limiter::Rate;
 use crate::ledger::{RATE_SHARE_TTL, RateReport, RateShare};
 
 /// A holder not heard from for this long is gone (the lease's life).
 const HOLDER_TTL: Duration = Duration::from_secs(60);
-/// A fresh leader raises nobody's share for this long, while every holder
-/// reports what it holds (busy ones report every 250 ms; one retrying after
-/// errors within 5 s), and shares granted by the old leader run out.
+/// A leader that took over raises nobody's share for this long, while every
+/// holder reports what it holds (busy ones report every 250 ms; one retrying
+/// after errors within 5 s), and shares granted by the old leader run out.
+/// The first leader has no old shares to wait out.
 const WARM_UP: Duration = Duration::from_secs(10);
 /// Part of the workspace's rate kept as idle allowances, split among holders.
 const IDLE_PART: f64 = 0.01;
@@ -109,14 +111,18 @@ struct Holder {
 
 /// Every workspace's holders and their shares (the leader's, in memory).
 pub struct RateShares {
-    started: Instant,
+    /// Until then shares are held where they are (see [`WARM_UP`]).
+    warm_until: Instant,
     workspaces: HashMap<String, HashMap<HolderKey, Holder>>,
 }
 
 impl RateShares {
-    pub fn new(now: Instant) -> Self {
+    pub fn new(now: Instant, succession: Succession) -> Self {
         Self {
-            started: now,
+            warm_until: match succession {
+                Succession::First => now,
+                Succession::TookOver => now + WARM_UP,
+            },
             workspaces: HashMap::new(),
         }
     }
@@ -189,7 +195,7 @@ impl RateShares {
             .min(limit.per_second - others(false))
             .min(ask.cap.per_second - others(true))
             .max(0.0);
-        if now.duration_since(self.started) < WARM_UP {
+        if now < self.warm_until {
             grant = grant.min(report.held.max(idle));
         }
         let fallback = (limit.per_second / (holders.len() as f64 + 1.0)).min(grant);
@@ -349,7 +355,10 @@ mod tests {
 
     fn after_warm_up() -> (RateShares, Instant) {
         let start = Instant::now();
-        (RateShares::new(start), start + WARM_UP)
+        (
+            RateShares::new(start, Succession::TookOver),
+            start + WARM_UP,
+        )
     }
 
     #[test]
@@ -449,9 +458,9 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_leader_raises_nobody_until_holders_reported() {
+    fn a_leader_that_took_over_raises_nobody_until_holders_reported() {
         let start = Instant::now();
-        let mut shares = RateShares::new(start);
+        let mut shares = RateShares::new(start, Succession::TookOver);
         // A holder that held 3 rows/s under the old leader keeps 3, not 10.
         let r = report(1000.0, 3.0);
         let share = shares.share(ask("leads", "a", &r), start).unwrap();
@@ -462,6 +471,14 @@ mod tests {
         assert_eq!(share.rows_per_second, 10.0);
     }
 
+    #[test]
+    fn the_first_leader_raises_shares_at_once() {
+        let start = Instant::now();
+        let mut shares = RateShares::new(start, Succession::First);
+        let r = report(1000.0, 3.0);
+        let share = shares.share(ask("leads", "a", &r), start).unwrap();
+        assert_eq!(share.rows_per_second, 10.0);
+    }
     #[test]
     fn departed_and_silent_holders_free_their_share() {
         let (mut shares, now) = after_warm_up();
