@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
@@ -82,6 +83,11 @@ impl Default for RotationPolicy {
     }
 }
 
+/// The most submissions one claim counts ahead of sending.
+const MAX_BLOCK: u64 = 64;
+/// A block used up within this long is followed by a larger one.
+const BLOCK_SPAN: Duration = Duration::from_secs(1);
+
 /// Picks the source for each submission.
 pub struct SourceRotation {
     sources: Vec<WebhookTarget>,
@@ -89,6 +95,36 @@ pub struct SourceRotation {
     counter: Arc<dyn SubmissionCounter>,
     /// Index of the first source not known to be full (a hint; the counter decides).
     current: Mutex<usize>,
+    /// Submissions counted durably but not made yet. Held across the
+    /// counter call, so concurrent rows wait for one claim, not race to make several.
+    block: tokio::sync::Mutex<Block>,
+}
+
+/// Submissions this process counted against one source ahead of sending.
+#[derive(Default)]
+struct Block {
+    source: usize,
+    /// The source's durable count after this block was claimed.
+    counted: u64,
+    left: u64,
+    size: u64,
+    claimed_at: Option<Instant>,
+}
+
+impl Block {
+    /// The next block's size: doubled while blocks last under
+    /// [`BLOCK_SPAN`], one row again after a quiet spell. A process that
+    /// stops leaves at most about a second of submissions counted but
+    /// unsent, which errs towards rotating early.
+    fn next_size(&self, rows: u64) -> u64 {
+        let busy = self.claimed_at.is_some_and(|at| at.elapsed() < BLOCK_SPAN);
+        let size = if busy {
+            (self.size * 2).min(MAX_BLOCK)
+        } else {
+            1
+        };
+        size.max(rows)
+    }
 }
 
 impl SourceRotation {
@@ -102,44 +138,77 @@ impl SourceRotation {
             policy,
             counter,
             current: Mutex::new(0),
+            block: tokio::sync::Mutex::default(),
         }
     }
 
     /// Counts `rows` submissions against the first source with room and
-    /// returns it. Counting happens before sending: a failed or retried
-    /// request still counts, which errs towards rotating early.
+    /// returns it. Counting happens before sending (a failed or retried
+    /// request still counts, which errs towards rotating early), in blocks
+    /// while busy, so a row seldom waits for the counter.
     pub async fn claim(&self, rows: u64) -> Result<&WebhookTarget, ClayError> {
+        let mut block = self.block.lock().await;
         let start = *self.current.lock().unwrap();
         for index in start..self.sources.len() {
-            let source = &self.sources[index];
-            if let Some(count) = self
-                .counter
-                .try_add(&source.name, rows, self.policy.rotate_at)
-                .await?
-            {
-                crate::metrics::dataplane()
-                    .source_rows
-                    .get_or_create(&crate::metrics::SourceLabels {
-                        source: source.name.clone(),
-                    })
-                    .set(count as i64);
-                if count >= self.policy.warn_at && count - rows < self.policy.warn_at {
-                    tracing::warn!(
-                        source = %source.name, count, cap = self.policy.cap,
-                        "webhook source is nearing Clay's lifetime submission cap; add another source"
-                    );
+            if block.source == index && block.left >= rows {
+                block.left -= rows;
+                self.report(index, block.counted - block.left, rows);
+                return Ok(&self.sources[index]);
+            }
+            let size = block.next_size(rows);
+            // A whole block may not fit below the rotation point when the
+            // rows themselves still do.
+            let sizes = if size > rows {
+                vec![size, rows]
+            } else {
+                vec![rows]
+            };
+            for size in sizes {
+                if let Some(count) = self.try_count(index, size).await? {
+                    *block = Block {
+                        source: index,
+                        counted: count,
+                        left: size - rows,
+                        size,
+                        claimed_at: Some(Instant::now()),
+                    };
+                    self.report(index, count - block.left, rows);
+                    return Ok(&self.sources[index]);
                 }
-                return Ok(source);
             }
             let mut current = self.current.lock().unwrap();
             if *current <= index {
                 *current = index + 1;
-                tracing::warn!(source = %source.name, "webhook source is full; rotating to the next one");
+                tracing::warn!(source = %self.sources[index].name, "webhook source is full; rotating to the next one");
             }
         }
         Err(ClayError::SourcesExhausted {
             sources: self.sources.len(),
         })
+    }
+
+    async fn try_count(&self, index: usize, n: u64) -> Result<Option<u64>, ClayError> {
+        self.counter
+            .try_add(&self.sources[index].name, n, self.policy.rotate_at)
+            .await
+    }
+
+    /// Publishes how many submissions a source has had (`sent` of them just
+    /// now), and warns once that passes the warning point.
+    fn report(&self, index: usize, count: u64, sent: u64) {
+        let source = &self.sources[index];
+        crate::metrics::dataplane()
+            .source_rows
+            .get_or_create(&crate::metrics::SourceLabels {
+                source: source.name.clone(),
+            })
+            .set(count as i64);
+        if count >= self.policy.warn_at && count - sent < self.policy.warn_at {
+            tracing::warn!(
+                source = %source.name, count, cap = self.policy.cap,
+                "webhook source is nearing Clay's lifetime submission cap; add another source"
+            );
+        }
     }
 }
 
@@ -201,5 +270,54 @@ mod tests {
         );
         assert_eq!(rotation.claim(7).await.unwrap().name, "a");
         assert_eq!(rotation.claim(4).await.unwrap().name, "b");
+    }
+
+    /// Counts the calls that reach the durable counter.
+    #[derive(Default)]
+    struct CountedCalls {
+        inner: MemoryCounter,
+        calls: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait]
+    impl SubmissionCounter for CountedCalls {
+        async fn try_add(
+            &self,
+            source: &str,
+            n: u64,
+            limit: u64,
+        ) -> Result<Option<u64>, ClayError> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.try_add(source, n, limit).await
+        }
+    }
+
+    #[tokio::test]
+    async fn busy_submissions_are_counted_in_blocks_up_to_the_rotation_point() {
+        let counter = Arc::new(CountedCalls::default());
+        let rotation = SourceRotation::new(
+            vec![target("a"), target("b")],
+            RotationPolicy::new(1000, 0.5, 0.3),
+            counter.clone(),
+        );
+        for _ in 0..100 {
+            assert_eq!(rotation.claim(1).await.unwrap().name, "a");
+        }
+        let calls = counter.calls.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(calls <= 8, "{calls} counter calls for 100 rows");
+        let counted = counter.inner.try_add("a", 0, u64::MAX).await.unwrap();
+        assert!(counted >= Some(100) && counted <= Some(100 + MAX_BLOCK));
+
+        // The source is used up to its rotation point (300), not a block short of it.
+        let mut on_a = 100;
+        while rotation.claim(1).await.unwrap().name == "a" {
+            on_a += 1;
+        }
+        assert_eq!(
+            counter.inner.try_add("a", 0, u64::MAX).await.unwrap(),
+            Some(300)
+        );
+        assert_eq!(on_a, 300, "every row counted against a was sent to it");
     }
 }

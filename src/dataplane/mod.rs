@@ -370,6 +370,13 @@ pub fn follow(
     rx
 }
 
+/// A new row's id: `prefix` (the table's name) and a random (version 4)
+/// UUID, drawn from the thread's generator rather than a system call per row.
+pub fn new_row_id(prefix: &str) -> String {
+    let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    format!("{prefix}-{}", uuid.simple())
+}
+
 /// The key of `row` under `field`, if it has a usable one.
 pub fn key_of(row: &serde_json::Value, field: &str) -> Option<String> {
     match row.get(field) {

@@ -212,7 +212,7 @@ async fn requeue(
         .into_iter()
         .map(|(key, input)| {
             (
-                format!("{}-refresh-{}", runtime.name, uuid::Uuid::new_v4().simple()),
+                crate::dataplane::new_row_id(&format!("{}-refresh", runtime.name)),
                 refresh_row(key_field, &key, input),
             )
         })

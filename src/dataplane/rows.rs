@@ -72,8 +72,9 @@ pub trait RowStore: Send + Sync {
     /// Settlements recorded by deliveries and not yet taken by a receiver.
     async fn owed_settlements(&self) -> Result<Vec<OwedSettlement>>;
 
-    /// Takes a delivery's owed settlement; true for the one caller that did.
-    async fn take_owed(&self, row_id: &str) -> Result<bool>;
+    /// Takes deliveries' owed settlements: for each row, true for the one
+    /// caller that took it.
+    async fn take_owed(&self, row_ids: &[&str]) -> Result<Vec<bool>>;
 }
 
 /// A row read from a source (a Redis Stream entry or a Kafka record) that

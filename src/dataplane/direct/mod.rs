@@ -192,7 +192,7 @@ impl Direct {
     async fn submit_new(&self, row: Value) -> Result<PendingRow, Answer> {
         let runtime = self.attempts.runtime();
         let spec = &runtime.table.spec;
-        let row_id = format!("{}-{}", runtime.name, uuid::Uuid::new_v4().simple());
+        let row_id = super::new_row_id(&runtime.name);
         let draw = match self.attempts.draw().await {
             Ok(draw) => draw,
             Err(LedgerClientError::Denied(denial)) => {

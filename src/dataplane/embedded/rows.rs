@@ -189,16 +189,19 @@ impl RowStore for EmbeddedStore {
         Ok(owed.await?)
     }
 
-    async fn take_owed(&self, row_id: &str) -> Result<bool> {
-        let row_id = row_id.to_string();
+    async fn take_owed(&self, row_ids: &[&str]) -> Result<Vec<bool>> {
+        let row_ids: Vec<String> = row_ids.iter().map(|id| id.to_string()).collect();
         let taken = self.blocking(move |db| {
             let txn = db.begin_write()?;
-            let removed = txn
-                .open_table(SETTLEMENTS)?
-                .remove(row_id.as_str())?
-                .is_some();
+            let mut taken = Vec::with_capacity(row_ids.len());
+            {
+                let mut table = txn.open_table(SETTLEMENTS)?;
+                for row_id in &row_ids {
+                    taken.push(table.remove(row_id.as_str())?.is_some());
+                }
+            }
             txn.commit()?;
-            Ok(removed)
+            Ok(taken)
         });
         Ok(taken.await?)
     }

@@ -79,8 +79,12 @@ async fn a_row_is_claimed_once_and_survives_reopening_the_file() {
         (owed[0].row_id.as_str(), owed[0].reported),
         ("r1", Some(3.0))
     );
-    assert!(store.take_owed("r1").await.unwrap());
-    assert!(!store.take_owed("r1").await.unwrap(), "taken once");
+    assert_eq!(store.take_owed(&["r1"]).await.unwrap(), [true]);
+    assert_eq!(
+        store.take_owed(&["r1"]).await.unwrap(),
+        [false],
+        "taken once"
+    );
     assert!(store.owed_settlements().await.unwrap().is_empty());
     let counters = store.counters().await.unwrap();
     assert_eq!(

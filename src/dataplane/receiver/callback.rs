@@ -11,10 +11,11 @@ use axum::response::Response;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use super::settlements::Delivered;
 use super::{CALLBACK_TOKEN_HEADER, Receiver, reply};
 use crate::dataplane::TableRuntime;
 use crate::dataplane::attempt::now_ms;
-use crate::dataplane::rows::Callback;
+use crate::dataplane::rows::{Callback, OwedSettlement};
 
 /// A Clay callback body: the result object and the row id it echoes
 /// (non-empty), or why it is refused.
@@ -101,7 +102,14 @@ async fn complete_row(
     let took = (pending.attempted_at_ms > 0).then(|| {
         Duration::from_millis(now_ms().saturating_sub(pending.attempted_at_ms).max(0) as u64)
     });
-    receiver.settle(row_id, reported, &pending, took).await;
+    receiver.settle_later(Delivered {
+        owed: OwedSettlement {
+            row_id: row_id.to_string(),
+            reported,
+            pending,
+        },
+        took,
+    });
     receiver.count("callback", "delivered");
     crate::metrics::dataplane().rows("enriched", "ok", 1);
     reply(StatusCode::OK, json!({"status": "delivered"}))

@@ -70,12 +70,7 @@ pub(super) async fn ingest(
     }
     let with_ids: Vec<(String, Value)> = rows
         .into_iter()
-        .map(|row| {
-            (
-                format!("{}-{}", runtime.name, uuid::Uuid::new_v4().simple()),
-                row,
-            )
-        })
+        .map(|row| (crate::dataplane::new_row_id(&runtime.name), row))
         .collect();
     let inbox = store.keys().inbox();
     match store.enqueue(&inbox, &with_ids).await {

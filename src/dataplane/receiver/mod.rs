@@ -7,10 +7,10 @@
 mod callback;
 mod enrich;
 mod ingest;
+mod settlements;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::http::{HeaderMap, StatusCode};
@@ -29,7 +29,7 @@ use super::attempt::{Attempts, Live};
 use super::direct::{Direct, Routine};
 use super::embedded::EmbeddedStore;
 use super::rows::RowStore;
-use super::store::{PendingRow, RedisRows, RedisStore};
+use super::store::{RedisRows, RedisStore};
 use super::{DataplaneArgs, TableRuntime};
 use crate::contract::{CALLBACK_PATH, ENRICH_PATH, INGEST_PATH, Keys, ROW_STATUS_PATH};
 
@@ -76,6 +76,8 @@ struct Receiver {
     rows: Arc<dyn RowStore>,
     intake: Intake,
     lease: Arc<CreditLease>,
+    /// Delivered rows whose credits are still to settle.
+    settling: tokio::sync::mpsc::UnboundedSender<settlements::Delivered>,
     requests: Family<RequestLabels, Counter>,
     max_rows_per_request: usize,
 }
@@ -168,8 +170,10 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         "Receiver requests by endpoint and outcome",
         requests.clone(),
     );
+    let (settling, settle_queue) = tokio::sync::mpsc::unbounded_channel();
     let receiver = Arc::new(Receiver {
         lease: lease.clone(),
+        settling,
         max_rows_per_request: args.max_rows_per_request as usize,
         runtime: runtime.clone(),
         rows,
@@ -191,6 +195,11 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
         .route(CALLBACK_PATH, post(callback::callback))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(receiver.clone());
+    let settler = tokio::spawn(
+        receiver
+            .clone()
+            .settle_queued(settle_queue, shutdown.clone()),
+    );
     let sweeper = tokio::spawn({
         let receiver = receiver.clone();
         async move {
@@ -235,6 +244,7 @@ pub async fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     crate::http::serve(listener, app, shutdown).await?;
     sweeper.abort();
     background.await?;
+    settler.await?;
     receiver.settle_owed().await;
     lease.close().await;
     health.await??;
@@ -251,46 +261,6 @@ impl Receiver {
         self.requests
             .get_or_create(&RequestLabels { endpoint, outcome })
             .inc();
-    }
-
-    /// Charges a delivered row its reported cost instead of its worst case.
-    /// The owed settlement is taken off the store first, so a settlement
-    /// is reported at most once however many receivers see it; one lost to a
-    /// crash leaves the row charged at its worst case (never too little).
-    /// Settles a delivered row's credits; `took` is its result's latency
-    /// when this receiver took the callback itself.
-    async fn settle(
-        &self,
-        row_id: &str,
-        reported: Option<f64>,
-        pending: &PendingRow,
-        took: Option<Duration>,
-    ) {
-        match self.rows.take_owed(row_id).await {
-            Ok(true) => self
-                .lease
-                .settle_row(&pending.reserved(), &pending.period, reported, took),
-            Ok(false) => {}
-            Err(error) => {
-                tracing::warn!(error = %format!("{error:#}"), row = row_id, "taking an owed settlement failed; the sweep retries it")
-            }
-        }
-    }
-
-    /// Finishes settlements left by receivers that died between delivering
-    /// a row and settling it.
-    async fn settle_owed(&self) {
-        match self.rows.owed_settlements().await {
-            Ok(owed) => {
-                for owed in owed {
-                    self.settle(&owed.row_id, owed.reported, &owed.pending, None)
-                        .await;
-                }
-            }
-            Err(error) => {
-                tracing::warn!(error = %format!("{error:#}"), "reading owed settlements failed")
-            }
-        }
     }
 }
 

@@ -189,8 +189,12 @@ impl RowStore for MemoryRows {
         Ok(self.0.lock().unwrap().owed.values().cloned().collect())
     }
 
-    async fn take_owed(&self, row_id: &str) -> Result<bool> {
-        Ok(self.0.lock().unwrap().owed.remove(row_id).is_some())
+    async fn take_owed(&self, row_ids: &[&str]) -> Result<Vec<bool>> {
+        let mut state = self.0.lock().unwrap();
+        Ok(row_ids
+            .iter()
+            .map(|id| state.owed.remove(*id).is_some())
+            .collect())
     }
 }
 

@@ -170,10 +170,15 @@ impl RowStore for RedisRows {
             .collect())
     }
 
-    async fn take_owed(&self, row_id: &str) -> Result<bool> {
+    async fn take_owed(&self, row_ids: &[&str]) -> Result<Vec<bool>> {
         let settlements = self.store.keys.settlements();
-        let removed: u32 = self.store.conn().hdel(settlements, row_id).await?;
-        Ok(removed == 1)
+        // One round trip; each HDEL removes its field for one caller only.
+        let mut pipe = redis::pipe();
+        for row_id in row_ids {
+            pipe.hdel(&settlements, *row_id);
+        }
+        let removed: Vec<u32> = pipe.query_async(&mut self.store.conn()).await?;
+        Ok(removed.into_iter().map(|n| n == 1).collect())
     }
 }
 
