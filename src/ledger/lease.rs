@@ -47,6 +47,10 @@ const REFUND_CARRY: Duration = Duration::from_secs(150);
 const DRAW_PATIENCE: Duration = Duration::from_secs(30);
 /// A holder that did not wait for rate asks for this much more than it sent.
 const RATE_HEADROOM: f64 = 1.25;
+/// How far back a holder looks to tell the rate it sends at. Rows come in
+/// clumps (callers in lockstep, batches): a share sized from one 250 ms
+/// report window alone would swing with them and make the next clump wait.
+const SENDING_WINDOW: Duration = Duration::from_secs(2);
 
 /// Which budget and table a lease is for, and who holds it.
 #[derive(Clone, Debug)]
@@ -104,6 +108,9 @@ struct State {
     /// The share of Clay's rate last granted, and since when usage is counted.
     share: Option<RateShare>,
     usage_since: Option<Instant>,
+    /// Rows sent per report window, by the window's start, for the last
+    /// [`SENDING_WINDOW`].
+    sent_recently: std::collections::VecDeque<(Instant, u64)>,
 }
 
 /// A lease on one budget for one table, shared by a process's tasks.
@@ -460,16 +467,10 @@ impl CreditLease {
         let limiter = self.limiter.get()?;
         let usage = limiter.take_usage();
         let now = Instant::now();
-        let seconds = state
-            .usage_since
-            .replace(now)
-            .map_or(0.0, |since| now.duration_since(since).as_secs_f64());
+        let since = state.usage_since.replace(now);
+        let seconds = since.map_or(0.0, |since| now.duration_since(since).as_secs_f64());
         let cap = limiter.cap().per_second;
-        let sent = if seconds > 0.0 {
-            usage.rows as f64 / seconds
-        } else {
-            0.0
-        };
+        let sent = state.sending_rate(since, usage.rows, now);
         Some(RateReport {
             wanted: if usage.waited {
                 cap
@@ -613,6 +614,28 @@ impl Credits {
 }
 
 impl State {
+    /// Rows per second sent over the last [`SENDING_WINDOW`], after
+    /// recording `rows` sent since `since`.
+    fn sending_rate(&mut self, since: Option<Instant>, rows: u64, now: Instant) -> f64 {
+        if let Some(since) = since {
+            self.sent_recently.push_back((since, rows));
+        }
+        while self.sent_recently.len() > 1
+            && self
+                .sent_recently
+                .front()
+                .is_some_and(|(start, _)| now.duration_since(*start) > SENDING_WINDOW)
+        {
+            self.sent_recently.pop_front();
+        }
+        let Some((start, _)) = self.sent_recently.front() else {
+            return 0.0;
+        };
+        let span = now.duration_since(*start).as_secs_f64();
+        let rows: u64 = self.sent_recently.iter().map(|(_, rows)| rows).sum();
+        if span > 0.0 { rows as f64 / span } else { 0.0 }
+    }
+
     /// Holding more rate than an idle holder: others may need it, so its
     /// use is reported every [`RATE_REPORT_EVERY`].
     fn holds_rate(&self) -> bool {
@@ -687,4 +710,29 @@ fn add_refund(state: &mut State, period: &str, amount: Credits) {
 /// repeated per holder in the budget's status.
 fn new_lease_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sending_rate_smooths_clumps_over_report_windows() {
+        // Eight rows every 500 ms, reported every 250 ms: 8, 0, 8, 0, ...
+        let mut state = State::default();
+        let start = Instant::now();
+        let mut since = None;
+        let mut rates = Vec::new();
+        for window in 0..16u32 {
+            let now = start + Duration::from_millis(250) * window;
+            let rows = if window % 2 == 0 { 8 } else { 0 };
+            rates.push(state.sending_rate(since, rows, now));
+            since = Some(now);
+        }
+        // Once two seconds are counted, every report says about 16 rows/s,
+        // whichever half of a clump its own window saw.
+        for rate in &rates[9..] {
+            assert!((14.0..=18.5).contains(rate), "{rates:?}");
+        }
+    }
 }
