@@ -70,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Operator(args) => {
+            kiln::operator::memory::limit_arenas();
             let _telemetry = telemetry::init(cli.log_format, "kiln-operator");
             runtime()?.block_on(kiln::operator::run(args))
         }

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::apply::apply;
 use super::error::{AtStep, Result, Step, describe_object};
+use super::labels::keep_read_labels;
 
 /// What the operator last applied to a child: a hash of the desired
 /// object, and the child's generation (or resourceVersion, for kinds
@@ -56,7 +57,8 @@ where
     /// controller's `owns_stream`). `slim` drops what the controller never
     /// reads of a cached child (whether to apply it again depends only on
     /// its metadata); annotations are always dropped (the operator sets
-    /// none on children, and never reads others').
+    /// none on children, and never reads others'), and so are the labels
+    /// it does not select by.
     pub fn watch(
         api: Api<K>,
         config: watcher::Config,
@@ -67,6 +69,7 @@ where
     ) {
         let (store, stream) = cached(api, config, move |child: &mut K| {
             child.meta_mut().annotations = None;
+            keep_read_labels(&mut child.meta_mut().labels);
             slim(child);
         });
         let children = Arc::new(Self {

@@ -13,6 +13,16 @@ pub const TABLE_LABEL: &str = "kiln.dev/table";
 /// Label naming the RefreshSchedule a child belongs to.
 pub const SCHEDULE_LABEL: &str = "kiln.dev/refresh-schedule";
 
+/// Drops the labels of a cached child that the operator never reads: it
+/// selects children only by the manager, table and schedule labels, and a
+/// thousand tables' children carry tens of thousands of the others.
+pub fn keep_read_labels(labels: &mut Option<BTreeMap<String, String>>) {
+    if let Some(labels) = labels.as_mut() {
+        labels
+            .retain(|key, _| [MANAGED_LABEL, TABLE_LABEL, SCHEDULE_LABEL].contains(&key.as_str()));
+    }
+}
+
 /// Port every Kiln process serves /healthz, /readyz and /metrics on.
 pub const METRICS_PORT: i32 = 9090;
 

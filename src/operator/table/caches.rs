@@ -11,6 +11,7 @@ use kube::runtime::reflector::Store;
 use super::counters;
 use crate::api::{CreditBudget, RefreshSchedule};
 use crate::operator::cache::Children;
+use crate::operator::labels::keep_read_labels;
 
 /// What a table's reconcile reads and writes, cached by the controller's
 /// watches: its children, the budgets, schedules and Secrets it refers to
@@ -62,10 +63,13 @@ pub(super) fn slim_deployment(deployment: &mut Deployment) {
     }
 }
 
-/// Keeps of a pod its name, labels and container states: status reports why
-/// a table's pods crash or cannot start.
+/// Keeps of a pod its name, table label and container states: status
+/// reports why a table's pods crash or cannot start. (Pods belong to
+/// ReplicaSets; their table is found by label.)
 pub(super) fn slim_pod(pod: &mut Pod) {
     pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    keep_read_labels(&mut pod.metadata.labels);
     pod.spec = None;
     if let Some(status) = pod.status.as_mut() {
         status.conditions = None;
@@ -111,5 +115,34 @@ mod tests {
         assert!(kept["spec"]["template"]["spec"].is_null());
         assert!(kept["status"]["conditions"].is_null());
         assert_eq!(kept["metadata"]["ownerReferences"][0]["name"], "leads");
+    }
+
+    #[test]
+    fn a_cached_pod_keeps_its_table_label_and_container_states() {
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "leads-worker-7d9-x", "namespace": "sales",
+                         "labels": {"app.kubernetes.io/name": "kiln", "app.kubernetes.io/component": "worker",
+                                    "pod-template-hash": "7d9", "kiln.dev/table": "leads",
+                                    "app.kubernetes.io/managed-by": "kiln-operator"},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                              "name": "leads-worker-7d9", "uid": "u-2"}]},
+            "spec": {"containers": [{"name": "worker", "image": "kiln:1"}]},
+            "status": {"phase": "Running",
+                       "containerStatuses": [{"name": "worker", "image": "kiln:1", "imageID": "", "ready": false,
+                                              "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}
+        }))
+        .unwrap();
+        slim_pod(&mut pod);
+        let kept = serde_json::to_value(&pod).unwrap();
+        assert_eq!(
+            kept["metadata"]["labels"],
+            json!({"kiln.dev/table": "leads", "app.kubernetes.io/managed-by": "kiln-operator"})
+        );
+        assert!(kept["metadata"]["ownerReferences"].is_null());
+        assert!(kept["spec"].is_null());
+        assert_eq!(
+            kept["status"]["containerStatuses"][0]["state"]["waiting"]["reason"],
+            "CrashLoopBackOff"
+        );
     }
 }
