@@ -123,11 +123,12 @@ async fn main() {
         reconciles.push(format!("{controller} {during}"));
     }
     println!(
-        "scale, {} tables in {NAMESPACES} namespaces (+{} schedules): created in {:.1}s, all Provisioned after {:.1}s; RSS {rss_provisioned:.0} MiB when provisioned, {rss:.0} MiB at rest ({anon:.0} anonymous, {file:.0} file-backed: the binary); settled {:.0}s later; quiet minute: {writes} operator writes, operator CPU {cpu:.2}% of a core, reconciles: {}",
+        "scale, {} tables in {NAMESPACES} namespaces (+{} schedules): created in {:.1}s, all Provisioned after {:.1}s; RSS {rss_provisioned:.1} MiB when provisioned, {rss:.1} MiB = {:.1} MB at rest ({anon:.1} anonymous, {file:.1} file-backed: the binary); settled {:.0}s later; quiet minute: {writes} operator writes, operator CPU {cpu:.2}% of a core, reconciles: {}",
         per_namespace * NAMESPACES,
         SCHEDULES_PER_NAMESPACE * NAMESPACES,
         created.as_secs_f64(),
         provisioned_after.as_secs_f64(),
+        rss * 1.048_576,
         settled_after.as_secs_f64(),
         reconciles.join(", "),
     );

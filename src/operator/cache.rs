@@ -170,7 +170,7 @@ where
     ObjectRef<K>: Hash + Eq,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(
+    let events = reflector::reflector(
         writer,
         watcher(api, config)
             .default_backoff()
@@ -178,9 +178,63 @@ where
                 object.managed_fields_mut().clear();
                 slim(object);
             }),
-    )
-    .touched_objects();
+    );
+    let stream = stored_objects(events, store.clone());
     (store, stream)
+}
+
+/// The objects a watch changed, each emitted once `store` holds it. The
+/// objects of a (re)list reach the store only when the list is complete,
+/// so they are emitted then: emitted as they arrive, a new object's
+/// trigger would find the store without it, the controller would drop it,
+/// and nothing would trigger that object again.
+fn stored_objects<K>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    store: Store<K>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    ObjectRef<K>: Hash + Eq,
+{
+    use futures::StreamExt as _;
+    use futures::future::ready;
+    events
+        .scan(Vec::new(), move |listed, event| {
+            let now = |objects: Vec<Result<K, watcher::Error>>| {
+                futures::stream::iter(objects).left_stream()
+            };
+            let emitted = match event {
+                Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object)) => {
+                    now(vec![Ok(object)])
+                }
+                Ok(watcher::Event::Init) => {
+                    listed.clear();
+                    now(Vec::new())
+                }
+                Ok(watcher::Event::InitApply(object)) => {
+                    listed.push(ObjectRef::from_obj(&object));
+                    now(Vec::new())
+                }
+                // One at a time, as the controller takes them.
+                Ok(watcher::Event::InitDone) => {
+                    let store = store.clone();
+                    futures::stream::iter(std::mem::take(listed))
+                        .filter_map(move |key| {
+                            ready(store.get(&key).map(|object| Ok((*object).clone())))
+                        })
+                        .right_stream()
+                }
+                Err(error) => now(vec![Err(error)]),
+            };
+            ready(Some(emitted))
+        })
+        .flatten()
+}
+
+/// Drops an object's annotations, for kinds whose annotations the operator
+/// never reads: `kubectl apply` leaves a copy of the whole object in one.
+pub fn without_annotations<K: Resource>(object: &mut K) {
+    object.meta_mut().annotations = None;
 }
 
 /// Changes whenever anything the operator sets on the object changes.
@@ -230,5 +284,50 @@ mod tests {
         assert_eq!(version(&object), "r41");
         object.metadata.generation = Some(3);
         assert_eq!(version(&object), "g3");
+    }
+
+    fn named(name: &str) -> ServiceAccount {
+        ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("sales".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relists_objects_are_emitted_once_the_store_holds_them() {
+        use futures::StreamExt as _;
+        use watcher::Event;
+        let (store, writer) = reflector::store();
+        let events = futures::stream::iter([
+            Event::Init,
+            Event::InitApply(named("a")),
+            Event::InitApply(named("b")),
+            Event::InitDone,
+            Event::Apply(named("c")),
+            // A relist after a watch error: "d" is new to the store.
+            Event::Init,
+            Event::InitApply(named("c")),
+            Event::InitApply(named("d")),
+            Event::InitDone,
+        ])
+        .map(Ok);
+        let emitted = stored_objects(reflector::reflector(writer, events), store.clone());
+        futures::pin_mut!(emitted);
+        let mut names = Vec::new();
+        while let Some(object) = emitted.next().await {
+            let object = object.unwrap();
+            // What a controller looks up when the trigger arrives.
+            assert!(
+                store.get(&ObjectRef::from_obj(&object)).is_some(),
+                "{} emitted before the store held it",
+                object.name_any()
+            );
+            names.push(object.name_any());
+        }
+        assert_eq!(names, ["a", "b", "c", "c", "d"]);
     }
 }

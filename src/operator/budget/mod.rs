@@ -18,7 +18,7 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 
-use super::cache::cached;
+use super::cache::{cached, without_annotations};
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use crate::api::CreditBudget;
@@ -37,7 +37,7 @@ pub async fn run(
     let (budgets, budget_events) = cached(
         ctx.watched::<CreditBudget>(),
         watcher::Config::default(),
-        |_| {},
+        without_annotations,
     );
     Controller::for_stream(budget_events, budgets)
         .with_config(controller::Config::default().concurrency(CONCURRENCY))

@@ -32,7 +32,7 @@ use self::caches::{slim_deployment, slim_pod, slim_secret};
 use self::dereference::dereference;
 use self::status::{Autoscaling, Provisioning};
 use super::apply::patch_status;
-use super::cache::{Children, cached};
+use super::cache::{Children, cached, without_annotations};
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use super::labels::{MANAGED_BY, TABLE_LABEL};
@@ -64,7 +64,7 @@ pub async fn run(
         "app.kubernetes.io/managed-by={MANAGED_BY},{TABLE_LABEL}"
     ));
     // Cached without managed fields, like every other watched kind.
-    let (tables, table_events) = cached(tables, watcher::Config::default(), |_| {});
+    let (tables, table_events) = cached(tables, watcher::Config::default(), without_annotations);
     let controller = Controller::for_stream(table_events, tables)
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
@@ -89,8 +89,9 @@ pub async fn run(
         |c: &mut PersistentVolumeClaim| c.spec = None,
     );
     let (pods, pod_events) = cached(ctx.watched(), owned, slim_pod);
-    let (budgets, budget_events) = cached(ctx.watched(), all(), |_| {});
-    let (schedules, schedule_events) = cached(ctx.watched(), all(), |_| {});
+    let (budgets, budget_events) = cached(ctx.watched(), all(), without_annotations);
+    // (The refresh controller keeps its own copy, with the refresh-now annotation.)
+    let (schedules, schedule_events) = cached(ctx.watched(), all(), without_annotations);
     let (secrets, secret_events) = cached(ctx.watched(), all(), slim_secret);
     let _ = ctx.table_caches.set(TableCaches {
         deployments,
