@@ -245,8 +245,12 @@ async fn a_steady_burn_forecasts_when_the_budget_runs_out() {
     .await;
     let actual = exhausted.duration_since(started).as_secs_f64();
     let error = projected.duration_since(exhausted).as_secs_f64().abs();
+    // The forecast projects the steady burn. The last credits go out slower
+    // than that, whatever the budget's size: near exhaustion a lease is
+    // granted a fair share down to one row's worth, each grant a ledger write.
+    const LAST_GRANTS: f64 = 8.0;
     assert!(
-        error <= actual * 0.1,
+        error <= actual * 0.1 + LAST_GRANTS,
         "projected {projected}, exhausted {exhausted}: off by {error:.1} s of {actual:.1} s"
     );
 }
