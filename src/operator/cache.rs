@@ -68,7 +68,7 @@ where
         impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
     ) {
         let (store, stream) = cached(api, config, move |child: &mut K| {
-            child.meta_mut().annotations = None;
+            without_annotations(child);
             keep_read_labels(&mut child.meta_mut().labels);
             slim(child);
         });

@@ -7,7 +7,6 @@
 //! resourceVersion, so two candidates cannot both win.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -78,8 +77,6 @@ pub struct LeaderElector {
     identity: String,
     timing: LeaseTiming,
     observed: Mutex<Option<Observation>>,
-    /// Set when this candidate created the Lease record.
-    created: AtomicBool,
 }
 
 /// How a replica came to lead.
@@ -148,7 +145,6 @@ impl LeaderElector {
             identity: identity.to_string(),
             timing,
             observed: Mutex::new(None),
-            created: AtomicBool::new(false),
         }
     }
 
@@ -160,16 +156,11 @@ impl LeaderElector {
     pub async fn acquire(&self) -> Succession {
         loop {
             match self.try_acquire_or_renew().await {
-                Ok(true) => {
-                    let succession = if self.created.load(Ordering::Relaxed) {
-                        Succession::First
-                    } else {
-                        Succession::TookOver
-                    };
+                Ok(Some(succession)) => {
                     tracing::info!(identity = %self.identity, lease = %self.name, ?succession, "acquired leadership");
                     return succession;
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(error) => tracing::warn!(%error, "leader election attempt failed"),
             }
             tokio::time::sleep(self.timing.retry_period).await;
@@ -183,8 +174,8 @@ impl LeaderElector {
         loop {
             tokio::time::sleep(self.timing.retry_period).await;
             match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
+                Ok(Some(_)) => last_renewal = tokio::time::Instant::now(),
+                Ok(None) => {
                     tracing::error!(identity = %self.identity, "another replica took the lease");
                     return;
                 }
@@ -219,8 +210,9 @@ impl LeaderElector {
         }
     }
 
-    /// One election round: Ok(true) when this candidate holds the lease afterwards.
-    pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+    /// One election round: how this candidate holds the lease afterwards
+    /// (`First` when it created it), or None when it does not.
+    pub async fn try_acquire_or_renew(&self) -> Result<Option<Succession>, kube::Error> {
         let now = jiff::Timestamp::now();
         let duration_secs = self.timing.lease_duration.as_secs() as i32;
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
@@ -239,11 +231,8 @@ impl LeaderElector {
                 }),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => {
-                    self.created.store(true, Ordering::Relaxed);
-                    Ok(true)
-                }
-                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Ok(_) => Ok(Some(Succession::First)),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
                 Err(error) => Err(error),
             };
         };
@@ -258,7 +247,7 @@ impl LeaderElector {
             expired
         };
         if !held_by_me && !expired {
-            return Ok(false);
+            return Ok(None);
         }
         if !held_by_me {
             spec.holder_identity = Some(self.identity.clone());
@@ -273,8 +262,8 @@ impl LeaderElector {
             .replace(&self.name, &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Ok(_) => Ok(Some(Succession::TookOver)),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
             Err(error) => Err(error),
         }
     }

@@ -60,9 +60,7 @@ impl Receiver {
         while let Ok(next) = queue.try_recv() {
             rest.push(next);
         }
-        for batch in rest.chunks(MOST_PER_TAKE) {
-            self.settle(batch).await;
-        }
+        self.settle_all(&rest).await;
     }
 
     /// Finishes settlements left by receivers that died between delivering
@@ -74,13 +72,18 @@ impl Receiver {
                     .into_iter()
                     .map(|owed| Delivered { owed, took: None })
                     .collect();
-                for batch in owed.chunks(MOST_PER_TAKE) {
-                    self.settle(batch).await;
-                }
+                self.settle_all(&owed).await;
             }
             Err(error) => {
                 tracing::warn!(error = %format!("{error:#}"), "reading owed settlements failed")
             }
+        }
+    }
+
+    /// Settles `deliveries`, [`MOST_PER_TAKE`] per store call.
+    async fn settle_all(&self, deliveries: &[Delivered]) {
+        for batch in deliveries.chunks(MOST_PER_TAKE) {
+            self.settle(batch).await;
         }
     }
 
