@@ -67,11 +67,11 @@ async fn main() {
         http.clone(),
         Arc::new(RateLimiter::new(1_000_000, 1_000_000)),
         Arc::new(SourceRotation::new(
-            vec![WebhookTarget {
-                name: "bench".into(),
-                url: format!("{base}/v3/sources/webhook/bench").into(),
-                token: Some("token".into()),
-            }],
+            vec![WebhookTarget::new(
+                "bench",
+                format!("{base}/v3/sources/webhook/bench").into(),
+                Some("token".into()),
+            )],
             RotationPolicy::new(100_000_000, 0.8, 0.99),
             Arc::new(MemoryCounter::default()),
         )),

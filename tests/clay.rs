@@ -53,11 +53,7 @@ fn client(
 }
 
 fn target(name: &str, url: String, token: Option<&str>) -> WebhookTarget {
-    WebhookTarget {
-        name: name.into(),
-        url: url.into(),
-        token: token.map(Into::into),
-    }
+    WebhookTarget::new(name, url.into(), token.map(Into::into))
 }
 
 fn rows(n: usize) -> Vec<Value> {

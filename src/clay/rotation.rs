@@ -16,12 +16,36 @@ use crate::secret::SecretString;
 pub const SOURCE_CAP: u64 = 50_000;
 
 /// One webhook source: the URL and token are secrets.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WebhookTarget {
     /// Name from the spec, safe to log.
     pub name: String,
     pub url: SecretString,
     pub token: Option<SecretString>,
+    /// The URL parsed once rather than on every request (None when it
+    /// does not parse: sending then fails as reqwest reports it).
+    pub(super) parsed: Option<reqwest::Url>,
+}
+
+impl WebhookTarget {
+    pub fn new(name: impl Into<String>, url: SecretString, token: Option<SecretString>) -> Self {
+        Self {
+            name: name.into(),
+            parsed: reqwest::Url::parse(url.expose()).ok(),
+            url,
+            token,
+        }
+    }
+}
+
+impl std::fmt::Debug for WebhookTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookTarget")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Durable per-source submission counts, shared by every worker of a table.
@@ -224,11 +248,7 @@ mod tests {
     }
 
     fn target(name: &str) -> WebhookTarget {
-        WebhookTarget {
-            name: name.into(),
-            url: SecretString::new(format!("http://clay/{name}")),
-            token: None,
-        }
+        WebhookTarget::new(name, SecretString::new(format!("http://clay/{name}")), None)
     }
 
     #[tokio::test]

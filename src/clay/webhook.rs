@@ -70,34 +70,33 @@ impl WebhookClient {
 
     /// Submits `rows`, batching `rows_per_request` rows per request, and
     /// returns one outcome per row, in order. A row over the body limit fails
-    /// alone; the others are still sent.
+    /// alone; the others are still sent. Each row is encoded once: the
+    /// request body is the encoded rows (a JSON array when more than one).
     pub async fn submit(&self, rows: &[Value]) -> Vec<RowOutcome> {
         let mut outcomes: Vec<Option<RowOutcome>> = vec![None; rows.len()];
-        let mut batch: Vec<usize> = Vec::new();
-        let mut batch_bytes = 2; // the array brackets
+        let mut batch = Batch::default();
         for (index, row) in rows.iter().enumerate() {
-            let size = serde_json::to_vec(row)
-                .map(|b| b.len())
-                .unwrap_or(usize::MAX);
-            if size > self.config.body_limit {
-                outcomes[index] = Some(RowOutcome::Failed(ClayError::TooLarge {
-                    bytes: size,
-                    limit: self.config.body_limit,
-                }));
-                continue;
-            }
-            let full = batch.len() >= self.config.rows_per_request.max(1)
-                || batch_bytes + size + 1 > self.config.body_limit;
+            let encoded = match serde_json::to_vec(row) {
+                Ok(encoded) if encoded.len() <= self.config.body_limit => encoded,
+                other => {
+                    outcomes[index] = Some(RowOutcome::Failed(ClayError::TooLarge {
+                        bytes: other.map_or(usize::MAX, |encoded| encoded.len()),
+                        limit: self.config.body_limit,
+                    }));
+                    continue;
+                }
+            };
+            let full = !batch.rows.is_empty()
+                && (batch.rows.len() >= self.config.rows_per_request.max(1)
+                    || batch.size_with(&encoded) > self.config.body_limit);
             if full {
-                self.send_batch(rows, &batch, &mut outcomes).await;
-                batch.clear();
-                batch_bytes = 2;
+                self.send_batch(std::mem::take(&mut batch), &mut outcomes)
+                    .await;
             }
-            batch.push(index);
-            batch_bytes += size + 1;
+            batch.push(index, &encoded);
         }
-        if !batch.is_empty() {
-            self.send_batch(rows, &batch, &mut outcomes).await;
+        if !batch.rows.is_empty() {
+            self.send_batch(batch, &mut outcomes).await;
         }
         outcomes
             .into_iter()
@@ -105,22 +104,11 @@ impl WebhookClient {
             .collect()
     }
 
-    async fn send_batch(
-        &self,
-        rows: &[Value],
-        batch: &[usize],
-        outcomes: &mut [Option<RowOutcome>],
-    ) {
-        let body = if batch.len() == 1 {
-            rows[batch[0]].clone()
-        } else {
-            Value::Array(batch.iter().map(|i| rows[*i].clone()).collect())
-        };
-        let outcome = match self.rotation.claim(batch.len() as u64).await {
-            Ok(target) => match self
-                .send_with_retries(target, &body, batch.len() as u32)
-                .await
-            {
+    async fn send_batch(&self, batch: Batch, outcomes: &mut [Option<RowOutcome>]) {
+        let (indexes, body) = batch.finish();
+        let count = indexes.len();
+        let outcome = match self.rotation.claim(count as u64).await {
+            Ok(target) => match self.send_with_retries(target, &body, count as u32).await {
                 Ok(()) => RowOutcome::Accepted {
                     source: target.name.clone(),
                 },
@@ -128,15 +116,15 @@ impl WebhookClient {
             },
             Err(error) => RowOutcome::Failed(error),
         };
-        for index in batch {
-            outcomes[*index] = Some(outcome.clone());
+        for index in indexes {
+            outcomes[index] = Some(outcome.clone());
         }
     }
 
     async fn send_with_retries(
         &self,
         target: &WebhookTarget,
-        body: &Value,
+        body: &[u8],
         rows: u32,
     ) -> Result<(), ClayError> {
         let (outcome, _) = self
@@ -152,7 +140,7 @@ impl WebhookClient {
     async fn send_once(
         &self,
         target: &WebhookTarget,
-        body: &Value,
+        body: &[u8],
         rows: u32,
         attempt: u32,
     ) -> Result<(), Failure<ClayError>> {
@@ -162,11 +150,13 @@ impl WebhookClient {
         metrics
             .rate_wait_seconds
             .observe(waited.elapsed().as_secs_f64());
-        let mut request = self
-            .http
-            .post(target.url.expose())
-            .timeout(self.config.request_timeout)
-            .json(body);
+        let mut request = match &target.parsed {
+            Some(url) => self.http.post(url.clone()),
+            None => self.http.post(target.url.expose()),
+        }
+        .timeout(self.config.request_timeout)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_vec());
         if let Some(token) = &target.token {
             request = request.header(AUTH_HEADER, token.expose());
         }
@@ -218,6 +208,41 @@ impl WebhookClient {
             error: exhausted(format!("HTTP {status}: {message}")),
             retry_after,
         })
+    }
+}
+
+/// The rows of one request, encoded and comma-separated.
+#[derive(Default)]
+struct Batch {
+    rows: Vec<usize>,
+    encoded: Vec<u8>,
+}
+
+impl Batch {
+    fn push(&mut self, index: usize, row: &[u8]) {
+        if !self.rows.is_empty() {
+            self.encoded.push(b',');
+        }
+        self.encoded.extend_from_slice(row);
+        self.rows.push(index);
+    }
+
+    /// The body's size were `row` added (brackets and comma included).
+    fn size_with(&self, row: &[u8]) -> usize {
+        self.encoded.len() + row.len() + 3
+    }
+
+    /// The rows' indexes and the body: one row is sent as itself, more
+    /// as an array.
+    fn finish(self) -> (Vec<usize>, Vec<u8>) {
+        if self.rows.len() == 1 {
+            return (self.rows, self.encoded);
+        }
+        let mut body = Vec::with_capacity(self.encoded.len() + 2);
+        body.push(b'[');
+        body.extend_from_slice(&self.encoded);
+        body.push(b']');
+        (self.rows, body)
     }
 }
 

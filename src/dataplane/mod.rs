@@ -190,14 +190,14 @@ impl TableRuntime {
         };
         let mut webhook_targets = Vec::new();
         for source in &table.spec.clay.webhook_sources {
-            webhook_targets.push(WebhookTarget {
-                name: source.name.clone(),
-                url: read(source.url_secret_ref.clone()).await?,
-                token: match &source.auth_token_secret_ref {
+            webhook_targets.push(WebhookTarget::new(
+                source.name.clone(),
+                read(source.url_secret_ref.clone()).await?,
+                match &source.auth_token_secret_ref {
                     Some(r) => Some(read(r.clone()).await?),
                     None => None,
                 },
-            });
+            ));
         }
         let callback_token = read(table.spec.clay.callback_token_secret_ref.clone()).await?;
         let ingest_token = match &table.spec.source.http {

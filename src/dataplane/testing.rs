@@ -119,11 +119,11 @@ pub async fn clay_webhook(status: StatusCode) -> (WebhookTarget, Arc<AtomicUsize
             async move { (status, Json(serde_json::json!({"message": "stand-in"}))) }
         }),
     );
-    let target = WebhookTarget {
-        name: "main".into(),
-        url: SecretString::new(format!("{}/webhook", serve(router).await)),
-        token: None,
-    };
+    let target = WebhookTarget::new(
+        "main",
+        SecretString::new(format!("{}/webhook", serve(router).await)),
+        None,
+    );
     (target, rows)
 }
 
