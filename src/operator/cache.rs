@@ -24,12 +24,12 @@ use super::error::{AtStep, Result, Step, describe_object};
 use super::labels::keep_read_labels;
 
 /// What the operator last applied to a child: a hash of the desired
-/// object, and the child's generation (or resourceVersion, for kinds
-/// without one) right after.
-#[derive(Clone, Debug, PartialEq)]
+/// object, and the child's version right after. Kept as fixed-size digests:
+/// there is one per child, thousands at scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Applied {
-    desired: String,
-    version: String,
+    desired: [u8; 16],
+    version: Version,
 }
 
 /// One kind of child: a reflector's store plus what was last applied.
@@ -86,7 +86,7 @@ where
         let fingerprint = fingerprint(desired);
         let cached = self.store.get(&key);
         if let Some(child) = &cached {
-            let last = self.applied.lock().unwrap().get(&key).cloned();
+            let last = self.applied.lock().unwrap().get(&key).copied();
             if last.is_some_and(|last| {
                 last.desired == fingerprint && last.version == version(&**child)
             }) {
@@ -238,18 +238,36 @@ pub fn without_annotations<K: Resource>(object: &mut K) {
 }
 
 /// Changes whenever anything the operator sets on the object changes.
-fn fingerprint<K: Serialize>(desired: &K) -> String {
+fn fingerprint<K: Serialize>(desired: &K) -> [u8; 16] {
     let bytes = serde_json::to_vec(desired).unwrap_or_default();
-    hex::encode(&Sha256::digest(&bytes)[..16])
+    digest16(&bytes)
 }
 
-/// What changes when anyone changes the object's spec: its generation;
-/// for kinds without one, its resourceVersion.
-fn version<K: Resource>(object: &K) -> String {
+fn digest16(bytes: &[u8]) -> [u8; 16] {
+    let mut digest = [0; 16];
+    digest.copy_from_slice(&Sha256::digest(bytes)[..16]);
+    digest
+}
+
+/// What changes when anyone changes the object's spec.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Version {
+    Generation(i64),
+    /// For kinds without a generation: a digest of the resourceVersion
+    /// (an opaque string).
+    Resource([u8; 16]),
+}
+
+fn version<K: Resource>(object: &K) -> Version {
     let meta = object.meta();
     match meta.generation {
-        Some(generation) => format!("g{generation}"),
-        None => format!("r{}", meta.resource_version.as_deref().unwrap_or_default()),
+        Some(generation) => Version::Generation(generation),
+        None => Version::Resource(digest16(
+            meta.resource_version
+                .as_deref()
+                .unwrap_or_default()
+                .as_bytes(),
+        )),
     }
 }
 
@@ -281,9 +299,13 @@ mod tests {
     fn the_version_is_the_generation_when_there_is_one() {
         let mut object = account("a");
         object.metadata.resource_version = Some("41".into());
-        assert_eq!(version(&object), "r41");
+        let at_41 = version(&object);
+        object.metadata.resource_version = Some("42".into());
+        assert_ne!(version(&object), at_41);
         object.metadata.generation = Some(3);
-        assert_eq!(version(&object), "g3");
+        assert_eq!(version(&object), Version::Generation(3));
+        object.metadata.resource_version = Some("43".into());
+        assert_eq!(version(&object), Version::Generation(3));
     }
 
     fn named(name: &str) -> ServiceAccount {
