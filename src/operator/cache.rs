@@ -11,17 +11,19 @@ use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DeleteParams;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use sha2::{Digest, Sha256};
 
 use super::apply::apply;
 use super::error::{AtStep, Result, Step, describe_object};
 use super::labels::keep_read_labels;
+use super::slim::Slim;
 
 /// What the operator last applied to a child: a hash of the desired
 /// object, and the child's version right after. Kept as fixed-size digests:
@@ -32,18 +34,28 @@ struct Applied {
     version: Version,
 }
 
-/// One kind of child: a reflector's store plus what was last applied.
-pub struct Children<K>
+/// One kind of child: a reflector's store of its slim form (what the
+/// operator reads of it) plus what was last applied.
+pub struct Children<K, Spec = IgnoredAny, Status = IgnoredAny>
 where
-    K: Resource<DynamicType = ()> + Clone + 'static,
+    K: k8s_openapi::Resource + 'static,
+    Spec: 'static,
+    Status: 'static,
 {
-    store: Store<K>,
-    applied: Mutex<HashMap<ObjectRef<K>, Applied>>,
+    store: Store<Slim<K, Spec, Status>>,
+    applied: Mutex<HashMap<SlimRef<K, Spec, Status>, Applied>>,
 }
 
-impl<K> Children<K>
+/// A cached child's key.
+type SlimRef<K, Spec, Status> = ObjectRef<Slim<K, Spec, Status>>;
+
+/// What a watch stream yields: a changed object, or the watch's error.
+type Changed<K> = Result<K, watcher::Error>;
+
+impl<K, Spec, Status> Children<K, Spec, Status>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    K: k8s_openapi::Resource<Scope = NamespaceResourceScope>
+        + k8s_openapi::Metadata<Ty = ObjectMeta>
         + Clone
         + Debug
         + Serialize
@@ -51,26 +63,24 @@ where
         + Send
         + Sync
         + 'static,
-    ObjectRef<K>: Hash + Eq,
+    Spec: Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    Status: Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     /// The cache and the watch stream that fills it (give it to the
-    /// controller's `owns_stream`). `slim` drops what the controller never
-    /// reads of a cached child (whether to apply it again depends only on
-    /// its metadata); annotations are always dropped (the operator sets
+    /// controller's `owns_stream`). Whether to apply a child again depends
+    /// only on its metadata; annotations are dropped (the operator sets
     /// none on children, and never reads others'), and so are the labels
     /// it does not select by.
     pub fn watch(
-        api: Api<K>,
+        api: Api<Slim<K, Spec, Status>>,
         config: watcher::Config,
-        slim: fn(&mut K),
     ) -> (
         Arc<Self>,
-        impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+        impl Stream<Item = Changed<Slim<K, Spec, Status>>> + Send + 'static,
     ) {
-        let (store, stream) = cached(api, config, move |child: &mut K| {
+        let (store, stream) = cached(api, config, |child: &mut Slim<K, Spec, Status>| {
             without_annotations(child);
-            keep_read_labels(&mut child.meta_mut().labels);
-            slim(child);
+            keep_read_labels(&mut child.metadata.labels);
         });
         let children = Arc::new(Self {
             store,
@@ -81,8 +91,9 @@ where
 
     /// Applies `desired` unless the cached child is exactly what the
     /// operator applied last for the same desired state; returns the child.
-    pub async fn apply(&self, client: &Client, desired: &K) -> Result<Arc<K>> {
-        let key = ObjectRef::from_obj(desired);
+    pub async fn apply(&self, client: &Client, desired: &K) -> Result<Arc<Slim<K, Spec, Status>>> {
+        let key =
+            ObjectRef::new(&desired.name_any()).within(&desired.namespace().unwrap_or_default());
         let fingerprint = fingerprint(desired);
         let cached = self.store.get(&key);
         if let Some(child) = &cached {
@@ -93,7 +104,7 @@ where
                 return Ok(child.clone());
             }
         }
-        let child = apply(client, desired).await?;
+        let child = Slim::of(&apply(client, desired).await?);
         self.applied.lock().unwrap().insert(
             key,
             Applied {
@@ -110,7 +121,11 @@ where
     }
 
     /// Cached children in `namespace` whose labels include all of `labels`.
-    pub fn labelled(&self, namespace: &str, labels: &[(&str, &str)]) -> Vec<Arc<K>> {
+    pub fn labelled(
+        &self,
+        namespace: &str,
+        labels: &[(&str, &str)],
+    ) -> Vec<Arc<Slim<K, Spec, Status>>> {
         self.store.state_filter(|child| {
             child.namespace().as_deref() == Some(namespace)
                 && labels

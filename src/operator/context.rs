@@ -39,8 +39,7 @@ pub struct Context {
     /// What the table controller reads, once its watches started.
     pub table_caches: std::sync::OnceLock<super::table::TableCaches>,
     /// The refresh controller's CronJobs, once its watch started.
-    pub cronjobs:
-        std::sync::OnceLock<Arc<super::cache::Children<k8s_openapi::api::batch::v1::CronJob>>>,
+    pub cronjobs: std::sync::OnceLock<Arc<super::refresh::CronJobs>>,
     /// Replaced now and then: kube's recorder keeps every event it
     /// published until it publishes again more than 6 minutes later.
     recorder: std::sync::RwLock<Recorder>,

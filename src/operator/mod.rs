@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod pod;
 pub mod rate;
 pub mod refresh;
+pub mod slim;
 pub mod table;
 pub mod tls;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::batch::v1::{CronJob, CronJobStatus, Job};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
@@ -16,6 +16,8 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
+
+use serde::de::IgnoredAny;
 
 use super::apply::patch_status;
 use super::cache::{Children, cached};
@@ -31,6 +33,9 @@ use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule, RefreshSchedule
 const CONTROLLER: &str = "refreshschedule";
 /// Schedules reconciled at once.
 const CONCURRENCY: u16 = 8;
+/// The CronJobs of schedules, cached with their status (status reads it).
+pub type CronJobs = Children<CronJob, IgnoredAny, CronJobStatus>;
+
 /// A safety net: tables, budgets and CronJobs arrive as watch events.
 const RESYNC: Duration = Duration::from_secs(1800);
 
@@ -93,11 +98,6 @@ pub async fn run(
         watcher::Config::default().labels(&format!(
             "app.kubernetes.io/managed-by={MANAGED_BY},{SCHEDULE_LABEL}"
         )),
-        |c: &mut CronJob| {
-            if let Some(spec) = c.spec.as_mut() {
-                spec.job_template = Default::default();
-            }
-        },
     );
     let _ = ctx.cronjobs.set(cronjobs);
     controller

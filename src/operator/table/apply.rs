@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::Api;
 use kube::{Client, ResourceExt};
 
@@ -12,6 +11,7 @@ use super::build::{self, TableChildren};
 use crate::api::EnrichmentTable;
 use crate::operator::error::{AtStep, Result, Step};
 use crate::operator::labels::{MANAGED_BY, MANAGED_LABEL, TABLE_LABEL};
+use crate::operator::slim::SlimDeployment;
 
 /// Applies or removes the table's KEDA ScaledObject (only when KEDA is installed).
 pub(super) async fn apply_scaled_object(
@@ -57,7 +57,7 @@ pub(super) async fn apply_children(
     namespace: &str,
     table_name: &str,
     children: &TableChildren,
-) -> Result<Vec<Arc<Deployment>>> {
+) -> Result<Vec<Arc<SlimDeployment>>> {
     caches
         .accounts
         .apply(client, &children.service_account)

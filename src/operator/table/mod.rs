@@ -16,8 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::Api;
@@ -28,7 +27,7 @@ use kube::runtime::watcher;
 
 use self::apply::{apply_children, apply_scaled_object};
 pub use self::caches::TableCaches;
-use self::caches::{slim_deployment, slim_pod, slim_secret};
+use self::caches::{slim_pod, slim_secret};
 use self::dereference::dereference;
 use self::status::{Autoscaling, Provisioning};
 use super::apply::patch_status;
@@ -36,6 +35,7 @@ use super::cache::{Children, cached, without_annotations};
 use super::context::{Context, error_policy, instrumented};
 use super::error::{Error, Result};
 use super::labels::{MANAGED_BY, TABLE_LABEL};
+use super::slim::SlimPod;
 use crate::api::common::{FALSE, TRUE, find_condition};
 use crate::api::{CreditBudget, EnrichmentTable, RefreshSchedule};
 use crate::contact::Peer;
@@ -70,24 +70,12 @@ pub async fn run(
     let store = controller.store();
     let budget_store = store.clone();
     let all = watcher::Config::default;
-    let (deployments, deployment_events) =
-        Children::watch(ctx.watched(), owned.clone(), slim_deployment);
-    let (services, service_events) =
-        Children::watch(ctx.watched(), owned.clone(), |s: &mut Service| {
-            s.spec = None
-        });
-    let (accounts, account_events) = Children::watch(ctx.watched(), owned.clone(), |_| {});
-    let (roles, role_events) =
-        Children::watch(ctx.watched(), owned.clone(), |r: &mut Role| r.rules = None);
-    let (bindings, binding_events) =
-        Children::watch(ctx.watched(), owned.clone(), |b: &mut RoleBinding| {
-            b.subjects = None
-        });
-    let (claims, claim_events) = Children::watch(
-        ctx.watched(),
-        owned.clone(),
-        |c: &mut PersistentVolumeClaim| c.spec = None,
-    );
+    let (deployments, deployment_events) = Children::watch(ctx.watched(), owned.clone());
+    let (services, service_events) = Children::watch(ctx.watched(), owned.clone());
+    let (accounts, account_events) = Children::watch(ctx.watched(), owned.clone());
+    let (roles, role_events) = Children::watch(ctx.watched(), owned.clone());
+    let (bindings, binding_events) = Children::watch(ctx.watched(), owned.clone());
+    let (claims, claim_events) = Children::watch(ctx.watched(), owned.clone());
     let (pods, pod_events) = cached(ctx.watched(), owned, slim_pod);
     let (budgets, budget_events) = cached(ctx.watched(), all(), without_annotations);
     // (The refresh controller keeps its own copy, with the refresh-now annotation.)
@@ -138,7 +126,7 @@ pub async fn run(
                 .map(|t| ObjectRef::from_obj(&*t))
                 .collect::<Vec<_>>()
         })
-        .watches_stream(pod_events, |pod: Pod| {
+        .watches_stream(pod_events, |pod: SlimPod| {
             // Pods belong to ReplicaSets; the label names their table.
             let table = pod.labels().get(TABLE_LABEL)?.clone();
             Some(ObjectRef::new(&table).within(&pod.namespace()?))
@@ -222,7 +210,7 @@ async fn reconcile_inner(table: &EnrichmentTable, ctx: &Context) -> Result<Actio
     let pod_failures = match &applied {
         Ok(deployments) if deployments.iter().any(|d| status::short_of_replicas(d)) => {
             let name = table.name_any();
-            let pods: Vec<Pod> = caches
+            let pods: Vec<SlimPod> = caches
                 .pods
                 .state()
                 .iter()

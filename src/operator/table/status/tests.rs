@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
+use crate::operator::slim::SlimPod;
 
 use super::*;
 use crate::api::table::CreditCost;
@@ -349,7 +349,7 @@ fn unreachable_brokers_make_the_table_unready_and_missing_keda_is_said() {
 
 #[test]
 fn crashing_pods_are_reported_once_per_failure_with_the_process_error() {
-    let crashing = |name: &str, message: &str| -> Pod {
+    let crashing = |name: &str, message: &str| -> SlimPod {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name},
             "status": {"containerStatuses": [{
@@ -361,7 +361,7 @@ fn crashing_pods_are_reported_once_per_failure_with_the_process_error() {
         }))
         .unwrap()
     };
-    let starting: Pod = serde_json::from_value(serde_json::json!({
+    let starting: SlimPod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "c"},
         "status": {"containerStatuses": [{
             "name": "worker", "image": "kiln", "imageID": "", "ready": false, "restartCount": 0,

@@ -2,11 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use crate::operator::slim::{SlimDeployment, SlimPod};
 
 /// Desired and available replicas of a Deployment as applied.
-pub(super) fn availability(deployment: &Deployment) -> (i32, i32) {
+pub(super) fn availability(deployment: &SlimDeployment) -> (i32, i32) {
     let desired = deployment
         .spec
         .as_ref()
@@ -23,7 +22,7 @@ pub(super) fn availability(deployment: &Deployment) -> (i32, i32) {
 /// The outcome of applying the children.
 pub enum Provisioning<'a> {
     Applied {
-        deployments: Vec<&'a Deployment>,
+        deployments: Vec<&'a SlimDeployment>,
         /// Why pods of a workload that is short of replicas fail, one line
         /// each (see [`pod_failures`]); empty while they only start.
         pod_failures: Vec<String>,
@@ -32,14 +31,14 @@ pub enum Provisioning<'a> {
 }
 
 /// Fewer replicas available than desired.
-pub fn short_of_replicas(deployment: &Deployment) -> bool {
+pub fn short_of_replicas(deployment: &SlimDeployment) -> bool {
     let (desired, available) = availability(deployment);
     available < desired
 }
 
 /// Pods whose containers crash or cannot start, with the reason and the last
 /// words of the process (its termination message), for the status.
-pub fn pod_failures(pods: &[Pod]) -> Vec<String> {
+pub fn pod_failures(pods: &[SlimPod]) -> Vec<String> {
     const STUCK: [&str; 5] = [
         "CrashLoopBackOff",
         "ImagePullBackOff",
