@@ -2,8 +2,9 @@
 //! It keeps what the Redis store keeps for the other tiers (pending rows
 //! with deadlines, the de-dupe index, settlements owed, counters, webhook
 //! source counts) plus each row's final state for `GET /v1/rows/{id}`. Every
-//! transition is one write transaction, committed durably before it is
-//! acknowledged, so a restarted receiver still matches late callbacks.
+//! transition is committed durably before it is acknowledged, so a
+//! restarted receiver still matches late callbacks. Transitions made at the
+//! same time share one transaction and one fsync (group commit).
 
 mod rows;
 #[cfg(test)]
@@ -11,13 +12,13 @@ mod tests;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::rows::format_owed;
 use super::store::PendingRow;
@@ -80,6 +81,85 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     /// Who waits on what this store changes, in this process.
     pub waiters: Arc<Waiters>,
+    /// The queue of the thread that commits writes.
+    writes: mpsc::UnboundedSender<Box<dyn QueuedWrite>>,
+}
+
+/// Writes one group commit takes at most.
+const MAX_GROUP: usize = 256;
+
+/// A write waiting for the writer thread: it runs in the group's
+/// transaction, then learns how the commit went.
+trait QueuedWrite: Send {
+    /// Runs the write; false when it failed.
+    fn run(&mut self, txn: &WriteTransaction) -> bool;
+    /// Answers the writer: `failure` says why the group was not committed.
+    fn finish(self: Box<Self>, failure: Option<&str>);
+}
+
+struct Queued<T, F> {
+    operation: Option<F>,
+    outcome: Option<StoreResult<T>>,
+    reply: oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> QueuedWrite for Queued<T, F>
+where
+    T: Send,
+    F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send,
+{
+    fn run(&mut self, txn: &WriteTransaction) -> bool {
+        let outcome = self.operation.take().map(|operation| operation(txn));
+        let succeeded = matches!(outcome, Some(Ok(_)));
+        self.outcome = outcome;
+        succeeded
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&str>) {
+        let answer = match (self.outcome, failure) {
+            (Some(Err(error)), _) => Err(error),
+            (Some(Ok(value)), None) => Ok(value),
+            (_, failure) => Err(redb::Error::Io(std::io::Error::other(format!(
+                "not committed: {}",
+                failure.unwrap_or("the write did not run")
+            )))),
+        };
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// Commits queued writes until every handle on the store is gone: all the
+/// writes queued while the last commit ran go into the next transaction. A
+/// write that fails (a storage error, never a row's content) fails its
+/// group: nothing of the group is committed.
+fn run_writer(db: Weak<Database>, mut queue: mpsc::UnboundedReceiver<Box<dyn QueuedWrite>>) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(write) => group.push(write),
+                Err(_) => break,
+            }
+        }
+        let failure = match db.upgrade() {
+            Some(db) => commit_group(&db, &mut group).err(),
+            None => Some("the store is closed".to_string()),
+        };
+        for write in group {
+            write.finish(failure.as_deref());
+        }
+    }
+}
+
+fn commit_group(db: &Database, group: &mut [Box<dyn QueuedWrite>]) -> Result<(), String> {
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    for write in group.iter_mut() {
+        if !write.run(&txn) {
+            let _ = txn.abort();
+            return Err("a write of the same group failed".into());
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())
 }
 
 /// Woken by the store: whoever waits on a row's end (a Direct caller), and
@@ -113,7 +193,7 @@ fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("store records serialize")
 }
 
-fn bump(txn: &redb::WriteTransaction, counter: &str) -> StoreResult<()> {
+fn bump(txn: &WriteTransaction, counter: &str) -> StoreResult<()> {
     let mut counters = txn.open_table(COUNTERS)?;
     let current = counters.get(counter)?.map(|v| v.value()).unwrap_or(0);
     counters.insert(counter, current + 1)?;
@@ -134,13 +214,37 @@ impl EmbeddedStore {
         txn.open_table(COUNTERS)?;
         txn.open_table(SOURCES)?;
         txn.commit()?;
+        let db = Arc::new(db);
+        let (writes, queue) = mpsc::unbounded_channel();
+        let writer_db = Arc::downgrade(&db);
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run_writer(writer_db, queue))
+            .map_err(redb::Error::Io)?;
         Ok(Self {
-            db: Arc::new(db),
+            db,
             waiters: Arc::default(),
+            writes,
         })
     }
 
-    /// Runs a store operation off the async runtime (commits fsync).
+    /// Runs `operation` in the next group commit; answers once it is durable.
+    async fn write<T: Send + 'static>(
+        &self,
+        operation: impl FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let (reply, answer) = oneshot::channel();
+        let queued = Box::new(Queued {
+            operation: Some(operation),
+            outcome: None,
+            reply,
+        });
+        let stopped = || redb::Error::Io(std::io::Error::other("the store's writer stopped"));
+        self.writes.send(queued).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Runs a read off the async runtime.
     async fn blocking<T: Send + 'static>(
         &self,
         operation: impl FnOnce(&Database) -> StoreResult<T> + Send + 'static,
@@ -152,10 +256,8 @@ impl EmbeddedStore {
     }
 
     pub async fn count(&self, counter: &'static str) -> StoreResult<()> {
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
-            bump(&txn, counter)?;
-            txn.commit()?;
+        self.write(move |txn| {
+            bump(txn, counter)?;
             Ok(())
         })
         .await
@@ -168,17 +270,15 @@ impl EmbeddedStore {
             deadline_ms,
             run_id: None,
         };
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        self.write(move |txn| {
             {
                 let mut table = txn.open_table(PENDING)?;
                 let id = waiting.pending.row_id.clone();
                 if table.get(id.as_str())?.is_none() {
                     table.insert(id.as_str(), json(&waiting).as_str())?;
-                    bump(&txn, "submitted")?;
+                    bump(txn, "submitted")?;
                 }
             }
-            txn.commit()?;
             Ok(())
         })
         .await
@@ -197,8 +297,7 @@ impl EmbeddedStore {
         to_outbox: bool,
     ) -> StoreResult<Option<PendingRow>> {
         let (row_id, result) = (row_id.to_string(), result.clone());
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        self.write(move |txn| {
             let claimed = {
                 let mut pending = txn.open_table(PENDING)?;
                 let removed = pending
@@ -207,8 +306,7 @@ impl EmbeddedStore {
                 removed.and_then(|w| serde_json::from_str::<Waiting>(&w).ok())
             };
             let Some(waiting) = claimed else {
-                bump(&txn, "duplicateCallbacks")?;
-                txn.commit()?;
+                bump(txn, "duplicateCallbacks")?;
                 return Ok(None);
             };
             let p = &waiting.pending;
@@ -222,7 +320,7 @@ impl EmbeddedStore {
                 .insert(row_id.as_str(), json(&state).as_str())?;
             txn.open_table(SETTLEMENTS)?
                 .insert(row_id.as_str(), format_owed(reported_cost, p).as_str())?;
-            bump(&txn, "enriched")?;
+            bump(txn, "enriched")?;
             if to_outbox {
                 let outgoing = Outgoing {
                     row_id: row_id.clone(),
@@ -232,9 +330,8 @@ impl EmbeddedStore {
                 txn.open_table(OUTBOX)?
                     .insert(row_id.as_str(), json(&outgoing).as_str())?;
             } else {
-                bump(&txn, "delivered")?;
+                bump(txn, "delivered")?;
             }
-            txn.commit()?;
             Ok(Some(waiting.pending))
         })
         .await
@@ -274,20 +371,18 @@ impl EmbeddedStore {
     /// Completes an owed delivery: accepted by the sink, or (`failure`) its dead letter.
     pub async fn outbox_done(&self, row_id: &str, failure: Option<SinkFailure>) -> StoreResult<()> {
         let row_id = row_id.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        self.write(move |txn| {
             let removed = txn.open_table(OUTBOX)?.remove(row_id.as_str())?.is_some();
             if removed {
                 match failure {
-                    None => bump(&txn, "delivered")?,
+                    None => bump(txn, "delivered")?,
                     Some(failure) => {
                         txn.open_table(SINK_FAILURES)?
                             .insert(row_id.as_str(), json(&failure).as_str())?;
-                        bump(&txn, "deadLettered")?;
+                        bump(txn, "deadLettered")?;
                     }
                 }
             }
-            txn.commit()?;
             Ok(())
         })
         .await
@@ -343,8 +438,7 @@ impl EmbeddedStore {
     /// receiver polls that run instead of starting another.
     pub async fn set_run(&self, row_id: &str, run_id: &str) -> StoreResult<()> {
         let (row_id, run_id) = (row_id.to_string(), run_id.to_string());
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        self.write(move |txn| {
             {
                 let mut table = txn.open_table(PENDING)?;
                 let current = table
@@ -355,7 +449,6 @@ impl EmbeddedStore {
                     table.insert(row_id.as_str(), json(&waiting).as_str())?;
                 }
             }
-            txn.commit()?;
             Ok(())
         })
         .await
@@ -380,8 +473,7 @@ impl EmbeddedStore {
 impl SubmissionCounter for EmbeddedStore {
     async fn try_add(&self, source: &str, n: u64, limit: u64) -> Result<Option<u64>, ClayError> {
         let source = source.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        self.write(move |txn| {
             let added = {
                 let mut table = txn.open_table(SOURCES)?;
                 let count = table.get(source.as_str())?.map(|v| v.value()).unwrap_or(0);
@@ -391,7 +483,6 @@ impl SubmissionCounter for EmbeddedStore {
                 }
                 added
             };
-            txn.commit()?;
             Ok(added)
         })
         .await

@@ -1,6 +1,6 @@
-//! The embedded store as the shared [`RowStore`]: every transition one
-//! durable write transaction; a row that reaches its end wakes whoever waits
-//! on it (the Direct tier's callers).
+//! The embedded store as the shared [`RowStore`]: every transition durable
+//! before it returns; a row that reaches its end wakes whoever waits on it
+//! (the Direct tier's callers).
 
 use anyhow::Result;
 use async_trait::async_trait;
@@ -28,8 +28,7 @@ impl RowStore for EmbeddedStore {
 
     async fn set_deadline(&self, row_id: &str, deadline_ms: i64) -> Result<()> {
         let row_id = row_id.to_string();
-        let moved = self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        let moved = self.write(move |txn| {
             {
                 let mut table = txn.open_table(PENDING)?;
                 let current = table.get(row_id.as_str())?.map(|v| v.value().to_string());
@@ -40,7 +39,6 @@ impl RowStore for EmbeddedStore {
                     table.insert(row_id.as_str(), json(&waiting).as_str())?;
                 }
             }
-            txn.commit()?;
             Ok(())
         });
         Ok(moved.await?)
@@ -48,8 +46,7 @@ impl RowStore for EmbeddedStore {
 
     async fn replace_pending(&self, next: &PendingRow, due: i64, expected: &str) -> Result<bool> {
         let (next, expected) = (next.clone(), expected.to_string());
-        let replaced = self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        let replaced = self.write(move |txn| {
             let replaced = {
                 let mut table = txn.open_table(PENDING)?;
                 let current = table
@@ -70,7 +67,6 @@ impl RowStore for EmbeddedStore {
                     _ => false,
                 }
             };
-            txn.commit()?;
             Ok(replaced)
         });
         Ok(replaced.await?)
@@ -78,8 +74,7 @@ impl RowStore for EmbeddedStore {
 
     async fn dead_letter_pending(&self, row_id: &str, reason: &str) -> Result<Option<PendingRow>> {
         let (id, reason) = (row_id.to_string(), reason.to_string());
-        let removed = self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        let removed = self.write(move |txn| {
             let removed = txn
                 .open_table(PENDING)?
                 .remove(id.as_str())?
@@ -91,9 +86,8 @@ impl RowStore for EmbeddedStore {
                 };
                 txn.open_table(ROWS)?
                     .insert(id.as_str(), json(&state).as_str())?;
-                bump(&txn, "deadLettered")?;
+                bump(txn, "deadLettered")?;
             }
-            txn.commit()?;
             Ok(removed.map(|w| w.pending))
         });
         let removed = removed.await?;
@@ -104,8 +98,7 @@ impl RowStore for EmbeddedStore {
     }
 
     async fn take_expired(&self, now: i64, until: i64, limit: usize) -> Result<Vec<PendingRow>> {
-        let taken = self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        let taken = self.write(move |txn| {
             let expired = {
                 let mut table = txn.open_table(PENDING)?;
                 let mut expired = Vec::new();
@@ -125,7 +118,6 @@ impl RowStore for EmbeddedStore {
                 }
                 expired
             };
-            txn.commit()?;
             Ok(expired.into_iter().map(|w| w.pending).collect())
         });
         Ok(taken.await?)
@@ -191,8 +183,7 @@ impl RowStore for EmbeddedStore {
 
     async fn take_owed(&self, row_ids: &[&str]) -> Result<Vec<bool>> {
         let row_ids: Vec<String> = row_ids.iter().map(|id| id.to_string()).collect();
-        let taken = self.blocking(move |db| {
-            let txn = db.begin_write()?;
+        let taken = self.write(move |txn| {
             let mut taken = Vec::with_capacity(row_ids.len());
             {
                 let mut table = txn.open_table(SETTLEMENTS)?;
@@ -200,7 +191,6 @@ impl RowStore for EmbeddedStore {
                     taken.push(table.remove(row_id.as_str())?.is_some());
                 }
             }
-            txn.commit()?;
             Ok(taken)
         });
         Ok(taken.await?)

@@ -217,3 +217,33 @@ async fn expired_rows_are_leased_replaced_only_by_their_owner_and_dead_lettered(
         Some(RowState::DeadLettered { reason, .. }) if reason == "ResultTimeout"
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_made_at_once_are_each_committed_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let writes = (0..200).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let id = format!("r{i}");
+            store
+                .make_pending(&pending(&id, &id, "x"), 1_000)
+                .await
+                .unwrap();
+            // A second transition of the same row, likely in another group.
+            store.set_deadline(&id, 2_000 + i).await.unwrap();
+        })
+    });
+    for write in futures::future::join_all(writes).await {
+        write.unwrap();
+    }
+    drop(store);
+
+    let store = EmbeddedStore::open(&path).unwrap();
+    let pending = store.pending_rows().await.unwrap();
+    assert_eq!(pending.len(), 200);
+    let (counts, total) = store.deadlines_up_to(&[1_999, 2_199]).await.unwrap();
+    assert_eq!((counts, total), (vec![0, 200], 200));
+    assert_eq!(store.counters().await.unwrap()["submitted"], 200);
+}
