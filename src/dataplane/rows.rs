@@ -92,13 +92,32 @@ pub struct Stored<'a> {
     pub result: &'a str,
 }
 
+/// What a worker asks the store of a row read from a source.
+pub struct Lookup<'a> {
+    pub row_id: &'a str,
+    /// The key whose de-dupe entry to read (None: not to be de-duplicated).
+    pub key: Option<&'a str>,
+    /// Whether the row may have been handled before: sources that replay
+    /// records (Kafka) are asked; a stream entry is read until acknowledged.
+    pub replayable: bool,
+}
+
+/// What the store knows of a row read from a source.
+#[derive(Debug, Default, PartialEq)]
+pub struct Known {
+    /// Handled before: a replayed record.
+    pub seen: bool,
+    /// The de-dupe entry of its key: when enriched (ms), and the result.
+    pub stored: Option<(i64, String)>,
+}
+
 /// The first steps of a row read from a source (tiers Queue and Event):
 /// each acknowledges the source entry in the same step, so a crash never
 /// loses a row nor handles it twice.
 #[async_trait]
 pub trait SourceRows: RowStore {
-    /// Whether a row with this id was handled before: a replayed record.
-    async fn seen(&self, row_id: &str) -> Result<bool>;
+    /// What the store knows of each of a batch of rows, in one round trip.
+    async fn look_up(&self, rows: &[Lookup<'_>]) -> Result<Vec<Known>>;
 
     /// Makes the row pending until `due` (ms); false when it already was
     /// (a replay), which changes nothing.

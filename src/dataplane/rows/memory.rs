@@ -10,7 +10,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::{Callback, Incoming, OwedSettlement, RowStore, SourceRows, Stored};
+use super::{Callback, Incoming, Known, Lookup, OwedSettlement, RowStore, SourceRows, Stored};
 use crate::dataplane::TableRuntime;
 use crate::dataplane::store::{PendingRow, SourceEntry};
 
@@ -200,8 +200,15 @@ impl RowStore for MemoryRows {
 
 #[async_trait]
 impl SourceRows for MemoryRows {
-    async fn seen(&self, row_id: &str) -> Result<bool> {
-        Ok(self.0.lock().unwrap().seen(row_id))
+    async fn look_up(&self, rows: &[Lookup<'_>]) -> Result<Vec<Known>> {
+        let state = self.0.lock().unwrap();
+        Ok(rows
+            .iter()
+            .map(|row| Known {
+                seen: row.replayable && state.seen(row.row_id),
+                stored: row.key.and_then(|key| state.dedupe.get(key).cloned()),
+            })
+            .collect())
     }
 
     async fn make_pending(&self, pending: &PendingRow, due: i64, _: &SourceEntry) -> Result<bool> {

@@ -14,7 +14,8 @@ use super::{PendingRow, RedisStore, SourceEntry, scripts};
 use crate::dataplane::TableRuntime;
 use crate::dataplane::attempt::now_ms;
 use crate::dataplane::rows::{
-    Callback, Incoming, OwedSettlement, RowStore, SourceRows, Stored, parse_owed,
+    Callback, Incoming, Known, Lookup, OwedSettlement, RowStore, SourceRows, Stored, parse_dedupe,
+    parse_owed,
 };
 
 /// Runs a store step whose outcome a timeout or dropped connection leaves
@@ -184,9 +185,37 @@ impl RowStore for RedisRows {
 
 #[async_trait]
 impl SourceRows for RedisRows {
-    async fn seen(&self, row_id: &str) -> Result<bool> {
-        let seen = self.store.keys.seen(row_id);
-        Ok(self.store.conn().exists(seen).await?)
+    /// One pipeline: EXISTS of the seen marker (replayable rows), HGET of
+    /// the de-dupe entry (rows with a key).
+    async fn look_up(&self, rows: &[Lookup<'_>]) -> Result<Vec<Known>> {
+        if rows.iter().all(|row| !row.replayable && row.key.is_none()) {
+            return Ok(rows.iter().map(|_| Known::default()).collect());
+        }
+        let keys = &self.store.keys;
+        let mut pipe = redis::pipe();
+        for row in rows {
+            if row.replayable {
+                pipe.exists(keys.seen(row.row_id));
+            }
+            if let Some(key) = row.key {
+                pipe.hget(keys.dedupe(), key);
+            }
+        }
+        let answers: Vec<redis::Value> = pipe.query_async(&mut self.store.conn()).await?;
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().unwrap_or(redis::Value::Nil);
+        let mut known = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seen = row.replayable && redis::from_redis_value::<bool>(next())?;
+            let stored = match row.key {
+                Some(_) => redis::from_redis_value::<Option<String>>(next())?
+                    .as_deref()
+                    .and_then(parse_dedupe),
+                None => None,
+            };
+            known.push(Known { seen, stored });
+        }
+        Ok(known)
     }
 
     async fn make_pending(

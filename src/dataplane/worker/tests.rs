@@ -2,8 +2,11 @@
 //! webhook and a stand-in lease API: each way a row read from the source can
 //! go, its entry acknowledged once, and Clay sent only what needs enriching.
 
+use std::sync::Arc;
+
 use axum::http::StatusCode;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 
 use super::Item;
 use super::handling::{Handled, RowHandling};
@@ -14,13 +17,13 @@ use crate::dataplane::store::SourceEntry;
 use crate::dataplane::testing::{Rig, dead_lettered, refusal};
 use crate::ledger::{Denial, DenialReason};
 
-async fn worker(denial: Option<Denial>) -> (Rig, RowHandling) {
+async fn worker(denial: Option<Denial>) -> (Rig, Arc<RowHandling>) {
     let rig = Rig::new(StatusCode::OK, denial, 3).await;
     let handling = RowHandling {
         attempts: rig.attempts.clone(),
         rows: rig.rows.clone(),
     };
-    (rig, handling)
+    (rig, Arc::new(handling))
 }
 
 /// Row `row_id` as read from a Redis Stream, its text `raw`.
@@ -37,8 +40,19 @@ fn streamed(row_id: &str, raw: &str) -> Item {
 }
 
 /// Handles row `row_id` read from a Redis Stream as `raw`.
-async fn handle(handling: &RowHandling, row_id: &str, raw: &str) -> Handled {
-    handling.handle(streamed(row_id, raw)).await.unwrap()
+async fn handle(handling: &Arc<RowHandling>, row_id: &str, raw: &str) -> Handled {
+    handle_item(handling, streamed(row_id, raw)).await
+}
+
+/// Handles one item as the worker handles a batch read from its source.
+async fn handle_item(handling: &Arc<RowHandling>, item: Item) -> Handled {
+    let permits = Arc::new(Semaphore::new(1));
+    let (retry, paused) = handling.handle_all(vec![item], &permits).await;
+    if paused {
+        return Handled::Paused;
+    }
+    assert!(retry.is_empty(), "handling the row failed");
+    Handled::Done
 }
 
 fn lead(email: &str) -> String {
@@ -75,7 +89,7 @@ async fn a_new_row_is_made_pending_with_its_entry_acknowledged_and_sent_once() {
     // The same Kafka record again (a rebalance): recognised, not sent.
     let mut replay = streamed("r1", &lead("a@example.com"));
     replay.entry = SourceEntry::Kafka;
-    handling.handle(replay).await.unwrap();
+    handle_item(&handling, replay).await;
     assert_eq!(rig.sent(), 1);
     assert!(rig.rows.terminal("r1").is_empty());
 }
