@@ -143,21 +143,33 @@ impl OutboxDelivery {
             };
             // Whole batches: an entry is never in flight twice in one receiver.
             let stream = &stream;
-            futures::stream::iter(entries)
-                .for_each_concurrent(OUTBOX_BATCH, |(id, fields)| async move {
+            let delivered: Vec<String> = futures::stream::iter(entries)
+                .map(|(id, fields)| async move {
                     match drain {
                         Drain::Results => self.deliver(parse_entry(id, fields), producers).await,
                         Drain::DeadLetters => {
                             self.forward_dead_letter(stream, id, fields, producers)
-                                .await
+                                .await;
+                            None
                         }
                     }
                 })
+                .buffer_unordered(OUTBOX_BATCH)
+                .filter_map(futures::future::ready)
+                .collect()
                 .await;
+            // The batch's delivered entries are completed in one step.
+            if !delivered.is_empty()
+                && let Err(error) = self.store.outbox_delivered(OUTBOX_GROUP, &delivered).await
+            {
+                tracing::warn!(%error, entries = delivered.len(), "completing delivered outbox entries failed; they will be delivered again");
+            }
         }
     }
 
-    async fn deliver(&self, entry: OutboxEntry, producers: &Producers) {
+    /// Delivers one entry; its id when the sink took it (to be completed
+    /// with the rest of the batch).
+    async fn deliver(&self, entry: OutboxEntry, producers: &Producers) -> Option<String> {
         let started = std::time::Instant::now();
         let metrics = crate::metrics::dataplane();
         let runtime = self.runtime.borrow().clone();
@@ -201,7 +213,7 @@ impl OutboxDelivery {
                         );
                         tracing::warn!(%error, row = %entry.row_id, "publishing a result failed; will retry");
                         tokio::time::sleep(KAFKA_RETRY).await;
-                        return;
+                        return None;
                     }
                 }
             }
@@ -233,9 +245,7 @@ impl OutboxDelivery {
             Delivery::Delivered => {
                 crate::metrics::DataPlaneMetrics::outcome(&metrics.sink_deliveries, "delivered");
                 metrics.rows("delivered", "ok", 1);
-                if let Err(error) = self.store.outbox_delivered(OUTBOX_GROUP, &entry.id).await {
-                    tracing::warn!(%error, row = %entry.row_id, "completing a delivered outbox entry failed; it will be delivered again");
-                }
+                return Some(entry.id);
             }
             Delivery::NoHttpSink => {}
             Delivery::Failed { detail, attempts } => {
@@ -260,6 +270,7 @@ impl OutboxDelivery {
                 }
             }
         }
+        None
     }
 
     /// Publishes one dead letter (the original row, with reason and attempts

@@ -71,28 +71,28 @@ impl RedisStore {
                 .map(|r| r.keys.into_iter().flat_map(|k| k.ids).map(|e| (e.id, e.map)).collect())
                 .unwrap_or_default()
         };
+        // Both in one round trip: entries claimed while this consumer still
+        // has its own are its own on the next read.
         let own_options = redis::streams::StreamReadOptions::default()
             .group(group, consumer)
             .count(count);
-        let own: Option<redis::streams::StreamReadReply> = self
-            .conn()
-            .xread_options(&[stream], &["0"], &own_options)
-            .await?;
+        let mut pipe = redis::pipe();
+        pipe.xread_options(&[stream], &["0"], &own_options)
+            .cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(group)
+            .arg(consumer)
+            .arg(reclaim_idle_ms)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count);
+        type Claimed = (String, redis::streams::StreamClaimReply, Vec<String>);
+        let (own, claimed): (Option<redis::streams::StreamReadReply>, Claimed) =
+            pipe.query_async(&mut self.conn()).await?;
         let own = flatten(own);
         if !own.is_empty() {
             return Ok(own);
         }
-        let claimed: (String, redis::streams::StreamClaimReply, Vec<String>) =
-            redis::cmd("XAUTOCLAIM")
-                .arg(stream)
-                .arg(group)
-                .arg(consumer)
-                .arg(reclaim_idle_ms)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(count)
-                .query_async(&mut self.conn())
-                .await?;
         if !claimed.1.ids.is_empty() {
             return Ok(claimed.1.ids.into_iter().map(|e| (e.id, e.map)).collect());
         }
@@ -108,17 +108,21 @@ impl RedisStore {
         Ok(flatten(new))
     }
 
-    /// Completes an outbox entry the HTTP sink accepted. False when another
-    /// receiver had already completed it (so it is counted once).
-    pub async fn outbox_delivered(&self, group: &str, entry_id: &str) -> redis::RedisResult<bool> {
-        let done: i64 = scripts::OUTBOX_DELIVERED
+    /// Completes outbox entries the sink accepted; returns how many this
+    /// call completed (one another receiver completed already is not
+    /// counted again).
+    pub async fn outbox_delivered(
+        &self,
+        group: &str,
+        entry_ids: &[String],
+    ) -> redis::RedisResult<u64> {
+        scripts::OUTBOX_DELIVERED
             .key(self.keys.outbox())
             .key(self.keys.counters())
             .arg(group)
-            .arg(entry_id)
+            .arg(entry_ids)
             .invoke_async(&mut self.conn())
-            .await?;
-        Ok(done == 1)
+            .await
     }
 
     /// Moves an outbox entry the HTTP sink would not take to the dead letters.
