@@ -167,9 +167,11 @@ impl SourceRotation {
     }
 
     /// Counts `rows` submissions against the first source with room and
-    /// returns it. Counting happens before sending (a failed or retried
-    /// request still counts, which errs towards rotating early), in blocks
-    /// while busy, so a row seldom waits for the counter.
+    /// returns it. Counting happens before sending (a request that failed
+    /// without an answer still counts, as Clay may have taken it, which errs
+    /// towards rotating early; rows Clay refused are given back with
+    /// [`Self::release`]), in blocks while busy, so a row seldom waits for
+    /// the counter.
     pub async fn claim(&self, rows: u64) -> Result<&WebhookTarget, ClayError> {
         let mut block = self.block.lock().await;
         let start = *self.current.lock().unwrap();
@@ -209,6 +211,19 @@ impl SourceRotation {
         Err(ClayError::SourcesExhausted {
             sources: self.sources.len(),
         })
+    }
+
+    /// Gives back `rows` counted for `target` that Clay did not take (it
+    /// answered every attempt with a refusal), so they count for the next
+    /// rows instead. Only while this process's block is on that source;
+    /// otherwise they stay counted, which errs towards rotating early.
+    pub async fn release(&self, target: &WebhookTarget, rows: u64) {
+        let mut block = self.block.lock().await;
+        let index = block.source;
+        if block.claimed_at.is_some() && std::ptr::eq(&self.sources[index], target) {
+            block.left = (block.left + rows).min(block.counted);
+            self.report(index, block.counted - block.left, 0);
+        }
     }
 
     async fn try_count(&self, index: usize, n: u64) -> Result<Option<u64>, ClayError> {
@@ -339,5 +354,21 @@ mod tests {
             Some(300)
         );
         assert_eq!(on_a, 300, "every row counted against a was sent to it");
+    }
+
+    #[tokio::test]
+    async fn rows_clay_refused_count_for_the_next_rows() {
+        let counter = Arc::new(MemoryCounter::default());
+        let rotation = SourceRotation::new(
+            vec![target("a")],
+            RotationPolicy::new(1000, 0.5, 1.0),
+            counter.clone(),
+        );
+        for _ in 0..10 {
+            let target = rotation.claim(1).await.unwrap();
+            rotation.release(target, 1).await;
+        }
+        let counted = counter.try_add("a", 0, u64::MAX).await.unwrap();
+        assert_eq!(counted, Some(1), "ten refused rows are one counted");
     }
 }

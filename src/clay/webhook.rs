@@ -1,6 +1,7 @@
 //! Submitting rows to a Clay table through its inbound webhook sources.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -108,12 +109,24 @@ impl WebhookClient {
         let (indexes, body) = batch.finish();
         let count = indexes.len();
         let outcome = match self.rotation.claim(count as u64).await {
-            Ok(target) => match self.send_with_retries(target, &body, count as u32).await {
-                Ok(()) => RowOutcome::Accepted {
-                    source: target.name.clone(),
-                },
-                Err(error) => RowOutcome::Failed(error),
-            },
+            Ok(target) => {
+                let unanswered = AtomicBool::new(false);
+                match self
+                    .send_with_retries(target, &body, count as u32, &unanswered)
+                    .await
+                {
+                    Ok(()) => RowOutcome::Accepted {
+                        source: target.name.clone(),
+                    },
+                    Err(error) => {
+                        // Refused every time: Clay did not take the rows.
+                        if !unanswered.load(Ordering::Relaxed) {
+                            self.rotation.release(target, count as u64).await;
+                        }
+                        RowOutcome::Failed(error)
+                    }
+                }
+            }
             Err(error) => RowOutcome::Failed(error),
         };
         for index in indexes {
@@ -121,16 +134,19 @@ impl WebhookClient {
         }
     }
 
+    /// Sends with retries; sets `unanswered` when an attempt got no answer
+    /// (Clay may have taken the rows).
     async fn send_with_retries(
         &self,
         target: &WebhookTarget,
         body: &[u8],
         rows: u32,
+        unanswered: &AtomicBool,
     ) -> Result<(), ClayError> {
         let (outcome, _) = self
             .config
             .retry
-            .run(|attempt| self.send_once(target, body, rows, attempt))
+            .run(|attempt| self.send_once(target, body, rows, attempt, unanswered))
             .await;
         outcome.map_err(Failure::into_error)
     }
@@ -143,6 +159,7 @@ impl WebhookClient {
         body: &[u8],
         rows: u32,
         attempt: u32,
+        unanswered: &AtomicBool,
     ) -> Result<(), Failure<ClayError>> {
         let waited = std::time::Instant::now();
         self.limiter.acquire(rows).await;
@@ -171,6 +188,7 @@ impl WebhookClient {
         let response = match answer {
             Ok(response) => response,
             Err(error) => {
+                unanswered.store(true, Ordering::Relaxed);
                 let last = describe_transport(error);
                 super::clay_unreachable(target.url.expose(), &last);
                 return Err(Failure::transient(exhausted(last)));
