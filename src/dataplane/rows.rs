@@ -35,9 +35,6 @@ pub struct Callback<'a> {
 /// A row's transitions, whichever store keeps it.
 #[async_trait]
 pub trait RowStore: Send + Sync {
-    /// The stored result for a de-dupe key and when it was enriched (ms).
-    async fn dedupe_lookup(&self, key: &str) -> Result<Option<(i64, String)>>;
-
     /// Moves a pending row's deadline (only if it is still pending).
     async fn set_deadline(&self, row_id: &str, deadline_ms: i64) -> Result<()>;
 

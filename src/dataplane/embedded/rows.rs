@@ -6,26 +6,31 @@ use anyhow::Result;
 use async_trait::async_trait;
 use redb::{ReadableDatabase, ReadableTable};
 
-use super::{DEDUPE, EmbeddedStore, PENDING, ROWS, RowState, SETTLEMENTS, Waiting, bump, json};
+use super::{
+    DEDUPE, EmbeddedStore, PENDING, ROWS, RowState, SETTLEMENTS, StoreResult, Waiting, bump, json,
+};
 use crate::dataplane::TableRuntime;
 use crate::dataplane::attempt::now_ms;
 use crate::dataplane::rows::{Callback, OwedSettlement, RowStore, parse_dedupe, parse_owed};
 use crate::dataplane::store::PendingRow;
 
-#[async_trait]
-impl RowStore for EmbeddedStore {
-    async fn dedupe_lookup(&self, key: &str) -> Result<Option<(i64, String)>> {
+impl EmbeddedStore {
+    /// The stored result for a de-dupe key and when it was enriched (ms).
+    pub async fn dedupe_lookup(&self, key: &str) -> StoreResult<Option<(i64, String)>> {
         let key = key.to_string();
-        let found = self.blocking(move |db| {
+        self.blocking(move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(DEDUPE)?;
             Ok(table
                 .get(key.as_str())?
                 .and_then(|v| parse_dedupe(v.value())))
-        });
-        Ok(found.await?)
+        })
+        .await
     }
+}
 
+#[async_trait]
+impl RowStore for EmbeddedStore {
     async fn set_deadline(&self, row_id: &str, deadline_ms: i64) -> Result<()> {
         let row_id = row_id.to_string();
         let moved = self.write(move |txn| {

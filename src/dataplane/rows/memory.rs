@@ -100,10 +100,6 @@ pub fn pending(row_id: &str, key: &str, reservation: &str) -> PendingRow {
 
 #[async_trait]
 impl RowStore for MemoryRows {
-    async fn dedupe_lookup(&self, key: &str) -> Result<Option<(i64, String)>> {
-        Ok(self.0.lock().unwrap().dedupe.get(key).cloned())
-    }
-
     async fn set_deadline(&self, row_id: &str, deadline_ms: i64) -> Result<()> {
         if let Some((_, deadline)) = self.0.lock().unwrap().pending.get_mut(row_id) {
             *deadline = deadline_ms;

@@ -12,7 +12,6 @@ use async_trait::async_trait;
 use super::{PendingRow, RedisStore, now_ms, scripts};
 use crate::clay::ClayError;
 use crate::clay::rotation::SubmissionCounter;
-use crate::dataplane::rows::parse_dedupe;
 
 impl RedisStore {
     /// How many keys were last enriched before `stale_before_ms`.
@@ -60,12 +59,6 @@ impl RedisStore {
                 (pair[0].clone(), input)
             })
             .collect())
-    }
-
-    /// The stored result for `key` and when it was enriched (ms), if any.
-    pub async fn dedupe_lookup(&self, key: &str) -> redis::RedisResult<Option<(i64, String)>> {
-        let stored: Option<String> = self.conn().hget(self.keys.dedupe(), key).await?;
-        Ok(stored.as_deref().and_then(parse_dedupe))
     }
 
     /// The table's counters.

@@ -52,10 +52,6 @@ pub struct RedisRows {
 
 #[async_trait]
 impl RowStore for RedisRows {
-    async fn dedupe_lookup(&self, key: &str) -> Result<Option<(i64, String)>> {
-        Ok(self.store.dedupe_lookup(key).await?)
-    }
-
     async fn set_deadline(&self, row_id: &str, deadline_ms: i64) -> Result<()> {
         let keys = &self.store.keys;
         let mut zadd = redis::cmd("ZADD");
