@@ -114,13 +114,14 @@ impl RowHandling {
         }
         let runtime = self.runtime();
         let spec = &runtime.table.spec;
+        let Row { value, key, .. } = row;
         let incoming = Incoming {
             row_id: &item.row_id,
-            row: &row.value,
+            row: &value,
             entry: &item.entry,
         };
-        let Some(key) = &row.key else {
-            let reason = if row.value.is_object() {
+        let Some(key) = key else {
+            let reason = if value.is_object() {
                 "MissingKey"
             } else {
                 "InvalidRow"
@@ -131,7 +132,7 @@ impl RowHandling {
         if let Some((at_ms, result)) = &known.stored {
             let window: Duration = spec.dedupe_window.into();
             if now_ms() - at_ms < window.as_millis() as i64 {
-                let stored = Stored { key, result };
+                let stored = Stored { key: &key, result };
                 self.rows
                     .deliver_stored(&runtime, &incoming, &stored)
                     .await?;
@@ -155,8 +156,6 @@ impl RowHandling {
             }
             Err(other) => return Err(other.into()),
         };
-        let Row { value, key, .. } = row;
-        let key = key.expect("checked above");
         let pending = self
             .attempts
             .first_attempt(item.row_id.clone(), key, value, &draw);
