@@ -68,9 +68,8 @@ where
 {
     /// The cache and the watch stream that fills it (give it to the
     /// controller's `owns_stream`). Whether to apply a child again depends
-    /// only on its metadata; annotations are dropped (the operator sets
-    /// none on children, and never reads others'), and so are the labels
-    /// it does not select by.
+    /// only on its metadata, of which the cache keeps what the operator
+    /// reads ([`keep_read_metadata`]).
     pub fn watch(
         api: Api<Slim<K, Spec, Status>>,
         config: watcher::Config,
@@ -78,10 +77,7 @@ where
         Arc<Self>,
         impl Stream<Item = Changed<Slim<K, Spec, Status>>> + Send + 'static,
     ) {
-        let (store, stream) = cached(api, config, |child: &mut Slim<K, Spec, Status>| {
-            without_annotations(child);
-            keep_read_labels(&mut child.metadata.labels);
-        });
+        let (store, stream) = cached(api, config, keep_read_metadata);
         let children = Arc::new(Self {
             store,
             applied: Mutex::new(HashMap::new()),
@@ -250,6 +246,14 @@ where
 /// never reads: `kubectl apply` leaves a copy of the whole object in one.
 pub fn without_annotations<K: Resource>(object: &mut K) {
     object.meta_mut().annotations = None;
+}
+
+/// Keeps of a child's metadata what the operator reads of it: no
+/// annotations (it sets none on children, and never reads others'), and
+/// only the labels it selects by.
+pub fn keep_read_metadata<K: Resource>(child: &mut K) {
+    without_annotations(child);
+    keep_read_labels(&mut child.meta_mut().labels);
 }
 
 /// Changes whenever anything the operator sets on the object changes.

@@ -10,8 +10,7 @@ use kube::runtime::reflector::Store;
 
 use super::counters;
 use crate::api::{CreditBudget, RefreshSchedule};
-use crate::operator::cache::Children;
-use crate::operator::labels::keep_read_labels;
+use crate::operator::cache::{Children, keep_read_metadata};
 use crate::operator::slim::{Availability, Replicas, SlimPod};
 
 /// What a table's reconcile reads and writes, cached by the controller's
@@ -55,9 +54,8 @@ impl TableCaches {
 /// Keeps of a pod's metadata its name and table label. (Pods belong to
 /// ReplicaSets; their table is found by label.)
 pub(super) fn slim_pod(pod: &mut SlimPod) {
-    pod.metadata.annotations = None;
+    keep_read_metadata(pod);
     pod.metadata.owner_references = None;
-    keep_read_labels(&mut pod.metadata.labels);
 }
 
 /// Keeps of a Secret only its name, labels, version and whether each value
