@@ -213,6 +213,16 @@ impl SourceRotation {
         })
     }
 
+    /// Whether this rotation is over exactly `targets` (names, URLs, tokens).
+    pub fn serves(&self, targets: &[WebhookTarget]) -> bool {
+        self.sources.len() == targets.len()
+            && self
+                .sources
+                .iter()
+                .zip(targets)
+                .all(|(a, b)| a.name == b.name && a.url == b.url && a.token == b.token)
+    }
+
     /// Gives back `rows` counted for `target` that Clay did not take (it
     /// answered every attempt with a refusal), so they count for the next
     /// rows instead. Only while this process's block is on that source;
@@ -370,5 +380,18 @@ mod tests {
         }
         let counted = counter.try_add("a", 0, u64::MAX).await.unwrap();
         assert_eq!(counted, Some(1), "ten refused rows are one counted");
+    }
+
+    #[test]
+    fn a_rotation_serves_exactly_its_sources() {
+        let rotation = SourceRotation::new(
+            vec![target("a"), target("b")],
+            RotationPolicy::default(),
+            Arc::new(MemoryCounter::default()),
+        );
+        assert!(rotation.serves(&[target("a"), target("b")]));
+        assert!(!rotation.serves(&[target("a")]));
+        let moved = WebhookTarget::new("b", SecretString::new("http://clay/other"), None);
+        assert!(!rotation.serves(&[target("a"), moved]));
     }
 }

@@ -16,7 +16,7 @@ use super::store::{PendingRow, new_write_token};
 use crate::api::budget::OnExhausted;
 use crate::clay::ClayError;
 use crate::clay::limiter::RateLimiter;
-use crate::clay::rotation::{RotationPolicy, SourceRotation, SubmissionCounter};
+use crate::clay::rotation::{RotationPolicy, SourceRotation, SubmissionCounter, WebhookTarget};
 use crate::clay::webhook::{RowOutcome, WebhookClient, WebhookConfig};
 use crate::ledger::DenialReason;
 use crate::ledger::client::LedgerClientError;
@@ -57,6 +57,28 @@ struct LiveParts {
     http: reqwest::Client,
     limiter: Arc<RateLimiter>,
     counter: Arc<dyn SubmissionCounter>,
+    /// Kept while the sources stay the same: its block of counted, unsent
+    /// submissions would otherwise be dropped (counted, never sent) each
+    /// time the table changes.
+    rotation: std::sync::Mutex<Option<Arc<SourceRotation>>>,
+}
+
+impl LiveParts {
+    fn rotation(&self, targets: &[WebhookTarget]) -> Arc<SourceRotation> {
+        let mut kept = self.rotation.lock().unwrap();
+        match kept.as_ref() {
+            Some(rotation) if rotation.serves(targets) => rotation.clone(),
+            _ => {
+                let rotation = Arc::new(SourceRotation::new(
+                    targets.to_vec(),
+                    RotationPolicy::default(),
+                    self.counter.clone(),
+                ));
+                *kept = Some(rotation.clone());
+                rotation
+            }
+        }
+    }
 }
 
 impl Live {
@@ -66,11 +88,7 @@ impl Live {
         let clay = WebhookClient::new(
             parts.http.clone(),
             parts.limiter.clone(),
-            Arc::new(SourceRotation::new(
-                runtime.webhook_targets.clone(),
-                RotationPolicy::default(),
-                parts.counter.clone(),
-            )),
+            parts.rotation(&runtime.webhook_targets),
             WebhookConfig {
                 rows_per_request: 1,
                 ..Default::default()
@@ -91,6 +109,7 @@ impl Live {
             http: reqwest::Client::new(),
             limiter: lease.rate_limiter(&first.table.spec.clay.rate_limit),
             counter,
+            rotation: std::sync::Mutex::new(None),
         };
         let (tx, rx) = watch::channel(Arc::new(Live::new(first, &parts)));
         tokio::spawn(async move {
