@@ -28,7 +28,7 @@ async fn main() {
     let receiver = e.start("receiver", "receiver-0");
     let worker = e.start("worker", "worker-0");
     let pids = [worker.process.pid(), receiver.process.pid()];
-    let cpu = || pids.iter().map(|p| support::cpu_seconds(*p)).sum::<f64>();
+    let cpu = || pids.map(support::cpu_seconds);
     let rows: Vec<serde_json::Value> = (0..records)
         .map(|i| json!({"email": format!("contact{i}@example.com")}))
         .collect();
@@ -73,11 +73,11 @@ async fn main() {
     })
     .await;
     let elapsed = started.elapsed().as_secs_f64();
-    let event_cpu = cpu() - cpu_before;
+    let [worker_ms, receiver_ms] = per_row_ms(cpu_before, cpu(), records);
     println!(
-        "event tier: {records} records in {elapsed:.1}s = {:.0} records/s; worker+receiver CPU {:.2} ms/record",
+        "event tier: {records} records in {elapsed:.1}s = {:.0} records/s; worker+receiver CPU {:.3} ms/record (worker {worker_ms:.3}, receiver {receiver_ms:.3})",
         records as f64 / elapsed,
-        event_cpu * 1000.0 / records as f64
+        worker_ms + receiver_ms
     );
     drop((worker, receiver));
 
@@ -94,15 +94,21 @@ async fn main() {
     let receiver = p.receiver();
     let worker = p.worker();
     let pids = [worker.process.pid(), receiver.process.pid()];
-    let cpu = || pids.iter().map(|p| support::cpu_seconds(*p)).sum::<f64>();
+    let cpu = || pids.map(support::cpu_seconds);
     let cpu_before = cpu();
     let started = Instant::now();
     p.push(&leads(records, 0)).await;
     wait_terminal(&p, records).await;
     let elapsed = started.elapsed().as_secs_f64();
+    let [worker_ms, receiver_ms] = per_row_ms(cpu_before, cpu(), records);
     println!(
-        "queue tier: {records} rows in {elapsed:.1}s = {:.0} rows/s; worker+receiver CPU {:.2} ms/row",
+        "queue tier: {records} rows in {elapsed:.1}s = {:.0} rows/s; worker+receiver CPU {:.3} ms/row (worker {worker_ms:.3}, receiver {receiver_ms:.3})",
         records as f64 / elapsed,
-        (cpu() - cpu_before) * 1000.0 / records as f64
+        worker_ms + receiver_ms
     );
+}
+
+/// Each process's CPU milliseconds per row between two readings.
+fn per_row_ms(before: [f64; 2], after: [f64; 2], rows: usize) -> [f64; 2] {
+    [0, 1].map(|i| (after[i] - before[i]) * 1000.0 / rows as f64)
 }

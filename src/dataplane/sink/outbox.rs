@@ -17,34 +17,68 @@ use crate::dataplane::store::{PendingRow, RedisStore, text_field};
 
 /// The consumer group receivers drain the outbox with.
 const OUTBOX_GROUP: &str = "kiln-sink";
-/// Outbox entries a receiver works on at once.
-const OUTBOX_BATCH: usize = 32;
+/// Outbox entries a receiver delivers over HTTP at once.
+const HTTP_BATCH: usize = 32;
+/// Outbox entries a receiver hands its Kafka producer at once: the producer
+/// packs them into a few requests, so a large batch costs one stream read
+/// and one completion where small ones would cost one per handful.
+const KAFKA_BATCH: usize = 512;
 /// A receiver idle on an entry this long is presumed dead and the entry is
 /// taken over; live receivers touch entries before every attempt.
 const OUTBOX_RECLAIM_IDLE_MS: u64 = 30_000;
-/// One outbox entry: a completed row waiting for the CRM.
+/// One outbox entry: a completed row waiting for the sink. Its result and
+/// row stay text until a delivery needs them as JSON (a Kafka record takes
+/// the result as it is).
 struct OutboxEntry {
     id: String,
     row_id: String,
-    result: Value,
-    row: Value,
+    /// The row's key, as the row was claimed with.
+    key: Option<String>,
+    result: String,
+    row: Option<String>,
+    pending: Option<String>,
 }
 
-fn parse_entry(id: String, fields: HashMap<String, redis::Value>) -> OutboxEntry {
-    let field = |name: &str| text_field(&fields, name);
-    let json = |name: &str| field(name).and_then(|s| serde_json::from_str::<Value>(&s).ok());
-    let row = json("row")
-        .or_else(|| {
-            field("pending")
-                .and_then(|p| serde_json::from_str::<PendingRow>(&p).ok())
+impl OutboxEntry {
+    fn parse(id: String, fields: HashMap<String, redis::Value>) -> Self {
+        let field = |name: &str| text_field(&fields, name);
+        Self {
+            row_id: field("row_id").unwrap_or_else(|| id.clone()),
+            key: field("key").filter(|k| !k.is_empty()),
+            result: field("result").unwrap_or_else(|| "null".to_string()),
+            row: field("row"),
+            pending: field("pending"),
+            id,
+        }
+    }
+
+    fn result(&self) -> Value {
+        serde_json::from_str(&self.result).unwrap_or(Value::Null)
+    }
+
+    /// The enriched row as it came from the source.
+    fn row(&self) -> Value {
+        let row = self
+            .row
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok());
+        row.or_else(|| {
+            self.pending
+                .as_deref()
+                .and_then(|p| serde_json::from_str::<PendingRow>(p).ok())
                 .map(|p| p.row)
         })
-        .unwrap_or(Value::Null);
-    OutboxEntry {
-        row_id: field("row_id").unwrap_or_else(|| id.clone()),
-        result: json("result").unwrap_or(Value::Null),
-        row,
-        id,
+        .unwrap_or(Value::Null)
+    }
+
+    /// The record key: `field` of the row, else of the result. The table's
+    /// own key field is the key the row was claimed with, read as is.
+    fn record_key(&self, field: &str, table_key: &str) -> Option<String> {
+        if field == table_key && self.key.is_some() {
+            return self.key.clone();
+        }
+        crate::dataplane::key_of(&self.row(), field)
+            .or_else(|| crate::dataplane::key_of(&self.result(), field))
     }
 }
 
@@ -128,10 +162,14 @@ impl OutboxDelivery {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
+        let batch = match (drain, &producers.sink) {
+            (Drain::Results, None) => HTTP_BATCH,
+            _ => KAFKA_BATCH,
+        };
         loop {
             let read = tokio::select! {
                 _ = shutdown.clone() => return,
-                read = self.store.read(&stream, OUTBOX_GROUP, &self.identity, OUTBOX_BATCH, 1000, OUTBOX_RECLAIM_IDLE_MS) => read,
+                read = self.store.read(&stream, OUTBOX_GROUP, &self.identity, batch, 1000, OUTBOX_RECLAIM_IDLE_MS) => read,
             };
             let entries = match read {
                 Ok(entries) => entries,
@@ -146,7 +184,10 @@ impl OutboxDelivery {
             let delivered: Vec<String> = futures::stream::iter(entries)
                 .map(|(id, fields)| async move {
                     match drain {
-                        Drain::Results => self.deliver(parse_entry(id, fields), producers).await,
+                        Drain::Results => {
+                            self.deliver(OutboxEntry::parse(id, fields), producers)
+                                .await
+                        }
                         Drain::DeadLetters => {
                             self.forward_dead_letter(stream, id, fields, producers)
                                 .await;
@@ -154,7 +195,7 @@ impl OutboxDelivery {
                         }
                     }
                 })
-                .buffer_unordered(OUTBOX_BATCH)
+                .buffer_unordered(batch)
                 .filter_map(futures::future::ready)
                 .collect()
                 .await;
@@ -182,18 +223,15 @@ impl OutboxDelivery {
             .and_then(|s| s.kafka.as_ref());
         let outcome = match (&producers.sink, kafka_target) {
             (Some(producer), Some(target)) => {
-                let key_field = target
-                    .key_field
-                    .as_deref()
-                    .unwrap_or(&runtime.table.spec.key);
-                let key = crate::dataplane::key_of(&entry.row, key_field)
-                    .or_else(|| crate::dataplane::key_of(&entry.result, key_field));
+                let table_key = &runtime.table.spec.key;
+                let key_field = target.key_field.as_deref().unwrap_or(table_key);
+                let key = entry.record_key(key_field, table_key);
                 let table = format!("{}/{}", runtime.namespace, runtime.name);
                 let published = crate::dataplane::kafka::publish(
                     producer,
                     &target.topic,
                     key.as_deref(),
-                    &entry.result.to_string(),
+                    &entry.result,
                     &[("kiln-row-id", &entry.row_id), ("kiln-table", &table)],
                 )
                 .await;
@@ -229,8 +267,8 @@ impl OutboxDelivery {
                     &self.http,
                     &runtime,
                     &entry.row_id,
-                    &entry.result,
-                    &entry.row,
+                    &entry.result(),
+                    &entry.row(),
                     keep,
                 )
                 .await
@@ -260,7 +298,7 @@ impl OutboxDelivery {
                         &entry.id,
                         &entry.row_id,
                         "SinkFailed",
-                        &entry.row,
+                        &entry.row(),
                         attempts,
                         &detail,
                     )
@@ -332,5 +370,72 @@ impl OutboxDelivery {
                 tokio::time::sleep(KAFKA_RETRY).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &str)]) -> OutboxEntry {
+        let fields = fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    redis::Value::BulkString(v.as_bytes().to_vec()),
+                )
+            })
+            .collect();
+        OutboxEntry::parse("1-0".into(), fields)
+    }
+
+    #[test]
+    fn the_table_key_is_the_claimed_key_and_other_fields_are_looked_up() {
+        let claimed = entry(&[
+            ("row_id", "r1"),
+            ("key", "a@example.com"),
+            ("result", r#"{"domain":"example.com"}"#),
+            ("row", r#"{"email":"a@example.com","account":42}"#),
+        ]);
+        assert_eq!(
+            claimed.record_key("email", "email").as_deref(),
+            Some("a@example.com")
+        );
+        assert_eq!(
+            claimed.record_key("account", "email").as_deref(),
+            Some("42")
+        );
+        assert_eq!(
+            claimed.record_key("domain", "email").as_deref(),
+            Some("example.com"),
+            "a field the row lacks is taken from the result"
+        );
+        assert_eq!(claimed.record_key("missing", "email"), None);
+    }
+
+    #[test]
+    fn an_entry_without_a_claimed_key_reads_it_from_its_row() {
+        let pending = serde_json::json!({
+            "row_id": "r2", "key": "b@example.com", "attempt": 1,
+            "reservation": "r2-a1", "reserved_credits": 1.0, "reserved_actions": 0,
+            "row": {"email": "b@example.com"}
+        });
+        let unkeyed = entry(&[
+            ("row_id", "r2"),
+            ("result", "{}"),
+            ("pending", &pending.to_string()),
+        ]);
+        assert_eq!(unkeyed.row(), serde_json::json!({"email": "b@example.com"}));
+        assert_eq!(
+            unkeyed.record_key("email", "email").as_deref(),
+            Some("b@example.com")
+        );
+        assert_eq!(unkeyed.result(), serde_json::json!({}));
+        assert_eq!(
+            entry(&[]).row_id,
+            "1-0",
+            "an entry without a row id is named by its id"
+        );
     }
 }
