@@ -76,11 +76,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker(args) => {
             let _telemetry = telemetry::init(cli.log_format, "kiln-worker");
-            runtime()?.block_on(kiln::dataplane::worker::run(args))
+            args.common.clone().run(kiln::dataplane::worker::run(args))
         }
         Command::Receiver(args) => {
             let _telemetry = telemetry::init(cli.log_format, "kiln-receiver");
-            runtime()?.block_on(kiln::dataplane::receiver::run(args))
+            args.common
+                .clone()
+                .run(kiln::dataplane::receiver::run(args))
         }
         Command::Refresh(args) => {
             let mut spans = telemetry::init(cli.log_format, "kiln-refresh");
