@@ -101,9 +101,9 @@ async fn main() {
     support::pipeline::lift_table_rate_limit(&d.base.env).await;
     let receiver = d.receiver("bench");
     drive(&d, 0, 10, 10).await;
-    let cpu_before = support::cpu_seconds(receiver.process.pid());
+    let cpu_before = support::cpu::seconds(receiver.process.pid());
     let (latencies, elapsed) = drive(&d, 1_000_000, requests, concurrency).await;
-    let cpu = support::cpu_seconds(receiver.process.pid()) - cpu_before;
+    let cpu = support::cpu::seconds(receiver.process.pid()) - cpu_before;
     println!(
         "direct, zero-latency clay-sim: {requests} requests ({concurrency} concurrent) in {:.1}s = {:.0} requests/s; p50 {:.0} ms, p99 {:.0} ms; receiver CPU {:.2} ms/request",
         elapsed.as_secs_f64(),

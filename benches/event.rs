@@ -27,8 +27,6 @@ async fn main() {
     support::pipeline::lift_table_rate_limit(&e.base.env).await;
     let receiver = e.start("receiver", "receiver-0");
     let worker = e.start("worker", "worker-0");
-    let pids = [worker.process.pid(), receiver.process.pid()];
-    let cpu = || pids.map(support::cpu_seconds);
     let rows: Vec<serde_json::Value> = (0..records)
         .map(|i| json!({"email": format!("contact{i}@example.com")}))
         .collect();
@@ -43,7 +41,13 @@ async fn main() {
     )
     .await;
     let records_total = records + 1;
-    let cpu_before = cpu();
+    let mut processes = vec![
+        ("worker", worker.process.pid()),
+        ("receiver", receiver.process.pid()),
+        ("operator", e.base.operator.process.pid()),
+    ];
+    processes.extend(support::cpu::control_plane().await);
+    let cpu = support::cpu::CpuShares::start(processes);
     let started = Instant::now();
     support::event::produce(&e.kafka.bootstrap, "contacts.raw", &rows).await;
     support::wait::until_within(
@@ -73,11 +77,13 @@ async fn main() {
     })
     .await;
     let elapsed = started.elapsed().as_secs_f64();
-    let [worker_ms, receiver_ms] = per_row_ms(cpu_before, cpu(), records);
+    let shares = cpu.per_row(records);
     println!(
-        "event tier: {records} records in {elapsed:.1}s = {:.0} records/s; worker+receiver CPU {:.3} ms/record (worker {worker_ms:.3}, receiver {receiver_ms:.3})",
+        "event tier: {records} records in {elapsed:.1}s = {:.0} records/s; worker+receiver CPU {:.3} ms/record; whole system {:.3} ms/record ({})",
         records as f64 / elapsed,
-        worker_ms + receiver_ms
+        support::cpu::sum_of(&shares, &["worker", "receiver"]),
+        shares.iter().map(|(_, ms)| ms).sum::<f64>(),
+        support::cpu::describe(&shares)
     );
     drop((worker, receiver));
 
@@ -93,22 +99,19 @@ async fn main() {
     support::pipeline::lift_table_rate_limit(&p.env).await;
     let receiver = p.receiver();
     let worker = p.worker();
-    let pids = [worker.process.pid(), receiver.process.pid()];
-    let cpu = || pids.map(support::cpu_seconds);
-    let cpu_before = cpu();
+    let cpu = support::cpu::CpuShares::start(vec![
+        ("worker", worker.process.pid()),
+        ("receiver", receiver.process.pid()),
+    ]);
     let started = Instant::now();
     p.push(&leads(records, 0)).await;
     wait_terminal(&p, records).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let [worker_ms, receiver_ms] = per_row_ms(cpu_before, cpu(), records);
+    let shares = cpu.per_row(records);
     println!(
-        "queue tier: {records} rows in {elapsed:.1}s = {:.0} rows/s; worker+receiver CPU {:.3} ms/row (worker {worker_ms:.3}, receiver {receiver_ms:.3})",
+        "queue tier: {records} rows in {elapsed:.1}s = {:.0} rows/s; worker+receiver CPU {:.3} ms/row ({})",
         records as f64 / elapsed,
-        worker_ms + receiver_ms
+        support::cpu::sum_of(&shares, &["worker", "receiver"]),
+        support::cpu::describe(&shares)
     );
-}
-
-/// Each process's CPU milliseconds per row between two readings.
-fn per_row_ms(before: [f64; 2], after: [f64; 2], rows: usize) -> [f64; 2] {
-    [0, 1].map(|i| (after[i] - before[i]) * 1000.0 / rows as f64)
 }

@@ -27,37 +27,26 @@ async fn main() {
     support::pipeline::lift_table_rate_limit(&p.env).await;
     let receiver = p.receiver();
     let worker = p.worker();
-    let cp = support::control_plane().await;
-    let [controller_manager, apiserver, etcd] = cp.processes();
-    let processes = [
+    let mut processes = vec![
         ("worker", worker.process.pid()),
         ("receiver", receiver.process.pid()),
         ("operator", p.operator.process.pid()),
-        ("kube-apiserver", apiserver.pid()),
-        ("etcd", etcd.pid()),
-        ("kube-controller-manager", controller_manager.pid()),
     ];
-    let cpu_of = || processes.map(|(_, pid)| support::cpu_seconds(pid));
-    let cpu_before = cpu_of();
+    processes.extend(support::cpu::control_plane().await);
+    let cpu = support::cpu::CpuShares::start(processes);
     let started = Instant::now();
     p.push(&leads(rows, 0)).await;
     let (delivered, dead) = wait_terminal(&p, rows).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu_after = cpu_of();
-    let per_row_ms = |i: usize| (cpu_after[i] - cpu_before[i]) * 1000.0 / rows as f64;
-    let shares: Vec<String> = processes
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _))| format!("{name} {:.3}", per_row_ms(i)))
-        .collect();
-    let whole: f64 = (0..processes.len()).map(per_row_ms).sum();
+    let shares = cpu.per_row(rows);
+    let whole: f64 = shares.iter().map(|(_, ms)| ms).sum();
     println!(
         "pipeline, unlimited: {} rows ({} dead) in {elapsed:.1}s = {:.0} rows/s; worker+receiver CPU {:.3} ms/row; whole system {whole:.3} ms/row ({})",
         delivered.len(),
         dead.len(),
         rows as f64 / elapsed,
-        per_row_ms(0) + per_row_ms(1),
-        shares.join(", ")
+        support::cpu::sum_of(&shares, &["worker", "receiver"]),
+        support::cpu::describe(&shares)
     );
     drop((worker, receiver));
 

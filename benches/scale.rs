@@ -109,12 +109,12 @@ async fn main() {
         reconciles_before.push(operator.reconciles(controller).await);
     }
     let writes_before = support::operator_writes(&lease.client).await;
-    let cpu_before = support::cpu_seconds(pid);
+    let cpu_before = support::cpu::seconds(pid);
     let quiet = Instant::now();
     tokio::time::sleep(Duration::from_secs(60)).await;
     let minute = quiet.elapsed().as_secs_f64();
     let writes = support::operator_writes(&lease.client).await - writes_before;
-    let cpu = (support::cpu_seconds(pid) - cpu_before) / minute * 100.0;
+    let cpu = (support::cpu::seconds(pid) - cpu_before) / minute * 100.0;
     let rss = support::rss_mib(pid);
     let (anon, file) = rss_split_mib(pid);
     let mut reconciles = Vec::new();
