@@ -82,7 +82,7 @@ async fn main() {
         "event tier: {records} records in {elapsed:.1}s = {:.0} records/s; worker+receiver CPU {:.3} ms/record; whole system {:.3} ms/record ({})",
         records as f64 / elapsed,
         support::cpu::sum_of(&shares, &["worker", "receiver"]),
-        shares.iter().map(|(_, ms)| ms).sum::<f64>(),
+        support::cpu::total(&shares),
         support::cpu::describe(&shares)
     );
     drop((worker, receiver));

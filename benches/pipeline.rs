@@ -39,7 +39,7 @@ async fn main() {
     let (delivered, dead) = wait_terminal(&p, rows).await;
     let elapsed = started.elapsed().as_secs_f64();
     let shares = cpu.per_row(rows);
-    let whole: f64 = shares.iter().map(|(_, ms)| ms).sum();
+    let whole = support::cpu::total(&shares);
     println!(
         "pipeline, unlimited: {} rows ({} dead) in {elapsed:.1}s = {:.0} rows/s; worker+receiver CPU {:.3} ms/row; whole system {whole:.3} ms/row ({})",
         delivered.len(),

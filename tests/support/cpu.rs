@@ -41,6 +41,11 @@ pub fn sum_of(shares: &[(&str, f64)], names: &[&str]) -> f64 {
         .sum()
 }
 
+/// The sum of all the shares: the whole system's CPU per row.
+pub fn total(shares: &[(&str, f64)]) -> f64 {
+    shares.iter().map(|(_, ms)| ms).sum()
+}
+
 /// "worker 0.041, receiver 0.044, ...".
 pub fn describe(shares: &[(&str, f64)]) -> String {
     let parts: Vec<String> = shares
