@@ -54,6 +54,25 @@ async fn data_plane_metrics_match_what_clay_and_the_streams_saw() {
         false,
     )
     .await;
+    // Half the callbacks are lost on purpose; with the default breaker
+    // (opens at 50 % failures) that would pause the table at random and the
+    // run would measure the breaker, not the metrics. It never opens here.
+    let no_breaker =
+        serde_json::json!({"spec": {"circuitBreaker": {"errorPercent": 100, "minCalls": 1000000}}});
+    let generation = p
+        .env
+        .api::<kiln::api::budget::CreditBudget>()
+        .patch("team", &PatchParams::default(), &Patch::Merge(&no_breaker))
+        .await
+        .unwrap()
+        .metadata
+        .generation;
+    support::budget_when(
+        &p.env,
+        "the operator to apply the breaker settings",
+        |status| status.observed_generation >= generation,
+    )
+    .await;
     // Two attempts: a row whose two callbacks are both dropped is a dead letter.
     let two_attempts = serde_json::json!({"spec": {"clay": {"maxAttempts": 2}}});
     p.env
@@ -152,6 +171,18 @@ async fn data_plane_metrics_match_what_clay_and_the_streams_saw() {
     assert!(total(&processes, r#"kiln_lease_requests_total{outcome="ok"}"#).await > 0.0);
     assert!(total(&processes, "kiln_rate_limiter_wait_seconds_count").await >= accepted);
     assert!(total(&processes, "kiln_clay_request_duration_seconds_count").await >= accepted);
+
+    let budget = p
+        .env
+        .api::<kiln::api::budget::CreditBudget>()
+        .get("team")
+        .await
+        .unwrap();
+    assert_eq!(
+        budget.status.unwrap_or_default().breaker.state,
+        kiln::api::budget::BreakerState::Closed,
+        "the breaker stayed closed, so no row waited on it"
+    );
 
     // The operator's ledger: the batches it applied, and how big the
     // budget's status is.
