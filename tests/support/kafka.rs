@@ -155,13 +155,42 @@ impl Kafka {
     }
 }
 
+/// How long [`read_topic`] waits for its condition.
+const READ_PATIENCE: Duration = Duration::from_secs(240);
+
 /// Reads topics from the beginning with a fresh group until `until` holds
-/// for what was read (or 240 s pass), and returns the records.
+/// for what was read, and returns the records; fails the test, saying how
+/// much each topic gave, when that takes longer than [`READ_PATIENCE`].
 pub async fn read_topic(
     bootstrap: &str,
     topics: &[&str],
     until: impl Fn(&[rdkafka::message::OwnedMessage]) -> bool,
 ) -> Vec<rdkafka::message::OwnedMessage> {
+    read_topic_within(bootstrap, topics, until)
+        .await
+        .unwrap_or_else(|partial| {
+            use rdkafka::Message as _;
+            let per_topic: Vec<String> = topics
+                .iter()
+                .map(|topic| {
+                    let n = partial.iter().filter(|m| m.topic() == *topic).count();
+                    format!("{topic}: {n}")
+                })
+                .collect();
+            panic!(
+                "reading {topics:?}: the condition did not hold within {READ_PATIENCE:?}; read {}",
+                per_topic.join(", ")
+            )
+        })
+}
+
+/// [`read_topic`], giving back what was read (as `Err`) when the condition
+/// did not hold in time, for a caller that explains the failure itself.
+pub async fn read_topic_within(
+    bootstrap: &str,
+    topics: &[&str],
+    until: impl Fn(&[rdkafka::message::OwnedMessage]) -> bool,
+) -> Result<Vec<rdkafka::message::OwnedMessage>, Vec<rdkafka::message::OwnedMessage>> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -171,16 +200,34 @@ pub async fn read_topic(
         )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // A topic the data plane creates after this subscription (the
+        // dead-letter topic, at its first dead letter) is otherwise only
+        // seen at the next metadata refresh, five minutes later.
+        .set("topic.metadata.refresh.interval.ms", "1000")
         .create()
         .unwrap();
     consumer.subscribe(topics).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let deadline = tokio::time::Instant::now() + READ_PATIENCE;
     let mut read = Vec::new();
-    while !until(&read) && tokio::time::Instant::now() < deadline {
+    // Offsets are never committed, so a rebalance (a topic appearing) reads
+    // a partition again from the start: each record is kept once.
+    let mut positions = std::collections::HashSet::new();
+    while !until(&read) {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(read);
+        }
         if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
         {
-            read.push(message.detach());
+            use rdkafka::Message as _;
+            let position = (
+                message.topic().to_string(),
+                message.partition(),
+                message.offset(),
+            );
+            if positions.insert(position) {
+                read.push(message.detach());
+            }
         }
     }
-    read
+    Ok(read)
 }
