@@ -140,7 +140,10 @@ pub struct BudgetLimits {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CircuitBreakerSpec {
-    /// Percentage of failed Clay calls within the window that opens the breaker.
+    /// Percentage of failed Clay calls within the window that opens the
+    /// breaker. A failed call is an error answer (a 5xx, a 4xx other than
+    /// 429), no answer, or a result that never came; a 429 is Clay pacing
+    /// the workspace and is not counted.
     #[serde(default = "default_error_ratio")]
     #[schemars(range(min = 1, max = 100))]
     pub error_percent: u32,

@@ -17,6 +17,10 @@ pub enum ClayError {
     /// A retryable failure persisted through every attempt.
     #[error("Clay call failed after {attempts} attempts: {last}")]
     RetriesExhausted { attempts: u32, last: String },
+    /// Clay answered 429 to the last of `attempts`: the workspace is over
+    /// its rate. Nothing was taken or charged, and Clay is not failing.
+    #[error("Clay throttled the call (429 after {attempts} attempts)")]
+    Throttled { attempts: u32 },
     /// The request may or may not have been processed (timeout or 5xx after
     /// sending); repeating it could charge twice, so it is not repeated blindly.
     #[error("outcome of the Clay call is unknown: {0}")]
@@ -48,6 +52,7 @@ impl ClayError {
             Self::Unauthorized { .. } => "Unauthorized",
             Self::Rejected { .. } => "Rejected",
             Self::RetriesExhausted { .. } => "RetriesExhausted",
+            Self::Throttled { .. } => "Throttled",
             Self::OutcomeUnknown(_) => "OutcomeUnknown",
             Self::TooLarge { .. } => "TooLarge",
             Self::SourcesExhausted { .. } => "SourcesExhausted",

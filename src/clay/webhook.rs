@@ -214,17 +214,18 @@ impl WebhookClient {
             }
             _ => {}
         }
-        let retry_after = if status == 429 {
+        if status == 429 {
             // Everyone in the process slows down, not just this task.
             self.limiter
                 .pause_for(wait.unwrap_or_else(|| self.config.retry.backoff(attempt)));
-            Some(Duration::ZERO)
-        } else {
-            wait
-        };
+            return Err(Failure::Transient {
+                error: ClayError::Throttled { attempts: attempt },
+                retry_after: Some(Duration::ZERO),
+            });
+        }
         Err(Failure::Transient {
             error: exhausted(format!("HTTP {status}: {message}")),
-            retry_after,
+            retry_after: wait,
         })
     }
 }

@@ -3,7 +3,7 @@
 //! so the row logic runs against real HTTP in milliseconds.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -28,6 +28,8 @@ pub struct Rig {
     pub rows: Arc<MemoryRows>,
     /// Rows Clay was sent.
     sent: Arc<AtomicUsize>,
+    /// Failed Clay calls the lease reported to the stand-in ledger.
+    failures: Arc<AtomicU64>,
 }
 
 impl Rig {
@@ -45,7 +47,8 @@ impl Rig {
             holder: "worker-0".into(),
         };
         let cost = &table.spec.clay.credits_per_row;
-        let lease = CreditLease::start(target, cost, ledger(denial).await);
+        let (ledger, failures) = ledger(denial).await;
+        let lease = CreditLease::start(target, cost, ledger);
         let rows = Arc::new(MemoryRows::default());
         let (_, runtime) = watch::channel(runtime);
         let counter = Arc::new(MemoryCounter::default());
@@ -58,12 +61,20 @@ impl Rig {
             attempts,
             rows,
             sent,
+            failures,
         }
     }
 
     /// Rows Clay was sent.
     pub fn sent(&self) -> usize {
         self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Closes the lease, which reports what it has not yet, and returns
+    /// the failed Clay calls the ledger was told of.
+    pub async fn failures_reported(&self) -> u64 {
+        self.attempts.lease.close().await;
+        self.failures.load(Ordering::SeqCst)
     }
 }
 
@@ -107,8 +118,8 @@ async fn serve(router: axum::Router) -> String {
     format!("http://{address}")
 }
 
-/// A Clay webhook answering every row with `status`; the target, and how
-/// many rows it was sent.
+/// A Clay webhook answering every row with `status` (a 429 says to retry
+/// at once); the target, and how many rows it was sent.
 pub async fn clay_webhook(status: StatusCode) -> (WebhookTarget, Arc<AtomicUsize>) {
     let rows = Arc::new(AtomicUsize::new(0));
     let counted = rows.clone();
@@ -116,7 +127,17 @@ pub async fn clay_webhook(status: StatusCode) -> (WebhookTarget, Arc<AtomicUsize
         "/webhook",
         post(move || {
             counted.fetch_add(1, Ordering::SeqCst);
-            async move { (status, Json(serde_json::json!({"message": "stand-in"}))) }
+            async move {
+                let mut headers = axum::http::HeaderMap::new();
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    headers.insert(axum::http::header::RETRY_AFTER, "0".parse().unwrap());
+                }
+                (
+                    status,
+                    headers,
+                    Json(serde_json::json!({"message": "stand-in"})),
+                )
+            }
         }),
     );
     let target = WebhookTarget::new(
@@ -127,12 +148,16 @@ pub async fn clay_webhook(status: StatusCode) -> (WebhookTarget, Arc<AtomicUsize
     (target, rows)
 }
 
-/// A lease API granting every ask, or refusing each with `denial`.
-pub async fn ledger(denial: Option<Denial>) -> LedgerClient {
+/// A lease API granting every ask, or refusing each with `denial`; the
+/// client, and the sum of the failed Clay calls it was told of.
+pub async fn ledger(denial: Option<Denial>) -> (LedgerClient, Arc<AtomicU64>) {
+    let failures = Arc::new(AtomicU64::new(0));
+    let reported = failures.clone();
     let router = axum::Router::new().route(
         "/v1/lease",
         post(move |Json(request): Json<LeaseRequest>| {
             let denial = denial.clone();
+            reported.fetch_add(request.failures, Ordering::SeqCst);
             async move {
                 Json(LeaseAnswer {
                     granted: if denial.is_none() {
@@ -153,5 +178,6 @@ pub async fn ledger(denial: Option<Denial>) -> LedgerClient {
         }),
     );
     let token = TokenSource::Static(SecretString::new("token"));
-    LedgerClient::new(vec![serve(router).await], token, None).unwrap()
+    let client = LedgerClient::new(vec![serve(router).await], token, None).unwrap();
+    (client, failures)
 }

@@ -251,10 +251,16 @@ impl Attempts {
                         | ClayError::Unauthorized { .. }
                         | ClayError::SourcesExhausted { .. }
                 );
+                // Throttling is Clay pacing the workspace, not failing: the
+                // rate limiter has slowed down for it, and the breaker
+                // (budget-wide) must not pause other workspaces' tables.
+                let throttled = matches!(error, ClayError::Throttled { .. });
                 crate::metrics::dataplane().rows("submitted", "failed", 1);
                 // Nothing was accepted, so nothing was charged.
                 self.lease.undo(draw);
-                self.lease.record_failure();
+                if !throttled {
+                    self.lease.record_failure();
+                }
                 if permanent {
                     tracing::warn!(row = %pending.row_id, reason = error.reason(), %error, "dead-lettering a row Clay will not accept");
                     crate::metrics::dataplane().rows("dead_lettered", error.reason(), 1);
@@ -263,8 +269,13 @@ impl Attempts {
                         .await?;
                 } else {
                     // Due now, with no credits drawn: the sweeper retries it
-                    // (or dead-letters it after maxAttempts).
-                    let waiting = waiting_for_credits(pending);
+                    // (or dead-letters it after maxAttempts). A throttled
+                    // attempt never reached Clay's enrichment, so it does
+                    // not use up one of the row's attempts.
+                    let mut waiting = waiting_for_credits(pending);
+                    if throttled {
+                        waiting.attempt = pending.attempt.saturating_sub(1);
+                    }
                     self.rows
                         .replace_pending(&waiting, now_ms(), &pending.reservation)
                         .await?;

@@ -121,3 +121,27 @@ async fn a_paused_budget_leaves_the_row_waiting_with_no_attempt_in_flight() {
     assert_eq!(rig.sent(), 0);
     assert!(rig.rows.terminal("r1").is_empty());
 }
+
+#[tokio::test]
+async fn a_throttled_row_waits_without_using_an_attempt_or_counting_a_failure() {
+    let rig = Rig::new(StatusCode::TOO_MANY_REQUESTS, None, 3).await;
+    submit_first(&rig, i64::MAX).await;
+
+    assert!(rig.sent() > 1, "the call was tried again after each 429");
+    let (waiting, deadline) = rig.rows.pending_row("r1").expect("still pending");
+    assert_eq!(waiting.reservation, "", "no attempt in flight");
+    assert_eq!(waiting.attempt, 0, "the throttled attempt does not count");
+    assert!(deadline <= now_ms(), "due for another try at once");
+    assert!(rig.rows.terminal("r1").is_empty());
+    assert_eq!(rig.failures_reported().await, 0, "throttling is no failure");
+}
+
+#[tokio::test]
+async fn a_failing_clay_uses_up_an_attempt_and_counts_one_failure() {
+    let rig = Rig::new(StatusCode::SERVICE_UNAVAILABLE, None, 3).await;
+    submit_first(&rig, i64::MAX).await;
+
+    let (waiting, _) = rig.rows.pending_row("r1").expect("still pending");
+    assert_eq!(waiting.attempt, 1, "the failed attempt counts");
+    assert_eq!(rig.failures_reported().await, 1);
+}
