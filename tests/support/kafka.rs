@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rdkafka::Message as _;
+
 use super::{process, wait, work_dir};
 
 pub struct Kafka {
@@ -169,7 +171,6 @@ pub async fn read_topic(
     read_topic_within(bootstrap, topics, until)
         .await
         .unwrap_or_else(|partial| {
-            use rdkafka::Message as _;
             let per_topic: Vec<String> = topics
                 .iter()
                 .map(|topic| {
@@ -218,7 +219,6 @@ pub async fn read_topic_within(
         }
         if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
         {
-            use rdkafka::Message as _;
             let position = (
                 message.topic().to_string(),
                 message.partition(),
